@@ -1,0 +1,20 @@
+//! Generates the testkit's protobuf code with protox, so a fresh machine needs no `protoc`.
+
+fn main() {
+    println!("cargo:rerun-if-changed=proto");
+    #[cfg(feature = "testkit")]
+    if let Err(err) = testkit_codegen() {
+        eprintln!("towline build: generating testkit protobuf code failed: {err}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "testkit")]
+fn testkit_codegen() -> Result<(), Box<dyn std::error::Error>> {
+    let fds = protox::compile(["towline/testkit/v1/echo.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! # towline
+//!
+//! Production-grade [tonic] gRPC clients from small, independent [`tower`] layers.
+//!
+//! Each concern a gRPC client needs in production — connection pooling, health-gated balancing,
+//! retries, batching, metrics — is its own `tower::Layer`, so you stack the ones you want around a
+//! connector and hand the result to any tonic-generated client. Layers only meet at
+//! `tower::Service<http::Request<tonic::body::Body>>`, so they can be dropped, reordered or
+//! replaced by your own.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use towline::connect::Connect;
+//! use towline::testkit::{Backend, pb::{echo_client::EchoClient, EchoRequest}};
+//!
+//! let backend = Backend::start().await?;
+//! let channel = Connect::new().oneshot(backend.uri()).await?;
+//! let stack = ServiceBuilder::new()
+//!     // any tower layer composes here: towline's, tower's or your own
+//!     .timeout(std::time::Duration::from_secs(1))
+//!     .service(channel);
+//! let mut client = EchoClient::new(stack);
+//! let reply = client.unary(EchoRequest { message: "hi".into(), ..Default::default() }).await?;
+//! assert_eq!(reply.get_ref().message, "hi");
+//! # Ok(()) }
+//! ```
+//!
+//! ## Modules
+//! - [`status`]: what a call ended with, from a response, its trailers or an error.
+//! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
+#![cfg_attr(
+    feature = "testkit",
+    doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
+)]
+//!
+//! [tonic]: https://docs.rs/tonic
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod connect;
+pub mod status;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+/// The boxed error type tower and tonic use between layers.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

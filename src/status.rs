@@ -1,0 +1,485 @@
+//! What did a gRPC call end with? Classify a response by its headers and trailers, and a service
+//! error by its source chain, into a [`tonic::Code`].
+//!
+//! Every towline layer that reacts to outcomes (retry, outlier detection, metrics) asks here, so they
+//! all agree on what "failed" means. Nothing in this module panics on what a peer sends: a missing,
+//! malformed or unknown `grpc-status` is [`Code::Unknown`].
+//!
+//! ```
+//! use http::{Response, StatusCode};
+//! use tonic::Code;
+//! use towline::status::{classify_response, ResponseStatus};
+//!
+//! // A Trailers-Only response: the call has already ended.
+//! let res = Response::builder()
+//!     .header("content-type", "application/grpc")
+//!     .header("grpc-status", "14")
+//!     .body(())
+//!     .unwrap();
+//! assert_eq!(classify_response(&res), ResponseStatus::TrailersOnly(Code::Unavailable));
+//!
+//! // A proxy's 503 in front of the server is not gRPC at all.
+//! let res = Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(()).unwrap();
+//! assert_eq!(classify_response(&res), ResponseStatus::NotGrpc(Code::Unavailable));
+//! ```
+
+use std::error::Error;
+use std::sync::Arc;
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderName, Response, StatusCode};
+use tonic::{Code, Status};
+
+use crate::BoxError;
+
+/// The `grpc-status` header or trailer.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Where a response's gRPC status is, read from its head alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseStatus {
+    /// `grpc-status` is in the headers: a Trailers-Only response. The call has ended with this code
+    /// and the body carries no message.
+    TrailersOnly(Code),
+    /// A gRPC response whose status will arrive in the trailers, after the messages.
+    InTrailers,
+    /// Not a gRPC response (an HTTP error or a foreign content type, typically from a proxy);
+    /// the code follows gRPC's HTTP-to-gRPC status mapping.
+    NotGrpc(Code),
+}
+
+impl ResponseStatus {
+    /// The code, if the head alone decides it.
+    pub fn code(self) -> Option<Code> {
+        match self {
+            ResponseStatus::TrailersOnly(code) | ResponseStatus::NotGrpc(code) => Some(code),
+            ResponseStatus::InTrailers => None,
+        }
+    }
+}
+
+/// Classifies a response by its status line and headers.
+pub fn classify_response<B>(res: &Response<B>) -> ResponseStatus {
+    if let Some(code) = code_from_headers(res.headers()) {
+        return ResponseStatus::TrailersOnly(code);
+    }
+    if res.status() != StatusCode::OK {
+        return ResponseStatus::NotGrpc(code_from_http_status(res.status()));
+    }
+    let grpc_content_type = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_none_or(|ct| ct.as_bytes().starts_with(b"application/grpc"));
+    if grpc_content_type {
+        ResponseStatus::InTrailers
+    } else {
+        ResponseStatus::NotGrpc(Code::Unknown)
+    }
+}
+
+/// The `grpc-status` in a header map: `None` when absent, [`Code::Unknown`] when malformed.
+pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get(GRPC_STATUS)
+        .map(|value| Code::from_bytes(value.as_bytes()))
+}
+
+/// The code a call ended with, from its trailers. A stream that ended without trailers, or whose
+/// trailers carry no `grpc-status`, ended abnormally: [`Code::Unknown`].
+pub fn code_from_trailers(trailers: Option<&HeaderMap>) -> Code {
+    trailers
+        .and_then(code_from_headers)
+        .unwrap_or(Code::Unknown)
+}
+
+/// gRPC's mapping of an HTTP status, for responses without `grpc-status`
+/// (grpc/doc/http-grpc-status-mapping.md).
+pub fn code_from_http_status(status: StatusCode) -> Code {
+    match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+/// The code a failed `Service::call` stands for, found by walking the error's source chain.
+///
+/// A [`Status`] anywhere in the chain gives its own code. Connection-level failures (refused
+/// connects, I/O errors, GOAWAY, keepalive timeouts, a connection closed under the request) are
+/// [`Code::Unavailable`], as in grpc-go and grpc-java, so that retry and outlier detection treat them
+/// as the transient failures they are. Elapsed timers are [`Code::DeadlineExceeded`]. HTTP/2 stream
+/// resets follow gRPC's `RST_STREAM` mapping. Anything else is [`Code::Unknown`].
+pub fn code_from_error(err: &(dyn Error + 'static)) -> Code {
+    let mut saw_transport_error = false;
+    for err in source_chain(err) {
+        if let Some(status) = err.downcast_ref::<Status>() {
+            return status.code();
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return code_from_h2(h2);
+        }
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            // hyper's timeout is the HTTP/2 keepalive ping; gRPC says UNAVAILABLE.
+            if hyper.is_timeout() || hyper.is_canceled() || hyper.is_closed() {
+                return Code::Unavailable;
+            }
+        }
+        if err.is::<std::io::Error>() {
+            return Code::Unavailable;
+        }
+        if err.is::<tokio::time::error::Elapsed>() || err.is::<tower::timeout::error::Elapsed>() {
+            return Code::DeadlineExceeded;
+        }
+        saw_transport_error |= err.is::<tonic::transport::Error>();
+    }
+    if saw_transport_error {
+        Code::Unavailable
+    } else {
+        Code::Unknown
+    }
+}
+
+/// Whether an error proves the request never reached the server application: the connection was
+/// refused, the stream was refused (`REFUSED_STREAM`) or fell above a GOAWAY's last stream id, or
+/// the request never left the client's dispatch queue. gRFC A6 retries such calls transparently.
+pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
+    source_chain(err).any(|err| {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away();
+        }
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            return hyper.is_canceled();
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        false
+    })
+}
+
+/// Turns a service error into the [`Status`] a caller should see: the error itself if it is one,
+/// otherwise a status whose code is [`code_from_error`] and whose message is the error's.
+pub fn status_from_error(err: BoxError) -> Status {
+    match err.downcast::<Status>() {
+        Ok(status) => *status,
+        Err(err) => {
+            let mut status = Status::new(code_from_error(&*err), err.to_string());
+            status.set_source(Arc::<dyn Error + Send + Sync>::from(err));
+            status
+        }
+    }
+}
+
+/// The canonical upper-case name of a code, as gRFC A66 labels `grpc.status` ("OK", "UNAVAILABLE").
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// gRPC's mapping of HTTP/2 `RST_STREAM` and `GOAWAY` error codes (grpc/doc/PROTOCOL-HTTP2.md).
+fn code_from_h2(err: &h2::Error) -> Code {
+    if err.is_go_away() || err.is_io() {
+        return Code::Unavailable;
+    }
+    match err.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
+        Some(h2::Reason::CANCEL) => Code::Cancelled,
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+        Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+fn source_chain<'a>(
+    err: &'a (dyn Error + 'static),
+) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    std::iter::successors(Some(err), |&err: &&'a (dyn Error + 'static)| err.source())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn response(status: u16, headers: &[(&str, &[u8])]) -> Response<()> {
+        let mut res = Response::builder().status(status).body(()).unwrap();
+        for (name, value) in headers {
+            res.headers_mut().insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        res
+    }
+
+    const GRPC: (&str, &[u8]) = ("content-type", b"application/grpc");
+
+    #[test]
+    fn trailers_only_response_carries_its_code() {
+        let res = response(200, &[GRPC, ("grpc-status", b"14")]);
+        assert_eq!(
+            classify_response(&res),
+            ResponseStatus::TrailersOnly(Code::Unavailable)
+        );
+        let res = response(200, &[GRPC, ("grpc-status", b"0")]);
+        assert_eq!(
+            classify_response(&res),
+            ResponseStatus::TrailersOnly(Code::Ok)
+        );
+    }
+
+    #[test]
+    fn grpc_status_wins_over_http_status() {
+        let res = response(503, &[("grpc-status", b"8")]);
+        assert_eq!(
+            classify_response(&res),
+            ResponseStatus::TrailersOnly(Code::ResourceExhausted)
+        );
+    }
+
+    #[test]
+    fn malformed_or_unknown_grpc_status_is_unknown() {
+        for value in [
+            &b"abc"[..],
+            b"",
+            b"17",
+            b"-1",
+            b"99999999999999999999",
+            b"1 4",
+            b"\xff",
+        ] {
+            let res = response(200, &[GRPC, ("grpc-status", value)]);
+            assert_eq!(
+                classify_response(&res),
+                ResponseStatus::TrailersOnly(Code::Unknown),
+                "grpc-status {value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_response_without_status_header_waits_for_trailers() {
+        assert_eq!(
+            classify_response(&response(200, &[GRPC])),
+            ResponseStatus::InTrailers
+        );
+        let proto = ("content-type", &b"application/grpc+proto"[..]);
+        assert_eq!(
+            classify_response(&response(200, &[proto])),
+            ResponseStatus::InTrailers
+        );
+        assert_eq!(ResponseStatus::InTrailers.code(), None);
+    }
+
+    #[test]
+    fn http_errors_follow_the_grpc_mapping() {
+        let cases = [
+            (400, Code::Internal),
+            (401, Code::Unauthenticated),
+            (403, Code::PermissionDenied),
+            (404, Code::Unimplemented),
+            (429, Code::Unavailable),
+            (502, Code::Unavailable),
+            (503, Code::Unavailable),
+            (504, Code::Unavailable),
+            (500, Code::Unknown),
+            (302, Code::Unknown),
+        ];
+        for (http, code) in cases {
+            let res = response(http, &[]);
+            assert_eq!(
+                classify_response(&res),
+                ResponseStatus::NotGrpc(code),
+                "HTTP {http}"
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_content_type_is_not_grpc() {
+        let res = response(200, &[("content-type", b"text/html")]);
+        assert_eq!(
+            classify_response(&res),
+            ResponseStatus::NotGrpc(Code::Unknown)
+        );
+    }
+
+    #[test]
+    fn trailers_decide_streaming_calls() {
+        let mut trailers = HeaderMap::new();
+        assert_eq!(code_from_trailers(None), Code::Unknown);
+        assert_eq!(code_from_trailers(Some(&trailers)), Code::Unknown);
+        trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        assert_eq!(code_from_trailers(Some(&trailers)), Code::Ok);
+        trailers.insert(GRPC_STATUS, HeaderValue::from_static("5"));
+        assert_eq!(code_from_trailers(Some(&trailers)), Code::NotFound);
+        trailers.insert(GRPC_STATUS, HeaderValue::from_static("x"));
+        assert_eq!(code_from_trailers(Some(&trailers)), Code::Unknown);
+    }
+
+    #[derive(Debug)]
+    struct Wrapped(BoxError);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl Error for Wrapped {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn status_anywhere_in_the_chain_gives_its_code() {
+        let err = Wrapped(Box::new(Status::permission_denied("no")));
+        assert_eq!(code_from_error(&err), Code::PermissionDenied);
+        assert_eq!(code_from_error(&Status::aborted("x")), Code::Aborted);
+    }
+
+    #[test]
+    fn h2_resets_follow_the_grpc_mapping() {
+        let cases = [
+            (h2::Reason::REFUSED_STREAM, Code::Unavailable, true),
+            (h2::Reason::CANCEL, Code::Cancelled, false),
+            (
+                h2::Reason::ENHANCE_YOUR_CALM,
+                Code::ResourceExhausted,
+                false,
+            ),
+            (
+                h2::Reason::INADEQUATE_SECURITY,
+                Code::PermissionDenied,
+                false,
+            ),
+            (h2::Reason::PROTOCOL_ERROR, Code::Internal, false),
+            (h2::Reason::INTERNAL_ERROR, Code::Internal, false),
+        ];
+        for (reason, code, unprocessed) in cases {
+            let err = Wrapped(Box::new(h2::Error::from(reason)));
+            assert_eq!(code_from_error(&err), code, "{reason:?}");
+            assert_eq!(is_unprocessed(&err), unprocessed, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn io_errors_are_unavailable_and_refused_connects_unprocessed() {
+        let refused = Wrapped(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(code_from_error(&refused), Code::Unavailable);
+        assert!(is_unprocessed(&refused));
+
+        let reset = Wrapped(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(code_from_error(&reset), Code::Unavailable);
+        assert!(
+            !is_unprocessed(&reset),
+            "a reset may come after the server saw the request"
+        );
+    }
+
+    #[test]
+    fn elapsed_timers_are_deadline_exceeded() {
+        let elapsed = tower::timeout::error::Elapsed::new();
+        assert_eq!(code_from_error(&elapsed), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn unrecognised_errors_are_unknown() {
+        let err: BoxError = "something odd".into();
+        assert_eq!(code_from_error(&*err), Code::Unknown);
+        assert!(!is_unprocessed(&*err));
+    }
+
+    #[tokio::test]
+    async fn refused_tonic_connect_is_unavailable_and_unprocessed() {
+        // Bind then drop a listener so the port is (almost certainly) closed.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(code_from_error(&err), Code::Unavailable);
+        assert!(is_unprocessed(&err), "{err:?}");
+        let status = status_from_error(Box::new(err));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.source().is_some());
+    }
+
+    #[test]
+    fn status_from_error_keeps_a_status_as_it_is() {
+        let status = status_from_error(Box::new(Status::not_found("gone")));
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "gone");
+    }
+
+    #[test]
+    fn code_names_are_the_canonical_ones() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+        for i in 0..17 {
+            let name = code_name(Code::from(i));
+            assert!(
+                name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'),
+                "{name}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_header_bytes_never_panic(
+            http in 100u16..1000,
+            status in proptest::collection::vec(any::<u8>(), 0..24),
+            content_type in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut res = Response::builder().status(http).body(()).unwrap();
+            if let Ok(v) = HeaderValue::from_bytes(&status) {
+                res.headers_mut().insert(GRPC_STATUS, v);
+            }
+            if let Ok(v) = HeaderValue::from_bytes(&content_type) {
+                res.headers_mut().insert(CONTENT_TYPE, v);
+            }
+            let class = classify_response(&res);
+            if res.headers().contains_key(GRPC_STATUS) {
+                prop_assert!(matches!(class, ResponseStatus::TrailersOnly(_)));
+            }
+            let _ = code_from_trailers(Some(res.headers()));
+        }
+
+        #[test]
+        fn any_valid_status_number_round_trips(code in 0i32..17) {
+            let mut headers = HeaderMap::new();
+            headers.insert(GRPC_STATUS, HeaderValue::from(code));
+            prop_assert_eq!(code_from_headers(&headers), Some(Code::from(code)));
+        }
+    }
+}
