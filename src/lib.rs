@@ -30,6 +30,7 @@
 //! ## Modules
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
+//! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -40,6 +41,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod connect;
+pub mod deadline;
 pub mod status;
 
 #[cfg(feature = "testkit")]

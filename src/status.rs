@@ -130,8 +130,16 @@ pub fn code_from_error(err: &(dyn Error + 'static)) -> Code {
         if err.is::<std::io::Error>() {
             return Code::Unavailable;
         }
-        if err.is::<tokio::time::error::Elapsed>() || err.is::<tower::timeout::error::Elapsed>() {
+        // tonic's client enforces `grpc-timeout` itself; a client whose deadline passed reports
+        // DEADLINE_EXCEEDED, as grpc-go and grpc-java do.
+        if err.is::<tonic::TimeoutExpired>()
+            || err.is::<tokio::time::error::Elapsed>()
+            || err.is::<tower::timeout::error::Elapsed>()
+        {
             return Code::DeadlineExceeded;
+        }
+        if err.is::<tonic::ConnectError>() {
+            return Code::Unavailable;
         }
         saw_transport_error |= err.is::<tonic::transport::Error>();
     }
@@ -142,11 +150,15 @@ pub fn code_from_error(err: &(dyn Error + 'static)) -> Code {
     }
 }
 
-/// Whether an error proves the request never reached the server application: the connection was
-/// refused, the stream was refused (`REFUSED_STREAM`) or fell above a GOAWAY's last stream id, or
-/// the request never left the client's dispatch queue. gRFC A6 retries such calls transparently.
+/// Whether an error proves the request never reached the server application: the connection
+/// could not be made, the stream was refused (`REFUSED_STREAM`) or fell above a GOAWAY's last
+/// stream id, or the request never left the client's dispatch queue. gRFC A6 retries such calls
+/// transparently.
 pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
     source_chain(err).any(|err| {
+        if err.is::<tonic::ConnectError>() {
+            return true;
+        }
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
             return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away();
         }
@@ -405,6 +417,9 @@ mod tests {
     fn elapsed_timers_are_deadline_exceeded() {
         let elapsed = tower::timeout::error::Elapsed::new();
         assert_eq!(code_from_error(&elapsed), Code::DeadlineExceeded);
+        let client_deadline = Wrapped(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(code_from_error(&client_deadline), Code::DeadlineExceeded);
+        assert!(!is_unprocessed(&client_deadline));
     }
 
     #[test]

@@ -34,7 +34,9 @@ pub const ECHO_SERVICE: &str = "towline.testkit.v1.Echo";
 /// `grpc.health.v1.Health`, with faults that tests switch on and off at run time.
 ///
 /// Faults apply to `Echo` calls only, never to health checks, so a test can make a backend slow
-/// or failing while it still reports `SERVING` (or the other way round).
+/// or failing while it still reports `SERVING` (or the other way round). Like a real server it
+/// honours the caller's `grpc-timeout`: a call slower than its deadline ends at the deadline with
+/// `DEADLINE_EXCEEDED`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -371,6 +373,17 @@ impl Shared {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .map_or(Duration::ZERO, Duration::from_millis);
         let latency = latency + per_call;
+        // Like any gRPC server, give up at the caller's deadline.
+        let deadline = metadata
+            .get(crate::deadline::GRPC_TIMEOUT.as_str())
+            .and_then(|v| crate::deadline::parse(v.as_bytes()));
+        if let Some(deadline) = deadline.filter(|d| *d <= latency) {
+            tokio::time::sleep(deadline).await;
+            return Err(Status::deadline_exceeded(format!(
+                "testkit: {} gave up at the caller's deadline",
+                self.id
+            )));
+        }
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
