@@ -1,0 +1,74 @@
+//! The end-to-end scenario harness: real testkit backends, bounded load, side-by-side figures.
+//!
+//! ```text
+//! cargo bench --bench scenarios                # every scenario
+//! cargo bench --bench scenarios -- overhead    # the scenarios whose name contains "overhead"
+//! cargo bench --bench scenarios -- --quick     # a few seconds each (CI smoke run)
+//! ```
+//!
+//! Each scenario prints a table and writes `target/scenarios/<name>.json`. The machine is noisy:
+//! a scenario always runs the variants it compares in one process, interleaved round by round,
+//! and reports their ratios.
+
+mod overhead;
+mod support;
+
+use std::process::ExitCode;
+
+use support::Settings;
+
+type Run = fn(Settings) -> support::BoxScenario;
+
+const SCENARIOS: &[(&str, &str, Run)] = &[(
+    "overhead",
+    "a bare Channel vs the same Channel under a pass-through tower layer",
+    overhead::run,
+)];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // cargo passes `--bench`; every other flag is ours or libtest's, and ignored.
+    let filters: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let selected: Vec<_> = SCENARIOS
+        .iter()
+        .filter(|(name, ..)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
+        .collect();
+    if selected.is_empty() {
+        eprintln!("no scenario matches {filters:?}; scenarios:");
+        for (name, about, _) in SCENARIOS {
+            eprintln!("  {name:<12} {about}");
+        }
+        return ExitCode::FAILURE;
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let settings = Settings::new(quick);
+    for (name, about, run) in selected {
+        println!(
+            "\n== {name}: {about}{}",
+            if quick { " (quick)" } else { "" }
+        );
+        match runtime.block_on(run(settings)) {
+            Ok(figures) => match support::write_json(name, quick, figures) {
+                Ok(path) => println!("wrote {}", path.display()),
+                Err(err) => {
+                    eprintln!("{name}: could not write its figures: {err}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(err) => {
+                eprintln!("{name} failed: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,142 @@
+//! What every scenario shares: run sizes, the table printer, the JSON writer.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use towline::BoxError;
+use towline::testkit::LoadReport;
+
+pub type BoxScenario = Pin<Box<dyn Future<Output = Result<serde_json::Value, BoxError>>>>;
+
+/// How big each measured run is. `--quick` keeps every scenario to a few seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Interleaved rounds per variant.
+    pub rounds: usize,
+    /// Bounds of one measured run.
+    pub calls: u64,
+    pub duration: Duration,
+}
+
+impl Settings {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Settings {
+                rounds: 1,
+                calls: 3_000,
+                duration: Duration::from_millis(700),
+            }
+        } else {
+            Settings {
+                rounds: 3,
+                calls: 100_000,
+                duration: Duration::from_secs(4),
+            }
+        }
+    }
+}
+
+/// The figures of one measured run.
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    pub calls: u64,
+    pub failed: u64,
+    pub rps: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+impl<T: Ord> From<&LoadReport<T>> for Figures {
+    fn from(report: &LoadReport<T>) -> Self {
+        Figures {
+            calls: report.calls(),
+            failed: report.failed(),
+            rps: report.throughput(),
+            p50: report.p50(),
+            p99: report.p99(),
+        }
+    }
+}
+
+impl Figures {
+    /// The median of each figure across rounds (robust to one noisy round).
+    pub fn median(rounds: &[Figures]) -> Figures {
+        fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+            v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+            v[v.len() / 2]
+        }
+        Figures {
+            calls: rounds.iter().map(|f| f.calls).sum(),
+            failed: rounds.iter().map(|f| f.failed).sum(),
+            rps: mid(rounds.iter().map(|f| f.rps).collect()),
+            p50: mid(rounds.iter().map(|f| f.p50).collect()),
+            p99: mid(rounds.iter().map(|f| f.p99).collect()),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "calls": self.calls,
+            "failed": self.failed,
+            "rps": self.rps.round(),
+            "p50_us": self.p50.as_micros() as u64,
+            "p99_us": self.p99.as_micros() as u64,
+        })
+    }
+}
+
+/// Prints a left-aligned text table.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("  {}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    line(
+        widths
+            .iter()
+            .map(|w| &"----------------------------------------"[..*w])
+            .collect(),
+    );
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn micros(d: Duration) -> String {
+    format!("{} µs", d.as_micros())
+}
+
+/// Writes `target/scenarios/<name>.json`.
+pub fn write_json(name: &str, quick: bool, figures: serde_json::Value) -> std::io::Result<PathBuf> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("scenarios");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    let document = serde_json::json!({
+        "scenario": name,
+        "quick": quick,
+        "figures": figures,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&document)?)?;
+    Ok(path)
+}
