@@ -31,6 +31,7 @@
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
+//! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -42,6 +43,7 @@
 
 pub mod connect;
 pub mod deadline;
+pub mod discover;
 pub mod status;
 
 #[cfg(feature = "testkit")]
