@@ -28,6 +28,8 @@
 //! ```
 //!
 //! ## Modules
+//! - [`balance`]: health-gated load balancing with swappable strategies.
+//! - [`health`]: active `grpc.health.v1` checks; [`outlier`]: passive ejection (gRFC A50).
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
@@ -41,10 +43,16 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod balance;
 pub mod connect;
 pub mod deadline;
 pub mod discover;
+mod error;
+pub mod health;
+pub mod outlier;
 pub mod status;
+
+pub use error::ConfigError;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
