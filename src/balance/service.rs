@@ -187,6 +187,16 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
         self.shared.snapshot()
     }
 
+    /// Waits until `done` holds for the [`snapshot`](Self::snapshot), checking it again after
+    /// every change in the endpoint table (a connection, a health verdict, an ejection, a
+    /// discovery change). For start-up gates and readiness probes:
+    /// `balance.wait_until(|s| s.iter().any(|e| e.state == EndpointState::Ready)).await`.
+    ///
+    /// [`EndpointState`]: super::EndpointState
+    pub async fn wait_until(&self, done: impl FnMut(&[EndpointSnapshot]) -> bool) {
+        self.shared.wait_until(done).await;
+    }
+
     /// Whether fewer endpoints are ready than the panic threshold allows, so calls are spread
     /// over every connected endpoint.
     pub fn in_panic(&self) -> bool {
@@ -340,7 +350,10 @@ where
                         Err(err) => {
                             let err: BoxError = err.into();
                             guard.failed(&*err);
-                            Err(err)
+                            // Hand the caller a status classified as gRPC clients do (a closed
+                            // connection is UNAVAILABLE, not tonic's CANCELLED); the transport
+                            // error stays reachable as its source.
+                            Err(Box::new(status_from_error(err)))
                         }
                     });
                 }

@@ -191,6 +191,19 @@ impl<S: Clone> Shared<S> {
         }
     }
 
+    /// Waits until `done` holds for the snapshot, checking after every change.
+    pub(crate) async fn wait_until(&self, mut done: impl FnMut(&[EndpointSnapshot]) -> bool) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&self.snapshot()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Vec<EndpointSnapshot> {
         let table = self.read();
         table

@@ -60,6 +60,7 @@ pub struct Backend {
     id: Arc<str>,
     addr: SocketAddr,
     max_concurrent_streams: Option<u32>,
+    serve_health: bool,
     shared: Arc<Shared>,
     health: HealthReporter,
     server: Mutex<Option<JoinHandle<()>>>,
@@ -71,6 +72,7 @@ pub struct BackendBuilder {
     id: Option<String>,
     addr: Option<SocketAddr>,
     max_concurrent_streams: Option<u32>,
+    without_health: bool,
 }
 
 impl BackendBuilder {
@@ -93,6 +95,13 @@ impl BackendBuilder {
         self
     }
 
+    /// Serve no `grpc.health.v1` service: health calls get `UNIMPLEMENTED`, as from a server
+    /// that never registered it.
+    pub fn without_health_service(mut self) -> Self {
+        self.without_health = true;
+        self
+    }
+
     /// Binds the listener and starts serving.
     pub async fn start(self) -> io::Result<Backend> {
         let listener = bind(self.addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))?;
@@ -107,6 +116,7 @@ impl BackendBuilder {
             id,
             addr,
             max_concurrent_streams: self.max_concurrent_streams,
+            serve_health: !self.without_health,
             health,
             server: Mutex::new(None),
         };
@@ -238,7 +248,7 @@ impl Backend {
             echo: EchoServer::new(EchoService {
                 shared: self.shared.clone(),
             }),
-            health,
+            health: self.serve_health.then_some(health),
             backend: HeaderValue::from_str(&self.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid-id")),
         };
@@ -490,7 +500,7 @@ impl Echo for EchoService {
 #[derive(Clone)]
 struct Dispatch {
     echo: EchoServer<EchoService>,
-    health: HealthServer<HealthService>,
+    health: Option<HealthServer<HealthService>>,
     backend: HeaderValue,
 }
 
@@ -508,8 +518,13 @@ impl tower::Service<Request<Incoming>> for Dispatch {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let backend = self.backend.clone();
-        let response = if req.uri().path().starts_with("/grpc.health.v1.Health/") {
-            self.health.clone().oneshot(req).boxed()
+        let health = self
+            .health
+            .as_ref()
+            .filter(|_| req.uri().path().starts_with("/grpc.health.v1.Health/"));
+        // Without a health service, Echo's router answers UNIMPLEMENTED for health paths.
+        let response = if let Some(health) = health {
+            health.clone().oneshot(req).boxed()
         } else {
             self.echo.clone().oneshot(req).boxed()
         };
