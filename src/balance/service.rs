@@ -461,7 +461,12 @@ impl CallGuard {
             return;
         };
         let streak = self.load.record_outcome(!detection.is_failure(code));
-        if detection.consecutive_failures == Some(streak) && streak > 0 {
+        // At the threshold and beyond: once an ejection ends, the next failure (the probe) shuts
+        // the endpoint again, as linkerd's failure accrual does.
+        if detection
+            .consecutive_failures
+            .is_some_and(|threshold| streak >= threshold)
+        {
             let _ = self
                 .feedback
                 .events
