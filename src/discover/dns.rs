@@ -371,12 +371,9 @@ impl DnsBuilder {
     /// or [`resolver`](Self::resolver) this reads the system configuration (`/etc/resolv.conf`).
     pub fn build(self) -> Result<Dns, BuildError> {
         let query = self.validate_query()?;
-        let scheme = Scheme::try_from(self.scheme.as_str())
-            .ok()
-            .filter(|scheme| format!("{scheme}://127.0.0.1:1").parse::<Uri>().is_ok())
-            .ok_or_else(|| {
-                BuildError::new("scheme", format!("{:?} is not a URI scheme", self.scheme))
-            })?;
+        let scheme = valid_scheme(&self.scheme).ok_or_else(|| {
+            BuildError::new("scheme", format!("{:?} is not a URI scheme", self.scheme))
+        })?;
         if self.interval.is_zero() {
             return Err(BuildError::new("interval", "must be greater than zero"));
         }
@@ -448,6 +445,18 @@ impl DnsBuilder {
             }
         }
     }
+}
+
+/// RFC 3986: `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`, and one `http::Uri` accepts.
+fn valid_scheme(scheme: &str) -> Option<Scheme> {
+    let mut chars = scheme.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !(first_ok && rest_ok) {
+        return None;
+    }
+    let parsed: Uri = format!("{scheme}://127.0.0.1:1").parse().ok()?;
+    parsed.scheme().cloned()
 }
 
 fn parse_name(field: &'static str, name: &str) -> Result<Name, BuildError> {
@@ -696,3 +705,269 @@ impl fmt::Display for BuildError {
 }
 
 impl std::error::Error for BuildError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn set(entries: &[(&str, u32)]) -> Resolved {
+        entries.iter().map(|(a, w)| (addr(a), *w)).collect()
+    }
+
+    fn http() -> Scheme {
+        Scheme::HTTP
+    }
+
+    fn insert(uri: &str, weight: u32) -> (String, Option<u32>) {
+        (uri.to_string(), Some(weight))
+    }
+
+    fn remove(uri: &str) -> (String, Option<u32>) {
+        (uri.to_string(), None)
+    }
+
+    fn plain(changes: &[Update]) -> Vec<(String, Option<u32>)> {
+        changes
+            .iter()
+            .map(|change| match change {
+                Change::Insert(uri, endpoint) => (uri.to_string(), Some(endpoint.weight)),
+                Change::Remove(uri) => (uri.to_string(), None),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_diff_inserts_everything() {
+        let new = set(&[("10.0.0.2:80", 1), ("10.0.0.1:80", 3)]);
+        assert_eq!(
+            plain(&diff(&Resolved::new(), &new, &http())),
+            [insert("http://10.0.0.1:80/", 3), insert("http://10.0.0.2:80/", 1)]
+        );
+    }
+
+    #[test]
+    fn diff_of_equal_sets_is_empty() {
+        let a = set(&[("10.0.0.1:80", 1), ("[2001:db8::1]:80", 2)]);
+        assert!(diff(&a, &a.clone(), &http()).is_empty());
+    }
+
+    #[test]
+    fn diff_inserts_new_then_removes_gone() {
+        let old = set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]);
+        let new = set(&[("10.0.0.2:80", 1), ("10.0.0.3:80", 1)]);
+        assert_eq!(
+            plain(&diff(&old, &new, &http())),
+            [insert("http://10.0.0.3:80/", 1), remove("http://10.0.0.1:80/")]
+        );
+    }
+
+    #[test]
+    fn diff_reinserts_an_address_whose_weight_changed() {
+        let old = set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 5)]);
+        let new = set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 7)]);
+        assert_eq!(
+            plain(&diff(&old, &new, &http())),
+            [insert("http://10.0.0.2:80/", 7)]
+        );
+    }
+
+    #[test]
+    fn diff_to_empty_removes_all_and_ports_distinguish_endpoints() {
+        let old = set(&[("10.0.0.1:80", 1), ("10.0.0.1:81", 1)]);
+        assert_eq!(
+            plain(&diff(&old, &Resolved::new(), &http())),
+            [remove("http://10.0.0.1:80/"), remove("http://10.0.0.1:81/")]
+        );
+    }
+
+    #[test]
+    fn uris_bracket_ipv6_and_use_the_scheme() {
+        let https = Scheme::HTTPS;
+        assert_eq!(
+            uri(&https, addr("[2001:db8::1]:50051")).to_string(),
+            "https://[2001:db8::1]:50051/"
+        );
+        assert_eq!(
+            uri(&http(), addr("192.0.2.7:8080")),
+            "http://192.0.2.7:8080".parse::<Uri>().unwrap()
+        );
+    }
+
+    /// A `Dns` whose resolutions return the scripted results in order (then the last one forever),
+    /// recording when each resolution started.
+    fn scripted(
+        interval: Duration,
+        empty: EmptyAnswer,
+        script: Vec<Result<Resolved, &'static str>>,
+    ) -> (Dns, Arc<Mutex<Vec<Instant>>>) {
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let recorded = starts.clone();
+        let resolve: Resolve = Arc::new(move || {
+            recorded.lock().unwrap().push(Instant::now());
+            let mut script = script.lock().unwrap();
+            let next = if script.len() > 1 {
+                script.pop_front().unwrap()
+            } else {
+                script.front().cloned().unwrap()
+            };
+            Box::pin(async move {
+                next.map_err(|e| {
+                    ResolveError::new("A/AAAA test".into(), Kind::Resolver(NetError::Message(e)))
+                })
+            })
+        });
+        let dns = Dns::from_parts(resolve, "A/AAAA test".into(), http(), interval, empty);
+        (dns, starts)
+    }
+
+    async fn next_change(dns: &mut Dns) -> (String, Option<u32>) {
+        let change = dns.next().await.unwrap().unwrap();
+        plain(&[change]).pop().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_keep_the_set_and_retry_with_backoff_up_to_the_interval() {
+        let one = set(&[("10.0.0.1:80", 1)]);
+        let two = set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]);
+        let (mut dns, starts) = scripted(
+            Duration::from_secs(5),
+            EmptyAnswer::KeepLast,
+            vec![
+                Ok(one.clone()),
+                Err("servfail"),
+                Err("servfail"),
+                Err("servfail"),
+                Err("servfail"),
+                Ok(two),
+            ],
+        );
+        let t0 = Instant::now();
+        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        for _ in 0..4 {
+            let err = dns.next().await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("servfail"), "{err}");
+            assert_eq!(dns.current, one, "an error must not change the set");
+        }
+        // Nothing removed; the recovery inserts only the new address.
+        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.2:80/", 1));
+        let offsets: Vec<u64> = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.duration_since(t0).as_secs())
+            .collect();
+        // interval 5 s after the success, then retries after 1 s, 2 s, 4 s, 5 s (capped).
+        assert_eq!(offsets, [0, 5, 6, 8, 12, 17]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unchanged_answers_yield_nothing_and_the_interval_has_a_floor() {
+        let one = set(&[("10.0.0.1:80", 1)]);
+        let (mut dns, starts) = scripted(
+            Duration::from_millis(10),
+            EmptyAnswer::KeepLast,
+            vec![Ok(one)],
+        );
+        assert_eq!(dns.interval(), MIN_INTERVAL);
+        let t0 = Instant::now();
+        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        let idle = tokio::time::timeout(Duration::from_millis(3500), dns.next()).await;
+        assert!(idle.is_err(), "same answer must emit nothing, got {idle:?}");
+        let offsets: Vec<u128> = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.duration_since(t0).as_millis())
+            .collect();
+        assert_eq!(offsets, [0, 1000, 2000, 3000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_answer_is_an_error_by_default() {
+        let one = set(&[("10.0.0.1:80", 1)]);
+        let (mut dns, _) = scripted(
+            Duration::from_secs(1),
+            EmptyAnswer::KeepLast,
+            vec![Ok(one.clone()), Ok(Resolved::new())],
+        );
+        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        let err = dns.next().await.unwrap().unwrap_err();
+        let err = err.downcast::<ResolveError>().unwrap();
+        assert!(err.is_no_records(), "{err}");
+        assert_eq!(dns.current, one);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_answer_removes_all_when_asked() {
+        let one = set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]);
+        let (mut dns, _) = scripted(
+            Duration::from_secs(1),
+            EmptyAnswer::RemoveAll,
+            vec![Ok(one), Ok(Resolved::new())],
+        );
+        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.2:80/", 1));
+        assert_eq!(next_change(&mut dns).await, remove("http://10.0.0.1:80/"));
+        assert_eq!(next_change(&mut dns).await, remove("http://10.0.0.2:80/"));
+        let idle = tokio::time::timeout(Duration::from_secs(3), dns.next()).await;
+        assert!(idle.is_err(), "an empty set stays empty quietly, got {idle:?}");
+    }
+
+    #[test]
+    fn builder_rejects_bad_config_naming_the_field() {
+        let field = |b: DnsBuilder| b.build().unwrap_err().field();
+        let ns = addr("127.0.0.1:53");
+        assert_eq!(field(Dns::a_aaaa("", 80).nameserver(ns)), "host");
+        assert_eq!(field(Dns::a_aaaa("svc.example", 0).nameserver(ns)), "port");
+        assert_eq!(field(Dns::srv("").nameserver(ns)), "name");
+        assert_eq!(field(Dns::srv("a..b").nameserver(ns)), "name");
+        let zero = Dns::srv("_grpc._tcp.svc.example").interval(Duration::ZERO);
+        assert_eq!(field(zero.nameserver(ns)), "interval");
+        let zero = Dns::srv("_grpc._tcp.svc.example").timeout(Duration::ZERO);
+        assert_eq!(field(zero.nameserver(ns)), "timeout");
+        assert_eq!(field(Dns::srv("x.example").scheme("").nameserver(ns)), "scheme");
+        assert_eq!(field(Dns::srv("x.example").scheme("a b").nameserver(ns)), "scheme");
+        let message = Dns::srv("x.example")
+            .interval(Duration::ZERO)
+            .nameserver(ns)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("`interval`"), "{message}");
+    }
+
+    #[test]
+    fn builder_defaults_and_literal_hosts() {
+        let ns = addr("127.0.0.1:53");
+        let dns = Dns::a_aaaa("svc.example", 80).nameserver(ns).build().unwrap();
+        assert_eq!(dns.interval(), DEFAULT_INTERVAL);
+        assert_eq!(dns.scheme, Scheme::HTTP);
+        assert_eq!(dns.empty, EmptyAnswer::KeepLast);
+        let dns = Dns::a_aaaa("[::1]", 80)
+            .scheme("https")
+            .interval(Duration::from_secs(90))
+            .nameserver(ns)
+            .build()
+            .unwrap();
+        assert_eq!(dns.interval(), Duration::from_secs(90));
+        assert_eq!(dns.query, "A/AAAA ::1");
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_host_resolves_without_a_query() {
+        // The name server is a closed port: a query would fail; a literal needs none.
+        let mut dns = Dns::a_aaaa("[::1]", 50051)
+            .nameserver(addr("127.0.0.1:9"))
+            .build()
+            .unwrap();
+        assert_eq!(next_change(&mut dns).await, insert("http://[::1]:50051/", 1));
+    }
+}
