@@ -120,7 +120,12 @@ impl DnsServer {
         let rdatas = records
             .iter()
             .map(|(weight, port, target)| {
-                RData::SRV(SRV::new(0, *weight, *port, Name::from_ascii(target).unwrap()))
+                RData::SRV(SRV::new(
+                    0,
+                    *weight,
+                    *port,
+                    Name::from_ascii(target).unwrap(),
+                ))
             })
             .collect();
         self.set(name, RecordType::SRV, rdatas).await;
@@ -223,7 +228,10 @@ async fn a_change_between_resolutions_is_exactly_one_insert_and_one_remove() {
         .await;
     assert_eq!(
         changes(&mut dns, 2).await,
-        [ins("https://127.0.0.3:8080/", 1), rm("https://127.0.0.1:8080/")]
+        [
+            ins("https://127.0.0.3:8080/", 1),
+            rm("https://127.0.0.1:8080/")
+        ]
     );
     quiet(&mut dns).await;
 }
@@ -231,12 +239,17 @@ async fn a_change_between_resolutions_is_exactly_one_insert_and_one_remove() {
 #[tokio::test]
 async fn srv_records_give_ports_and_weights() {
     let server = DnsServer::start().await;
-    server.set_ips("a.test.towline.", &["127.0.0.10", "::10"]).await;
+    server
+        .set_ips("a.test.towline.", &["127.0.0.10", "::10"])
+        .await;
     server.set_ips("b.test.towline.", &["127.0.0.11"]).await;
     server
         .set_srv(
             "_grpc._tcp.svc.test.towline.",
-            &[(10, 50051, "a.test.towline."), (0, 50052, "b.test.towline.")],
+            &[
+                (10, 50051, "a.test.towline."),
+                (0, 50052, "b.test.towline."),
+            ],
         )
         .await;
     let mut dns = Dns::srv("_grpc._tcp.svc.test.towline.")
@@ -256,7 +269,10 @@ async fn srv_records_give_ports_and_weights() {
     server
         .set_srv(
             "_grpc._tcp.svc.test.towline.",
-            &[(25, 50051, "a.test.towline."), (0, 50052, "b.test.towline.")],
+            &[
+                (25, 50051, "a.test.towline."),
+                (0, 50052, "b.test.towline."),
+            ],
         )
         .await;
     assert_eq!(
@@ -270,7 +286,10 @@ async fn srv_records_give_ports_and_weights() {
     server
         .set_srv(
             "_grpc._tcp.svc.test.towline.",
-            &[(25, 50051, "a.test.towline."), (3, 50053, "b.test.towline.")],
+            &[
+                (25, 50051, "a.test.towline."),
+                (3, 50053, "b.test.towline."),
+            ],
         )
         .await;
     assert_eq!(
@@ -297,7 +316,9 @@ async fn a_stopped_server_keeps_the_last_set_and_discovery_recovers() {
     // The address moves while the server is down; discovery cannot know yet.
     server.set_ips("svc.test.towline.", &["127.0.0.5"]).await;
     for _ in 0..2 {
-        let err = next(&mut dns).await.expect_err("resolution must fail while the server is down");
+        let err = next(&mut dns)
+            .await
+            .expect_err("resolution must fail while the server is down");
         let err = err.downcast::<ResolveError>().expect("a ResolveError");
         assert!(!err.is_no_records(), "{err}");
         assert!(err.to_string().contains("svc.test.towline"), "{err}");
@@ -327,12 +348,16 @@ async fn an_empty_answer_keeps_the_last_set_by_default() {
         ins("http://127.0.0.1:50051/", 1)
     );
     server.set_ips("svc.test.towline.", &[]).await;
-    let err = next(&mut dns).await.expect_err("an empty answer is an error by default");
+    let err = next(&mut dns)
+        .await
+        .expect_err("an empty answer is an error by default");
     let err = err.downcast::<ResolveError>().unwrap();
     assert!(err.is_no_records(), "{err}");
     // The name never existed: NXDOMAIN, same treatment.
     let mut missing = dns_a(&server, "nothing.test.towline.", 50051);
-    let err = next(&mut missing).await.expect_err("NXDOMAIN is an error by default");
+    let err = next(&mut missing)
+        .await
+        .expect_err("NXDOMAIN is an error by default");
     assert!(err.downcast::<ResolveError>().unwrap().is_no_records());
     // And the records coming back is no change at all for the first stream: nothing was removed.
     server.set_ips("svc.test.towline.", &["127.0.0.1"]).await;
@@ -381,9 +406,16 @@ fn bad_config_fails_at_build_naming_the_field() {
         .unwrap_err();
     assert_eq!(err.field(), "interval");
     assert!(err.to_string().contains("`interval`"), "{err}");
-    assert_eq!(Dns::srv("").nameserver(ns).build().unwrap_err().field(), "name");
     assert_eq!(
-        Dns::a_aaaa("", 80).nameserver(ns).build().unwrap_err().field(),
+        Dns::srv("").nameserver(ns).build().unwrap_err().field(),
+        "name"
+    );
+    assert_eq!(
+        Dns::a_aaaa("", 80)
+            .nameserver(ns)
+            .build()
+            .unwrap_err()
+            .field(),
         "host"
     );
     assert_eq!(
@@ -395,4 +427,41 @@ fn bad_config_fails_at_build_naming_the_field() {
             .field(),
         "scheme"
     );
+}
+
+#[tokio::test]
+async fn a_supplied_resolver_is_used_here_over_tcp_only() {
+    use towline::discover::dns::hickory_resolver::TokioResolver;
+    use towline::discover::dns::hickory_resolver::config::{
+        ConnectionConfig, NameServerConfig, ResolverConfig,
+    };
+    use towline::discover::dns::hickory_resolver::net::runtime::TokioRuntimeProvider;
+
+    let server = DnsServer::start().await;
+    server.set_ips("svc.test.towline.", &["127.0.0.9"]).await;
+    let mut tcp = ConnectionConfig::tcp();
+    tcp.port = server.addr.port();
+    let config = ResolverConfig::from_name_servers(vec![NameServerConfig::new(
+        server.addr.ip(),
+        true,
+        vec![tcp],
+    )]);
+    let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .build()
+        .unwrap();
+    let mut dns = Dns::a_aaaa("svc.test.towline.", 7000)
+        .resolver(resolver.clone())
+        .build()
+        .unwrap();
+    assert_eq!(
+        next_change(&mut dns).await,
+        ins("http://127.0.0.9:7000/", 1)
+    );
+
+    let both = Dns::a_aaaa("svc.test.towline.", 7000)
+        .nameserver(server.addr)
+        .resolver(resolver)
+        .build()
+        .unwrap_err();
+    assert_eq!(both.field(), "resolver");
 }

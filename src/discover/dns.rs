@@ -92,6 +92,10 @@ use tokio::time::Sleep;
 use super::{Change, Endpoint, Update};
 use crate::BoxError;
 
+/// The hickory-resolver crate this module is built on, to build a resolver for
+/// [`DnsBuilder::resolver`] without depending on a matching version yourself.
+pub use hickory_resolver;
+
 /// The default time between resolutions.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// The shortest interval honoured; a shorter non-zero interval is raised to this.
@@ -272,7 +276,7 @@ enum Query {
 enum Source {
     System,
     Nameservers(Vec<SocketAddr>),
-    Resolver(TokioResolver),
+    Resolver(Box<TokioResolver>),
 }
 
 /// Builds a [`Dns`] source; from [`Dns::a_aaaa`] or [`Dns::srv`].
@@ -363,7 +367,7 @@ impl DnsBuilder {
         if matches!(self.source, Source::Nameservers(_)) {
             self.conflicting_source = true;
         }
-        self.source = Source::Resolver(resolver);
+        self.source = Source::Resolver(Box::new(resolver));
         self
     }
 
@@ -387,7 +391,7 @@ impl DnsBuilder {
             ));
         }
         let resolver = match self.source {
-            Source::Resolver(resolver) => resolver,
+            Source::Resolver(resolver) => *resolver,
             Source::Nameservers(addrs) => nameserver_resolver(&addrs)
                 .map_err(|e| BuildError::new("nameserver", e.to_string()))?,
             Source::System => TokioResolver::builder_tokio()
@@ -748,7 +752,10 @@ mod tests {
         let new = set(&[("10.0.0.2:80", 1), ("10.0.0.1:80", 3)]);
         assert_eq!(
             plain(&diff(&Resolved::new(), &new, &http())),
-            [insert("http://10.0.0.1:80/", 3), insert("http://10.0.0.2:80/", 1)]
+            [
+                insert("http://10.0.0.1:80/", 3),
+                insert("http://10.0.0.2:80/", 1)
+            ]
         );
     }
 
@@ -764,7 +771,10 @@ mod tests {
         let new = set(&[("10.0.0.2:80", 1), ("10.0.0.3:80", 1)]);
         assert_eq!(
             plain(&diff(&old, &new, &http())),
-            [insert("http://10.0.0.3:80/", 1), remove("http://10.0.0.1:80/")]
+            [
+                insert("http://10.0.0.3:80/", 1),
+                remove("http://10.0.0.1:80/")
+            ]
         );
     }
 
@@ -850,14 +860,20 @@ mod tests {
             ],
         );
         let t0 = Instant::now();
-        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://10.0.0.1:80/", 1)
+        );
         for _ in 0..4 {
             let err = dns.next().await.unwrap().unwrap_err();
             assert!(err.to_string().contains("servfail"), "{err}");
             assert_eq!(dns.current, one, "an error must not change the set");
         }
         // Nothing removed; the recovery inserts only the new address.
-        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.2:80/", 1));
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://10.0.0.2:80/", 1)
+        );
         let offsets: Vec<u64> = starts
             .lock()
             .unwrap()
@@ -878,7 +894,10 @@ mod tests {
         );
         assert_eq!(dns.interval(), MIN_INTERVAL);
         let t0 = Instant::now();
-        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://10.0.0.1:80/", 1)
+        );
         let idle = tokio::time::timeout(Duration::from_millis(3500), dns.next()).await;
         assert!(idle.is_err(), "same answer must emit nothing, got {idle:?}");
         let offsets: Vec<u128> = starts
@@ -898,7 +917,10 @@ mod tests {
             EmptyAnswer::KeepLast,
             vec![Ok(one.clone()), Ok(Resolved::new())],
         );
-        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://10.0.0.1:80/", 1)
+        );
         let err = dns.next().await.unwrap().unwrap_err();
         let err = err.downcast::<ResolveError>().unwrap();
         assert!(err.is_no_records(), "{err}");
@@ -913,12 +935,21 @@ mod tests {
             EmptyAnswer::RemoveAll,
             vec![Ok(one), Ok(Resolved::new())],
         );
-        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.1:80/", 1));
-        assert_eq!(next_change(&mut dns).await, insert("http://10.0.0.2:80/", 1));
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://10.0.0.1:80/", 1)
+        );
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://10.0.0.2:80/", 1)
+        );
         assert_eq!(next_change(&mut dns).await, remove("http://10.0.0.1:80/"));
         assert_eq!(next_change(&mut dns).await, remove("http://10.0.0.2:80/"));
         let idle = tokio::time::timeout(Duration::from_secs(3), dns.next()).await;
-        assert!(idle.is_err(), "an empty set stays empty quietly, got {idle:?}");
+        assert!(
+            idle.is_err(),
+            "an empty set stays empty quietly, got {idle:?}"
+        );
     }
 
     #[test]
@@ -933,8 +964,14 @@ mod tests {
         assert_eq!(field(zero.nameserver(ns)), "interval");
         let zero = Dns::srv("_grpc._tcp.svc.example").timeout(Duration::ZERO);
         assert_eq!(field(zero.nameserver(ns)), "timeout");
-        assert_eq!(field(Dns::srv("x.example").scheme("").nameserver(ns)), "scheme");
-        assert_eq!(field(Dns::srv("x.example").scheme("a b").nameserver(ns)), "scheme");
+        assert_eq!(
+            field(Dns::srv("x.example").scheme("").nameserver(ns)),
+            "scheme"
+        );
+        assert_eq!(
+            field(Dns::srv("x.example").scheme("a b").nameserver(ns)),
+            "scheme"
+        );
         let message = Dns::srv("x.example")
             .interval(Duration::ZERO)
             .nameserver(ns)
@@ -947,7 +984,10 @@ mod tests {
     #[test]
     fn builder_defaults_and_literal_hosts() {
         let ns = addr("127.0.0.1:53");
-        let dns = Dns::a_aaaa("svc.example", 80).nameserver(ns).build().unwrap();
+        let dns = Dns::a_aaaa("svc.example", 80)
+            .nameserver(ns)
+            .build()
+            .unwrap();
         assert_eq!(dns.interval(), DEFAULT_INTERVAL);
         assert_eq!(dns.scheme, Scheme::HTTP);
         assert_eq!(dns.empty, EmptyAnswer::KeepLast);
@@ -968,6 +1008,9 @@ mod tests {
             .nameserver(addr("127.0.0.1:9"))
             .build()
             .unwrap();
-        assert_eq!(next_change(&mut dns).await, insert("http://[::1]:50051/", 1));
+        assert_eq!(
+            next_change(&mut dns).await,
+            insert("http://[::1]:50051/", 1)
+        );
     }
 }
