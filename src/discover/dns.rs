@@ -47,6 +47,8 @@
 //! so a misconfiguration cannot turn every client into a DNS load generator. The resolver caches
 //! answers for their TTL, so a re-resolution within a record's TTL sees the cached answer.
 //! Each resolution is bounded by [`DnsBuilder::timeout`] (default [`DEFAULT_TIMEOUT`], 10 s).
+//! A name without a trailing dot is subject to the resolver's search list (as in
+//! `/etc/resolv.conf`); write `svc.example.com.` to query exactly that name.
 //!
 //! # Work happens only while polled
 //!
@@ -745,6 +747,12 @@ mod tests {
                 Change::Remove(uri) => (uri.to_string(), None),
             })
             .collect()
+    }
+
+    #[test]
+    fn dns_is_a_send_unpin_discover() {
+        fn check<T: crate::discover::Discover + Unpin>() {}
+        check::<Dns>();
     }
 
     #[test]
