@@ -14,7 +14,8 @@
 //!   comes from the SRV record and the SRV weight becomes [`Endpoint::weighted`] (0 is raised to 1).
 //!   When several records lead to the same `ip:port` their weights are added. SRV priority is not
 //!   interpreted: every target is used. A target of `.` ("service not available here",
-//!   RFC 2782) contributes no address.
+//!   RFC 2782), or one with no A/AAAA records, contributes no address; a target whose lookup
+//!   fails makes the whole resolution fail (see below).
 //!
 //! # Errors keep the last good set
 //!
