@@ -1,8 +1,9 @@
 //! Where endpoints come from: a stream of [`Change`]s, as [`tower::discover`] models it.
 //!
 //! The balancer consumes any [`Discover`]: a `Stream` of `Result<Change<Uri, Endpoint>, BoxError>`.
-//! towline ships a fixed list ([`Static`]) and a channel you feed from your own watch (Consul,
-//! etcd, Kubernetes: [`channel`]).
+//! towline ships a fixed list ([`Static`]), a channel you feed from your own watch (Consul,
+//! etcd, Kubernetes: [`channel`]) and, with the `dns` feature (on by default), DNS A/AAAA and SRV
+//! records re-resolved on an interval ([`dns::Dns`]).
 //!
 //! Errors from a source never remove endpoints: the balancer keeps the last set it was given and
 //! logs the error. A source that ends leaves the last set in place.
@@ -24,6 +25,9 @@ use http::Uri;
 pub use tower::discover::Change;
 
 use crate::BoxError;
+
+#[cfg(feature = "dns")]
+pub mod dns;
 
 /// What discovery knows about an endpoint besides its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
