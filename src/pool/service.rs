@@ -15,9 +15,7 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::shared::{
-    ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection, root_cause,
-};
+use super::shared::{ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection, root_cause};
 use super::stats::PoolStats;
 use crate::BoxError;
 
@@ -224,11 +222,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Failed { status } => Poll::Ready(Err(Box::new(
-                status
-                    .take()
-                    .unwrap_or_else(|| Status::internal("ResponseFuture polled after completion")),
-            ))),
+            KindProj::Failed { status } => {
+                Poll::Ready(Err(Box::new(status.take().unwrap_or_else(|| {
+                    Status::internal("ResponseFuture polled after completion")
+                }))))
+            }
             KindProj::Call { future, guard } => {
                 let result = std::task::ready!(future.poll(cx));
                 let guard = guard.take();

@@ -190,11 +190,12 @@ pub(crate) fn root_cause<'a>(err: &'a (dyn Error + 'static)) -> &'a (dyn Error +
 /// Whether a call's error means its connection is gone (so the pool must drop it), as opposed
 /// to one stream failing: any `UNAVAILABLE` transport error except a refused stream.
 pub(crate) fn breaks_connection(err: &(dyn Error + 'static)) -> bool {
-    let refused_stream = std::iter::successors(Some(err), |&e: &&(dyn Error + 'static)| e.source()).any(|e| {
-        e.downcast_ref::<h2::Error>().is_some_and(|h2| {
-            h2.reason() == Some(h2::Reason::REFUSED_STREAM) && !h2.is_go_away()
-        })
-    });
+    let refused_stream = std::iter::successors(Some(err), |&e: &&(dyn Error + 'static)| e.source())
+        .any(|e| {
+            e.downcast_ref::<h2::Error>().is_some_and(|h2| {
+                h2.reason() == Some(h2::Reason::REFUSED_STREAM) && !h2.is_go_away()
+            })
+        });
     !refused_stream && crate::status::code_from_error(err) == Code::Unavailable
 }
 
@@ -330,7 +331,11 @@ impl<S> Shared<S> {
 
     /// Polls until the first connections are made, for an eager pool: `Ok` once `min` are up,
     /// or once every first attempt has finished with at least one up; the last error if none is.
-    pub(crate) fn poll_started(&self, waiter: u64, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+    pub(crate) fn poll_started(
+        &self,
+        waiter: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Status>> {
         let mut st = self.state();
         if let Some(status) = &st.closed {
             return Poll::Ready(Err(status.clone()));
@@ -367,10 +372,7 @@ impl<S> Shared<S> {
             failures: st.failures,
             reaps: st.reaps,
             disconnections: st.disconnections,
-            retry_in: st
-                .next_attempt
-                .filter(|at| *at > now)
-                .map(|at| at - now),
+            retry_in: st.next_attempt.filter(|at| *at > now).map(|at| at - now),
         }
     }
 
@@ -582,7 +584,9 @@ where
             });
         }
         let mut notified = pin!(shared.core.wake_worker.notified());
-        let mut sleep = plan.wake_at.map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let mut sleep = plan
+            .wake_at
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         let event = poll_fn(|cx| {
             if Pin::new(&mut alive).poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
