@@ -343,3 +343,75 @@ async fn bad_config_fails_when_built_naming_the_field() {
         .unwrap_err();
     assert_eq!(err.field(), "connect_timeout");
 }
+
+/// tonic's lazy `Channel` "connects" at once and fails only on its first call (tonic #643). The
+/// pool must not take that for a working connection and reconnect in a loop: a connection that
+/// breaks before it completed a call counts as a failed attempt and is backed off.
+#[tokio::test]
+async fn a_lazy_connector_against_a_dead_target_is_backed_off_not_looped() {
+    let backend = Backend::start().await.unwrap();
+    backend.stop().await;
+    let config = PoolConfig::builder()
+        .size(1)
+        .lazy(true)
+        .backoff(
+            Duration::from_millis(100),
+            1.6,
+            Duration::from_millis(400),
+            0.2,
+        )
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let pool: Pool<Channel> = ServiceBuilder::new()
+        .layer(PoolLayer::new(config))
+        .service(Connect::new().lazy())
+        .oneshot(backend.uri())
+        .await
+        .unwrap();
+
+    // Four callers hammer the pool for 1.5 s; every call fails fast with UNAVAILABLE.
+    let started = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut calls = 0;
+                while started.elapsed() < Duration::from_millis(1500) && calls < 500 {
+                    let status = timeout(Duration::from_secs(2), call(&pool))
+                        .await
+                        .expect("no call hangs")
+                        .unwrap_err();
+                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let mut calls = 0;
+    for worker in workers {
+        calls += worker.await.unwrap();
+    }
+    let stats = pool.stats();
+    // 100 ms ×1.6 up to 400 ms: about six attempts in 1.5 s. A reconnect per failed call would
+    // be one per call.
+    assert!(calls >= 8, "{calls} calls");
+    assert!(stats.connects <= 10, "{calls} calls, {stats:?}");
+    assert_eq!(stats.failures, stats.connects, "{stats:?}");
+
+    backend.restart().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // The channel the pool holds may be one made before the restart; the first call through it
+    // tells. Each try is bounded by wait_timeout, so this loop ends.
+    loop {
+        match timeout(Duration::from_secs(2), call(&pool))
+            .await
+            .expect("no hang")
+        {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+    }
+}

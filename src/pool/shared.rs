@@ -591,18 +591,18 @@ where
             if Pin::new(&mut alive).poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
-            if !attempts.is_empty() {
-                if let Poll::Ready(Some(result)) = attempts.poll_next_unpin(cx) {
-                    return Poll::Ready(Event::Attempt(result));
-                }
+            if !attempts.is_empty()
+                && let Poll::Ready(Some(result)) = attempts.poll_next_unpin(cx)
+            {
+                return Poll::Ready(Event::Attempt(result));
             }
             if notified.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Wake);
             }
-            if let Some(sleep) = &mut sleep {
-                if sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Wake);
-                }
+            if let Some(sleep) = &mut sleep
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Event::Wake);
             }
             Poll::Pending
         })
@@ -614,4 +614,59 @@ where
         }
     }
     shared.shut_down(None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(BoxError);
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+    impl Error for Wrapped {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn connection_level_errors_break_the_connection_and_stream_level_ones_do_not() {
+        let io = |kind| Wrapped(Box::new(std::io::Error::from(kind)));
+        assert!(breaks_connection(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(breaks_connection(&io(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+        let refused = Wrapped(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(
+            !breaks_connection(&refused),
+            "one refused stream, not a dead connection"
+        );
+        let cancelled = Wrapped(Box::new(h2::Error::from(h2::Reason::CANCEL)));
+        assert!(!breaks_connection(&cancelled));
+        let deadline = Wrapped(Box::new(tower::timeout::error::Elapsed::new()));
+        assert!(!breaks_connection(&deadline));
+        let internal = Wrapped(Box::new(Status::internal("not a transport failure")));
+        assert!(!breaks_connection(&internal));
+    }
+
+    #[test]
+    fn root_cause_is_the_innermost_error() {
+        let err = Wrapped(Box::new(Wrapped(Box::new(std::io::Error::other("deep")))));
+        assert_eq!(root_cause(&err).to_string(), "deep");
+        let plain = std::io::Error::other("flat");
+        assert_eq!(root_cause(&plain).to_string(), "flat");
+    }
+
+    #[test]
+    fn near_full_is_ninety_percent() {
+        assert!(!near_full(89, 100));
+        assert!(near_full(90, 100));
+        assert!(!near_full(1, 2));
+        assert!(near_full(2, 2));
+        assert!(near_full(usize::MAX, usize::MAX));
+    }
 }
