@@ -470,10 +470,18 @@ impl<S> Shared<S> {
             }
         }
         st.connecting += start;
+        // Calls wait for growth only while a connection is being opened. If none is (the load
+        // fell before the worker looked, or backoff forbids it), let them pick again now.
+        let wake = if alive > 0 && st.connecting == 0 {
+            Self::wake_all(&mut st)
+        } else {
+            Vec::new()
+        };
         Plan {
             start,
             wake_at,
             dropped,
+            wake,
         }
     }
 
@@ -526,6 +534,7 @@ struct Plan<S> {
     start: usize,
     wake_at: Option<Instant>,
     dropped: Vec<Conn<S>>,
+    wake: Vec<Waker>,
 }
 
 /// A connection attempt that took longer than the configured connect timeout.
@@ -559,6 +568,7 @@ where
     loop {
         let plan = shared.plan(Instant::now());
         drop(plan.dropped);
+        plan.wake.into_iter().for_each(Waker::wake);
         for _ in 0..plan.start {
             if let Err(err) = poll_fn(|cx| make.poll_ready(cx)).await {
                 let err: BoxError = err.into();
