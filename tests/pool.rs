@@ -415,3 +415,104 @@ async fn a_lazy_connector_against_a_dead_target_is_backed_off_not_looped() {
         assert!(std::time::Instant::now() < deadline, "never reconnected");
     }
 }
+
+/// A connector whose connections never come up.
+#[derive(Clone)]
+struct NeverConnects;
+
+impl Service<http::Uri> for NeverConnects {
+    type Response = Channel;
+    type Error = towline::BoxError;
+    type Future = futures::future::Pending<Result<Channel, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        futures::future::pending()
+    }
+}
+
+/// A connector that has failed for good.
+#[derive(Clone)]
+struct OutOfOrder;
+
+impl Service<http::Uri> for OutOfOrder {
+    type Response = Channel;
+    type Error = towline::BoxError;
+    type Future = futures::future::Pending<Result<Channel, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Err("connector out of order".into()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        futures::future::pending()
+    }
+}
+
+#[tokio::test]
+async fn a_connect_that_hangs_times_out_and_the_call_says_so() {
+    let config = PoolConfig::builder()
+        .lazy(true)
+        .connect_timeout(Duration::from_millis(100))
+        .wait_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let pool = ServiceBuilder::new()
+        .layer(PoolLayer::new(config))
+        .service(NeverConnects)
+        .oneshot("http://127.0.0.1:9".parse().unwrap())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let status = timeout(Duration::from_secs(3), call(&pool))
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("connect timed out after 100ms"),
+        "{status:?}"
+    );
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.failures, stats.connects, stats.open),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+    assert!(stats.retry_in.is_some(), "backing off after the timeout");
+}
+
+/// Under a balancer, `poll_ready` is the readiness signal: an error means this endpoint's pool
+/// is dead for good, which is what a failed connector means.
+#[tokio::test]
+async fn a_failed_connector_fails_poll_ready_for_good() {
+    let config = PoolConfig::builder().lazy(true).build().unwrap();
+    let mut pool = ServiceBuilder::new()
+        .layer(PoolLayer::new(config))
+        .service(OutOfOrder)
+        .oneshot("http://127.0.0.1:9".parse().unwrap())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let err = timeout(
+            Duration::from_secs(3),
+            ServiceExt::<http::Request<Body>>::ready(&mut pool),
+        )
+        .await
+        .expect("no hang")
+        .unwrap_err();
+        let status = err.downcast::<tonic::Status>().expect("a Status");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("connector failed"), "{status:?}");
+    }
+}
