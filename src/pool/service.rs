@@ -34,6 +34,11 @@ use crate::BoxError;
 /// status it can act on (tonic reports a `poll_ready` error as `UNKNOWN`). `Ready(Err)` is kept
 /// for a pool that can never connect again (its connector failed).
 ///
+/// Under a balancer that polls every endpoint's `poll_ready`, a pool whose target is down is
+/// `Pending` for `wait_timeout`, then ready for one call that fails at once with `UNAVAILABLE`
+/// (whose source marks it as never sent, so a retry layer may retry it elsewhere), then
+/// `Pending` again: at most one failed call per handle per `wait_timeout`.
+///
 /// # Errors
 /// Every error is a boxed [`tonic::Status`]. A call whose connection broke fails with
 /// `UNAVAILABLE`, the connection leaves the rotation at once, and the pool opens a replacement.
