@@ -329,19 +329,19 @@ async fn lazy_pools_connect_on_the_first_call_and_eager_ones_fail_on_a_dead_targ
 #[tokio::test]
 async fn bad_config_fails_when_built_naming_the_field() {
     let err = PoolConfig::builder().size(0).build().unwrap_err();
-    assert_eq!(err.field(), "max_connections");
+    assert_eq!(err.field(), "pool.max_connections");
     let err = PoolConfig::builder()
         .min_connections(3)
         .max_connections(2)
         .build()
         .unwrap_err();
-    assert_eq!(err.field(), "min_connections");
+    assert_eq!(err.field(), "pool.min_connections");
     assert!(err.to_string().contains("min_connections"), "{err}");
     let err = PoolConfig::builder()
         .connect_timeout(Duration::ZERO)
         .build()
         .unwrap_err();
-    assert_eq!(err.field(), "connect_timeout");
+    assert_eq!(err.field(), "pool.connect_timeout");
 }
 
 /// tonic's lazy `Channel` "connects" at once and fails only on its first call (tonic #643). The
@@ -514,5 +514,45 @@ async fn a_failed_connector_fails_poll_ready_for_good() {
         let status = err.downcast::<tonic::Status>().expect("a Status");
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("connector failed"), "{status:?}");
+    }
+}
+
+/// Under `BalanceLayer` each endpoint gets its own pool: the balancer's `MakeService` is the
+/// pool layer over the connector.
+#[tokio::test]
+async fn composes_under_the_balancer_one_pool_per_endpoint() {
+    use towline::balance::{BalanceConfig, BalanceLayer};
+    use towline::discover::Static;
+
+    let backends = Backend::start_many(2).await.unwrap();
+    for backend in &backends {
+        backend.set_latency(Duration::from_millis(100));
+    }
+    let balance = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new(backends.iter().map(|b| b.uri())),
+            BalanceConfig::builder().build().unwrap(),
+        ))
+        .layer(PoolLayer::new(
+            PoolConfig::builder().size(2).build().unwrap(),
+        ))
+        .service(Connect::new());
+    let client = EchoClient::new(balance);
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.unary(EchoRequest::default()).await })
+        })
+        .collect();
+    for call in calls {
+        timeout(Duration::from_secs(10), call)
+            .await
+            .expect("no hang")
+            .unwrap()
+            .expect("the call succeeds");
+    }
+    for backend in &backends {
+        assert!(backend.calls() > 0, "{} got no calls", backend.id());
+        assert_eq!(backend.connections_accepted(), 2, "{}", backend.id());
     }
 }

@@ -1,10 +1,10 @@
 //! [`PoolConfig`]: every knob of a pool, validated once when it is built.
 
-use std::fmt;
 use std::time::Duration;
 
 use tonic::transport::Endpoint;
 
+use crate::ConfigError;
 use crate::connect::{Connect, DEFAULT_CONNECT_TIMEOUT};
 
 use super::backoff::Backoff;
@@ -230,26 +230,29 @@ impl PoolConfigBuilder {
     pub fn build(self) -> Result<PoolConfig, ConfigError> {
         let c = self.config;
         if c.max == 0 {
-            return Err(ConfigError::new("max_connections", "must be at least 1"));
+            return Err(ConfigError::new(
+                "pool.max_connections",
+                "must be at least 1",
+            ));
         }
         if c.min > c.max {
             return Err(ConfigError::new(
-                "min_connections",
+                "pool.min_connections",
                 format!("{} is more than max_connections ({})", c.min, c.max),
             ));
         }
         if c.max_streams == 0 {
             return Err(ConfigError::new(
-                "max_streams_per_connection",
+                "pool.max_streams_per_connection",
                 "must be at least 1",
             ));
         }
         for (field, value) in [
-            ("idle_timeout", c.idle_timeout),
-            ("connect_timeout", c.connect_timeout),
-            ("wait_timeout", c.wait_timeout),
-            ("backoff.initial", c.backoff.initial),
-            ("backoff.max", c.backoff.max),
+            ("pool.idle_timeout", c.idle_timeout),
+            ("pool.connect_timeout", c.connect_timeout),
+            ("pool.wait_timeout", c.wait_timeout),
+            ("pool.backoff.initial", c.backoff.initial),
+            ("pool.backoff.max", c.backoff.max),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "must be more than zero"));
@@ -258,20 +261,20 @@ impl PoolConfigBuilder {
         if let Some((interval, timeout)) = c.keepalive {
             if interval.is_zero() {
                 return Err(ConfigError::new(
-                    "keepalive.interval",
+                    "pool.keepalive.interval",
                     "must be more than zero",
                 ));
             }
             if timeout.is_zero() {
                 return Err(ConfigError::new(
-                    "keepalive.timeout",
+                    "pool.keepalive.timeout",
                     "must be more than zero",
                 ));
             }
         }
         if c.backoff.max < c.backoff.initial {
             return Err(ConfigError::new(
-                "backoff.max",
+                "pool.backoff.max",
                 format!(
                     "{:?} is less than backoff.initial ({:?})",
                     c.backoff.max, c.backoff.initial
@@ -280,13 +283,13 @@ impl PoolConfigBuilder {
         }
         if !(c.backoff.multiplier >= 1.0 && c.backoff.multiplier.is_finite()) {
             return Err(ConfigError::new(
-                "backoff.multiplier",
+                "pool.backoff.multiplier",
                 format!("{} is not a finite number >= 1", c.backoff.multiplier),
             ));
         }
         if !(0.0..1.0).contains(&c.backoff.jitter) {
             return Err(ConfigError::new(
-                "backoff.jitter",
+                "pool.backoff.jitter",
                 format!("{} is not in 0.0..1.0", c.backoff.jitter),
             ));
         }
@@ -294,41 +297,12 @@ impl PoolConfigBuilder {
     }
 }
 
-/// A [`PoolConfig`] setting that cannot work; names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: &'static str,
-    reason: String,
-}
-
-impl ConfigError {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        ConfigError {
-            field,
-            reason: reason.into(),
-        }
-    }
-
-    /// The setting at fault, as the builder method names it (`"max_connections"`).
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid pool config: `{}` {}", self.field, self.reason)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn field_of(builder: PoolConfigBuilder) -> &'static str {
-        builder.build().expect_err("invalid").field()
+    fn field_of(builder: PoolConfigBuilder) -> String {
+        builder.build().expect_err("invalid").field().to_owned()
     }
 
     #[test]
@@ -348,44 +322,59 @@ mod tests {
     #[test]
     fn bad_settings_fail_naming_the_field() {
         let b = PoolConfig::builder;
-        assert_eq!(field_of(b().size(0)), "max_connections");
+        assert_eq!(field_of(b().size(0)), "pool.max_connections");
         assert_eq!(
             field_of(b().min_connections(5).max_connections(2)),
-            "min_connections"
+            "pool.min_connections"
         );
         assert_eq!(
             field_of(b().max_streams_per_connection(0)),
-            "max_streams_per_connection"
+            "pool.max_streams_per_connection"
         );
-        assert_eq!(field_of(b().idle_timeout(Duration::ZERO)), "idle_timeout");
+        assert_eq!(
+            field_of(b().idle_timeout(Duration::ZERO)),
+            "pool.idle_timeout"
+        );
         assert_eq!(
             field_of(b().connect_timeout(Duration::ZERO)),
-            "connect_timeout"
+            "pool.connect_timeout"
         );
-        assert_eq!(field_of(b().wait_timeout(Duration::ZERO)), "wait_timeout");
+        assert_eq!(
+            field_of(b().wait_timeout(Duration::ZERO)),
+            "pool.wait_timeout"
+        );
         let s = Duration::from_secs(1);
         assert_eq!(
             field_of(b().backoff(Duration::ZERO, 1.6, s, 0.2)),
-            "backoff.initial"
+            "pool.backoff.initial"
         );
-        assert_eq!(field_of(b().backoff(s, 1.6, s / 2, 0.2)), "backoff.max");
+        assert_eq!(
+            field_of(b().backoff(s, 1.6, s / 2, 0.2)),
+            "pool.backoff.max"
+        );
         assert_eq!(
             field_of(b().backoff(s, f64::NAN, s, 0.2)),
-            "backoff.multiplier"
+            "pool.backoff.multiplier"
         );
-        assert_eq!(field_of(b().backoff(s, 0.5, s, 0.2)), "backoff.multiplier");
-        assert_eq!(field_of(b().backoff(s, 1.6, s, 1.0)), "backoff.jitter");
-        assert_eq!(field_of(b().backoff(s, 1.6, s, -0.1)), "backoff.jitter");
+        assert_eq!(
+            field_of(b().backoff(s, 0.5, s, 0.2)),
+            "pool.backoff.multiplier"
+        );
+        assert_eq!(field_of(b().backoff(s, 1.6, s, 1.0)), "pool.backoff.jitter");
+        assert_eq!(
+            field_of(b().backoff(s, 1.6, s, -0.1)),
+            "pool.backoff.jitter"
+        );
         assert_eq!(
             field_of(b().keepalive(Duration::ZERO, s)),
-            "keepalive.interval"
+            "pool.keepalive.interval"
         );
         assert_eq!(
             field_of(b().keepalive(s, Duration::ZERO)),
-            "keepalive.timeout"
+            "pool.keepalive.timeout"
         );
         let err = b().size(0).build().unwrap_err();
-        assert!(err.to_string().contains("`max_connections`"), "{err}");
+        assert_eq!(err.to_string(), "pool.max_connections: must be at least 1");
     }
 
     #[test]
