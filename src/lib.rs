@@ -34,6 +34,7 @@
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
+//! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -50,6 +51,7 @@ pub mod discover;
 mod error;
 pub mod health;
 pub mod outlier;
+pub mod pool;
 pub mod status;
 
 pub use error::ConfigError;

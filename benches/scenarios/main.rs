@@ -11,6 +11,7 @@
 //! and reports their ratios.
 
 mod overhead;
+mod pool;
 mod support;
 
 use std::process::ExitCode;
@@ -19,11 +20,18 @@ use support::Settings;
 
 type Run = fn(Settings) -> support::BoxScenario;
 
-const SCENARIOS: &[(&str, &str, Run)] = &[(
-    "overhead",
-    "a bare Channel vs the same Channel under a pass-through tower layer",
-    overhead::run,
-)];
+const SCENARIOS: &[(&str, &str, Run)] = &[
+    (
+        "overhead",
+        "a bare Channel vs the same Channel under a pass-through tower layer",
+        overhead::run,
+    ),
+    (
+        "pool",
+        "500 in flight, 100 streams per connection: one Channel vs PoolLayer with 1, 4, 8 connections; connect-per-call vs the pool",
+        pool::run,
+    ),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -24,6 +24,10 @@ use super::pb::{EchoRequest, EchoResponse};
 /// The response header in which every backend names itself.
 pub const BACKEND_HEADER: &str = "towline-backend";
 
+/// The response header in which a backend numbers the connection that carried the call
+/// (1, 2, … in the order it accepted them, across restarts).
+pub const CONNECTION_HEADER: &str = "towline-testkit-connection";
+
 /// A request header that adds latency, in milliseconds, to that one call.
 pub const LATENCY_HEADER: &str = "towline-testkit-latency-ms";
 
@@ -215,6 +219,11 @@ impl Backend {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
+    /// How many of its connections are open now.
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open_connections.load(Ordering::Relaxed)
+    }
+
     /// Whether the backend is listening.
     pub fn is_running(&self) -> bool {
         self.server_slot().is_some()
@@ -251,6 +260,7 @@ impl Backend {
             health: self.serve_health.then_some(health),
             backend: HeaderValue::from_str(&self.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid-id")),
+            connection: HeaderValue::from_static("0"),
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
@@ -265,13 +275,18 @@ impl Backend {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let _ = stream.set_nodelay(true);
-                        shared.connections.fetch_add(1, Ordering::Relaxed);
+                        let number = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                        let open = OpenConnection::new(shared.clone());
+                        let mut service = service.clone();
+                        service.connection = HeaderValue::from(number);
                         let conn = http2.serve_connection(
                             TokioIo::new(stream),
-                            hyper_util::service::TowerToHyperService::new(service.clone()),
+                            hyper_util::service::TowerToHyperService::new(service),
                         );
                         connections.spawn(async move {
                             let _ = conn.await;
+                            // Also dropped, and so counted, when stop() aborts the task.
+                            drop(open);
                         });
                     }
                     Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -312,6 +327,23 @@ struct Shared {
     faults: Mutex<Faults>,
     calls: AtomicU64,
     connections: AtomicU64,
+    open_connections: AtomicU64,
+}
+
+/// Counts one open connection for as long as it lives.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -348,6 +380,7 @@ impl Shared {
             faults: Mutex::new(Faults::default()),
             calls: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
         }
     }
 
@@ -502,6 +535,7 @@ struct Dispatch {
     echo: EchoServer<EchoService>,
     health: Option<HealthServer<HealthService>>,
     backend: HeaderValue,
+    connection: HeaderValue,
 }
 
 impl tower::Service<Request<Incoming>> for Dispatch {
@@ -518,6 +552,7 @@ impl tower::Service<Request<Incoming>> for Dispatch {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let backend = self.backend.clone();
+        let connection = self.connection.clone();
         let health = self
             .health
             .as_ref()
@@ -533,6 +568,9 @@ impl tower::Service<Request<Incoming>> for Dispatch {
             response
                 .headers_mut()
                 .insert(HeaderName::from_static(BACKEND_HEADER), backend);
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(CONNECTION_HEADER), connection);
             Ok(response)
         })
     }
