@@ -34,6 +34,7 @@
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
+//! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -50,6 +51,7 @@ pub mod discover;
 mod error;
 pub mod health;
 pub mod outlier;
+pub mod retry;
 pub mod status;
 
 pub use error::ConfigError;
