@@ -139,7 +139,9 @@ impl Backoff {
                 (low + (high - low) * rng.f64()).min(self.max.as_secs_f64())
             }
         };
-        secs_to_duration(secs, self.max.saturating_add(self.max / 5))
+        // Float rounding must not take a delay out of its exact bounds (nor above `max`).
+        let (low, high) = self.bounds(n, previous);
+        secs_to_duration(secs, high).clamp(low, high)
     }
 
     /// The inclusive bounds [`delay`](Self::delay) stays within for retry `n`.
