@@ -260,9 +260,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_size_hint_over_the_cap_is_not_replayable_up_front() {
-        let body = ReplayBody::new(Body::new(http_body_util::Full::new(Bytes::from(vec![0; 10]))), 9);
+        let body = ReplayBody::new(
+            Body::new(http_body_util::Full::new(Bytes::from(vec![0; 10]))),
+            9,
+        );
         assert!(!body.is_replayable());
-        let body = ReplayBody::new(Body::new(http_body_util::Full::new(Bytes::from(vec![0; 9]))), 9);
+        let body = ReplayBody::new(
+            Body::new(http_body_util::Full::new(Bytes::from(vec![0; 9]))),
+            9,
+        );
         assert!(body.is_replayable());
     }
 

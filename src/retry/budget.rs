@@ -140,10 +140,7 @@ impl fmt::Debug for RetryBudget {
                 .field("max_milli_tokens", &bucket.max)
                 .field("milli_ratio", &bucket.ratio)
                 .finish(),
-            Kind::Percent(budget) => f
-                .debug_tuple("RetryBudget::Percent")
-                .field(budget)
-                .finish(),
+            Kind::Percent(budget) => f.debug_tuple("RetryBudget::Percent").field(budget).finish(),
         }
     }
 }
@@ -215,10 +212,16 @@ mod tests {
         let field = |r: Result<RetryBudget, RetryPolicyError>| r.unwrap_err().field();
         assert_eq!(field(RetryBudget::token_bucket(0.0, 0.1)), "max_tokens");
         assert_eq!(field(RetryBudget::token_bucket(1001.0, 0.1)), "max_tokens");
-        assert_eq!(field(RetryBudget::token_bucket(f64::NAN, 0.1)), "max_tokens");
+        assert_eq!(
+            field(RetryBudget::token_bucket(f64::NAN, 0.1)),
+            "max_tokens"
+        );
         assert_eq!(field(RetryBudget::token_bucket(10.0, 0.0)), "token_ratio");
         assert_eq!(field(RetryBudget::token_bucket(10.0, -1.0)), "token_ratio");
-        assert_eq!(field(RetryBudget::token_bucket(10.0, 0.0001)), "token_ratio");
+        assert_eq!(
+            field(RetryBudget::token_bucket(10.0, 0.0001)),
+            "token_ratio"
+        );
         let s = Duration::from_secs(1);
         assert_eq!(field(RetryBudget::percent(s / 2, 10, 0.2)), "ttl");
         assert_eq!(field(RetryBudget::percent(s * 61, 10, 0.2)), "ttl");

@@ -215,7 +215,10 @@ impl<S> RetryState<S> {
         // Never retry past the call's deadline: an attempt that could not start in time would
         // only fail with DEADLINE_EXCEEDED and hide the real failure.
         if let Some(deadline) = self.deadline {
-            if Instant::now().checked_add(delay).is_none_or(|at| at >= deadline) {
+            if Instant::now()
+                .checked_add(delay)
+                .is_none_or(|at| at >= deadline)
+            {
                 return None;
             }
         }
@@ -255,11 +258,9 @@ impl<S> RetryState<S> {
     }
 
     fn finish(&self) {
-        self.shared.metrics.record_call(
-            self.attempts - 1,
-            self.transparent,
-            self.total_delay,
-        );
+        self.shared
+            .metrics
+            .record_call(self.attempts - 1, self.transparent, self.total_delay);
     }
 }
 

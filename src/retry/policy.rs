@@ -342,7 +342,10 @@ mod tests {
         let s = Duration::from_secs(1);
         let cases = [
             (RetryPolicy::builder().max_attempts(0), "max_attempts"),
-            (RetryPolicy::builder().retryable_codes([]), "retryable_codes"),
+            (
+                RetryPolicy::builder().retryable_codes([]),
+                "retryable_codes",
+            ),
             (
                 RetryPolicy::builder().retryable_codes([Code::Ok]),
                 "retryable_codes",

@@ -369,9 +369,7 @@ impl Shared {
         self.faults.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn pushback(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<tonic::metadata::AsciiMetadataValue>> {
+    fn pushback(&self) -> std::sync::MutexGuard<'_, Option<tonic::metadata::AsciiMetadataValue>> {
         self.pushback.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
