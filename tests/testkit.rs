@@ -318,7 +318,10 @@ async fn pushback_rides_on_injected_failures_only_while_set() {
     backend.set_pushback(Some("250"));
     backend.fail_next(1, Code::Unavailable);
     let status = client.unary(request("x")).await.unwrap_err();
-    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "250");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "250"
+    );
     // Successes never carry it.
     let ok = client.unary(request("x")).await.unwrap();
     assert!(ok.metadata().get("grpc-retry-pushback-ms").is_none());
@@ -326,7 +329,10 @@ async fn pushback_rides_on_injected_failures_only_while_set() {
     backend.set_pushback(Some("-1"));
     backend.fail_next(1, Code::Unavailable);
     let status = client.unary(request("x")).await.unwrap_err();
-    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "-1");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "-1"
+    );
     backend.clear_faults();
     backend.fail_next(1, Code::Unavailable);
     let status = client.unary(request("x")).await.unwrap_err();

@@ -214,19 +214,19 @@ impl<S> RetryState<S> {
         };
         // Never retry past the call's deadline: an attempt that could not start in time would
         // only fail with DEADLINE_EXCEEDED and hide the real failure.
-        if let Some(deadline) = self.deadline {
-            if Instant::now()
+        // Never retry past the call's deadline: an attempt that could not start in time would
+        // only fail with DEADLINE_EXCEEDED and hide the real failure.
+        let past_deadline = |deadline: Instant| {
+            Instant::now()
                 .checked_add(delay)
                 .is_none_or(|at| at >= deadline)
-            {
-                return None;
-            }
+        };
+        if self.deadline.is_some_and(past_deadline) {
+            return None;
         }
-        if let Some(budget) = &policy.budget {
-            if !budget.try_retry() {
-                self.shared.metrics.budget_exhausted.increment(1);
-                return None;
-            }
+        if policy.budget.as_ref().is_some_and(|b| !b.try_retry()) {
+            self.shared.metrics.budget_exhausted.increment(1);
+            return None;
         }
         self.attempts += 1;
         self.previous_delay = previous;
@@ -347,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn pushback_is_read_as_gRFC_A6_says() {
+    fn pushback_is_read_as_grfc_a6_says() {
         assert_eq!(pushback(&HeaderMap::new()), None);
         assert_eq!(
             pushback(&headers("250")),
