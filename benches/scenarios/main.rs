@@ -11,6 +11,7 @@
 //! and reports their ratios.
 
 mod overhead;
+mod retry_storm;
 mod support;
 
 use std::process::ExitCode;
@@ -19,11 +20,18 @@ use support::Settings;
 
 type Run = fn(Settings) -> support::BoxScenario;
 
-const SCENARIOS: &[(&str, &str, Run)] = &[(
-    "overhead",
-    "a bare Channel vs the same Channel under a pass-through tower layer",
-    overhead::run,
-)];
+const SCENARIOS: &[(&str, &str, Run)] = &[
+    (
+        "overhead",
+        "a bare Channel vs the same Channel under a pass-through tower layer",
+        overhead::run,
+    ),
+    (
+        "retry-storm",
+        "every backend fails, then recovers: retry amplification with and without a budget",
+        retry_storm::run,
+    ),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
