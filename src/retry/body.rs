@@ -20,13 +20,16 @@ use http_body::{Body as _, Frame, SizeHint};
 use tonic::Status;
 use tonic::body::Body;
 
-/// One attempt's view of a replayable request body. Create the first with
-/// [`ReplayBody::new`]; every [`clone`](Clone::clone) starts again from the first byte.
+/// A replayable request body. Keep the one [`ReplayBody::new`] returns as the template and give
+/// each attempt a [`clone`](Clone::clone) of it: a clone starts again from the first byte, and
+/// the newest clone is the one that reads on from the caller's body.
 pub struct ReplayBody {
     shared: Arc<Mutex<Shared>>,
     /// The next frame of `Shared::frames` this attempt sends.
     position: usize,
     trailers_sent: bool,
+    /// Which clone this is: only the newest reads on from the caller's body.
+    generation: u64,
 }
 
 struct Shared {
@@ -36,6 +39,8 @@ struct Shared {
     frames: Vec<Bytes>,
     /// How many data frames have been read from `rest`, kept or not.
     read: usize,
+    /// The newest clone's generation.
+    latest: u64,
     buffered: usize,
     max_bytes: usize,
     trailers: Option<HeaderMap>,
@@ -53,6 +58,7 @@ impl ReplayBody {
                 rest: (!body.is_end_stream()).then_some(body),
                 frames: Vec::new(),
                 read: 0,
+                latest: 0,
                 buffered: 0,
                 max_bytes,
                 trailers: None,
@@ -60,6 +66,7 @@ impl ReplayBody {
             })),
             position: 0,
             trailers_sent: false,
+            generation: 0,
         }
     }
 
@@ -75,11 +82,17 @@ impl ReplayBody {
 }
 
 impl Clone for ReplayBody {
+    /// A new attempt's body, from the first byte. It supersedes every earlier clone: an earlier
+    /// attempt that is still being sent (its response came back first) ends with an error once it
+    /// has sent what was buffered, rather than compete for the caller's body and its wake-ups.
     fn clone(&self) -> Self {
+        let mut shared = self.shared();
+        shared.latest += 1;
         ReplayBody {
             shared: self.shared.clone(),
             position: 0,
             trailers_sent: false,
+            generation: shared.latest,
         }
     }
 }
@@ -121,6 +134,11 @@ impl http_body::Body for ReplayBody {
         }
         // Then read on from the caller's body.
         if let Some(rest) = shared.rest.as_mut() {
+            if this.generation != shared.latest {
+                return Poll::Ready(Some(Err(Status::cancelled(
+                    "towline retry: a newer attempt took over the request body",
+                ))));
+            }
             let frame = match Pin::new(rest).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(frame) => frame,
@@ -224,11 +242,11 @@ mod tests {
     async fn replays_data_and_trailers_byte_for_byte() {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-end", "yes".parse().unwrap());
-        let first = ReplayBody::new(streaming(&[b"ab", b"cd", b"ef"], Some(trailers)), 1024);
-        let second = first.clone();
-        let (bytes, t) = collect(first).await;
+        let template = ReplayBody::new(streaming(&[b"ab", b"cd", b"ef"], Some(trailers)), 1024);
+        let (bytes, t) = collect(template.clone()).await;
         assert_eq!(bytes, "abcdef");
         assert_eq!(t.unwrap()["x-end"], "yes");
+        let second = template.clone();
         assert!(second.is_replayable());
         assert_eq!(second.size_hint().exact(), Some(6));
         let (bytes, t) = collect(second).await;
@@ -238,21 +256,37 @@ mod tests {
 
     #[tokio::test]
     async fn a_later_attempt_continues_where_an_earlier_one_stopped() {
-        let mut first = ReplayBody::new(streaming(&[b"ab", b"cd", b"ef"], None), 1024);
-        let second = first.clone();
+        let template = ReplayBody::new(streaming(&[b"ab", b"cd", b"ef"], None), 1024);
+        let mut first = template.clone();
         // The first attempt sends one frame, then fails and is dropped.
         let frame = first.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "ab");
         drop(first);
-        assert_eq!(collect(second).await.0, "abcdef");
+        assert_eq!(collect(template.clone()).await.0, "abcdef");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_superseded_mid_stream_stops_at_what_was_buffered() {
+        let template = ReplayBody::new(streaming(&[b"ab", b"cd"], None), 1024);
+        let mut first = template.clone();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        let second = template.clone();
+        let err = first.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Cancelled);
+        assert_eq!(collect(second).await.0, "abcd");
     }
 
     #[tokio::test]
     async fn over_the_cap_sends_everything_once_then_is_not_replayable() {
-        let first = ReplayBody::new(streaming(&[b"abcd", b"efgh", b"ij"], None), 6);
-        let second = first.clone();
-        assert!(first.is_replayable());
-        assert_eq!(collect(first).await.0, "abcdefghij", "never truncated");
+        let template = ReplayBody::new(streaming(&[b"abcd", b"efgh", b"ij"], None), 6);
+        assert!(template.is_replayable());
+        assert_eq!(
+            collect(template.clone()).await.0,
+            "abcdefghij",
+            "never truncated"
+        );
+        let second = template.clone();
         assert!(!second.is_replayable());
         let err = second.collect().await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal);
@@ -274,10 +308,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_body_replays_as_empty() {
-        let first = ReplayBody::new(Body::empty(), 8);
-        assert!(first.is_end_stream());
-        let second = first.clone();
-        assert_eq!(collect(first).await.0, "");
-        assert_eq!(collect(second).await.0, "");
+        let template = ReplayBody::new(Body::empty(), 8);
+        assert!(template.is_end_stream());
+        assert_eq!(collect(template.clone()).await.0, "");
+        assert_eq!(collect(template.clone()).await.0, "");
     }
 }
