@@ -703,3 +703,129 @@ async fn transparent_retries_count_neither_against_max_attempts_nor_the_budget()
     assert_eq!(towline::status::code_from_error(&*err), Code::Unavailable);
     assert_eq!(inner.seen().len(), 1, "max_attempts(1) passes through");
 }
+
+/// A `metrics` recorder that keeps every value recorded, by metric name.
+#[derive(Default)]
+struct Recorded(Mutex<std::collections::HashMap<String, Arc<Values>>>);
+
+#[derive(Default)]
+struct Values(Mutex<Vec<f64>>);
+
+impl metrics::CounterFn for Values {
+    fn increment(&self, value: u64) {
+        self.0.lock().unwrap().push(value as f64);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.lock().unwrap().push(value as f64);
+    }
+}
+
+impl metrics::HistogramFn for Values {
+    fn record(&self, value: f64) {
+        self.0.lock().unwrap().push(value);
+    }
+}
+
+impl Recorded {
+    fn entry(&self, key: &metrics::Key) -> Arc<Values> {
+        let mut map = self.0.lock().unwrap();
+        map.entry(key.name().to_owned()).or_default().clone()
+    }
+
+    fn values(&self, name: &str) -> Vec<f64> {
+        let map = self.0.lock().unwrap();
+        map.get(name)
+            .map(|v| v.0.lock().unwrap().clone())
+            .unwrap_or_default()
+    }
+}
+
+impl metrics::Recorder for Recorded {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(self.entry(key))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(self.entry(key))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_are_recorded_with_grfc_a96_names() {
+    use towline::retry::metrics::{
+        BUDGET_EXHAUSTED, CALL_RETRIES, CALL_RETRY_DELAY, CALL_TRANSPARENT_RETRIES,
+    };
+    let recorded = Recorded::default();
+    let policy = RetryPolicy::builder()
+        .initial_backoff(Duration::from_millis(100))
+        .max_backoff(Duration::from_millis(100))
+        .jitter(Jitter::Equal)
+        .no_budget()
+        .build()
+        .unwrap();
+    let starved = quick()
+        .budget(RetryBudget::token_bucket(2.0, 0.1).unwrap())
+        .build()
+        .unwrap();
+    let (layer, starved) = metrics::with_local_recorder(&recorded, || {
+        (RetryLayer::new(policy), RetryLayer::new(starved))
+    });
+
+    // Two retries after a refused stream: 2 retries, 1 transparent, 100–200 ms of backoff.
+    let inner = Scripted::new([Reply::Refused, UNAVAILABLE, UNAVAILABLE]);
+    tower::Layer::layer(&layer, inner)
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(recorded.values(CALL_RETRIES), [2.0]);
+    assert_eq!(recorded.values(CALL_TRANSPARENT_RETRIES), [1.0]);
+    let delay = recorded.values(CALL_RETRY_DELAY);
+    assert!(
+        delay.len() == 1 && (0.1..=0.2).contains(&delay[0]),
+        "{delay:?}"
+    );
+
+    // A call without retries records nothing.
+    tower::Layer::layer(&layer, Scripted::new([]))
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(recorded.values(CALL_RETRIES).len(), 1);
+
+    // 2 tokens, one failure: at half, the retry is refused and counted.
+    let inner = Scripted::new([UNAVAILABLE]);
+    let res = tower::Layer::layer(&starved, inner.clone())
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&res), Some(Code::Unavailable));
+    assert_eq!(inner.seen().len(), 1);
+    assert_eq!(recorded.values(BUDGET_EXHAUSTED), [1.0]);
+}
