@@ -267,7 +267,8 @@ async fn the_deadline_is_never_exceeded_and_its_rest_goes_to_the_next_attempt() 
         ),
         "{status:?}"
     );
-    assert!(elapsed < Duration::from_millis(400), "{elapsed:?}");
+    // Five attempts of 100 ms each would take 500 ms or more.
+    assert!(elapsed < Duration::from_millis(450), "{elapsed:?}");
     assert!(
         backend.calls() - before <= 3,
         "{}",

@@ -29,7 +29,8 @@
 //! - Only failures whose code the policy lists (default `UNAVAILABLE`), and only before the call is
 //!   committed: a call commits when response headers arrive (gRFC A6), so only Trailers-Only
 //!   responses and errors before any response are retried. Streaming responses are never cut
-//!   short and replayed.
+//!   short and replayed. A response that is not gRPC at all (a proxy's HTTP 503) is committed
+//!   too: it reaches tonic, which maps it to a status.
 //! - At most `max_attempts` attempts (capped at 5), with [`Backoff`] between them, unless the
 //!   server's `grpc-retry-pushback-ms` says otherwise (a negative or malformed value stops
 //!   retrying). Attempts after the first carry `grpc-previous-rpc-attempts`.
