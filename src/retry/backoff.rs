@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::policy::RetryPolicyError;
+use crate::ConfigError;
 
 /// The randomisation applied to the exponential delay `base(n) = min(initial · multiplier^(n-1), max)`
 /// of retry `n` (1 for the first retry).
@@ -40,7 +40,7 @@ pub enum Jitter {
 ///     .unwrap_err()
 ///     .to_string()
 ///     .contains("initial_backoff"));
-/// # Ok::<(), towline::retry::RetryPolicyError>(())
+/// # Ok::<(), towline::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
@@ -58,28 +58,28 @@ impl Backoff {
         initial: Duration,
         max: Duration,
         multiplier: f64,
-    ) -> Result<Self, RetryPolicyError> {
+    ) -> Result<Self, ConfigError> {
         if initial.is_zero() {
-            return Err(RetryPolicyError::new(
-                "initial_backoff",
+            return Err(ConfigError::new(
+                "retry_policy.initial_backoff",
                 "must be greater than zero",
             ));
         }
         if max.is_zero() {
-            return Err(RetryPolicyError::new(
-                "max_backoff",
+            return Err(ConfigError::new(
+                "retry_policy.max_backoff",
                 "must be greater than zero",
             ));
         }
         if max < initial {
-            return Err(RetryPolicyError::new(
-                "max_backoff",
+            return Err(ConfigError::new(
+                "retry_policy.max_backoff",
                 "must not be less than initial_backoff",
             ));
         }
         if !(multiplier.is_finite() && multiplier > 0.0) {
-            return Err(RetryPolicyError::new(
-                "backoff_multiplier",
+            return Err(ConfigError::new(
+                "retry_policy.backoff_multiplier",
                 "must be a finite number greater than zero",
             ));
         }
@@ -219,23 +219,23 @@ mod tests {
     #[test]
     fn bad_parameters_name_their_field() {
         let s = Duration::from_secs(1);
-        let field = |r: Result<Backoff, RetryPolicyError>| r.unwrap_err().field();
+        let field = |r: Result<Backoff, ConfigError>| r.unwrap_err().field().to_owned();
         assert_eq!(
             field(Backoff::new(Jitter::Grpc, Duration::ZERO, s, 2.0)),
-            "initial_backoff"
+            "retry_policy.initial_backoff"
         );
         assert_eq!(
             field(Backoff::new(Jitter::Grpc, s, Duration::ZERO, 2.0)),
-            "max_backoff"
+            "retry_policy.max_backoff"
         );
         assert_eq!(
             field(Backoff::new(Jitter::Grpc, s, s / 2, 2.0)),
-            "max_backoff"
+            "retry_policy.max_backoff"
         );
         for m in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert_eq!(
                 field(Backoff::new(Jitter::Grpc, s, s, m)),
-                "backoff_multiplier"
+                "retry_policy.backoff_multiplier"
             );
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tower::retry::budget::{Budget as _, TpsBudget};
 
-use super::policy::RetryPolicyError;
+use crate::ConfigError;
 
 /// A retry budget shared by every call that uses it. Cheap to clone: clones share one budget.
 ///
@@ -31,7 +31,7 @@ use super::policy::RetryPolicyError;
 /// let finagle = RetryBudget::percent(Duration::from_secs(10), 10, 0.2)?;
 /// assert!(RetryBudget::token_bucket(0.0, 0.1).unwrap_err().to_string().contains("max_tokens"));
 /// # let _ = (a6, finagle);
-/// # Ok::<(), towline::retry::RetryPolicyError>(())
+/// # Ok::<(), towline::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct RetryBudget(Arc<Kind>);
@@ -44,17 +44,17 @@ enum Kind {
 impl RetryBudget {
     /// gRFC A6 `retryThrottling`: `max_tokens` in (0, 1000], `token_ratio` > 0 with at most three
     /// decimals' precision (finer ratios round to the nearest thousandth, which must not be 0).
-    pub fn token_bucket(max_tokens: f64, token_ratio: f64) -> Result<Self, RetryPolicyError> {
+    pub fn token_bucket(max_tokens: f64, token_ratio: f64) -> Result<Self, ConfigError> {
         if !(max_tokens > 0.0 && max_tokens <= 1000.0) {
-            return Err(RetryPolicyError::new(
-                "max_tokens",
+            return Err(ConfigError::new(
+                "retry_budget.max_tokens",
                 "must be greater than 0 and at most 1000",
             ));
         }
         let ratio = token_ratio * 1000.0;
         if !(ratio.is_finite() && ratio.round() >= 1.0 && ratio.round() <= f64::from(u32::MAX)) {
-            return Err(RetryPolicyError::new(
-                "token_ratio",
+            return Err(ConfigError::new(
+                "retry_budget.token_ratio",
                 "must be at least 0.001 and finite",
             ));
         }
@@ -70,19 +70,19 @@ impl RetryBudget {
     /// The Finagle percentage budget (tower's `TpsBudget`): retries may be `ratio` (0.0 to 10.0)
     /// of the calls made in the last `ttl` (1 to 60 s), plus `min_per_sec` retries per second.
     /// Finagle's and tower's defaults are 10 s, 10 per second and 0.2.
-    pub fn percent(ttl: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, RetryPolicyError> {
+    pub fn percent(ttl: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, ConfigError> {
         if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(60) {
-            return Err(RetryPolicyError::new(
-                "ttl",
+            return Err(ConfigError::new(
+                "retry_budget.ttl",
                 "must be between 1 and 60 seconds",
             ));
         }
         if min_per_sec >= i32::MAX as u32 {
-            return Err(RetryPolicyError::new("min_per_sec", "is too large"));
+            return Err(ConfigError::new("retry_budget.min_per_sec", "is too large"));
         }
         if !(ratio.is_finite() && (0.0..=10.0).contains(&ratio)) {
-            return Err(RetryPolicyError::new(
-                "ratio",
+            return Err(ConfigError::new(
+                "retry_budget.ratio",
                 "must be between 0.0 and 10.0",
             ));
         }
@@ -209,24 +209,23 @@ mod tests {
 
     #[test]
     fn bad_budgets_name_their_field() {
-        let field = |r: Result<RetryBudget, RetryPolicyError>| r.unwrap_err().field();
-        assert_eq!(field(RetryBudget::token_bucket(0.0, 0.1)), "max_tokens");
-        assert_eq!(field(RetryBudget::token_bucket(1001.0, 0.1)), "max_tokens");
-        assert_eq!(
-            field(RetryBudget::token_bucket(f64::NAN, 0.1)),
-            "max_tokens"
-        );
-        assert_eq!(field(RetryBudget::token_bucket(10.0, 0.0)), "token_ratio");
-        assert_eq!(field(RetryBudget::token_bucket(10.0, -1.0)), "token_ratio");
-        assert_eq!(
-            field(RetryBudget::token_bucket(10.0, 0.0001)),
-            "token_ratio"
-        );
         let s = Duration::from_secs(1);
-        assert_eq!(field(RetryBudget::percent(s / 2, 10, 0.2)), "ttl");
-        assert_eq!(field(RetryBudget::percent(s * 61, 10, 0.2)), "ttl");
-        assert_eq!(field(RetryBudget::percent(s, u32::MAX, 0.2)), "min_per_sec");
-        assert_eq!(field(RetryBudget::percent(s, 10, -0.1)), "ratio");
-        assert_eq!(field(RetryBudget::percent(s, 10, f64::NAN)), "ratio");
+        let cases = [
+            (RetryBudget::token_bucket(0.0, 0.1), "max_tokens"),
+            (RetryBudget::token_bucket(1001.0, 0.1), "max_tokens"),
+            (RetryBudget::token_bucket(f64::NAN, 0.1), "max_tokens"),
+            (RetryBudget::token_bucket(10.0, 0.0), "token_ratio"),
+            (RetryBudget::token_bucket(10.0, -1.0), "token_ratio"),
+            (RetryBudget::token_bucket(10.0, 0.0001), "token_ratio"),
+            (RetryBudget::percent(s / 2, 10, 0.2), "ttl"),
+            (RetryBudget::percent(s * 61, 10, 0.2), "ttl"),
+            (RetryBudget::percent(s, u32::MAX, 0.2), "min_per_sec"),
+            (RetryBudget::percent(s, 10, -0.1), "ratio"),
+            (RetryBudget::percent(s, 10, f64::NAN), "ratio"),
+        ];
+        for (result, field) in cases {
+            let err = result.unwrap_err();
+            assert_eq!(err.field(), format!("retry_budget.{field}"), "{err}");
+        }
     }
 }

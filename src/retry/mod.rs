@@ -73,9 +73,7 @@ pub use body::ReplayBody;
 pub use budget::RetryBudget;
 pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, ResponseFuture};
 pub use layer::RetryLayer;
-pub use policy::{
-    DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder, RetryPolicyError,
-};
+pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
 pub use service::Retry;
 
 use crate::BoxError;

@@ -1,7 +1,5 @@
 //! [`RetryPolicy`]: which failures are retried, how often, after how long, within what budget.
 
-use std::error::Error;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +7,7 @@ use tonic::Code;
 
 use super::backoff::{Backoff, Jitter};
 use super::budget::RetryBudget;
+use crate::ConfigError;
 
 /// gRFC A6: "maxAttempts … values greater than 5 are treated as 5".
 pub const MAX_ATTEMPTS_CAP: u32 = 5;
@@ -46,9 +45,9 @@ pub const DEFAULT_MAX_REPLAY_BYTES: usize = 64 * 1024;
 /// assert_eq!(policy.max_attempts(), 4);
 ///
 /// let err = RetryPolicy::builder().max_attempts(0).build().unwrap_err();
-/// assert_eq!(err.field(), "max_attempts");
+/// assert_eq!(err.field(), "retry_policy.max_attempts");
 /// assert!(err.to_string().contains("max_attempts"));
-/// # Ok::<(), towline::retry::RetryPolicyError>(())
+/// # Ok::<(), towline::ConfigError>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct RetryPolicy(Arc<Inner>);
@@ -215,19 +214,22 @@ impl RetryPolicyBuilder {
     }
 
     /// Checks every setting; the error names the first bad one.
-    pub fn build(self) -> Result<RetryPolicy, RetryPolicyError> {
+    pub fn build(self) -> Result<RetryPolicy, ConfigError> {
         if self.max_attempts < 1 {
-            return Err(RetryPolicyError::new("max_attempts", "must be at least 1"));
+            return Err(ConfigError::new(
+                "retry_policy.max_attempts",
+                "must be at least 1",
+            ));
         }
         if self.retryable.is_empty() {
-            return Err(RetryPolicyError::new(
-                "retryable_codes",
+            return Err(ConfigError::new(
+                "retry_policy.retryable_codes",
                 "must not be empty",
             ));
         }
         if self.retryable.contains(&Code::Ok) {
-            return Err(RetryPolicyError::new(
-                "retryable_codes",
+            return Err(ConfigError::new(
+                "retry_policy.retryable_codes",
                 "must not contain OK",
             ));
         }
@@ -238,8 +240,8 @@ impl RetryPolicyBuilder {
             self.multiplier,
         )?;
         if self.max_replay_bytes == 0 {
-            return Err(RetryPolicyError::new(
-                "max_replay_bytes",
+            return Err(ConfigError::new(
+                "retry_policy.max_replay_bytes",
                 "must be greater than zero",
             ));
         }
@@ -261,32 +263,6 @@ impl RetryPolicyBuilder {
         })))
     }
 }
-
-/// A bad retry setting, found when a policy, backoff or budget is built.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryPolicyError {
-    field: &'static str,
-    reason: &'static str,
-}
-
-impl RetryPolicyError {
-    pub(crate) fn new(field: &'static str, reason: &'static str) -> Self {
-        RetryPolicyError { field, reason }
-    }
-
-    /// The setting at fault, as its builder method is named (`max_attempts`, `initial_backoff`…).
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for RetryPolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid retry setting `{}`: {}", self.field, self.reason)
-    }
-}
-
-impl Error for RetryPolicyError {}
 
 /// A set of gRPC codes as a bit mask: membership is one AND.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -377,7 +353,7 @@ mod tests {
         ];
         for (builder, field) in cases {
             let err = builder.build().unwrap_err();
-            assert_eq!(err.field(), field);
+            assert_eq!(err.field(), format!("retry_policy.{field}"));
             assert!(err.to_string().contains(field), "{err}");
         }
     }
