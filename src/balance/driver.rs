@@ -362,7 +362,7 @@ async fn endpoint_task<M, S, RB>(
     let mut generation: u64 = 0;
     loop {
         let _ = events.send(EndpointEvent::Connecting(id));
-        let ready: Result<(), BoxError> = (&mut make).ready().await.map(|_| ()).map_err(Into::into);
+        let ready: Result<(), BoxError> = make.ready().await.map(|_| ()).map_err(Into::into);
         let connected = match ready {
             Ok(()) => make.call(uri.clone()).await.map_err(Into::into),
             Err(err) => Err(err),
