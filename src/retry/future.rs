@@ -46,7 +46,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<S, F> {
         Passthrough { #[pin] future: F },
-        Retrying { #[pin] state: State<F>, retry: RetryState<S> },
+        // Boxed, so that a pass-through future is the size of the inner one.
+        Retrying { #[pin] state: State<F>, retry: Box<RetryState<S>> },
     }
 }
 
@@ -54,7 +55,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Calling { #[pin] future: F },
-        Backoff { #[pin] sleep: Sleep },
+        Backoff { sleep: Pin<Box<Sleep>> },
         WaitingForReady,
     }
 }
@@ -81,6 +82,9 @@ enum Decision<T> {
     /// Retry after this delay (zero: at once).
     Retry(Duration),
 }
+
+/// The resolution of tokio's timers: a sleep may end up to this much after its deadline.
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// `grpc-retry-pushback-ms`, as gRFC A6 reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +115,7 @@ impl<S, F> ResponseFuture<S, F> {
         ResponseFuture {
             kind: Kind::Retrying {
                 state: State::Calling { future },
-                retry,
+                retry: Box::new(retry),
             },
         }
     }
@@ -215,10 +219,11 @@ impl<S> RetryState<S> {
         // Never retry past the call's deadline: an attempt that could not start in time would
         // only fail with DEADLINE_EXCEEDED and hide the real failure.
         // Never retry past the call's deadline: an attempt that could not start in time would
-        // only fail with DEADLINE_EXCEEDED and hide the real failure.
+        // only fail with DEADLINE_EXCEEDED and hide the real failure. Tokio's timers fire on
+        // millisecond ticks, rounded up, so the backoff must end a tick before the deadline.
         let past_deadline = |deadline: Instant| {
             Instant::now()
-                .checked_add(delay)
+                .checked_add(delay.saturating_add(TIMER_TICK))
                 .is_none_or(|at| at >= deadline)
         };
         if self.deadline.is_some_and(past_deadline) {
@@ -292,12 +297,12 @@ where
                             state.set(State::WaitingForReady);
                         }
                         Decision::Retry(delay) => state.set(State::Backoff {
-                            sleep: tokio::time::sleep(delay),
+                            sleep: Box::pin(tokio::time::sleep(delay)),
                         }),
                     }
                 }
                 StateProj::Backoff { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     state.set(State::WaitingForReady);
                 }
                 StateProj::WaitingForReady => {
@@ -344,6 +349,18 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static(value));
         h
+    }
+
+    #[test]
+    fn a_pass_through_future_is_the_size_of_the_inner_one() {
+        type Inner = std::future::Ready<Result<Response<Body>, BoxError>>;
+        type Svc = tower::util::BoxCloneService<Request<Body>, Response<Body>, BoxError>;
+        let inner = std::mem::size_of::<Inner>();
+        let ours = std::mem::size_of::<ResponseFuture<Svc, Inner>>();
+        assert!(
+            ours <= inner + 2 * std::mem::size_of::<usize>(),
+            "{ours} vs {inner}"
+        );
     }
 
     #[test]
