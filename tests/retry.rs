@@ -205,6 +205,28 @@ async fn a_streaming_request_body_is_replayed_byte_for_byte() {
 }
 
 #[tokio::test]
+async fn a_request_stream_failed_mid_way_is_replayed_then_continued() {
+    use futures::StreamExt as _;
+    let backend = Backend::start().await.unwrap();
+    let mut client = client(&backend, quick().max_attempts(3).build().unwrap()).await;
+    // The backend fails the call at once, while the client is still producing messages: the
+    // retry replays what was sent so far, then carries on with the caller's stream.
+    let messages = futures::stream::iter(0..30u8).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        EchoRequest {
+            payload: vec![i; 100],
+            ..Default::default()
+        }
+    });
+    backend.fail_next(1, Code::Unavailable);
+    let reply = client.client_stream(messages).await.unwrap().into_inner();
+    let expected: Vec<u8> = (0..30u8).flat_map(|i| vec![i; 100]).collect();
+    assert_eq!(reply.payload, expected);
+    assert_eq!(backend.calls(), 2);
+    assert_eq!(reply.request_headers[PREVIOUS_ATTEMPTS], "1");
+}
+
+#[tokio::test]
 async fn pushback_is_honoured_and_a_bad_one_stops_retrying() {
     let backend = Backend::start().await.unwrap();
     let mut client = client(&backend, quick().max_attempts(5).build().unwrap()).await;
