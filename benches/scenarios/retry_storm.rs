@@ -11,11 +11,12 @@ use std::time::Duration;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceBuilder;
-use towline::retry::{Retry, RetryBudget, RetryLayer, RetryPolicy};
-use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+use towline::retry::{RetryBudget, RetryLayer, RetryPolicy};
+use towline::testkit::pb::echo_client::EchoClient;
 use towline::testkit::{Backend, Load};
 
-use crate::support::{BoxScenario, Settings, print_table};
+use crate::overhead::drive;
+use crate::support::{BoxScenario, Figures, Settings, print_table};
 
 const BACKENDS: usize = 2;
 const CONCURRENCY: usize = 16;
@@ -60,14 +61,18 @@ pub fn run(settings: Settings) -> BoxScenario {
                     .service(channel.clone()),
             );
             // Warm the connections with healthy calls.
-            drive(&Load::new(CONCURRENCY).calls(200), &client).await;
+            drive(&Load::new(CONCURRENCY).calls(200), client.clone()).await;
 
             for backend in &backends {
                 backend.fail_fraction(1.0, Code::Unavailable);
             }
             let before = attempts(&backends);
             let load = Load::new(CONCURRENCY).calls(settings.calls).duration(storm);
-            let (storm_calls, storm_failed) = drive(&load, &client).await;
+            let Figures {
+                calls: storm_calls,
+                failed: storm_failed,
+                ..
+            } = drive(&load, client.clone()).await;
             let storm_attempts = attempts(&backends) - before;
             let amplification = storm_attempts as f64 / storm_calls.max(1) as f64;
 
@@ -78,7 +83,7 @@ pub fn run(settings: Settings) -> BoxScenario {
             let load = Load::new(CONCURRENCY)
                 .calls(settings.calls)
                 .duration(recovery);
-            let (calls, failed) = drive(&load, &client).await;
+            let Figures { calls, failed, .. } = drive(&load, client.clone()).await;
             let recovered_attempts = attempts(&backends) - before;
             let success = 1.0 - failed as f64 / calls.max(1) as f64;
 
@@ -131,24 +136,4 @@ pub fn run(settings: Settings) -> BoxScenario {
 
 fn attempts(backends: &[Backend]) -> u64 {
     backends.iter().map(Backend::calls).sum()
-}
-
-/// Runs `load` through `client`; returns (calls, failed calls).
-async fn drive(load: &Load, client: &EchoClient<Retry<Channel>>) -> (u64, u64) {
-    let client = client.clone();
-    let report = load
-        .run(move |_| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .unary(EchoRequest {
-                        payload: vec![0; 64],
-                        ..Default::default()
-                    })
-                    .await?;
-                Ok(())
-            }
-        })
-        .await;
-    (report.calls(), report.failed())
 }
