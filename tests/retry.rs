@@ -462,6 +462,43 @@ async fn a_refused_connection_is_retried_transparently_then_reported_as_unavaila
     assert_eq!(backend.calls(), 0);
 }
 
+#[test]
+fn bad_configuration_fails_when_built_and_names_the_field() {
+    let err = RetryPolicy::builder().max_attempts(0).build().unwrap_err();
+    assert_eq!(err.field(), "retry_policy.max_attempts");
+    assert!(err.to_string().contains("max_attempts"), "{err}");
+    let cases = [
+        (
+            RetryPolicy::builder().initial_backoff(Duration::ZERO),
+            "initial_backoff",
+        ),
+        (
+            RetryPolicy::builder().max_backoff(Duration::ZERO),
+            "max_backoff",
+        ),
+        (
+            RetryPolicy::builder().backoff_multiplier(-1.0),
+            "backoff_multiplier",
+        ),
+        (
+            RetryPolicy::builder().retryable_codes([]),
+            "retryable_codes",
+        ),
+        (
+            RetryPolicy::builder().max_replay_bytes(0),
+            "max_replay_bytes",
+        ),
+    ];
+    for (builder, field) in cases {
+        let err = builder.build().unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    let err = RetryBudget::token_bucket(10.0, 0.0).unwrap_err();
+    assert!(err.to_string().contains("token_ratio"), "{err}");
+    let err = RetryBudget::percent(Duration::ZERO, 10, 0.2).unwrap_err();
+    assert!(err.to_string().contains("ttl"), "{err}");
+}
+
 // ---- A scripted in-memory service, for exact timing on tokio's paused clock ----
 
 #[derive(Clone, Copy)]
