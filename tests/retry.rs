@@ -892,3 +892,31 @@ async fn retries_are_recorded_with_grfc_a96_names() {
     assert_eq!(inner.seen().len(), 1);
     assert_eq!(recorded.values(BUDGET_EXHAUSTED), [1.0]);
 }
+
+#[tokio::test]
+async fn streams_refused_before_the_servers_settings_arrive_are_retried_transparently() {
+    // h2 opens streams freely until the server's SETTINGS (max 1 stream) arrive; the server
+    // refuses the excess with REFUSED_STREAM, which proves they were never processed.
+    let backend = Backend::builder()
+        .max_concurrent_streams(1)
+        .start()
+        .await
+        .unwrap();
+    backend.set_latency(Duration::from_millis(20));
+    let channel = Connect::new().lazy().oneshot(backend.uri()).await.unwrap();
+    // UNAVAILABLE is not retryable here: only the transparent retries can save these calls.
+    let policy = RetryPolicy::builder()
+        .retryable_codes([Code::Aborted])
+        .max_transparent_retries(4)
+        .no_budget()
+        .build()
+        .unwrap();
+    let client = EchoClient::new(tower::Layer::layer(&RetryLayer::new(policy), channel));
+    let calls = (0..8).map(|_| {
+        let mut client = client.clone();
+        async move { client.unary(request("x")).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
