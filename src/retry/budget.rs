@@ -23,6 +23,11 @@ use crate::ConfigError;
 ///
 /// When the budget is spent, the failure that would have been retried is returned at once.
 ///
+/// What counts: a "retryable failure" is any attempt that fails before the call commits with a
+/// code the policy retries; a "success" is a call committed to a response that is not a
+/// Trailers-Only failure (the layer does not wait for the trailers, so a streaming call that
+/// later ends in an error still counted as a success). Transparent retries never touch a budget.
+///
 /// ```
 /// use std::time::Duration;
 /// use towline::retry::RetryBudget;
