@@ -65,7 +65,11 @@ pub(crate) struct RetryState<S> {
     service: S,
     /// The request's head, copied into every attempt.
     parts: Parts,
+    /// The template every attempt's body is cloned from.
     body: ReplayBody,
+    /// The next attempt's body, cloned as soon as an attempt fails: it supersedes the failed
+    /// attempt's body, which stops reading from the caller's.
+    next_body: Option<ReplayBody>,
     policy: RetryPolicy,
     shared: Arc<Shared>,
     deadline: Option<Instant>,
@@ -134,6 +138,7 @@ impl<S> RetryState<S> {
             service,
             parts,
             body,
+            next_body: None,
             policy,
             shared,
             deadline,
@@ -154,6 +159,7 @@ impl<S> RetryState<S> {
         match result {
             Ok(res) => match classify_response(&res) {
                 ResponseStatus::TrailersOnly(code) if code != Code::Ok => {
+                    self.next_body = Some(self.body.clone());
                     match self.after_failure(code, pushback(res.headers())) {
                         Some(delay) => Decision::Retry(delay),
                         None => Decision::Done(Ok(res)),
@@ -169,6 +175,7 @@ impl<S> RetryState<S> {
                 ResponseStatus::NotGrpc(_) => Decision::Done(Ok(res)),
             },
             Err(err) => {
+                self.next_body = Some(self.body.clone());
                 let err = err.into();
                 if is_unprocessed(&*err)
                     && self.transparent < self.policy.max_transparent_retries()
@@ -241,7 +248,7 @@ impl<S> RetryState<S> {
 
     /// The next attempt's request: the saved head, its attempt count, what is left of the
     /// deadline, and the replayed body.
-    fn next_request(&self) -> Result<Request<Body>, Status> {
+    fn next_request(&mut self) -> Result<Request<Body>, Status> {
         let mut parts = self.parts.clone();
         let previous = self.attempts + self.transparent - 1;
         parts
@@ -259,7 +266,8 @@ impl<S> RetryState<S> {
                 crate::deadline::to_header_value(remaining),
             );
         }
-        Ok(Request::from_parts(parts, Body::new(self.body.clone())))
+        let body = self.next_body.take().unwrap_or_else(|| self.body.clone());
+        Ok(Request::from_parts(parts, Body::new(body)))
     }
 
     fn finish(&self) {
