@@ -405,7 +405,7 @@ fn cancellation_leaves_no_task_running() {
 async fn a_request_can_opt_out_and_a_method_can_have_its_own_policy() {
     let backend = Backend::start().await.unwrap();
     let channel = Connect::new().oneshot(backend.uri()).await.unwrap();
-    let layer = RetryLayer::new(quick().max_attempts(3).build().unwrap()).method(
+    let layer = RetryLayer::new(quick().max_attempts(3).build().unwrap()).method_policy(
         "/towline.testkit.v1.Echo/ClientStream",
         quick().max_attempts(1).build().unwrap(),
     );

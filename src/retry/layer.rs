@@ -12,9 +12,10 @@ use super::service::Retry;
 
 /// Applies gRFC A6 retries to every call of the service it wraps. Cheap to clone.
 ///
-/// One policy applies by default; [`method`](Self::method) and [`service`](Self::service) choose
-/// another one by the request's path (`/pkg.Service/Method`), most specific first. A request that
-/// carries the [`NoRetry`](super::NoRetry) extension is never retried.
+/// One policy applies by default; [`method_policy`](Self::method_policy) and
+/// [`service_policy`](Self::service_policy) choose another one by the request's path
+/// (`/pkg.Service/Method`), most specific first. A request that carries the
+/// [`NoRetry`](super::NoRetry) extension is never retried.
 ///
 /// Metric handles are registered when the layer is created, with the `metrics` recorder installed
 /// at that moment: install the recorder first.
@@ -44,13 +45,13 @@ impl RetryLayer {
     }
 
     /// Uses `policy` for one method, named by its full path: `/pkg.Service/Method`.
-    pub fn method(self, path: &str, policy: RetryPolicy) -> Self {
+    pub fn method_policy(self, path: &str, policy: RetryPolicy) -> Self {
         self.route(path, policy)
     }
 
     /// Uses `policy` for every method of a service, named `pkg.Service`, unless a
-    /// [`method`](Self::method) policy is more specific.
-    pub fn service(self, service: &str, policy: RetryPolicy) -> Self {
+    /// [`method_policy`](Self::method_policy) is more specific.
+    pub fn service_policy(self, service: &str, policy: RetryPolicy) -> Self {
         self.route(service.trim_matches('/'), policy)
     }
 
@@ -107,8 +108,8 @@ mod tests {
     fn the_most_specific_route_wins() {
         let policy = |n| RetryPolicy::builder().max_attempts(n).build().unwrap();
         let layer = RetryLayer::new(policy(2))
-            .service("pkg.Echo", policy(3))
-            .method("/pkg.Echo/Unary", policy(4));
+            .service_policy("pkg.Echo", policy(3))
+            .method_policy("/pkg.Echo/Unary", policy(4));
         let s = &layer.shared;
         assert_eq!(s.policy_for("/pkg.Echo/Unary").max_attempts(), 4);
         assert_eq!(s.policy_for("/pkg.Echo/Other").max_attempts(), 3);
@@ -121,7 +122,7 @@ mod tests {
     fn routes_added_to_a_clone_leave_the_original_alone() {
         let policy = |n| RetryPolicy::builder().max_attempts(n).build().unwrap();
         let a = RetryLayer::new(policy(2));
-        let b = a.clone().method("/pkg.Echo/Unary", policy(4));
+        let b = a.clone().method_policy("/pkg.Echo/Unary", policy(4));
         assert_eq!(a.shared.policy_for("/pkg.Echo/Unary").max_attempts(), 2);
         assert_eq!(b.shared.policy_for("/pkg.Echo/Unary").max_attempts(), 4);
     }
