@@ -35,6 +35,7 @@
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 //! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
+//! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -52,6 +53,7 @@ mod error;
 pub mod health;
 pub mod outlier;
 pub mod pool;
+pub mod retry;
 pub mod status;
 
 pub use error::ConfigError;

@@ -12,6 +12,7 @@
 
 mod overhead;
 mod pool;
+mod retry_storm;
 mod support;
 
 use std::process::ExitCode;
@@ -30,6 +31,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "pool",
         "500 in flight, 100 streams per connection: one Channel vs PoolLayer with 1, 4, 8 connections; connect-per-call vs the pool",
         pool::run,
+    ),
+    (
+        "retry-storm",
+        "every backend fails, then recovers: retry amplification with and without a budget",
+        retry_storm::run,
     ),
 ];
 

@@ -197,9 +197,20 @@ impl Backend {
         faults.fail_fraction_code = code;
     }
 
-    /// Removes every fault: no added latency, no failures.
+    /// Attaches `grpc-retry-pushback-ms: VALUE` (gRFC A6 server pushback) to every injected
+    /// failure, or stops attaching it (`None`). The value is sent as given, so a test can send a
+    /// negative or malformed one. A value that is not a valid header value is sent as `invalid`.
+    pub fn set_pushback(&self, value: Option<&str>) {
+        *self.shared.pushback() = value.map(|v| {
+            tonic::metadata::MetadataValue::try_from(v)
+                .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("invalid"))
+        });
+    }
+
+    /// Removes every fault: no added latency, no failures, no pushback.
     pub fn clear_faults(&self) {
         *self.shared.faults() = Faults::default();
+        *self.shared.pushback() = None;
     }
 
     /// Sets the `grpc.health.v1` status of both the server (`""`) and [`ECHO_SERVICE`];
@@ -325,6 +336,8 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 struct Shared {
     id: Arc<str>,
     faults: Mutex<Faults>,
+    /// `grpc-retry-pushback-ms` for injected failures.
+    pushback: Mutex<Option<tonic::metadata::AsciiMetadataValue>>,
     calls: AtomicU64,
     connections: AtomicU64,
     open_connections: AtomicU64,
@@ -378,6 +391,7 @@ impl Shared {
         Shared {
             id,
             faults: Mutex::new(Faults::default()),
+            pushback: Mutex::new(None),
             calls: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
@@ -386,6 +400,10 @@ impl Shared {
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
         self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pushback(&self) -> std::sync::MutexGuard<'_, Option<tonic::metadata::AsciiMetadataValue>> {
+        self.pushback.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts the call, waits out its latency, then lets it through or fails it.
@@ -431,10 +449,16 @@ impl Shared {
             tokio::time::sleep(latency).await;
         }
         match failure {
-            Some(code) => Err(Status::new(
-                code,
-                format!("testkit: injected failure on {}", self.id),
-            )),
+            Some(code) => {
+                let mut status =
+                    Status::new(code, format!("testkit: injected failure on {}", self.id));
+                if let Some(pushback) = self.pushback().clone() {
+                    status
+                        .metadata_mut()
+                        .insert("grpc-retry-pushback-ms", pushback);
+                }
+                Err(status)
+            }
             None => Ok(number),
         }
     }
