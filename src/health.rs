@@ -37,6 +37,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
+use crate::backoff::{Backoff, Jitter};
 use crate::{BoxError, ConfigError};
 
 /// Which active health check to run on each endpoint, and how.
@@ -203,7 +204,15 @@ where
     };
     match check.mode {
         Mode::Watch => {
-            let mut backoff = WatchBackoff::default();
+            // Re-watch after 100 ms doubling to 10 s, ±20%; any message starts it over (gRFC A17).
+            let backoff = Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+                2.0,
+            )
+            .expect("a valid backoff");
+            let mut failures = 0u32;
             loop {
                 match client.watch(request()).await {
                     Ok(response) => {
@@ -211,7 +220,7 @@ where
                         loop {
                             match stream.message().await {
                                 Ok(Some(message)) => {
-                                    backoff.reset();
+                                    failures = 0;
                                     report(verdict(&message));
                                 }
                                 Ok(None) => {
@@ -244,7 +253,8 @@ where
                         report(Verdict::NotServing(message));
                     }
                 }
-                tokio::time::sleep(backoff.next()).await;
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(backoff.delay(failures, Duration::ZERO)).await;
             }
         }
         Mode::Check(CheckPolicy {
@@ -310,25 +320,6 @@ fn connection_failure(status: tonic::Status) -> Option<BoxError> {
         .then(|| Box::new(status) as BoxError)
 }
 
-/// Re-watch backoff: 100 ms doubling to 10 s, ±20% jitter, reset by any message.
-#[derive(Debug, Default)]
-struct WatchBackoff {
-    attempt: u32,
-}
-
-impl WatchBackoff {
-    fn next(&mut self) -> Duration {
-        let base = Duration::from_millis(100).saturating_mul(1 << self.attempt.min(7));
-        self.attempt += 1;
-        base.min(Duration::from_secs(10))
-            .mul_f64(0.8 + 0.4 * fastrand::f64())
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,17 +347,5 @@ mod tests {
             assert_eq!(check.validate().unwrap_err().field(), field);
         }
         assert!(HealthCheck::watch("x").validate().is_ok());
-    }
-
-    #[test]
-    fn watch_backoff_grows_is_capped_and_resets() {
-        let mut b = WatchBackoff::default();
-        let first = b.next();
-        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
-        for _ in 0..20 {
-            assert!(b.next() <= Duration::from_secs(12));
-        }
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(120));
     }
 }

@@ -28,6 +28,7 @@
 //! ```
 //!
 //! ## Modules
+//! - [`backoff`]: exponential backoff with jitter, shared by retries and reconnects.
 //! - [`balance`]: health-gated load balancing with swappable strategies.
 //! - [`health`]: active `grpc.health.v1` checks; [`outlier`]: passive ejection (gRFC A50).
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
@@ -45,6 +46,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod backoff;
 pub mod balance;
 pub mod connect;
 pub mod deadline;

@@ -8,9 +8,10 @@ use tokio::time::timeout;
 use tonic::Code;
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
+use towline::backoff::{Backoff, Jitter};
 use towline::balance::{
     Balance, BalanceConfig, BalanceConfigBuilder, BalanceLayer, ConsistentHash, EndpointSnapshot,
-    EndpointState, PeakEwma, PowerOfTwoChoices, ReconnectBackoff, RoundRobin, WeightedRoundRobin,
+    EndpointState, PeakEwma, PowerOfTwoChoices, RoundRobin, WeightedRoundRobin,
 };
 use towline::connect::Connect;
 use towline::discover::{self, Change, Static};
@@ -23,11 +24,15 @@ type Channel = tonic::transport::Channel;
 /// Settings that make a test quick: reconnect after 50 ms, calls wait at most 2 s.
 fn config() -> BalanceConfigBuilder {
     BalanceConfig::builder()
-        .reconnect_backoff(ReconnectBackoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            ..Default::default()
-        })
+        .reconnect_backoff(
+            Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                1.6,
+            )
+            .unwrap(),
+        )
         .endpoint_wait(Duration::from_secs(2))
         .outlier_detection(None)
 }

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use towline::backoff::{Backoff, Jitter};
+
 use tokio::time::{Instant, timeout};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -182,10 +184,13 @@ async fn a_restarted_backend_is_reconnected_with_backoff_and_no_call_hangs() {
     let config = PoolConfig::builder()
         .size(1)
         .backoff(
-            Duration::from_millis(100),
-            1.6,
-            Duration::from_millis(400),
-            0.2,
+            Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(100),
+                Duration::from_millis(400),
+                1.6,
+            )
+            .unwrap(),
         )
         .wait_timeout(Duration::from_secs(1));
     let pool = make_pool(&backend, config).await.unwrap();
@@ -271,10 +276,13 @@ async fn poll_ready_is_pending_without_a_connection_and_wakes_when_one_is_up() {
         .lazy(true)
         .size(1)
         .backoff(
-            Duration::from_millis(50),
-            1.6,
-            Duration::from_millis(200),
-            0.2,
+            Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(50),
+                Duration::from_millis(200),
+                1.6,
+            )
+            .unwrap(),
         )
         .wait_timeout(Duration::from_secs(30));
     let mut pool = make_pool(&backend, config).await.unwrap();
@@ -355,10 +363,13 @@ async fn a_lazy_connector_against_a_dead_target_is_backed_off_not_looped() {
         .size(1)
         .lazy(true)
         .backoff(
-            Duration::from_millis(100),
-            1.6,
-            Duration::from_millis(400),
-            0.2,
+            Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(100),
+                Duration::from_millis(400),
+                1.6,
+            )
+            .unwrap(),
         )
         .wait_timeout(Duration::from_millis(300))
         .build()

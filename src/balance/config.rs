@@ -4,6 +4,7 @@ use std::time::Duration;
 use super::endpoint::EwmaConfig;
 use super::strategy::{PeakEwma, Strategy};
 use crate::ConfigError;
+use crate::backoff::Backoff;
 use crate::health::HealthCheck;
 use crate::outlier::OutlierDetection;
 
@@ -15,7 +16,7 @@ pub struct BalanceConfig {
     pub(crate) outlier_detection: Option<OutlierDetection>,
     pub(crate) panic_threshold: f64,
     pub(crate) endpoint_wait: Duration,
-    pub(crate) reconnect: ReconnectBackoff,
+    pub(crate) reconnect: Backoff,
     pub(crate) ewma: EwmaConfig,
 }
 
@@ -53,7 +54,7 @@ impl BalanceConfig {
                 outlier_detection: Some(OutlierDetection::default()),
                 panic_threshold: 0.5,
                 endpoint_wait: Duration::from_secs(3),
-                reconnect: ReconnectBackoff::default(),
+                reconnect: Backoff::grpc_connection(),
                 ewma: EwmaConfig {
                     default_rtt: Duration::from_millis(30),
                     decay: Duration::from_secs(10),
@@ -104,8 +105,9 @@ impl BalanceConfigBuilder {
         self
     }
 
-    /// Backoff between connection attempts to an endpoint that is down.
-    pub fn reconnect_backoff(mut self, backoff: ReconnectBackoff) -> Self {
+    /// Backoff between connection attempts to an endpoint that is down. Default:
+    /// [`Backoff::grpc_connection`].
+    pub fn reconnect_backoff(mut self, backoff: Backoff) -> Self {
         self.config.reconnect = backoff;
         self
     }
@@ -143,74 +145,10 @@ impl BalanceConfigBuilder {
                 "must be greater than zero",
             ));
         }
-        c.reconnect.validate()?;
         if let Some(check) = &c.health_check {
             check.validate()?;
         }
         Ok(self.config)
-    }
-}
-
-/// Jittered exponential backoff between connection attempts (gRPC connection-backoff.md).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReconnectBackoff {
-    /// First delay. Default 1 s.
-    pub initial: Duration,
-    /// Growth per failed attempt. Default 1.6.
-    pub multiplier: f64,
-    /// Delays are spread by ± this fraction. Default 0.2.
-    pub jitter: f64,
-    /// Largest delay. Default 120 s.
-    pub max: Duration,
-}
-
-impl Default for ReconnectBackoff {
-    fn default() -> Self {
-        ReconnectBackoff {
-            initial: Duration::from_secs(1),
-            multiplier: 1.6,
-            jitter: 0.2,
-            max: Duration::from_secs(120),
-        }
-    }
-}
-
-impl ReconnectBackoff {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.initial.is_zero() {
-            return Err(ConfigError::new(
-                "balance.reconnect_backoff.initial",
-                "must be greater than zero",
-            ));
-        }
-        if self.max < self.initial {
-            return Err(ConfigError::new(
-                "balance.reconnect_backoff.max",
-                "must be at least initial",
-            ));
-        }
-        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            return Err(ConfigError::new(
-                "balance.reconnect_backoff.multiplier",
-                "must be at least 1",
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(ConfigError::new(
-                "balance.reconnect_backoff.jitter",
-                "must be between 0 and 1",
-            ));
-        }
-        Ok(())
-    }
-
-    /// The delay before reconnect attempt `attempt` (0 for the first retry), jittered.
-    pub(crate) fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.multiplier.powi(attempt.min(64) as i32);
-        let base = self.initial.as_secs_f64() * exp;
-        let capped = base.min(self.max.as_secs_f64());
-        let spread = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
-        Duration::from_secs_f64((capped * spread).max(0.0))
     }
 }
 
@@ -238,39 +176,12 @@ mod tests {
                 "balance.rtt_decay",
             ),
             (
-                BalanceConfig::builder().reconnect_backoff(ReconnectBackoff {
-                    initial: Duration::ZERO,
-                    ..Default::default()
-                }),
-                "balance.reconnect_backoff.initial",
-            ),
-            (
-                BalanceConfig::builder().reconnect_backoff(ReconnectBackoff {
-                    multiplier: 0.5,
-                    ..Default::default()
-                }),
-                "balance.reconnect_backoff.multiplier",
-            ),
-            (
                 BalanceConfig::builder().health_check(HealthCheck::check("").fall(0)),
                 "health_check.fall",
             ),
         ];
         for (builder, field) in cases {
             assert_eq!(builder.build().unwrap_err().field(), field);
-        }
-    }
-
-    #[test]
-    fn reconnect_delays_grow_within_jitter_and_cap() {
-        let b = ReconnectBackoff::default();
-        for attempt in [0u32, 1, 5, 20, u32::MAX] {
-            let d = b.delay(attempt).as_secs_f64();
-            let base = (1.6f64.powi(attempt.min(64) as i32)).min(120.0);
-            assert!(
-                d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
-                "{attempt}: {d}"
-            );
         }
     }
 }

@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use tonic::body::Body;
 use tower::ServiceExt;
 
-use super::config::ReconnectBackoff;
 use super::endpoint::{EndpointId, EwmaConfig, Load};
 use super::table::{Connection, Health, Shared, Slot};
 use crate::BoxError;
+use crate::backoff::Backoff;
 use crate::discover::{Change, Discover};
 use crate::health::{HealthCheck, Verdict};
 use crate::outlier::{Host, OutlierDetection};
@@ -63,7 +63,7 @@ pub(crate) struct Driver<M, S> {
     pub(crate) make: M,
     pub(crate) health_check: Option<HealthCheck>,
     pub(crate) detection: Option<OutlierDetection>,
-    pub(crate) reconnect: ReconnectBackoff,
+    pub(crate) reconnect: Backoff,
     pub(crate) ewma: EwmaConfig,
     pub(crate) feedback: Arc<Feedback>,
 }
@@ -74,7 +74,7 @@ impl<M, S> Driver<M, S> {
         make: M,
         health_check: Option<HealthCheck>,
         detection: Option<OutlierDetection>,
-        reconnect: ReconnectBackoff,
+        reconnect: Backoff,
         ewma: EwmaConfig,
     ) -> (Self, mpsc::UnboundedReceiver<CallEvent>) {
         let (events, calls) = mpsc::unbounded_channel();
@@ -342,7 +342,7 @@ async fn endpoint_task<M, S, RB>(
     mut make: M,
     load: Arc<Load>,
     health_check: Option<HealthCheck>,
-    backoff: ReconnectBackoff,
+    backoff: Backoff,
     events: mpsc::UnboundedSender<EndpointEvent<S>>,
 ) where
     M: tower_service::Service<Uri, Response = S> + Send + 'static,
@@ -370,8 +370,8 @@ async fn endpoint_task<M, S, RB>(
         let service = match connected {
             Ok(service) => service,
             Err(err) => {
-                let delay = backoff.delay(failures);
                 failures = failures.saturating_add(1);
+                let delay = backoff.delay(failures, Duration::ZERO);
                 let reason = format!(
                     "connect failed: {}; retrying in {delay:.1?}",
                     error_chain(&*err)
@@ -405,9 +405,9 @@ async fn endpoint_task<M, S, RB>(
         };
         // Reconnect at once after a connection that lived; back off after one that broke at once,
         // so that an endpoint which accepts and then fails never spins.
-        if connected_at.elapsed() < backoff.initial {
-            let delay = backoff.delay(failures);
+        if connected_at.elapsed() < backoff.initial() {
             failures = failures.saturating_add(1);
+            let delay = backoff.delay(failures, Duration::ZERO);
             let _ = events.send(EndpointEvent::Down(
                 id,
                 format!("{reason}; reconnecting in {delay:.1?}"),

@@ -55,7 +55,7 @@ mod service;
 mod strategy;
 mod table;
 
-pub use config::{BalanceConfig, BalanceConfigBuilder, ReconnectBackoff};
+pub use config::{BalanceConfig, BalanceConfigBuilder};
 pub use endpoint::{EndpointSnapshot, EndpointState};
 pub use service::{Balance, BalanceLayer, ResponseFuture, TrackedBody};
 pub use strategy::{

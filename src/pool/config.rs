@@ -7,7 +7,7 @@ use tonic::transport::Endpoint;
 use crate::ConfigError;
 use crate::connect::{Connect, DEFAULT_CONNECT_TIMEOUT};
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 
 /// Default [`PoolConfigBuilder::min_connections`]: one connection kept warm.
 pub const DEFAULT_MIN_CONNECTIONS: usize = 1;
@@ -59,7 +59,7 @@ impl Default for PoolConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
-            backoff: Backoff::default(),
+            backoff: Backoff::grpc_connection(),
             lazy: false,
             keepalive: None,
             keepalive_while_idle: false,
@@ -187,22 +187,10 @@ impl PoolConfigBuilder {
         self
     }
 
-    /// The reconnect backoff: the first delay, the factor each failure multiplies it by, the
-    /// largest delay, and the jitter (a fraction: 0.2 draws each delay from ±20 %).
-    /// Defaults: gRPC's connection backoff, 1 s, 1.6, 120 s, 0.2.
-    pub fn backoff(
-        mut self,
-        initial: Duration,
-        multiplier: f64,
-        max: Duration,
-        jitter: f64,
-    ) -> Self {
-        self.config.backoff = Backoff {
-            initial,
-            multiplier,
-            max,
-            jitter,
-        };
+    /// The reconnect backoff (validated when it is built). Default:
+    /// [`Backoff::grpc_connection`], 1 s × 1.6 up to 120 s, ±20% jitter.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
         self
     }
 
@@ -251,8 +239,6 @@ impl PoolConfigBuilder {
             ("pool.idle_timeout", c.idle_timeout),
             ("pool.connect_timeout", c.connect_timeout),
             ("pool.wait_timeout", c.wait_timeout),
-            ("pool.backoff.initial", c.backoff.initial),
-            ("pool.backoff.max", c.backoff.max),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "must be more than zero"));
@@ -271,27 +257,6 @@ impl PoolConfigBuilder {
                     "must be more than zero",
                 ));
             }
-        }
-        if c.backoff.max < c.backoff.initial {
-            return Err(ConfigError::new(
-                "pool.backoff.max",
-                format!(
-                    "{:?} is less than backoff.initial ({:?})",
-                    c.backoff.max, c.backoff.initial
-                ),
-            ));
-        }
-        if !(c.backoff.multiplier >= 1.0 && c.backoff.multiplier.is_finite()) {
-            return Err(ConfigError::new(
-                "pool.backoff.multiplier",
-                format!("{} is not a finite number >= 1", c.backoff.multiplier),
-            ));
-        }
-        if !(0.0..1.0).contains(&c.backoff.jitter) {
-            return Err(ConfigError::new(
-                "pool.backoff.jitter",
-                format!("{} is not in 0.0..1.0", c.backoff.jitter),
-            ));
         }
         Ok(c)
     }
@@ -312,10 +277,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(20));
         assert_eq!(c.wait_timeout, Duration::from_secs(20));
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
-        assert_eq!(c.backoff.initial, Duration::from_secs(1));
-        assert_eq!(c.backoff.multiplier, 1.6);
-        assert_eq!(c.backoff.max, Duration::from_secs(120));
-        assert_eq!(c.backoff.jitter, 0.2);
+        assert_eq!(c.backoff, Backoff::grpc_connection());
         assert!(!c.lazy);
     }
 
@@ -344,27 +306,6 @@ mod tests {
             "pool.wait_timeout"
         );
         let s = Duration::from_secs(1);
-        assert_eq!(
-            field_of(b().backoff(Duration::ZERO, 1.6, s, 0.2)),
-            "pool.backoff.initial"
-        );
-        assert_eq!(
-            field_of(b().backoff(s, 1.6, s / 2, 0.2)),
-            "pool.backoff.max"
-        );
-        assert_eq!(
-            field_of(b().backoff(s, f64::NAN, s, 0.2)),
-            "pool.backoff.multiplier"
-        );
-        assert_eq!(
-            field_of(b().backoff(s, 0.5, s, 0.2)),
-            "pool.backoff.multiplier"
-        );
-        assert_eq!(field_of(b().backoff(s, 1.6, s, 1.0)), "pool.backoff.jitter");
-        assert_eq!(
-            field_of(b().backoff(s, 1.6, s, -0.1)),
-            "pool.backoff.jitter"
-        );
         assert_eq!(
             field_of(b().keepalive(Duration::ZERO, s)),
             "pool.keepalive.interval"

@@ -70,7 +70,6 @@
 //! - A stream that breaks after its response headers fails in its body; the pool learns that
 //!   the connection is gone from the next call on it.
 
-mod backoff;
 mod config;
 mod layer;
 mod service;

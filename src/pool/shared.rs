@@ -411,7 +411,11 @@ impl<S> Shared<S> {
                 // It broke before serving one call: as good as a failed connect.
                 st.failures += 1;
                 st.consecutive_failures = st.consecutive_failures.saturating_add(1);
-                st.next_attempt = Some(now + config.backoff.delay(st.consecutive_failures));
+                st.next_attempt = Some(
+                    now + config
+                        .backoff
+                        .delay(st.consecutive_failures, Duration::ZERO),
+                );
             }
             dropped.push(conn);
         }
@@ -503,7 +507,11 @@ impl<S> Shared<S> {
             Err(err) => {
                 st.failures += 1;
                 st.consecutive_failures = st.consecutive_failures.saturating_add(1);
-                let delay = self.core.config.backoff.delay(st.consecutive_failures);
+                let delay = self
+                    .core
+                    .config
+                    .backoff
+                    .delay(st.consecutive_failures, Duration::ZERO);
                 st.next_attempt = Some(now + delay);
                 st.last_error = Some(err);
                 metrics.attempts_failed.increment(1);

@@ -59,7 +59,6 @@
 //! `grpc.client.call.retry_delay` (seconds), recorded when a call ends, for calls that retried;
 //! and the counter `towline.retry.budget_exhausted`.
 
-mod backoff;
 mod body;
 mod budget;
 mod future;
@@ -68,7 +67,7 @@ pub mod metrics;
 mod policy;
 mod service;
 
-pub use backoff::{Backoff, Jitter};
+pub use crate::backoff::{Backoff, Jitter};
 pub use body::ReplayBody;
 pub use budget::RetryBudget;
 pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, ResponseFuture};

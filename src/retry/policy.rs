@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use super::backoff::{Backoff, Jitter};
 use super::budget::RetryBudget;
 use crate::ConfigError;
+use crate::backoff::{Backoff, BackoffFields, Jitter};
 
 /// gRFC A6: "maxAttempts … values greater than 5 are treated as 5".
 pub const MAX_ATTEMPTS_CAP: u32 = 5;
@@ -233,11 +233,16 @@ impl RetryPolicyBuilder {
                 "must not contain OK",
             ));
         }
-        let backoff = Backoff::new(
+        let backoff = Backoff::validated(
             self.jitter,
             self.initial_backoff,
             self.max_backoff,
             self.multiplier,
+            BackoffFields {
+                initial: "retry_policy.initial_backoff",
+                max: "retry_policy.max_backoff",
+                multiplier: "retry_policy.backoff_multiplier",
+            },
         )?;
         if self.max_replay_bytes == 0 {
             return Err(ConfigError::new(

@@ -1,5 +1,9 @@
-//! How long to wait before a retry: exponential growth from `initial` by `multiplier`, capped at
-//! `max`, with one of four jitters.
+//! How long to wait before trying again: exponential growth from `initial` by `multiplier`,
+//! capped at `max`, with one of four jitters.
+//!
+//! One type serves every layer that waits: retries (gRFC A6 and the AWS jitters), reconnects in the
+//! pool and the balancer ([`Backoff::grpc_connection`], grpc/doc/connection-backoff.md), and
+//! health-watch restarts.
 
 use std::time::Duration;
 
@@ -23,6 +27,22 @@ pub enum Jitter {
     Decorrelated,
 }
 
+/// The names a builder gives a backoff's fields, for its errors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BackoffFields {
+    pub(crate) initial: &'static str,
+    pub(crate) max: &'static str,
+    pub(crate) multiplier: &'static str,
+}
+
+impl BackoffFields {
+    const PLAIN: BackoffFields = BackoffFields {
+        initial: "backoff.initial",
+        max: "backoff.max",
+        multiplier: "backoff.multiplier",
+    };
+}
+
 /// Exponential backoff with jitter, validated at construction: `initial` and `max` are positive,
 /// `max ≥ initial`, and `multiplier` is finite and positive.
 ///
@@ -31,7 +51,7 @@ pub enum Jitter {
 ///
 /// ```
 /// use std::time::Duration;
-/// use towline::retry::{Backoff, Jitter};
+/// use towline::backoff::{Backoff, Jitter};
 ///
 /// let backoff = Backoff::new(Jitter::Full, Duration::from_millis(10), Duration::from_secs(1), 2.0)?;
 /// let delay = backoff.delay(3, Duration::ZERO);
@@ -39,7 +59,7 @@ pub enum Jitter {
 /// assert!(Backoff::new(Jitter::Full, Duration::ZERO, Duration::from_secs(1), 2.0)
 ///     .unwrap_err()
 ///     .to_string()
-///     .contains("initial_backoff"));
+///     .contains("backoff.initial"));
 /// # Ok::<(), towline::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,35 +71,53 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Validates and builds a backoff. Errors name the offending field as the policy builder
-    /// calls it (`initial_backoff`, `max_backoff`, `backoff_multiplier`).
+    /// Validates and builds a backoff. Errors name the field: `backoff.initial`, `backoff.max`,
+    /// `backoff.multiplier`.
     pub fn new(
         jitter: Jitter,
         initial: Duration,
         max: Duration,
         multiplier: f64,
     ) -> Result<Self, ConfigError> {
+        Backoff::validated(jitter, initial, max, multiplier, BackoffFields::PLAIN)
+    }
+
+    /// gRPC's connection backoff: 1 s, × 1.6 per failure, at most 120 s, ±20% jitter.
+    pub fn grpc_connection() -> Self {
+        Backoff {
+            jitter: Jitter::Grpc,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(120),
+            multiplier: 1.6,
+        }
+    }
+
+    /// [`new`](Self::new), with errors naming the fields as a caller's builder calls them.
+    pub(crate) fn validated(
+        jitter: Jitter,
+        initial: Duration,
+        max: Duration,
+        multiplier: f64,
+        fields: BackoffFields,
+    ) -> Result<Self, ConfigError> {
         if initial.is_zero() {
             return Err(ConfigError::new(
-                "retry_policy.initial_backoff",
+                fields.initial,
                 "must be greater than zero",
             ));
         }
         if max.is_zero() {
-            return Err(ConfigError::new(
-                "retry_policy.max_backoff",
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::new(fields.max, "must be greater than zero"));
         }
         if max < initial {
             return Err(ConfigError::new(
-                "retry_policy.max_backoff",
-                "must not be less than initial_backoff",
+                fields.max,
+                "must not be less than the initial backoff",
             ));
         }
         if !(multiplier.is_finite() && multiplier > 0.0) {
             return Err(ConfigError::new(
-                "retry_policy.backoff_multiplier",
+                fields.multiplier,
                 "must be a finite number greater than zero",
             ));
         }
@@ -222,20 +260,20 @@ mod tests {
         let field = |r: Result<Backoff, ConfigError>| r.unwrap_err().field().to_owned();
         assert_eq!(
             field(Backoff::new(Jitter::Grpc, Duration::ZERO, s, 2.0)),
-            "retry_policy.initial_backoff"
+            "backoff.initial"
         );
         assert_eq!(
             field(Backoff::new(Jitter::Grpc, s, Duration::ZERO, 2.0)),
-            "retry_policy.max_backoff"
+            "backoff.max"
         );
         assert_eq!(
             field(Backoff::new(Jitter::Grpc, s, s / 2, 2.0)),
-            "retry_policy.max_backoff"
+            "backoff.max"
         );
         for m in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert_eq!(
                 field(Backoff::new(Jitter::Grpc, s, s, m)),
-                "retry_policy.backoff_multiplier"
+                "backoff.multiplier"
             );
         }
     }
