@@ -18,6 +18,7 @@ pub struct BalanceConfig {
     pub(crate) endpoint_wait: Duration,
     pub(crate) reconnect: Backoff,
     pub(crate) ewma: EwmaConfig,
+    pub(crate) target: String,
 }
 
 impl fmt::Debug for BalanceConfig {
@@ -29,6 +30,7 @@ impl fmt::Debug for BalanceConfig {
             .field("endpoint_wait", &self.endpoint_wait)
             .field("reconnect", &self.reconnect)
             .field("ewma", &self.ewma)
+            .field("target", &self.target)
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +61,7 @@ impl BalanceConfig {
                     default_rtt: Duration::from_millis(30),
                     decay: Duration::from_secs(10),
                 },
+                target: "towline".to_owned(),
             },
         }
     }
@@ -124,6 +127,13 @@ impl BalanceConfigBuilder {
         self
     }
 
+    /// The name the balancer's metrics carry as `grpc.target` (e.g. the service it reaches).
+    /// Default `towline`. Must not be empty.
+    pub fn target(mut self, target: impl Into<String>) -> Self {
+        self.config.target = target.into();
+        self
+    }
+
     /// Checks every field.
     pub fn build(self) -> Result<BalanceConfig, ConfigError> {
         let c = &self.config;
@@ -132,6 +142,9 @@ impl BalanceConfigBuilder {
                 "balance.panic_threshold",
                 "must be between 0 and 1",
             ));
+        }
+        if c.target.is_empty() {
+            return Err(ConfigError::new("balance.target", "must not be empty"));
         }
         if c.ewma.default_rtt.is_zero() {
             return Err(ConfigError::new(

@@ -233,13 +233,23 @@ where
                 }
             }
             EndpointEvent::Health(id, verdict) => {
-                if let Some(slot) = t.slot_mut(id) {
+                let Some(slot) = t.slots.iter_mut().find(|s| s.load.id == id) else {
+                    return;
+                };
+                let was = slot.health;
+                {
                     match verdict {
                         Verdict::Serving => {
+                            if was != Health::Serving {
+                                t.metrics.became_serving.increment(1);
+                            }
                             slot.health = Health::Serving;
                             slot.reason = None;
                         }
                         Verdict::NotServing(reason) => {
+                            if was != Health::NotServing {
+                                t.metrics.became_not_serving.increment(1);
+                            }
                             slot.health = Health::NotServing;
                             slot.reason = Some(reason);
                         }
@@ -266,7 +276,12 @@ where
                     }
                 })
                 .collect();
+            let ejections_before: u32 = hosts.iter().map(|h| h.ejection.count).sum();
             let result = f(&mut hosts);
+            let ejections_after: u32 = hosts.iter().map(|h| h.ejection.count).sum();
+            t.metrics
+                .ejections
+                .increment(u64::from(ejections_after - ejections_before));
             for (&i, host) in live.iter().zip(&hosts) {
                 t.slots[i].ejection = host.ejection;
             }

@@ -51,6 +51,7 @@
 mod config;
 mod driver;
 mod endpoint;
+pub mod metrics;
 mod service;
 mod strategy;
 mod table;

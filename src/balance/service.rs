@@ -19,6 +19,7 @@ use tower_service::Service;
 use super::config::BalanceConfig;
 use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
 use super::endpoint::{EndpointId, EndpointSnapshot, Load};
+use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
 use super::table::{Picked, Shared, unavailable_status};
 use crate::BoxError;
@@ -148,9 +149,14 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             endpoint_wait,
             reconnect,
             ewma,
+            target,
         } = config;
         // The strategy lives in the endpoint table, where picks read it and updates rebuild it.
-        let shared = Arc::new(Shared::new(strategy, panic_threshold));
+        let shared = Arc::new(Shared::new(
+            strategy,
+            panic_threshold,
+            BalanceMetrics::new(&target),
+        ));
         let (driver, calls) = Driver::new(
             shared.clone(),
             make,
@@ -172,7 +178,11 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
     fn failed(reason: &'static str) -> Self {
         let (events, _) = tokio::sync::mpsc::unbounded_channel::<CallEvent>();
         Balance {
-            shared: Arc::new(Shared::failed(Box::new(RoundRobin::new()), reason)),
+            shared: Arc::new(Shared::failed(
+                Box::new(RoundRobin::new()),
+                reason,
+                BalanceMetrics::new("towline"),
+            )),
             feedback: Arc::new(Feedback {
                 detection: None,
                 events,

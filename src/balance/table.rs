@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::endpoint::{Candidate, EndpointId, EndpointSnapshot, EndpointState, Load};
+use super::metrics::BalanceMetrics;
 use super::strategy::Strategy;
 use crate::outlier::Ejection;
 
@@ -81,6 +82,7 @@ pub(crate) struct Table<S> {
     services: Vec<(S, u64)>,
     panic: bool,
     unavailable: Arc<str>,
+    pub(crate) metrics: BalanceMetrics,
 }
 
 /// An endpoint chosen for one call.
@@ -96,7 +98,11 @@ pub(crate) struct Shared<S> {
 }
 
 impl<S: Clone> Shared<S> {
-    pub(crate) fn new(strategy: Box<dyn Strategy>, panic_threshold: f64) -> Self {
+    pub(crate) fn new(
+        strategy: Box<dyn Strategy>,
+        panic_threshold: f64,
+        metrics: BalanceMetrics,
+    ) -> Self {
         Shared {
             table: RwLock::new(Table {
                 strategy,
@@ -106,14 +112,19 @@ impl<S: Clone> Shared<S> {
                 services: Vec::new(),
                 panic: false,
                 unavailable: "no endpoints discovered yet".into(),
+                metrics,
             }),
             changed: Notify::new(),
         }
     }
 
     /// A table that never has endpoints: every call fails with `reason`.
-    pub(crate) fn failed(strategy: Box<dyn Strategy>, reason: impl Into<Arc<str>>) -> Self {
-        let shared = Shared::new(strategy, 0.0);
+    pub(crate) fn failed(
+        strategy: Box<dyn Strategy>,
+        reason: impl Into<Arc<str>>,
+        metrics: BalanceMetrics,
+    ) -> Self {
+        let shared = Shared::new(strategy, 0.0, metrics);
         shared.write().unavailable = reason.into();
         shared
     }
@@ -284,6 +295,8 @@ impl<S: Clone> Table<S> {
         if self.candidates.is_empty() {
             self.unavailable = self.why_unavailable(live).into();
         }
+        self.metrics
+            .set_endpoints(self.slots.iter().map(Slot::state));
     }
 
     fn why_unavailable(&self, live: usize) -> String {
