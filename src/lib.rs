@@ -31,6 +31,9 @@
 //! - [`backoff`]: exponential backoff with jitter, shared by retries and reconnects.
 //! - [`balance`]: health-gated load balancing with swappable strategies.
 //! - [`health`]: active `grpc.health.v1` checks; [`outlier`]: passive ejection (gRFC A50).
+//! - [`metrics`]: `MetricsLayer`, gRFC A66 call and attempt metrics through the `metrics` facade.
+//! - [`readiness`]: stack health (healthy / degraded / unhealthy, with reasons) for probes and
+//!   `grpc.health.v1`.
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
@@ -53,8 +56,10 @@ pub mod deadline;
 pub mod discover;
 mod error;
 pub mod health;
+pub mod metrics;
 pub mod outlier;
 pub mod pool;
+pub mod readiness;
 pub mod retry;
 pub mod status;
 
