@@ -542,10 +542,7 @@ mod tests {
         assert_eq!(status(&service).await, ServingStatus::Serving as i32);
         *a.lock().unwrap() = Check::unhealthy("down");
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(
-            status(&service).await,
-            ServingStatus::NotServing as i32
-        );
+        assert_eq!(status(&service).await, ServingStatus::NotServing as i32);
         driver.abort();
     }
 }
