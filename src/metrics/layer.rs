@@ -147,19 +147,22 @@ impl Shared {
         }
     }
 
-    /// The handles for a request path: its own, or `"other"`'s.
+    /// The handles for a request path: its own, or `"other"`'s. A hit takes a read lock and a
+    /// hash; only the first call of a new method takes the write lock, and once the cap is
+    /// reached (or for a path that is no method) no call does.
     pub(crate) fn method(&self, path: &str) -> Arc<MethodMetrics> {
+        {
+            let methods = self.methods.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(found) = methods.get(path) {
+                return found.clone();
+            }
+            if methods.len() >= self.max_methods {
+                return self.other.clone();
+            }
+        }
         let Some(name) = method_name(path) else {
             return self.other.clone();
         };
-        if let Some(found) = self
-            .methods
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(path)
-        {
-            return found.clone();
-        }
         let mut methods = self.methods.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(found) = methods.get(path) {
             return found.clone();
