@@ -138,3 +138,120 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::HeaderMap;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use tonic::Status;
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+    use crate::metrics::MetricsLayer;
+
+    type Frames = Vec<Result<Frame<Bytes>, Status>>;
+
+    /// A response with these headers whose body yields these frames.
+    fn response(
+        http: u16,
+        headers: &[(&'static str, &'static str)],
+        frames: Frames,
+    ) -> Response<Body> {
+        let mut res = Response::builder().status(http);
+        for (k, v) in headers {
+            res = res.header(*k, *v);
+        }
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        res.body(Body::new(body)).unwrap()
+    }
+
+    fn trailers(code: &'static str) -> Result<Frame<Bytes>, Status> {
+        let mut map = HeaderMap::new();
+        map.insert("grpc-status", code.parse().unwrap());
+        Ok(Frame::trailers(map))
+    }
+
+    /// `(status label, count)` of every call.duration series.
+    fn durations(snapshotter: &Snapshotter) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == super::super::CALL_DURATION)
+            .map(|(key, _, _, value)| {
+                let status = key
+                    .key()
+                    .labels()
+                    .find(|l| l.key() == "grpc.status")
+                    .map(|l| l.value().to_owned())
+                    .unwrap();
+                let DebugValue::Histogram(samples) = value else {
+                    panic!("a histogram")
+                };
+                (status, samples.len())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    async fn call(response: Response<Body>, read_body: bool) {
+        let cell = std::sync::Mutex::new(Some(response));
+        let inner = service_fn(move |_: Request<Body>| {
+            let res = cell.lock().unwrap().take().unwrap();
+            async move { Ok::<_, BoxError>(res) }
+        });
+        let svc = MetricsLayer::new("t").layer(inner);
+        let req = Request::builder()
+            .uri("/s.S/m")
+            .body(Body::empty())
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        if read_body {
+            let _ = res.into_body().collect().await;
+        }
+    }
+
+    use tower_layer::Layer as _;
+
+    #[tokio::test]
+    async fn status_comes_from_head_trailers_or_body_error() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = ::metrics::set_default_local_recorder(&recorder);
+        let grpc = ("content-type", "application/grpc");
+
+        // Trailers-Only, body never read (as tonic does for an error status): its code.
+        call(response(200, &[grpc, ("grpc-status", "5")], vec![]), false).await;
+        // Status in the trailers.
+        let data = Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01x")));
+        call(response(200, &[grpc], vec![data, trailers("0")]), true).await;
+        // A stream that ends without trailers ended abnormally.
+        call(response(200, &[grpc], vec![]), true).await;
+        // The body fails mid-stream.
+        call(
+            response(200, &[grpc], vec![Err(Status::data_loss("cut"))]),
+            true,
+        )
+        .await;
+        // A proxy's 503.
+        call(response(503, &[], vec![]), true).await;
+        // Headers only, then dropped before the trailers: CANCELLED.
+        call(response(200, &[grpc], vec![trailers("0")]), false).await;
+
+        assert_eq!(
+            durations(&snapshotter),
+            [
+                ("CANCELLED".to_owned(), 1),
+                ("DATA_LOSS".to_owned(), 1),
+                ("NOT_FOUND".to_owned(), 1),
+                ("OK".to_owned(), 1),
+                ("UNAVAILABLE".to_owned(), 1),
+                ("UNKNOWN".to_owned(), 1),
+            ]
+        );
+    }
+}
