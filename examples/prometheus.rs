@@ -105,7 +105,7 @@ async fn main() -> Result<(), BoxError> {
             BalanceConfig::builder()
                 .target("echo")
                 .health_check(HealthCheck::watch(""))
-                .reconnect_backoff(reconnect.clone())
+                .reconnect_backoff(reconnect)
                 .build()?,
         ))
         .layer(PoolLayer::new(

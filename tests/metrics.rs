@@ -430,7 +430,7 @@ async fn readiness_follows_backends_and_drives_grpc_health() {
     .unwrap();
     let pool = PoolConfig::builder()
         .size(2)
-        .backoff(quick.clone())
+        .backoff(quick)
         .wait_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
