@@ -135,7 +135,7 @@ async fn main() -> Result<(), BoxError> {
     println!("serving http://{addr}/metrics, /health/live, /health/ready");
 
     balance
-        .wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
+        .wait_until(|s| s.len() == 3 && s.iter().all(|e| e.state == EndpointState::Ready))
         .await;
     println!("ready: {}", get(addr, "/health/ready").await?);
 

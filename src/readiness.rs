@@ -16,14 +16,17 @@
 //! use towline::balance::{BalanceConfig, BalanceLayer, EndpointState};
 //! use towline::connect::Connect;
 //! use towline::discover::Static;
+//! use towline::health::HealthCheck;
 //! use towline::readiness::{Check, Readiness, State};
 //! use towline::testkit::Backend;
 //!
 //! let backends = Backend::start_many(2).await?;
+//! // Without traffic, an active health check is what notices an upstream going away.
+//! let config = BalanceConfig::builder().health_check(HealthCheck::watch("")).build()?;
 //! let balance = ServiceBuilder::new()
-//!     .layer(BalanceLayer::new(Static::new(backends.iter().map(|b| b.uri())), BalanceConfig::default()))
+//!     .layer(BalanceLayer::new(Static::new(backends.iter().map(|b| b.uri())), config))
 //!     .service(Connect::new());
-//! balance.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready)).await;
+//! balance.wait_until(|s| s.len() == 2 && s.iter().all(|e| e.state == EndpointState::Ready)).await;
 //!
 //! let readiness = Readiness::new()
 //!     .source("orders", balance.clone())

@@ -565,3 +565,73 @@ async fn serve_health(reporter: tonic_health::server::HealthReporter) -> SocketA
     });
     addr
 }
+
+/// A bare pool as a readiness source: unhealthy with no connection, healthy once one is open.
+#[tokio::test]
+async fn readiness_of_a_pool_follows_its_connections() {
+    let backend = Backend::start().await.unwrap();
+    let quick = Backoff::new(
+        Jitter::Grpc,
+        Duration::from_millis(20),
+        Duration::from_millis(100),
+        1.6,
+    )
+    .unwrap();
+    let config = PoolConfig::builder()
+        .size(2)
+        .backoff(quick)
+        .wait_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let pool = ServiceBuilder::new()
+        .layer(PoolLayer::new(config))
+        .service(Connect::new())
+        .oneshot(backend.uri())
+        .await
+        .unwrap();
+    let readiness = Readiness::new()
+        .source("inventory", pool.clone())
+        .interval(Duration::from_millis(20));
+    let wait = |state: State| {
+        let readiness = readiness.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                let mut report = readiness.report();
+                while report.state != state {
+                    report = readiness.changed(&report).await;
+                }
+                report
+            })
+            .await
+            .unwrap_or_else(|_| panic!("never {state}: {}", readiness.report()))
+        }
+    };
+    wait(State::Healthy).await;
+
+    backend.stop().await;
+    // A pool learns of a dead connection from a call on it.
+    let mut client = EchoClient::new(pool.clone());
+    let unhealthy = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let _ = client.unary(hello()).await;
+            let report = readiness.report();
+            if report.state == State::Unhealthy {
+                return report;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the pool never went unhealthy");
+    assert!(
+        unhealthy.to_string().starts_with("unhealthy: inventory: "),
+        "{unhealthy}"
+    );
+    assert!(
+        unhealthy.to_string().contains(&backend.addr().to_string()),
+        "{unhealthy}"
+    );
+
+    backend.restart().await.unwrap();
+    wait(State::Healthy).await;
+}
