@@ -292,10 +292,6 @@ async fn duration_runs_to_the_end_of_a_streaming_body() {
         messages += 1;
     }
     assert_eq!(messages, 5);
-    assert!(
-        headers_after < Duration::from_millis(40),
-        "headers came at once: {headers_after:?}"
-    );
 
     let text = scrape(addr).await;
     for name in ["grpc_client_call_duration", "grpc_client_attempt_duration"] {
@@ -303,6 +299,11 @@ async fn duration_runs_to_the_end_of_a_streaming_body() {
         assert_eq!(sample(&text, &format!("{name}_count"), &l), Some(1.0));
         let sum = sample(&text, &format!("{name}_sum"), &l).unwrap();
         assert!(sum >= 0.050, "{name} recorded {sum}s for a 50 ms stream");
+        // Measured well past the headers, which came before the 50 ms of messages.
+        assert!(
+            sum >= headers_after.as_secs_f64() + 0.025,
+            "{name} recorded {sum}s, headers came after {headers_after:?}"
+        );
         assert!(sum < 5.0, "{name} recorded {sum}s");
     }
 }
