@@ -399,6 +399,10 @@ async fn endpoint_task<M, S, RB>(
         generation += 1;
         load.signals.generation.store(generation, Ordering::Release);
         let connected_at = Instant::now();
+        // Listen for breakage before any call can reach the new connection.
+        let broken = load.signals.broken.notified();
+        tokio::pin!(broken);
+        broken.as_mut().enable();
         let _ = events.send(EndpointEvent::Connected(id, service.clone(), generation));
 
         let reason = match &health_check {
@@ -410,11 +414,11 @@ async fn endpoint_task<M, S, RB>(
                     err = crate::health::run(check, service, report) => {
                         format!("connection failed under the health check: {}", error_chain(&*err))
                     }
-                    _ = load.signals.broken.notified() => "a call failed on the connection".to_string(),
+                    _ = &mut broken => "a call failed on the connection".to_string(),
                 }
             }
             None => {
-                load.signals.broken.notified().await;
+                broken.await;
                 "a call failed on the connection".to_string()
             }
         };

@@ -487,9 +487,14 @@ impl CallGuard {
     /// The inner service failed the call: a transport error (servers answer with a response).
     fn failed(&mut self, err: &(dyn std::error::Error + 'static)) {
         let code = code_from_error(err);
-        self.finish(code);
         if code == Code::Unavailable {
+            // The connection broke. The connection task owns that (down, reconnect with
+            // backoff); counting it for outlier detection too would keep a backend that is back
+            // up ejected for a whole ejection time. Outlier detection judges answers.
+            self.recorded = true;
             self.connection_broken();
+        } else {
+            self.finish(code);
         }
     }
 
@@ -498,7 +503,9 @@ impl CallGuard {
     fn connection_broken(&self) {
         let signals = &self.load.signals;
         if signals.generation.load(Ordering::Acquire) == self.generation {
-            signals.broken.notify_one();
+            // `notify_waiters` stores no permit: the many calls that fail together when a
+            // connection dies must not leave one behind to tear down its replacement.
+            signals.broken.notify_waiters();
         }
     }
 }
