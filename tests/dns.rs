@@ -528,7 +528,10 @@ async fn srv_discovery_drives_the_balancer() {
     server
         .set_srv(
             "_grpc._tcp.echo.test.towline.",
-            &[(3, p0, "local.test.towline."), (1, p1, "local.test.towline.")],
+            &[
+                (3, p0, "local.test.towline."),
+                (1, p1, "local.test.towline."),
+            ],
         )
         .await;
     let dns = Dns::srv("_grpc._tcp.echo.test.towline.")
@@ -543,16 +546,25 @@ async fn srv_discovery_drives_the_balancer() {
     let balance = tower::ServiceBuilder::new()
         .layer(BalanceLayer::new(dns, config))
         .service(Connect::new());
-    let ready = |n: usize| move |s: &[towline::balance::EndpointSnapshot]| {
-        s.len() == n && s.iter().all(|e| e.state == EndpointState::Ready)
+    let ready = |n: usize| {
+        move |s: &[towline::balance::EndpointSnapshot]| {
+            s.len() == n && s.iter().all(|e| e.state == EndpointState::Ready)
+        }
     };
-    tokio::time::timeout(WAIT, balance.wait_until(ready(2))).await.unwrap();
+    tokio::time::timeout(WAIT, balance.wait_until(ready(2)))
+        .await
+        .unwrap();
 
     // SRV weights 3:1 reach the weighted strategy.
     let mut client = EchoClient::new(balance.clone());
     let mut served = std::collections::BTreeMap::<String, u32>::new();
     for _ in 0..400 {
-        let backend = client.unary(EchoRequest::default()).await.unwrap().into_inner().backend;
+        let backend = client
+            .unary(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .backend;
         *served.entry(backend).or_default() += 1;
     }
     assert_eq!(served["backend-0"], 300, "{served:?}");
@@ -560,9 +572,14 @@ async fn srv_discovery_drives_the_balancer() {
 
     // backend-1 leaves DNS: the next resolution removes it from the balancer.
     server
-        .set_srv("_grpc._tcp.echo.test.towline.", &[(3, p0, "local.test.towline.")])
+        .set_srv(
+            "_grpc._tcp.echo.test.towline.",
+            &[(3, p0, "local.test.towline.")],
+        )
         .await;
-    tokio::time::timeout(WAIT, balance.wait_until(ready(1))).await.unwrap();
+    tokio::time::timeout(WAIT, balance.wait_until(ready(1)))
+        .await
+        .unwrap();
     let before = backends[1].calls();
     for _ in 0..20 {
         client.unary(EchoRequest::default()).await.unwrap();
