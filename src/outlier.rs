@@ -2,7 +2,10 @@
 //! detection), or that fail many calls in a row (failure accrual, for sets too small for
 //! statistics).
 //!
-//! The balancer counts every call's outcome per endpoint. Every `interval` it runs gRFC A50's
+//! The balancer counts the outcome of every call an endpoint answered (calls that fail because
+//! the connection broke are not counted: the balancer already takes that endpoint out and
+//! reconnects it with backoff, and an ejection on top would keep it out long after it is back).
+//! Every `interval` it runs gRFC A50's
 //! algorithm over those counts: success-rate ejection (success rate below
 //! `mean − stdev × stdev_factor / 1000`) and failure-percentage ejection (failure rate above a
 //! threshold), each among endpoints with enough requests and only when enough endpoints qualify.

@@ -511,3 +511,78 @@ async fn dropping_the_stream_stops_its_work() {
         metrics.num_alive_tasks()
     );
 }
+
+/// DNS discovery feeding the balancer: SRV records name real backends (by port), and a record
+/// removed from DNS takes its backend out of rotation.
+#[tokio::test]
+async fn srv_discovery_drives_the_balancer() {
+    use towline::balance::{BalanceConfig, BalanceLayer, EndpointState, WeightedRoundRobin};
+    use towline::connect::Connect;
+    use towline::testkit::Backend;
+    use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+
+    let backends = Backend::start_many(2).await.unwrap();
+    let server = DnsServer::start().await;
+    server.set_ips("local.test.towline.", &["127.0.0.1"]).await;
+    let (p0, p1) = (backends[0].addr().port(), backends[1].addr().port());
+    server
+        .set_srv(
+            "_grpc._tcp.echo.test.towline.",
+            &[
+                (3, p0, "local.test.towline."),
+                (1, p1, "local.test.towline."),
+            ],
+        )
+        .await;
+    let dns = Dns::srv("_grpc._tcp.echo.test.towline.")
+        .nameserver(server.addr)
+        .interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let config = BalanceConfig::builder()
+        .strategy(WeightedRoundRobin::new())
+        .build()
+        .unwrap();
+    let balance = tower::ServiceBuilder::new()
+        .layer(BalanceLayer::new(dns, config))
+        .service(Connect::new());
+    let ready = |n: usize| {
+        move |s: &[towline::balance::EndpointSnapshot]| {
+            s.len() == n && s.iter().all(|e| e.state == EndpointState::Ready)
+        }
+    };
+    tokio::time::timeout(WAIT, balance.wait_until(ready(2)))
+        .await
+        .unwrap();
+
+    // SRV weights 3:1 reach the weighted strategy.
+    let mut client = EchoClient::new(balance.clone());
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..400 {
+        let backend = client
+            .unary(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .backend;
+        *served.entry(backend).or_default() += 1;
+    }
+    assert_eq!(served["backend-0"], 300, "{served:?}");
+    assert_eq!(served["backend-1"], 100, "{served:?}");
+
+    // backend-1 leaves DNS: the next resolution removes it from the balancer.
+    server
+        .set_srv(
+            "_grpc._tcp.echo.test.towline.",
+            &[(3, p0, "local.test.towline.")],
+        )
+        .await;
+    tokio::time::timeout(WAIT, balance.wait_until(ready(1)))
+        .await
+        .unwrap();
+    let before = backends[1].calls();
+    for _ in 0..20 {
+        client.unary(EchoRequest::default()).await.unwrap();
+    }
+    assert_eq!(backends[1].calls(), before);
+}

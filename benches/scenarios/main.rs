@@ -10,6 +10,7 @@
 //! a scenario always runs the variants it compares in one process, interleaved round by round,
 //! and reports their ratios.
 
+mod balance;
 mod overhead;
 mod pool;
 mod retry_storm;
@@ -31,6 +32,16 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "pool",
         "500 in flight, 100 streams per connection: one Channel vs PoolLayer with 1, 4, 8 connections; connect-per-call vs the pool",
         pool::run,
+    ),
+    (
+        "slow-backend",
+        "4 backends, one 20 ms slower: p50/p99 for tonic balance_list and towline round robin, p2c, peak-EWMA",
+        balance::slow_backend,
+    ),
+    (
+        "kill-backend",
+        "4 backends, one stopped and restarted mid-run: failed calls, time to route around it and back",
+        balance::kill_backend,
     ),
     (
         "retry-storm",

@@ -6,17 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FusedStream;
 use http::Uri;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
-use tonic::body::Body;
 use tower::ServiceExt;
 
 use super::endpoint::{EndpointId, EwmaConfig, Load};
+use super::service::{EndpointService, MakeEndpoint};
 use super::table::{Connection, Health, Shared, Slot};
 use crate::BoxError;
 use crate::backoff::Backoff;
@@ -99,20 +98,10 @@ struct Known {
     task: AbortHandle,
 }
 
-impl<M, S, RB> Driver<M, S>
+impl<M, S> Driver<M, S>
 where
-    M: tower_service::Service<Uri, Response = S> + Clone + Send + 'static,
-    M::Future: Send,
-    M::Error: Into<BoxError>,
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<RB>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body<Data = Bytes> + Send + 'static,
-    RB::Error: Into<BoxError> + Send,
+    M: MakeEndpoint<Endpoint = S>,
+    S: EndpointService,
 {
     pub(crate) async fn run(
         self,
@@ -351,7 +340,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// Keeps one endpoint connected: connect, watch health, notice breakage, reconnect with backoff.
-async fn endpoint_task<M, S, RB>(
+async fn endpoint_task<M, S>(
     id: EndpointId,
     uri: Uri,
     mut make: M,
@@ -360,18 +349,8 @@ async fn endpoint_task<M, S, RB>(
     backoff: Backoff,
     events: mpsc::UnboundedSender<EndpointEvent<S>>,
 ) where
-    M: tower_service::Service<Uri, Response = S> + Send + 'static,
-    M::Future: Send,
-    M::Error: Into<BoxError>,
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<RB>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body<Data = Bytes> + Send + 'static,
-    RB::Error: Into<BoxError> + Send,
+    M: MakeEndpoint<Endpoint = S>,
+    S: EndpointService,
 {
     let mut failures: u32 = 0;
     let mut generation: u64 = 0;
@@ -399,6 +378,10 @@ async fn endpoint_task<M, S, RB>(
         generation += 1;
         load.signals.generation.store(generation, Ordering::Release);
         let connected_at = Instant::now();
+        // Listen for breakage before any call can reach the new connection.
+        let broken = load.signals.broken.notified();
+        tokio::pin!(broken);
+        broken.as_mut().enable();
         let _ = events.send(EndpointEvent::Connected(id, service.clone(), generation));
 
         let reason = match &health_check {
@@ -410,11 +393,11 @@ async fn endpoint_task<M, S, RB>(
                     err = crate::health::run(check, service, report) => {
                         format!("connection failed under the health check: {}", error_chain(&*err))
                     }
-                    _ = load.signals.broken.notified() => "a call failed on the connection".to_string(),
+                    _ = &mut broken => "a call failed on the connection".to_string(),
                 }
             }
             None => {
-                load.signals.broken.notified().await;
+                broken.await;
                 "a call failed on the connection".to_string()
             }
         };

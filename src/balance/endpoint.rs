@@ -89,11 +89,16 @@ pub(crate) struct EwmaConfig {
 /// Finagle's peak EWMA, as tower and linkerd use it: a slower response raises the estimate at
 /// once, faster ones pull it down gradually, and with no traffic it decays toward zero so that
 /// an endpoint that was slow once is tried again.
+///
+/// Unlike tower's, the default RTT only stands in until the first measurement, which replaces it:
+/// averaging from the default would take a whole decay period (10 s) to tell a 1 ms endpoint from
+/// a 20 ms one.
 #[derive(Debug)]
 struct PeakEwma {
     estimate_ns: f64,
     updated: Instant,
     decay_ns: f64,
+    measured: bool,
 }
 
 impl PeakEwma {
@@ -102,12 +107,13 @@ impl PeakEwma {
             estimate_ns: config.default_rtt.as_nanos() as f64,
             updated: Instant::now(),
             decay_ns: config.decay.as_nanos().max(1) as f64,
+            measured: false,
         }
     }
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
-        if rtt_ns > self.estimate_ns {
+        if !std::mem::replace(&mut self.measured, true) || rtt_ns > self.estimate_ns {
             self.estimate_ns = rtt_ns;
         } else {
             let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
@@ -238,6 +244,9 @@ mod tests {
         let mut e = ewma();
         let t0 = Instant::now();
         assert_eq!(e.estimate(t0), Duration::from_millis(30));
+        // The first measurement replaces the default, even when it is faster.
+        e.observe(Duration::from_millis(2), t0);
+        assert_eq!(e.estimate(t0), Duration::from_millis(2));
         e.observe(Duration::from_millis(100), t0);
         assert_eq!(
             e.estimate(t0),

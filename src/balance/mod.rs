@@ -58,7 +58,9 @@ mod table;
 
 pub use config::{BalanceConfig, BalanceConfigBuilder};
 pub use endpoint::{EndpointSnapshot, EndpointState};
-pub use service::{Balance, BalanceLayer, ResponseFuture, TrackedBody};
+pub use service::{
+    Balance, BalanceLayer, EndpointService, MakeEndpoint, ResponseFuture, TrackedBody,
+};
 pub use strategy::{
     Candidate, ConsistentHash, MAX_POINTS_PER_ENDPOINT, PeakEwma, PowerOfTwoChoices, RoundRobin,
     Strategy, WeightedRoundRobin,

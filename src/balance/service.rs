@@ -32,6 +32,54 @@ use crate::status::{
 /// is sent (its `poll_ready` fails).
 const MAX_FAILOVER: usize = 3;
 
+/// What the balancer needs of each endpoint's service: tonic's `Channel`, a
+/// [`Pool`](crate::pool::Pool), or anything else that serves gRPC over
+/// `http::Request<tonic::body::Body>`, can be cloned per call and shared across tasks.
+/// Implemented for every such service.
+pub trait EndpointService:
+    Service<Request<Body>, Response = Response<Self::Body>, Error: Into<BoxError>, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The response body.
+    type Body: http_body::Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static;
+}
+
+impl<S, B> EndpointService for S
+where
+    S: Service<Request<Body>, Response = Response<B>, Error: Into<BoxError>, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static,
+{
+    type Body = B;
+}
+
+/// What the balancer needs of the `MakeService` that connects it to an endpoint
+/// ([`Connect`](crate::connect::Connect), a [`PoolLayer`](crate::pool::PoolLayer) over it, …).
+/// Implemented for every such service.
+pub trait MakeEndpoint:
+    Service<Uri, Response = Self::Endpoint, Error: Into<BoxError>, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+    /// The service it makes for each endpoint.
+    type Endpoint: EndpointService;
+}
+
+impl<M> MakeEndpoint for M
+where
+    M: Service<Uri, Error: Into<BoxError>, Future: Send> + Clone + Send + 'static,
+    M::Response: EndpointService,
+{
+    type Endpoint = M::Response;
+}
+
 /// Balances calls over the endpoints a [`Discover`] names, connecting to each through a
 /// `MakeService`. See the [module docs](super).
 pub struct BalanceLayer<D> {
@@ -53,23 +101,16 @@ impl<D> fmt::Debug for BalanceLayer<D> {
     }
 }
 
-impl<D, M, S, RB> Layer<M> for BalanceLayer<D>
+impl<D, M> Layer<M> for BalanceLayer<D>
 where
     D: Discover,
-    M: Service<Uri, Response = S> + Clone + Send + 'static,
-    M::Future: Send,
-    M::Error: Into<BoxError>,
-    S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body<Data = Bytes> + Send + 'static,
-    RB::Error: Into<BoxError> + Send,
+    M: MakeEndpoint,
 {
-    type Service = Balance<S>;
+    type Service = Balance<M::Endpoint>;
 
     /// Starts the balancer. A `BalanceLayer` owns its discovery stream, so it makes one balancer:
     /// layering it a second time gives a balancer whose calls fail with a status saying so.
-    fn layer(&self, make: M) -> Balance<S> {
+    fn layer(&self, make: M) -> Balance<M::Endpoint> {
         let taken = self
             .inner
             .lock()
@@ -124,17 +165,11 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
     /// Starts a balancer over `discovery`, connecting through `make`. Must run inside a Tokio
     /// runtime (it spawns the task that follows discovery and keeps connections); outside one,
     /// every call fails with a status saying so.
-    pub fn new<D, M, RB>(discovery: D, make: M, config: BalanceConfig) -> Self
+    pub fn new<D, M>(discovery: D, make: M, config: BalanceConfig) -> Self
     where
         D: Discover,
-        M: Service<Uri, Response = S> + Clone + Send + 'static,
-        M::Future: Send,
-        M::Error: Into<BoxError>,
-        S: Service<Request<Body>, Response = Response<RB>>,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        RB: http_body::Body<Data = Bytes> + Send + 'static,
-        RB::Error: Into<BoxError> + Send,
+        M: MakeEndpoint<Endpoint = S>,
+        S: EndpointService,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Balance::failed(
@@ -214,12 +249,8 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
     }
 }
 
-impl<S, RB> Service<Request<Body>> for Balance<S>
-where
-    S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-{
-    type Response = Response<TrackedBody<RB>>;
+impl<S: EndpointService> Service<Request<Body>> for Balance<S> {
+    type Response = Response<TrackedBody<S::Body>>;
     type Error = BoxError;
     type Future = ResponseFuture<S>;
 
@@ -292,12 +323,8 @@ impl<S: Service<Request<Body>>> fmt::Debug for ResponseFuture<S> {
     }
 }
 
-impl<S, RB> Future for ResponseFuture<S>
-where
-    S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-{
-    type Output = Result<Response<TrackedBody<RB>>, BoxError>;
+impl<S: EndpointService> Future for ResponseFuture<S> {
+    type Output = Result<Response<TrackedBody<S::Body>>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -487,9 +514,14 @@ impl CallGuard {
     /// The inner service failed the call: a transport error (servers answer with a response).
     fn failed(&mut self, err: &(dyn std::error::Error + 'static)) {
         let code = code_from_error(err);
-        self.finish(code);
         if code == Code::Unavailable {
+            // The connection broke. The connection task owns that (down, reconnect with
+            // backoff); counting it for outlier detection too would keep a backend that is back
+            // up ejected for a whole ejection time. Outlier detection judges answers.
+            self.recorded = true;
             self.connection_broken();
+        } else {
+            self.finish(code);
         }
     }
 
@@ -498,7 +530,9 @@ impl CallGuard {
     fn connection_broken(&self) {
         let signals = &self.load.signals;
         if signals.generation.load(Ordering::Acquire) == self.generation {
-            signals.broken.notify_one();
+            // `notify_waiters` stores no permit: the many calls that fail together when a
+            // connection dies must not leave one behind to tear down its replacement.
+            signals.broken.notify_waiters();
         }
     }
 }
