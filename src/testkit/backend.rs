@@ -19,7 +19,9 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::ServiceExt;
 
 use super::pb::echo_server::{Echo, EchoServer};
+use super::pb::log_server::LogServer;
 use super::pb::{EchoRequest, EchoResponse};
+use super::produce::LogService;
 
 /// The response header in which every backend names itself.
 pub const BACKEND_HEADER: &str = "towline-backend";
@@ -196,8 +198,15 @@ impl Backend {
     }
 
     /// How many `Echo` calls reached this backend, failed ones included (health checks excluded).
+    /// `Log.Produce` calls count here too.
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// How many records `Log.Produce` calls have accepted (records of failed calls and rejected
+    /// records excluded). `Log.Produce` shares `Echo`'s faults: latency, fail next, fail fraction.
+    pub fn records(&self) -> u64 {
+        self.shared.records.load(Ordering::Relaxed)
     }
 
     /// How many TCP connections the backend has accepted since it first started.
@@ -236,6 +245,9 @@ impl Backend {
         let health = HealthServer::new(HealthService::from_health_reporter(self.health.clone()));
         let service = Dispatch {
             echo: EchoServer::new(EchoService {
+                shared: self.shared.clone(),
+            }),
+            log: LogServer::new(LogService {
                 shared: self.shared.clone(),
             }),
             health,
@@ -297,11 +309,13 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(super) struct Shared {
     id: Arc<str>,
     faults: Mutex<Faults>,
     calls: AtomicU64,
     connections: AtomicU64,
+    /// Records accepted by `Log.Produce`.
+    pub(super) records: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -338,6 +352,7 @@ impl Shared {
             faults: Mutex::new(Faults::default()),
             calls: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            records: AtomicU64::new(0),
         }
     }
 
@@ -347,7 +362,7 @@ impl Shared {
 
     /// Counts the call, waits out its latency, then lets it through or fails it.
     /// Returns the call's 1-based number.
-    async fn admit(&self, metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
+    pub(super) async fn admit(&self, metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
         let number = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let (latency, failure) = {
             let mut faults = self.faults();
@@ -485,11 +500,12 @@ impl Echo for EchoService {
     }
 }
 
-/// Routes health checks to tonic-health and everything else to `Echo`, and stamps every response
-/// with the backend's id.
+/// Routes health checks to tonic-health, `Log` calls to the log and everything else to `Echo`,
+/// and stamps every response with the backend's id.
 #[derive(Clone)]
 struct Dispatch {
     echo: EchoServer<EchoService>,
+    log: LogServer<LogService>,
     health: HealthServer<HealthService>,
     backend: HeaderValue,
 }
@@ -510,6 +526,8 @@ impl tower::Service<Request<Incoming>> for Dispatch {
         let backend = self.backend.clone();
         let response = if req.uri().path().starts_with("/grpc.health.v1.Health/") {
             self.health.clone().oneshot(req).boxed()
+        } else if req.uri().path().starts_with("/towline.testkit.v1.Log/") {
+            self.log.clone().oneshot(req).boxed()
         } else {
             self.echo.clone().oneshot(req).boxed()
         };
