@@ -31,6 +31,7 @@
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
+//! - [`batch`]: many small calls into one batch RPC, flushed on count, bytes or linger time.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -40,6 +41,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod batch;
 pub mod connect;
 pub mod deadline;
 pub mod status;
