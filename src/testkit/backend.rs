@@ -362,7 +362,10 @@ impl Shared {
 
     /// Counts the call, waits out its latency, then lets it through or fails it.
     /// Returns the call's 1-based number.
-    pub(super) async fn admit(&self, metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
+    pub(super) async fn admit(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<u64, Status> {
         let number = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let (latency, failure) = {
             let mut faults = self.faults();
