@@ -50,10 +50,11 @@ enum Flush {
     Linger = 2,
     Explicit = 3,
     Shutdown = 4,
+    Full = 5,
 }
 
 impl Flush {
-    const LABELS: [&'static str; 5] = ["count", "bytes", "linger", "flush", "shutdown"];
+    const LABELS: [&'static str; 6] = ["count", "bytes", "linger", "flush", "shutdown", "full"];
 }
 
 /// Metric handles, registered once per worker so that recording is an atomic add, not a lookup.
@@ -63,7 +64,7 @@ pub(super) struct Metrics {
     /// `towline.batch.bytes`: weight per batch sent.
     bytes: Histogram,
     /// `towline.batch.flushes{reason}`.
-    flushes: [Counter; 5],
+    flushes: [Counter; 6],
     /// `towline.batch.items.failed`: items answered with an error.
     failed: Counter,
 }
@@ -456,6 +457,13 @@ where
                     Poll::Ready(_) => {
                         for message in received.drain(..) {
                             this.accept(message);
+                        }
+                        // No room left for another item: callers wait in poll_ready, and the
+                        // batches being filled might not reach a trigger before their linger
+                        // time (many keys, say). Flush them all, as Kafka's producer does when
+                        // its buffer memory is exhausted.
+                        if !this.open.is_empty() && this.semaphore.available_permits() == 0 {
+                            this.seal_all(Flush::Full);
                         }
                         progress = true;
                     }
