@@ -10,6 +10,7 @@
 //! a scenario always runs the variants it compares in one process, interleaved round by round,
 //! and reports their ratios.
 
+mod batching;
 mod overhead;
 mod support;
 
@@ -19,11 +20,18 @@ use support::Settings;
 
 type Run = fn(Settings) -> support::BoxScenario;
 
-const SCENARIOS: &[(&str, &str, Run)] = &[(
-    "overhead",
-    "a bare Channel vs the same Channel under a pass-through tower layer",
-    overhead::run,
-)];
+const SCENARIOS: &[(&str, &str, Run)] = &[
+    (
+        "overhead",
+        "a bare Channel vs the same Channel under a pass-through tower layer",
+        overhead::run,
+    ),
+    (
+        "batching",
+        "Log.Produce one record per call vs BatchLayer at (100 items, 100 ms), (1000 items, 10 ms)",
+        batching::run,
+    ),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
