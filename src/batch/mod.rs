@@ -74,7 +74,7 @@
 //! | [`linger`](BatchConfig::linger) has passed since its first item | 100 ms | `linger` |
 //! | [`Batch::flush`] is called | | `flush` |
 //! | every handle has been dropped | | `shutdown` |
-//! | no room is left for another item (see below) | | `full` |
+//! | no room is left for another item, and no flushed batch waits (see below) | | `full` |
 //!
 //! The defaults are the seed client's. A flushed batch is merged with [`Batcher::merge`] and sent
 //! as soon as fewer than [`max_in_flight`](BatchConfig::max_in_flight) batch RPCs are in flight;
@@ -86,8 +86,9 @@
 //! (items accepted but not yet sent); the room is given back when the item's batch is sent. When
 //! `max_in_flight` batches are in flight and the pending room is used up, `poll_ready` waits, so
 //! at most `max_pending_items + max_in_flight × max_items` items are ever held. When the room is
-//! used up, every batch being filled is flushed at once (reason `full`), so callers never wait
-//! for a linger time on batches that cannot fill (many keys, say).
+//! used up by batches still filling (none flushed and waiting for a slot), they are all flushed at
+//! once (reason `full`), so callers never wait a linger time on batches that cannot fill (many
+//! keys, say).
 //!
 //! ## Nothing is lost
 //! - If the batch RPC fails, every caller in the batch gets the error as a [`tonic::Status`]

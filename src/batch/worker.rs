@@ -458,11 +458,15 @@ where
                         for message in received.drain(..) {
                             this.accept(message);
                         }
-                        // No room left for another item: callers wait in poll_ready, and the
-                        // batches being filled might not reach a trigger before their linger
-                        // time (many keys, say). Flush them all, as Kafka's producer does when
+                        // No room left for another item, and no flushed batch waiting whose
+                        // sending would make some: callers wait in poll_ready until the batches
+                        // being filled reach a trigger, maybe not before their linger time
+                        // (many keys, say). Flush them all now, as Kafka's producer does when
                         // its buffer memory is exhausted.
-                        if !this.open.is_empty() && this.semaphore.available_permits() == 0 {
+                        if this.sealed.is_empty()
+                            && !this.open.is_empty()
+                            && this.semaphore.available_permits() == 0
+                        {
                             this.seal_all(Flush::Full);
                         }
                         progress = true;
