@@ -224,3 +224,61 @@ impl<T, U> fmt::Debug for Batch<T, U> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Clone)]
+    struct Unit;
+
+    impl Batcher for Unit {
+        type Item = ();
+        type Key = ();
+        type Request = usize;
+        type Response = usize;
+        type Output = ();
+
+        fn key(&mut self, _: &()) {}
+        fn weight(&mut self, _: &()) -> usize {
+            0
+        }
+        fn merge(&mut self, _: &(), items: Vec<()>) -> usize {
+            items.len()
+        }
+        fn split(&mut self, _: &(), _: usize, n: usize) -> Vec<Result<(), Status>> {
+            vec![Ok(()); n]
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_is_reserved_by_poll_ready_and_given_back_when_unused_or_sent() {
+        let config = BatchConfig::builder()
+            .max_items(2)
+            .max_pending_items(2)
+            .linger(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let inner = tower::service_fn(|n: usize| std::future::ready(Ok::<_, Status>(n)));
+        let batch = Batch::new(inner, Unit, config);
+        let mut a = batch.clone();
+        let mut b = batch.clone();
+        a.ready().await.unwrap();
+        b.ready().await.unwrap();
+        assert_eq!(batch.semaphore.available_permits(), 0);
+        // Readied, never called: the room comes back with the handle.
+        drop(b);
+        assert_eq!(batch.semaphore.available_permits(), 1);
+        // Called: the room comes back once its batch is sent.
+        let first = a.call(());
+        let second = batch.clone().oneshot(());
+        let (first, second) = tokio::join!(first, second);
+        first.unwrap();
+        second.unwrap();
+        assert_eq!(batch.semaphore.available_permits(), 2);
+    }
+}

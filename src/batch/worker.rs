@@ -624,3 +624,225 @@ fn panic_status(what: &str, panic: &(dyn Any + Send)) -> Status {
         .unwrap_or("(a non-string panic payload)");
     Status::internal(format!("towline batch: {what} panicked: {message}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use metrics::{
+        CounterFn, Gauge, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::batch::Batch;
+
+    /// Numbers as items; items of value 0 fail on their own; `short` makes `split` return one
+    /// result too few.
+    #[derive(Clone)]
+    struct Numbers {
+        short: bool,
+    }
+
+    impl Batcher for Numbers {
+        type Item = u32;
+        type Key = ();
+        type Request = Vec<u32>;
+        type Response = Vec<u32>;
+        type Output = u32;
+
+        fn key(&mut self, _: &u32) {}
+        fn weight(&mut self, _: &u32) -> usize {
+            1
+        }
+        fn merge(&mut self, _: &(), items: Vec<u32>) -> Vec<u32> {
+            items
+        }
+        fn split(&mut self, _: &(), _: usize, response: Vec<u32>) -> Vec<Result<u32, Status>> {
+            let mut results: Vec<_> = response
+                .into_iter()
+                .map(|n| match n {
+                    0 => Err(Status::invalid_argument("zero")),
+                    n => Ok(n * 10),
+                })
+                .collect();
+            if self.short {
+                results.pop();
+            }
+            results
+        }
+    }
+
+    fn echo() -> impl Service<
+        Vec<u32>,
+        Response = Vec<u32>,
+        Error = Status,
+        Future = std::future::Ready<Result<Vec<u32>, Status>>,
+    > + Send
+    + 'static {
+        tower::service_fn(|items: Vec<u32>| std::future::ready(Ok(items)))
+    }
+
+    #[derive(Default)]
+    struct Count(AtomicU64);
+    impl CounterFn for Count {
+        fn increment(&self, n: u64) {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
+        fn absolute(&self, n: u64) {
+            self.0.store(n, Ordering::Relaxed);
+        }
+    }
+
+    #[derive(Default)]
+    struct Samples(Mutex<Vec<f64>>);
+    impl HistogramFn for Samples {
+        fn record(&self, value: f64) {
+            self.0.lock().unwrap().push(value);
+        }
+    }
+
+    /// Keeps every counter and histogram by `name{label=value,...}`, and how often each was
+    /// registered.
+    #[derive(Default)]
+    struct TestRecorder {
+        counters: Mutex<BTreeMap<String, Arc<Count>>>,
+        histograms: Mutex<BTreeMap<String, Arc<Samples>>>,
+        registrations: AtomicU64,
+    }
+
+    fn id(key: &Key) -> String {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        if labels.is_empty() {
+            key.name().to_string()
+        } else {
+            format!("{}{{{}}}", key.name(), labels.join(","))
+        }
+    }
+
+    impl TestRecorder {
+        fn counter(&self, name: &str) -> u64 {
+            self.counters.lock().unwrap()[name]
+                .0
+                .load(Ordering::Relaxed)
+        }
+        fn histogram(&self, name: &str) -> Vec<f64> {
+            self.histograms.lock().unwrap()[name]
+                .0
+                .lock()
+                .unwrap()
+                .clone()
+        }
+    }
+
+    impl Recorder for TestRecorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> metrics::Counter {
+            self.registrations.fetch_add(1, Ordering::Relaxed);
+            let mut counters = self.counters.lock().unwrap();
+            metrics::Counter::from_arc(counters.entry(id(key)).or_default().clone())
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> metrics::Histogram {
+            self.registrations.fetch_add(1, Ordering::Relaxed);
+            let mut histograms = self.histograms.lock().unwrap();
+            metrics::Histogram::from_arc(histograms.entry(id(key)).or_default().clone())
+        }
+    }
+
+    fn config(max_items: usize) -> BatchConfig {
+        BatchConfig::builder()
+            .max_items(max_items)
+            .linger(std::time::Duration::from_millis(50))
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_batch_sizes_flush_reasons_and_failed_items() {
+        let recorder = TestRecorder::default();
+        let (batch, worker) = metrics::with_local_recorder(&recorder, || {
+            Batch::pair(echo(), Numbers { short: false }, config(2))
+        });
+        // Handles are registered once, when the worker is made, not per batch.
+        let registered = recorder.registrations.load(Ordering::Relaxed);
+        assert_eq!(registered, 2 + 6 + 1);
+        let worker = tokio::spawn(worker);
+
+        // count: two items; one of them fails on its own.
+        let (a, b) = tokio::join!(batch.clone().oneshot(1), batch.clone().oneshot(0));
+        assert_eq!(a.unwrap(), 10);
+        assert_eq!(b.unwrap_err().code(), tonic::Code::InvalidArgument);
+        // linger: one item, then the linger time.
+        assert_eq!(batch.clone().oneshot(3).await.unwrap(), 30);
+        // flush: one item, flushed by hand.
+        let mut handle = batch.clone();
+        handle.ready().await.unwrap();
+        let c = handle.call(4);
+        batch.flush().unwrap();
+        assert_eq!(c.await.unwrap(), 40);
+        // shutdown: one item, then every handle dropped.
+        handle.ready().await.unwrap();
+        let d = handle.call(5);
+        drop((batch, handle));
+        assert_eq!(d.await.unwrap(), 50);
+        worker.await.unwrap();
+
+        for (reason, n) in [
+            ("count", 1),
+            ("linger", 1),
+            ("flush", 1),
+            ("shutdown", 1),
+            ("bytes", 0),
+            ("full", 0),
+        ] {
+            let name = format!("towline.batch.flushes{{reason={reason}}}");
+            assert_eq!(recorder.counter(&name), n, "{name}");
+        }
+        assert_eq!(
+            recorder.histogram("towline.batch.size"),
+            [2.0, 1.0, 1.0, 1.0]
+        );
+        assert_eq!(
+            recorder.histogram("towline.batch.bytes"),
+            [2.0, 1.0, 1.0, 1.0]
+        );
+        assert_eq!(recorder.counter("towline.batch.items.failed"), 1);
+        assert_eq!(recorder.registrations.load(Ordering::Relaxed), registered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_few_split_results_fail_the_items_left_over() {
+        let batch = Batch::new(echo(), Numbers { short: true }, config(3));
+        let (a, b, c) = tokio::join!(
+            batch.clone().oneshot(1),
+            batch.clone().oneshot(2),
+            batch.clone().oneshot(3),
+        );
+        assert_eq!([a.unwrap(), b.unwrap()], [10, 20]);
+        let err = c.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(
+            err.message().contains("returned 2 results for 3 items"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn call_without_poll_ready_fails_instead_of_panicking() {
+        let mut batch = Batch::new(echo(), Numbers { short: false }, config(1));
+        let err = batch.call(1).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        // And the handle still works the normal way.
+        assert_eq!(batch.ready().await.unwrap().call(2).await.unwrap(), 20);
+    }
+}
