@@ -71,7 +71,7 @@ impl Batcher for Scripted {
 /// The answer the scripted inner gives an item: a function of the item, so a caller can tell
 /// its own from anyone else's. Ids divisible by 7 fail on their own.
 fn answer(r: &Rec) -> Result<u64, Status> {
-    if r.id % 7 == 0 {
+    if r.id.is_multiple_of(7) {
         Err(Status::invalid_argument(format!("item {} rejected", r.id)))
     } else {
         Ok(r.id * 1000 + u64::from(r.key))
@@ -96,19 +96,13 @@ impl Received {
     }
 }
 
+/// The scripted batch service.
+type Inner = tower::util::BoxService<(u8, Vec<Rec>), Vec<Result<u64, Status>>, Status>;
+
 /// An inner service that hands every batch to the test, which answers it when it likes.
-fn scripted() -> (
-    impl Service<
-        (u8, Vec<Rec>),
-        Response = Vec<Result<u64, Status>>,
-        Error = Status,
-        Future = impl Future + Send,
-    > + Send
-    + 'static,
-    mpsc::UnboundedReceiver<Received>,
-) {
+fn scripted() -> (Inner, mpsc::UnboundedReceiver<Received>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let svc = tower::service_fn(move |(key, items): (u8, Vec<Rec>)| {
+    let svc = Inner::new(tower::service_fn(move |(key, items): (u8, Vec<Rec>)| {
         let (reply, answered) = oneshot::channel();
         let sent = tx.send(Received { key, items, reply });
         async move {
@@ -117,27 +111,18 @@ fn scripted() -> (
                 .await
                 .map_err(|_| Status::internal("test dropped the batch"))?
         }
-    });
+    }));
     (svc, rx)
 }
 
 /// An inner service that answers every batch at once, and reports it.
-fn answering() -> (
-    impl Service<
-        (u8, Vec<Rec>),
-        Response = Vec<Result<u64, Status>>,
-        Error = Status,
-        Future = impl Future + Send,
-    > + Send
-    + 'static,
-    mpsc::UnboundedReceiver<(u8, Vec<u64>)>,
-) {
+fn answering() -> (Inner, mpsc::UnboundedReceiver<(u8, Vec<u64>)>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let svc = tower::service_fn(move |(key, items): (u8, Vec<Rec>)| {
+    let svc = Inner::new(tower::service_fn(move |(key, items): (u8, Vec<Rec>)| {
         let _ = tx.send((key, items.iter().map(|r| r.id).collect()));
         let results = items.iter().map(answer).collect();
         std::future::ready(Ok::<_, Status>(results))
-    });
+    }));
     (svc, rx)
 }
 
