@@ -282,3 +282,12 @@ mod tests {
         assert_eq!(batch.semaphore.available_permits(), 2);
     }
 }
+
+/// `Batch` goes wherever a tower service goes: across tasks and threads, shared by reference.
+#[allow(dead_code)]
+fn assert_auto_traits() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Batch<String, Vec<u8>>>();
+    send::<ResponseFuture<Vec<u8>>>();
+}

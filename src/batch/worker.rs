@@ -458,22 +458,24 @@ where
                         for message in received.drain(..) {
                             this.accept(message);
                         }
-                        // No room left for another item, and no flushed batch waiting whose
-                        // sending would make some: callers wait in poll_ready until the batches
-                        // being filled reach a trigger, maybe not before their linger time
-                        // (many keys, say). Flush them all now, as Kafka's producer does when
-                        // its buffer memory is exhausted.
-                        if this.sealed.is_empty()
-                            && !this.open.is_empty()
-                            && this.semaphore.available_permits() == 0
-                        {
-                            this.seal_all(Flush::Full);
-                        }
                         progress = true;
                     }
                     Poll::Pending => {}
                 }
                 this.received = received;
+                // No room left for another item, none on its way in, and no flushed batch
+                // waiting whose sending would make some: callers wait in poll_ready until the
+                // batches being filled reach a trigger, maybe not before their linger time (many
+                // keys, say). Flush them all now, as Kafka's producer does when its buffer
+                // memory is exhausted.
+                if this.sealed.is_empty()
+                    && !this.open.is_empty()
+                    && this.semaphore.available_permits() == 0
+                    && this.rx.is_empty()
+                {
+                    this.seal_all(Flush::Full);
+                    progress = true;
+                }
             }
 
             progress |= this.poll_linger(cx);
