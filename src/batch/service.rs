@@ -255,6 +255,15 @@ mod tests {
         }
     }
 
+    /// `Batch` goes wherever a tower service goes: across tasks and threads, shared by reference.
+    #[test]
+    fn handles_and_futures_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Batch<String, Vec<u8>>>();
+        send::<ResponseFuture<Vec<u8>>>();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn room_is_reserved_by_poll_ready_and_given_back_when_unused_or_sent() {
         let config = BatchConfig::builder()
@@ -281,13 +290,4 @@ mod tests {
         second.unwrap();
         assert_eq!(batch.semaphore.available_permits(), 2);
     }
-}
-
-/// `Batch` goes wherever a tower service goes: across tasks and threads, shared by reference.
-#[allow(dead_code)]
-fn assert_auto_traits() {
-    fn send_sync<T: Send + Sync>() {}
-    fn send<T: Send>() {}
-    send_sync::<Batch<String, Vec<u8>>>();
-    send::<ResponseFuture<Vec<u8>>>();
 }
