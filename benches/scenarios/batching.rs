@@ -156,7 +156,7 @@ where
         let (mut svc, next) = (svc.clone(), next.clone());
         producers.spawn(async move {
             let mut outstanding = FuturesUnordered::new();
-            let mut latencies = Vec::new();
+            let mut latencies = Histogram::new();
             let mut failed = 0u64;
             loop {
                 while outstanding.len() < per_producer
@@ -168,7 +168,7 @@ where
                     let ready = std::future::poll_fn(|cx| {
                         while let Poll::Ready(Some(done)) = outstanding.poll_next_unpin(cx) {
                             let (latency, ok): (Duration, bool) = done;
-                            latencies.push(latency);
+                            latencies.record(latency);
                             failed += u64::from(!ok);
                         }
                         svc.poll_ready(cx)
@@ -187,7 +187,7 @@ where
                 }
                 match outstanding.next().await {
                     Some((latency, ok)) => {
-                        latencies.push(latency);
+                        latencies.record(latency);
                         failed += u64::from(!ok);
                     }
                     None => return (latencies, failed),
@@ -195,27 +195,64 @@ where
             }
         });
     }
-    let (mut latencies, mut failed) = (Vec::new(), 0);
+    let (mut latencies, mut failed) = (Histogram::new(), 0);
     while let Some(part) = producers.join_next().await {
         let (part, part_failed) = part.expect("a producer task panicked");
-        latencies.extend(part);
+        latencies.merge(&part);
         failed += part_failed;
     }
     let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    let percentile = |q: f64| {
-        let rank = (q * latencies.len() as f64).ceil() as usize;
-        latencies
-            .get(rank.clamp(1, latencies.len().max(1)) - 1)
-            .copied()
-            .unwrap_or_default()
-    };
     Figures {
-        calls: latencies.len() as u64,
+        calls: latencies.count,
         failed,
-        rps: latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
-        p50: percentile(0.50),
-        p99: percentile(0.99),
+        rps: latencies.count as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50: latencies.percentile(0.50),
+        p99: latencies.percentile(0.99),
+    }
+}
+
+/// Exact latencies at 1 µs resolution up to 1 s (longer ones count as 1 s), in a fixed array:
+/// recording millions of records never reallocates (a growing `Vec` of them paused its producer
+/// for milliseconds at each doubling, which showed up in the tail).
+struct Histogram {
+    counts: Vec<u32>,
+    count: u64,
+}
+
+impl Histogram {
+    const MAX_MICROS: usize = 1_000_000;
+
+    fn new() -> Self {
+        Histogram {
+            counts: vec![0; Self::MAX_MICROS + 1],
+            count: 0,
+        }
+    }
+
+    fn record(&mut self, latency: Duration) {
+        let micros = (latency.as_micros() as usize).min(Self::MAX_MICROS);
+        self.counts[micros] += 1;
+        self.count += 1;
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+    }
+
+    /// Nearest rank, as `LoadReport::percentile`.
+    fn percentile(&self, q: f64) -> Duration {
+        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (micros, n) in self.counts.iter().enumerate() {
+            seen += u64::from(*n);
+            if seen >= rank {
+                return Duration::from_micros(micros as u64);
+            }
+        }
+        Duration::ZERO
     }
 }
 
