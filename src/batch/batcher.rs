@@ -75,7 +75,7 @@ pub trait Batcher: Send + 'static {
 
     /// Splits the response to a batch of `items` items into one result per item, in the order
     /// [`merge`](Self::merge) got them. A result may be an error while others succeed. Too few
-    /// results fail the items left over, too many are ignored, both with an `INTERNAL` status.
+    /// results fail the items left over with `INTERNAL`; results beyond the items are dropped.
     fn split(
         &mut self,
         key: &Self::Key,
