@@ -28,10 +28,16 @@
 //! ```
 //!
 //! ## Modules
+//! - [`backoff`]: exponential backoff with jitter, shared by retries and reconnects.
+//! - [`balance`]: health-gated load balancing with swappable strategies.
+//! - [`health`]: active `grpc.health.v1` checks; [`outlier`]: passive ejection (gRFC A50).
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 //! - [`batch`]: many small calls into one batch RPC, flushed on count, bytes or linger time.
+//! - [`discover`]: where endpoints come from: a static list or a channel you feed.
+//! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
+//! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -41,10 +47,20 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod backoff;
+pub mod balance;
 pub mod batch;
 pub mod connect;
 pub mod deadline;
+pub mod discover;
+mod error;
+pub mod health;
+pub mod outlier;
+pub mod pool;
+pub mod retry;
 pub mod status;
+
+pub use error::ConfigError;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -585,14 +585,14 @@ async fn a_full_pending_room_flushes_partial_batches_at_once() {
 #[test]
 fn bad_config_names_the_field() {
     let err = BatchConfig::builder().max_bytes(0).build().unwrap_err();
-    assert_eq!(err.field(), "max_bytes");
-    assert!(err.to_string().contains("`max_bytes`"), "{err}");
+    assert_eq!(err.field(), "batch.max_bytes");
+    assert!(err.to_string().starts_with("batch.max_bytes: "), "{err}");
     let err = BatchConfig::builder()
         .max_items(50)
         .max_pending_items(10)
         .build()
         .unwrap_err();
-    assert_eq!(err.field(), "max_pending_items");
+    assert_eq!(err.field(), "batch.max_pending_items");
     assert!(err.to_string().contains("max_items (50)"), "{err}");
 }
 

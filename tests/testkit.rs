@@ -310,3 +310,31 @@ async fn max_concurrent_streams_is_announced() {
     );
     assert_eq!(backend.connections_accepted(), 1);
 }
+
+#[tokio::test]
+async fn pushback_rides_on_injected_failures_only_while_set() {
+    let backend = Backend::start().await.unwrap();
+    let mut client = client(&backend).await;
+    backend.set_pushback(Some("250"));
+    backend.fail_next(1, Code::Unavailable);
+    let status = client.unary(request("x")).await.unwrap_err();
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "250"
+    );
+    // Successes never carry it.
+    let ok = client.unary(request("x")).await.unwrap();
+    assert!(ok.metadata().get("grpc-retry-pushback-ms").is_none());
+    // Sent as given, malformed or not.
+    backend.set_pushback(Some("-1"));
+    backend.fail_next(1, Code::Unavailable);
+    let status = client.unary(request("x")).await.unwrap_err();
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "-1"
+    );
+    backend.clear_faults();
+    backend.fail_next(1, Code::Unavailable);
+    let status = client.unary(request("x")).await.unwrap_err();
+    assert!(status.metadata().get("grpc-retry-pushback-ms").is_none());
+}

@@ -12,6 +12,8 @@
 
 mod batching;
 mod overhead;
+mod pool;
+mod retry_storm;
 mod support;
 
 use std::process::ExitCode;
@@ -25,6 +27,16 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "overhead",
         "a bare Channel vs the same Channel under a pass-through tower layer",
         overhead::run,
+    ),
+    (
+        "pool",
+        "500 in flight, 100 streams per connection: one Channel vs PoolLayer with 1, 4, 8 connections; connect-per-call vs the pool",
+        pool::run,
+    ),
+    (
+        "retry-storm",
+        "every backend fails, then recovers: retry amplification with and without a budget",
+        retry_storm::run,
     ),
     (
         "batching",

@@ -74,7 +74,7 @@ pub fn run(settings: Settings) -> BoxScenario {
     })
 }
 
-async fn drive<S>(load: &Load, client: EchoClient<S>) -> Figures
+pub async fn drive<S>(load: &Load, client: EchoClient<S>) -> Figures
 where
     S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
     S::Future: Send,

@@ -1,9 +1,10 @@
 //! [`BatchConfig`]: when a batch is flushed and how much may wait, validated when built.
 
-use std::fmt;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
+
+use crate::ConfigError;
 
 /// When batches are flushed, how many may be in flight, and how many items may wait.
 ///
@@ -23,8 +24,8 @@ use tokio::sync::Semaphore;
 /// assert_eq!(config.max_pending_items(), 1000 * 4);
 ///
 /// let err = BatchConfig::builder().max_items(0).build().unwrap_err();
-/// assert_eq!(err.field(), "max_items");
-/// # Ok::<(), towline::batch::ConfigError>(())
+/// assert_eq!(err.field(), "batch.max_items");
+/// # Ok::<(), towline::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchConfig {
@@ -139,27 +140,33 @@ impl BatchConfigBuilder {
         self
     }
 
-    /// Validates the configuration; the error names the first field at fault.
+    /// Validates the configuration; the error names the first field at fault (`batch.max_items`).
     pub fn build(self) -> Result<BatchConfig, ConfigError> {
         let max_items = self.max_items.unwrap_or(DEFAULT_MAX_ITEMS);
         let max_bytes = self.max_bytes.unwrap_or(DEFAULT_MAX_BYTES);
         let linger = self.linger.unwrap_or(DEFAULT_LINGER);
         let max_in_flight = self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
         if max_items == 0 {
-            return Err(ConfigError::new("max_items", "must be at least 1, got 0"));
+            return Err(ConfigError::new(
+                "batch.max_items",
+                "must be at least 1, got 0",
+            ));
         }
         if max_bytes == 0 {
-            return Err(ConfigError::new("max_bytes", "must be at least 1, got 0"));
+            return Err(ConfigError::new(
+                "batch.max_bytes",
+                "must be at least 1, got 0",
+            ));
         }
         if linger > MAX_LINGER {
             return Err(ConfigError::new(
-                "linger",
+                "batch.linger",
                 format!("must be at most {MAX_LINGER:?}, got {linger:?}"),
             ));
         }
         if max_in_flight == 0 {
             return Err(ConfigError::new(
-                "max_in_flight",
+                "batch.max_in_flight",
                 "must be at least 1, got 0",
             ));
         }
@@ -169,7 +176,7 @@ impl BatchConfigBuilder {
         };
         if max_pending_items < max_items {
             return Err(ConfigError::new(
-                "max_pending_items",
+                "batch.max_pending_items",
                 format!(
                     "must be at least max_items ({max_items}) so a batch can fill, got {max_pending_items}"
                 ),
@@ -177,7 +184,7 @@ impl BatchConfigBuilder {
         }
         if max_pending_items > Semaphore::MAX_PERMITS {
             return Err(ConfigError::new(
-                "max_pending_items",
+                "batch.max_pending_items",
                 format!(
                     "must be at most {}, got {max_pending_items}",
                     Semaphore::MAX_PERMITS
@@ -195,35 +202,6 @@ impl BatchConfigBuilder {
 }
 
 const MAX_LINGER: Duration = Duration::from_secs(3600);
-
-/// A [`BatchConfig`] field with a value it cannot take.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: &'static str,
-    reason: String,
-}
-
-impl ConfigError {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        ConfigError {
-            field,
-            reason: reason.into(),
-        }
-    }
-
-    /// The field at fault, as its builder method is named (`"max_items"`).
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid batch config: `{}` {}", self.field, self.reason)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 #[cfg(test)]
 mod tests {
@@ -243,26 +221,29 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let cases = [
-            (BatchConfig::builder().max_items(0), "max_items"),
-            (BatchConfig::builder().max_bytes(0), "max_bytes"),
+            (BatchConfig::builder().max_items(0), "batch.max_items"),
+            (BatchConfig::builder().max_bytes(0), "batch.max_bytes"),
             (
                 BatchConfig::builder().linger(Duration::from_secs(3601)),
-                "linger",
+                "batch.linger",
             ),
-            (BatchConfig::builder().max_in_flight(0), "max_in_flight"),
+            (
+                BatchConfig::builder().max_in_flight(0),
+                "batch.max_in_flight",
+            ),
             (
                 BatchConfig::builder().max_items(10).max_pending_items(9),
-                "max_pending_items",
+                "batch.max_pending_items",
             ),
             (
                 BatchConfig::builder().max_pending_items(usize::MAX),
-                "max_pending_items",
+                "batch.max_pending_items",
             ),
         ];
         for (builder, field) in cases {
             let err = builder.build().unwrap_err();
             assert_eq!(err.field(), field);
-            assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
         }
     }
 

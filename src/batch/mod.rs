@@ -128,8 +128,8 @@ mod worker;
 
 pub use batcher::Batcher;
 pub use config::{
-    BatchConfig, BatchConfigBuilder, ConfigError, DEFAULT_LINGER, DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_ITEMS,
+    BatchConfig, BatchConfigBuilder, DEFAULT_LINGER, DEFAULT_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_ITEMS,
 };
 pub use future::ResponseFuture;
 pub use layer::BatchLayer;

@@ -26,6 +26,10 @@ use super::produce::LogService;
 /// The response header in which every backend names itself.
 pub const BACKEND_HEADER: &str = "towline-backend";
 
+/// The response header in which a backend numbers the connection that carried the call
+/// (1, 2, … in the order it accepted them, across restarts).
+pub const CONNECTION_HEADER: &str = "towline-testkit-connection";
+
 /// A request header that adds latency, in milliseconds, to that one call.
 pub const LATENCY_HEADER: &str = "towline-testkit-latency-ms";
 
@@ -62,6 +66,7 @@ pub struct Backend {
     id: Arc<str>,
     addr: SocketAddr,
     max_concurrent_streams: Option<u32>,
+    serve_health: bool,
     shared: Arc<Shared>,
     health: HealthReporter,
     server: Mutex<Option<JoinHandle<()>>>,
@@ -73,6 +78,7 @@ pub struct BackendBuilder {
     id: Option<String>,
     addr: Option<SocketAddr>,
     max_concurrent_streams: Option<u32>,
+    without_health: bool,
 }
 
 impl BackendBuilder {
@@ -95,6 +101,13 @@ impl BackendBuilder {
         self
     }
 
+    /// Serve no `grpc.health.v1` service: health calls get `UNIMPLEMENTED`, as from a server
+    /// that never registered it.
+    pub fn without_health_service(mut self) -> Self {
+        self.without_health = true;
+        self
+    }
+
     /// Binds the listener and starts serving.
     pub async fn start(self) -> io::Result<Backend> {
         let listener = bind(self.addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))?;
@@ -109,6 +122,7 @@ impl BackendBuilder {
             id,
             addr,
             max_concurrent_streams: self.max_concurrent_streams,
+            serve_health: !self.without_health,
             health,
             server: Mutex::new(None),
         };
@@ -185,9 +199,20 @@ impl Backend {
         faults.fail_fraction_code = code;
     }
 
-    /// Removes every fault: no added latency, no failures.
+    /// Attaches `grpc-retry-pushback-ms: VALUE` (gRFC A6 server pushback) to every injected
+    /// failure, or stops attaching it (`None`). The value is sent as given, so a test can send a
+    /// negative or malformed one. A value that is not a valid header value is sent as `invalid`.
+    pub fn set_pushback(&self, value: Option<&str>) {
+        *self.shared.pushback() = value.map(|v| {
+            tonic::metadata::MetadataValue::try_from(v)
+                .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("invalid"))
+        });
+    }
+
+    /// Removes every fault: no added latency, no failures, no pushback.
     pub fn clear_faults(&self) {
         *self.shared.faults() = Faults::default();
+        *self.shared.pushback() = None;
     }
 
     /// Sets the `grpc.health.v1` status of both the server (`""`) and [`ECHO_SERVICE`];
@@ -212,6 +237,11 @@ impl Backend {
     /// How many TCP connections the backend has accepted since it first started.
     pub fn connections_accepted(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// How many of its connections are open now.
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open_connections.load(Ordering::Relaxed)
     }
 
     /// Whether the backend is listening.
@@ -250,9 +280,10 @@ impl Backend {
             log: LogServer::new(LogService {
                 shared: self.shared.clone(),
             }),
-            health,
+            health: self.serve_health.then_some(health),
             backend: HeaderValue::from_str(&self.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid-id")),
+            connection: HeaderValue::from_static("0"),
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
@@ -267,13 +298,18 @@ impl Backend {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let _ = stream.set_nodelay(true);
-                        shared.connections.fetch_add(1, Ordering::Relaxed);
+                        let number = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                        let open = OpenConnection::new(shared.clone());
+                        let mut service = service.clone();
+                        service.connection = HeaderValue::from(number);
                         let conn = http2.serve_connection(
                             TokioIo::new(stream),
-                            hyper_util::service::TowerToHyperService::new(service.clone()),
+                            hyper_util::service::TowerToHyperService::new(service),
                         );
                         connections.spawn(async move {
                             let _ = conn.await;
+                            // Also dropped, and so counted, when stop() aborts the task.
+                            drop(open);
                         });
                     }
                     Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -312,10 +348,29 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub(super) struct Shared {
     id: Arc<str>,
     faults: Mutex<Faults>,
+    /// `grpc-retry-pushback-ms` for injected failures.
+    pushback: Mutex<Option<tonic::metadata::AsciiMetadataValue>>,
     calls: AtomicU64,
     connections: AtomicU64,
     /// Records accepted by `Log.Produce`.
     pub(super) records: AtomicU64,
+    open_connections: AtomicU64,
+}
+
+/// Counts one open connection for as long as it lives.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -350,14 +405,20 @@ impl Shared {
         Shared {
             id,
             faults: Mutex::new(Faults::default()),
+            pushback: Mutex::new(None),
             calls: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             records: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
         }
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
         self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pushback(&self) -> std::sync::MutexGuard<'_, Option<tonic::metadata::AsciiMetadataValue>> {
+        self.pushback.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts the call, waits out its latency, then lets it through or fails it.
@@ -406,10 +467,16 @@ impl Shared {
             tokio::time::sleep(latency).await;
         }
         match failure {
-            Some(code) => Err(Status::new(
-                code,
-                format!("testkit: injected failure on {}", self.id),
-            )),
+            Some(code) => {
+                let mut status =
+                    Status::new(code, format!("testkit: injected failure on {}", self.id));
+                if let Some(pushback) = self.pushback().clone() {
+                    status
+                        .metadata_mut()
+                        .insert("grpc-retry-pushback-ms", pushback);
+                }
+                Err(status)
+            }
             None => Ok(number),
         }
     }
@@ -509,8 +576,9 @@ impl Echo for EchoService {
 struct Dispatch {
     echo: EchoServer<EchoService>,
     log: LogServer<LogService>,
-    health: HealthServer<HealthService>,
+    health: Option<HealthServer<HealthService>>,
     backend: HeaderValue,
+    connection: HeaderValue,
 }
 
 impl tower::Service<Request<Incoming>> for Dispatch {
@@ -527,8 +595,14 @@ impl tower::Service<Request<Incoming>> for Dispatch {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let backend = self.backend.clone();
-        let response = if req.uri().path().starts_with("/grpc.health.v1.Health/") {
-            self.health.clone().oneshot(req).boxed()
+        let connection = self.connection.clone();
+        let health = self
+            .health
+            .as_ref()
+            .filter(|_| req.uri().path().starts_with("/grpc.health.v1.Health/"));
+        // Without a health service, Echo's router answers UNIMPLEMENTED for health paths.
+        let response = if let Some(health) = health {
+            health.clone().oneshot(req).boxed()
         } else if req.uri().path().starts_with("/towline.testkit.v1.Log/") {
             self.log.clone().oneshot(req).boxed()
         } else {
@@ -539,6 +613,9 @@ impl tower::Service<Request<Incoming>> for Dispatch {
             response
                 .headers_mut()
                 .insert(HeaderName::from_static(BACKEND_HEADER), backend);
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(CONNECTION_HEADER), connection);
             Ok(response)
         })
     }

@@ -24,7 +24,9 @@ mod backend;
 mod load;
 mod produce;
 
-pub use backend::{BACKEND_HEADER, Backend, BackendBuilder, ECHO_SERVICE, LATENCY_HEADER};
+pub use backend::{
+    BACKEND_HEADER, Backend, BackendBuilder, CONNECTION_HEADER, ECHO_SERVICE, LATENCY_HEADER,
+};
 pub use load::{Load, LoadReport};
 
 /// Protobuf and tonic code for `towline.testkit.v1.Echo` and `towline.testkit.v1.Log`, generated

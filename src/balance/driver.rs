@@ -1,0 +1,463 @@
+//! The balancer's background work: follow discovery, keep one connection task per endpoint,
+//! apply health verdicts, run outlier detection. It is the only writer of the endpoint table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FusedStream;
+use http::Uri;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tonic::body::Body;
+use tower::ServiceExt;
+
+use super::endpoint::{EndpointId, EwmaConfig, Load};
+use super::table::{Connection, Health, Shared, Slot};
+use crate::BoxError;
+use crate::backoff::Backoff;
+use crate::discover::{Change, Discover};
+use crate::health::{HealthCheck, Verdict};
+use crate::outlier::{Host, OutlierDetection};
+
+/// What calls tell the driver (rarely: only at thresholds).
+#[derive(Debug)]
+pub(crate) enum CallEvent {
+    /// The endpoint's failure streak reached the failure-accrual threshold.
+    FailureStreak(EndpointId),
+    /// A draining endpoint's last call finished.
+    Drained(EndpointId),
+}
+
+/// The per-endpoint signals calls raise without going through the driver.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// A call saw the connection fail: the endpoint task should reconnect.
+    pub(crate) broken: Notify,
+    /// The generation of the connection calls currently use.
+    pub(crate) generation: AtomicU64,
+    pub(crate) draining: AtomicBool,
+}
+
+/// What an endpoint's connection task tells the driver.
+enum EndpointEvent<S> {
+    Connecting(EndpointId),
+    Connected(EndpointId, S, u64),
+    Down(EndpointId, String),
+    Health(EndpointId, Verdict),
+}
+
+/// What calls need to report back: the outlier settings and the driver's mailbox.
+#[derive(Debug)]
+pub(crate) struct Feedback {
+    pub(crate) detection: Option<OutlierDetection>,
+    pub(crate) events: mpsc::UnboundedSender<CallEvent>,
+}
+
+pub(crate) struct Driver<M, S> {
+    pub(crate) shared: Arc<Shared<S>>,
+    pub(crate) make: M,
+    pub(crate) health_check: Option<HealthCheck>,
+    pub(crate) detection: Option<OutlierDetection>,
+    pub(crate) reconnect: Backoff,
+    pub(crate) ewma: EwmaConfig,
+    pub(crate) feedback: Arc<Feedback>,
+}
+
+impl<M, S> Driver<M, S> {
+    pub(crate) fn new(
+        shared: Arc<Shared<S>>,
+        make: M,
+        health_check: Option<HealthCheck>,
+        detection: Option<OutlierDetection>,
+        reconnect: Backoff,
+        ewma: EwmaConfig,
+    ) -> (Self, mpsc::UnboundedReceiver<CallEvent>) {
+        let (events, calls) = mpsc::unbounded_channel();
+        let driver = Driver {
+            shared,
+            make,
+            health_check,
+            feedback: Arc::new(Feedback {
+                detection: detection.clone(),
+                events,
+            }),
+            detection,
+            reconnect,
+            ewma,
+        };
+        (driver, calls)
+    }
+}
+
+struct Known {
+    id: EndpointId,
+    task: AbortHandle,
+}
+
+impl<M, S, RB> Driver<M, S>
+where
+    M: tower_service::Service<Uri, Response = S> + Clone + Send + 'static,
+    M::Future: Send,
+    M::Error: Into<BoxError>,
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<RB>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError> + Send,
+{
+    pub(crate) async fn run(
+        self,
+        discovery: impl Discover,
+        mut calls: mpsc::UnboundedReceiver<CallEvent>,
+    ) {
+        let discovery = discovery.fuse();
+        tokio::pin!(discovery);
+        let (endpoint_tx, mut endpoint_rx) = mpsc::unbounded_channel::<EndpointEvent<S>>();
+        let mut tasks = JoinSet::new();
+        let mut known: HashMap<Uri, Known> = HashMap::new();
+        let mut next_id: EndpointId = 0;
+        let interval = self
+            .detection
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |d| d.interval);
+        let mut outlier_tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            let next_unejection = self.next_unejection();
+            tokio::select! {
+                change = discovery.next(), if !discovery.is_terminated() => match change {
+                    Some(Ok(Change::Insert(uri, meta))) => {
+                        if let Some(old) = known.get(&uri) {
+                            let same = self.shared.inspect(|t| {
+                                t.slots.iter().any(|s| s.load.id == old.id && s.load.meta == meta)
+                            });
+                            if same {
+                                continue;
+                            }
+                            self.drain(known.remove(&uri).expect("just seen"));
+                        }
+                        next_id += 1;
+                        let id = next_id;
+                        let load = Arc::new(Load::new(id, uri.clone(), meta, self.ewma));
+                        self.shared.update(|t| t.slots.push(Slot::new(load.clone())));
+                        let task = tasks.spawn(endpoint_task(
+                            id,
+                            uri.clone(),
+                            self.make.clone(),
+                            load,
+                            self.health_check.clone(),
+                            self.reconnect,
+                            endpoint_tx.clone(),
+                        ));
+                        known.insert(uri, Known { id, task });
+                    }
+                    Some(Ok(Change::Remove(uri))) => {
+                        if let Some(old) = known.remove(&uri) {
+                            self.drain(old);
+                        }
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(error = %err, "discovery failed; keeping the last endpoint set");
+                    }
+                    None => tracing::debug!("discovery ended; keeping the last endpoint set"),
+                },
+                Some(event) = endpoint_rx.recv() => self.apply(event),
+                Some(event) = calls.recv() => match event {
+                    CallEvent::FailureStreak(id) => self.eject_for_failures(id),
+                    CallEvent::Drained(id) => self.shared.update(|t| {
+                        t.slots.retain(|s| !(s.load.id == id && s.draining && s.load.in_flight.load(Ordering::Acquire) == 0));
+                    }),
+                },
+                _ = outlier_tick.tick(), if self.detection.is_some() => self.evaluate_outliers(),
+                _ = sleep_until_opt(next_unejection), if next_unejection.is_some() => {
+                    let detection = self.detection.as_ref().expect("only set with detection");
+                    let now = Instant::now();
+                    self.with_hosts(|hosts| detection.uneject_expired(hosts, now));
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+    }
+
+    /// Stops new calls to an endpoint; it leaves the table once its last call finishes.
+    fn drain(&self, endpoint: Known) {
+        endpoint.task.abort();
+        self.shared.update(|t| {
+            if let Some(slot) = t.slot_mut(endpoint.id) {
+                slot.draining = true;
+                slot.load.signals.draining.store(true, Ordering::Release);
+                slot.service = None;
+            }
+            t.slots
+                .retain(|s| !(s.draining && s.load.in_flight.load(Ordering::Acquire) == 0));
+        });
+    }
+
+    fn apply(&self, event: EndpointEvent<S>) {
+        self.shared.update(|t| match event {
+            EndpointEvent::Connecting(id) => {
+                if let Some(slot) = t.slot_mut(id) {
+                    slot.connection = Connection::Connecting;
+                }
+            }
+            EndpointEvent::Connected(id, service, generation) => {
+                let healthy = if self.health_check.is_some() {
+                    Health::Unknown
+                } else {
+                    Health::Serving
+                };
+                if let Some(slot) = t.slot_mut(id) {
+                    slot.connection = Connection::Connected;
+                    slot.service = Some(service);
+                    slot.generation = generation;
+                    slot.health = healthy;
+                    slot.reason = None;
+                }
+            }
+            EndpointEvent::Down(id, reason) => {
+                if let Some(slot) = t.slot_mut(id) {
+                    slot.connection = Connection::Down;
+                    slot.service = None;
+                    slot.health = Health::Unknown;
+                    slot.reason = Some(reason);
+                }
+            }
+            EndpointEvent::Health(id, verdict) => {
+                let Some(slot) = t.slots.iter_mut().find(|s| s.load.id == id) else {
+                    return;
+                };
+                let was = slot.health;
+                {
+                    match verdict {
+                        Verdict::Serving => {
+                            if was != Health::Serving {
+                                t.metrics.became_serving.increment(1);
+                            }
+                            slot.health = Health::Serving;
+                            slot.reason = None;
+                        }
+                        Verdict::NotServing(reason) => {
+                            if was != Health::NotServing {
+                                t.metrics.became_not_serving.increment(1);
+                            }
+                            slot.health = Health::NotServing;
+                            slot.reason = Some(reason);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Runs `f` over the live endpoints' outlier state and writes the result back.
+    fn with_hosts<T>(&self, f: impl FnOnce(&mut [Host]) -> T) -> T {
+        self.shared.update(|t| {
+            let live: Vec<usize> = (0..t.slots.len())
+                .filter(|&i| !t.slots[i].draining)
+                .collect();
+            let mut hosts: Vec<Host> = live
+                .iter()
+                .map(|&i| {
+                    let load = &t.slots[i].load;
+                    Host {
+                        successes: load.successes.load(Ordering::Relaxed),
+                        failures: load.failures.load(Ordering::Relaxed),
+                        ejection: t.slots[i].ejection,
+                    }
+                })
+                .collect();
+            let ejections_before: u32 = hosts.iter().map(|h| h.ejection.count).sum();
+            let result = f(&mut hosts);
+            let ejections_after: u32 = hosts.iter().map(|h| h.ejection.count).sum();
+            t.metrics
+                .ejections
+                .increment(u64::from(ejections_after - ejections_before));
+            for (&i, host) in live.iter().zip(&hosts) {
+                t.slots[i].ejection = host.ejection;
+            }
+            result
+        })
+    }
+
+    fn evaluate_outliers(&self) {
+        let Some(detection) = &self.detection else {
+            return;
+        };
+        let now = Instant::now();
+        self.with_hosts(|hosts| {
+            detection.evaluate(hosts, now, &mut |percent| fastrand::u32(0..100) < percent);
+        });
+        // A new interval counts afresh.
+        self.shared.update(|t| {
+            for slot in &t.slots {
+                slot.load.successes.store(0, Ordering::Relaxed);
+                slot.load.failures.store(0, Ordering::Relaxed);
+            }
+        });
+    }
+
+    fn eject_for_failures(&self, id: EndpointId) {
+        let Some(detection) = &self.detection else {
+            return;
+        };
+        let now = Instant::now();
+        let index = self.shared.inspect(|t| {
+            t.slots
+                .iter()
+                .filter(|s| !s.draining)
+                .position(|s| s.load.id == id)
+        });
+        if let Some(index) = index {
+            let ejected = self.with_hosts(|hosts| detection.eject_for_failures(hosts, index, now));
+            if ejected {
+                tracing::info!(endpoint = id, "ejected after consecutive failures");
+            }
+        }
+    }
+
+    fn next_unejection(&self) -> Option<Instant> {
+        let detection = self.detection.as_ref()?;
+        self.shared.inspect(|t| {
+            let hosts: Vec<Host> = t
+                .slots
+                .iter()
+                .filter(|s| !s.draining)
+                .map(|s| Host {
+                    successes: 0,
+                    failures: 0,
+                    ejection: s.ejection,
+                })
+                .collect();
+            detection.next_unejection(&hosts)
+        })
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps one endpoint connected: connect, watch health, notice breakage, reconnect with backoff.
+async fn endpoint_task<M, S, RB>(
+    id: EndpointId,
+    uri: Uri,
+    mut make: M,
+    load: Arc<Load>,
+    health_check: Option<HealthCheck>,
+    backoff: Backoff,
+    events: mpsc::UnboundedSender<EndpointEvent<S>>,
+) where
+    M: tower_service::Service<Uri, Response = S> + Send + 'static,
+    M::Future: Send,
+    M::Error: Into<BoxError>,
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<RB>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError> + Send,
+{
+    let mut failures: u32 = 0;
+    let mut generation: u64 = 0;
+    loop {
+        let _ = events.send(EndpointEvent::Connecting(id));
+        let ready: Result<(), BoxError> = make.ready().await.map(|_| ()).map_err(Into::into);
+        let connected = match ready {
+            Ok(()) => make.call(uri.clone()).await.map_err(Into::into),
+            Err(err) => Err(err),
+        };
+        let service = match connected {
+            Ok(service) => service,
+            Err(err) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff.delay(failures, Duration::ZERO);
+                let reason = format!(
+                    "connect failed: {}; retrying in {delay:.1?}",
+                    error_chain(&*err)
+                );
+                let _ = events.send(EndpointEvent::Down(id, reason));
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        generation += 1;
+        load.signals.generation.store(generation, Ordering::Release);
+        let connected_at = Instant::now();
+        let _ = events.send(EndpointEvent::Connected(id, service.clone(), generation));
+
+        let reason = match &health_check {
+            Some(check) => {
+                let report = |verdict| {
+                    let _ = events.send(EndpointEvent::Health(id, verdict));
+                };
+                tokio::select! {
+                    err = crate::health::run(check, service, report) => {
+                        format!("connection failed under the health check: {}", error_chain(&*err))
+                    }
+                    _ = load.signals.broken.notified() => "a call failed on the connection".to_string(),
+                }
+            }
+            None => {
+                load.signals.broken.notified().await;
+                "a call failed on the connection".to_string()
+            }
+        };
+        // Reconnect at once after a connection that lived; back off after one that broke at once,
+        // so that an endpoint which accepts and then fails never spins.
+        if connected_at.elapsed() < backoff.initial() {
+            failures = failures.saturating_add(1);
+            let delay = backoff.delay(failures, Duration::ZERO);
+            let _ = events.send(EndpointEvent::Down(
+                id,
+                format!("{reason}; reconnecting in {delay:.1?}"),
+            ));
+            tokio::time::sleep(delay).await;
+        } else {
+            failures = 0;
+            let _ = events.send(EndpointEvent::Down(id, reason));
+        }
+    }
+}
+
+/// An error and its sources on one line: "connect failed: tcp connect error: Connection refused".
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = err.source();
+    }
+    out
+}
+
+/// Aborts the driver when the last balancer handle is dropped.
+#[derive(Debug)]
+pub(crate) struct DriverGuard(pub(crate) Option<AbortHandle>);
+
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! One endpoint as the balancer sees it: the load figures calls update without locks, and the
+//! condition (connection, health, ejection, draining) the driver owns.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use http::Uri;
+use tokio::time::Instant;
+
+use super::driver::Signals;
+use crate::discover;
+
+/// A stable id for one discovered endpoint (a re-inserted address gets a new one).
+pub(crate) type EndpointId = u64;
+
+/// The figures a call updates as it runs, shared between the table, strategies and in-flight
+/// calls. Everything here is lock-free except the RTT estimate's small mutex.
+#[derive(Debug)]
+pub(crate) struct Load {
+    pub(crate) id: EndpointId,
+    pub(crate) uri: Uri,
+    pub(crate) meta: discover::Endpoint,
+    pub(crate) in_flight: AtomicUsize,
+    rtt: Mutex<PeakEwma>,
+    // Outcomes since the last outlier-detection interval, and the current failure streak.
+    pub(crate) successes: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) consecutive_failures: AtomicU32,
+    pub(crate) signals: Signals,
+}
+
+impl Load {
+    pub(crate) fn new(
+        id: EndpointId,
+        uri: Uri,
+        meta: discover::Endpoint,
+        ewma: EwmaConfig,
+    ) -> Self {
+        Load {
+            id,
+            uri,
+            meta,
+            in_flight: AtomicUsize::new(0),
+            rtt: Mutex::new(PeakEwma::new(ewma)),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            signals: Signals::default(),
+        }
+    }
+
+    pub(crate) fn observe_rtt(&self, rtt: Duration) {
+        self.rtt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(rtt, Instant::now());
+    }
+
+    /// The decayed peak-EWMA round-trip estimate.
+    pub(crate) fn rtt_estimate(&self) -> Duration {
+        self.rtt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .estimate(Instant::now())
+    }
+
+    /// Records a call's outcome; returns the failure streak after it.
+    pub(crate) fn record_outcome(&self, success: bool) -> u32 {
+        if success {
+            self.successes.fetch_add(1, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            0
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+        }
+    }
+}
+
+/// Peak-EWMA settings: the estimate before any measurement, and how fast old figures fade.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EwmaConfig {
+    pub(crate) default_rtt: Duration,
+    pub(crate) decay: Duration,
+}
+
+/// Finagle's peak EWMA, as tower and linkerd use it: a slower response raises the estimate at
+/// once, faster ones pull it down gradually, and with no traffic it decays toward zero so that
+/// an endpoint that was slow once is tried again.
+#[derive(Debug)]
+struct PeakEwma {
+    estimate_ns: f64,
+    updated: Instant,
+    decay_ns: f64,
+}
+
+impl PeakEwma {
+    fn new(config: EwmaConfig) -> Self {
+        PeakEwma {
+            estimate_ns: config.default_rtt.as_nanos() as f64,
+            updated: Instant::now(),
+            decay_ns: config.decay.as_nanos().max(1) as f64,
+        }
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt_ns = rtt.as_nanos() as f64;
+        if rtt_ns > self.estimate_ns {
+            self.estimate_ns = rtt_ns;
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+            let keep = (-elapsed / self.decay_ns).exp();
+            self.estimate_ns = self.estimate_ns * keep + rtt_ns * (1.0 - keep);
+        }
+        self.updated = now;
+    }
+
+    fn estimate(&self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        Duration::from_nanos((self.estimate_ns * (-elapsed / self.decay_ns).exp()) as u64)
+    }
+}
+
+/// What a strategy may look at when it picks: the endpoint's address, weight and current load.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Candidate {
+    pub(crate) load: Arc<Load>,
+}
+
+impl Candidate {
+    /// The endpoint's address, as discovery named it.
+    pub fn uri(&self) -> &Uri {
+        &self.load.uri
+    }
+
+    /// Its static weight from discovery (at least 1).
+    pub fn weight(&self) -> u32 {
+        self.load.meta.weight
+    }
+
+    /// Calls sent to it that have not finished (to the end of the response body).
+    pub fn in_flight(&self) -> usize {
+        self.load.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Its peak-EWMA round-trip estimate, measured to the end of each response.
+    pub fn rtt_estimate(&self) -> Duration {
+        self.load.rtt_estimate()
+    }
+}
+
+impl fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Candidate")
+            .field("uri", self.uri())
+            .field("weight", &self.weight())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// Where an endpoint stands, as [`Balance::snapshot`](super::Balance::snapshot) reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndpointState {
+    /// Opening a connection (or waiting for its first health report).
+    Connecting,
+    /// The last connection attempt failed; the next one is scheduled with backoff.
+    Down,
+    /// Connected and healthy: gets calls.
+    Ready,
+    /// Connected, but its health check says it should not get calls.
+    Unhealthy,
+    /// Ejected by outlier detection until its ejection time passes.
+    Ejected,
+    /// Removed by discovery: gets no new calls, finishing the ones in flight.
+    Draining,
+}
+
+impl EndpointState {
+    /// Lower-case name, for logs, metrics and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Connecting => "connecting",
+            EndpointState::Down => "down",
+            EndpointState::Ready => "ready",
+            EndpointState::Unhealthy => "unhealthy",
+            EndpointState::Ejected => "ejected",
+            EndpointState::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for EndpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One endpoint in a [`Balance::snapshot`](super::Balance::snapshot).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointSnapshot {
+    /// Its address.
+    pub uri: Uri,
+    /// Where it stands.
+    pub state: EndpointState,
+    /// Whether the balancer is sending it calls right now (ready, or anything connected while
+    /// the panic threshold is crossed).
+    pub receiving: bool,
+    /// Calls in flight.
+    pub in_flight: usize,
+    /// Peak-EWMA round-trip estimate.
+    pub rtt_estimate: Duration,
+    /// Static weight from discovery.
+    pub weight: u32,
+    /// How many times outlier detection has ejected it.
+    pub ejections: u32,
+    /// Why it is not ready, when it is not (the last connect error, the health status, …).
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ewma() -> PeakEwma {
+        PeakEwma::new(EwmaConfig {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_jumps_up_and_decays_down() {
+        let mut e = ewma();
+        let t0 = Instant::now();
+        assert_eq!(e.estimate(t0), Duration::from_millis(30));
+        e.observe(Duration::from_millis(100), t0);
+        assert_eq!(
+            e.estimate(t0),
+            Duration::from_millis(100),
+            "a peak is taken at once"
+        );
+        // A fast response 1 s later pulls the estimate down only part of the way.
+        let t1 = t0 + Duration::from_secs(1);
+        e.observe(Duration::from_millis(1), t1);
+        let after = e.estimate(t1);
+        assert!(
+            after > Duration::from_millis(80) && after < Duration::from_millis(100),
+            "{after:?}"
+        );
+        // With no traffic for a minute it fades toward zero.
+        assert!(e.estimate(t1 + Duration::from_secs(60)) < Duration::from_millis(1));
+    }
+
+    #[test]
+    fn outcomes_track_the_failure_streak() {
+        let load = Load::new(
+            1,
+            Uri::from_static("http://a:1"),
+            discover::Endpoint::default(),
+            EwmaConfig {
+                default_rtt: Duration::from_millis(1),
+                decay: Duration::from_secs(1),
+            },
+        );
+        assert_eq!(load.record_outcome(false), 1);
+        assert_eq!(load.record_outcome(false), 2);
+        assert_eq!(load.record_outcome(true), 0);
+        assert_eq!(load.record_outcome(false), 1);
+        assert_eq!(load.successes.load(Ordering::Relaxed), 1);
+        assert_eq!(load.failures.load(Ordering::Relaxed), 3);
+    }
+}

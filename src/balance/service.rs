@@ -1,0 +1,575 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::Frame;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::config::BalanceConfig;
+use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
+use super::endpoint::{EndpointId, EndpointSnapshot, Load};
+use super::metrics::BalanceMetrics;
+use super::strategy::RoundRobin;
+use super::table::{Picked, Shared, unavailable_status};
+use crate::BoxError;
+use crate::discover::Discover;
+use crate::status::{
+    ResponseStatus, classify_response, code_from_error, code_from_trailers, status_from_error,
+};
+
+/// How many endpoints one call may try when the chosen one turns out broken before the request
+/// is sent (its `poll_ready` fails).
+const MAX_FAILOVER: usize = 3;
+
+/// Balances calls over the endpoints a [`Discover`] names, connecting to each through a
+/// `MakeService`. See the [module docs](super).
+pub struct BalanceLayer<D> {
+    inner: Mutex<Option<(D, BalanceConfig)>>,
+}
+
+impl<D> BalanceLayer<D> {
+    /// Endpoints from `discovery`, chosen and gated as `config` says.
+    pub fn new(discovery: D, config: BalanceConfig) -> Self {
+        BalanceLayer {
+            inner: Mutex::new(Some((discovery, config))),
+        }
+    }
+}
+
+impl<D> fmt::Debug for BalanceLayer<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceLayer").finish_non_exhaustive()
+    }
+}
+
+impl<D, M, S, RB> Layer<M> for BalanceLayer<D>
+where
+    D: Discover,
+    M: Service<Uri, Response = S> + Clone + Send + 'static,
+    M::Future: Send,
+    M::Error: Into<BoxError>,
+    S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError> + Send,
+{
+    type Service = Balance<S>;
+
+    /// Starts the balancer. A `BalanceLayer` owns its discovery stream, so it makes one balancer:
+    /// layering it a second time gives a balancer whose calls fail with a status saying so.
+    fn layer(&self, make: M) -> Balance<S> {
+        let taken = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match taken {
+            Some((discovery, config)) => Balance::new(discovery, make, config),
+            None => Balance::failed(
+                "this BalanceLayer was already layered once; its discovery feeds only the first balancer",
+            ),
+        }
+    }
+}
+
+/// A `Service<http::Request<tonic::body::Body>>` that sends each call to one of many endpoints:
+/// only to endpoints that are connected, healthy and not ejected, chosen by a [`Strategy`].
+/// Cheap to clone; every clone shares the endpoints. Usable as the transport of any
+/// tonic-generated client.
+///
+/// `poll_ready` is always ready: the endpoint is chosen in `call` (hash strategies need the
+/// request), and the chosen endpoint's own readiness is awaited by the response future, as
+/// tower's `Oneshot` does.
+///
+/// [`Strategy`]: super::Strategy
+pub struct Balance<S> {
+    shared: Arc<Shared<S>>,
+    feedback: Arc<Feedback>,
+    endpoint_wait: Duration,
+    _driver: Arc<DriverGuard>,
+}
+
+impl<S> Clone for Balance<S> {
+    fn clone(&self) -> Self {
+        Balance {
+            shared: self.shared.clone(),
+            feedback: self.feedback.clone(),
+            endpoint_wait: self.endpoint_wait,
+            _driver: self._driver.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Balance<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("endpoint_wait", &self.endpoint_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Balance<S> {
+    /// Starts a balancer over `discovery`, connecting through `make`. Must run inside a Tokio
+    /// runtime (it spawns the task that follows discovery and keeps connections); outside one,
+    /// every call fails with a status saying so.
+    pub fn new<D, M, RB>(discovery: D, make: M, config: BalanceConfig) -> Self
+    where
+        D: Discover,
+        M: Service<Uri, Response = S> + Clone + Send + 'static,
+        M::Future: Send,
+        M::Error: Into<BoxError>,
+        S: Service<Request<Body>, Response = Response<RB>>,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError> + Send,
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Balance::failed(
+                "the balancer was built outside a Tokio runtime, so it cannot connect",
+            );
+        };
+        let BalanceConfig {
+            strategy,
+            health_check,
+            outlier_detection,
+            panic_threshold,
+            endpoint_wait,
+            reconnect,
+            ewma,
+            target,
+        } = config;
+        // The strategy lives in the endpoint table, where picks read it and updates rebuild it.
+        let shared = Arc::new(Shared::new(
+            strategy,
+            panic_threshold,
+            BalanceMetrics::new(&target),
+        ));
+        let (driver, calls) = Driver::new(
+            shared.clone(),
+            make,
+            health_check,
+            outlier_detection,
+            reconnect,
+            ewma,
+        );
+        let feedback = driver.feedback.clone();
+        let task = runtime.spawn(driver.run(discovery, calls));
+        Balance {
+            shared,
+            feedback,
+            endpoint_wait,
+            _driver: Arc::new(DriverGuard(Some(task.abort_handle()))),
+        }
+    }
+
+    fn failed(reason: &'static str) -> Self {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel::<CallEvent>();
+        Balance {
+            shared: Arc::new(Shared::failed(
+                Box::new(RoundRobin::new()),
+                reason,
+                BalanceMetrics::new("towline"),
+            )),
+            feedback: Arc::new(Feedback {
+                detection: None,
+                events,
+            }),
+            endpoint_wait: Duration::ZERO,
+            _driver: Arc::new(DriverGuard(None)),
+        }
+    }
+
+    /// Every known endpoint: its state, in-flight calls, latency estimate and why it is not ready.
+    pub fn snapshot(&self) -> Vec<EndpointSnapshot> {
+        self.shared.snapshot()
+    }
+
+    /// Waits until `done` holds for the [`snapshot`](Self::snapshot), checking it again after
+    /// every change in the endpoint table (a connection, a health verdict, an ejection, a
+    /// discovery change). For start-up gates and readiness probes:
+    /// `balance.wait_until(|s| s.iter().any(|e| e.state == EndpointState::Ready)).await`.
+    ///
+    /// [`EndpointState`]: super::EndpointState
+    pub async fn wait_until(&self, done: impl FnMut(&[EndpointSnapshot]) -> bool) {
+        self.shared.wait_until(done).await;
+    }
+
+    /// Whether fewer endpoints are ready than the panic threshold allows, so calls are spread
+    /// over every connected endpoint.
+    pub fn in_panic(&self) -> bool {
+        self.shared.in_panic()
+    }
+}
+
+impl<S, RB> Service<Request<Body>> for Balance<S>
+where
+    S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<TrackedBody<RB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture<S> {
+        let mut deadline = None;
+        let state = Picker {
+            shared: &self.shared,
+            feedback: &self.feedback,
+            endpoint_wait: self.endpoint_wait,
+            deadline: &mut deadline,
+            tried: &[],
+        }
+        .pick(request);
+        ResponseFuture {
+            shared: self.shared.clone(),
+            feedback: self.feedback.clone(),
+            endpoint_wait: self.endpoint_wait,
+            deadline,
+            tried: Vec::new(),
+            state,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Balance`]: waits for a ready endpoint if none is, waits for the
+    /// chosen endpoint's readiness, then runs the call.
+    pub struct ResponseFuture<S: Service<Request<Body>>> {
+        shared: Arc<Shared<S>>,
+        feedback: Arc<Feedback>,
+        endpoint_wait: Duration,
+        deadline: Option<Instant>,
+        tried: Vec<EndpointId>,
+        #[pin]
+        state: State<S>,
+    }
+}
+
+type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S: Service<Request<Body>>> {
+        // No endpoint may take calls yet; wait for one until the deadline.
+        Waiting { request: Option<Request<Body>>, wait: WaitForEndpoint },
+        // An endpoint is chosen; wait for its readiness.
+        Ready { request: Option<Request<Body>>, service: S, guard: Option<CallGuard> },
+        // The call is running on the chosen endpoint.
+        Calling { #[pin] future: S::Future, guard: Option<CallGuard> },
+        // The call cannot be served; the status says why.
+        Failed { status: Option<Status> },
+    }
+}
+
+impl<S: Service<Request<Body>>> fmt::Debug for ResponseFuture<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting for an endpoint",
+            State::Ready { .. } => "waiting for the endpoint's readiness",
+            State::Calling { .. } => "calling",
+            State::Failed { .. } => "failed",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, RB> Future for ResponseFuture<S>
+where
+    S: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<TrackedBody<RB>>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let this = self.as_mut().project();
+            let next = match this.state.project() {
+                StateProj::Waiting { request, wait } => match ready!(wait.as_mut().poll(cx)) {
+                    Ok(()) => {
+                        let request = request.take().expect("request is kept until sent");
+                        self.as_mut().repick(request)
+                    }
+                    Err(status) => State::Failed {
+                        status: Some(status),
+                    },
+                },
+                StateProj::Ready {
+                    request,
+                    service,
+                    guard,
+                } => match ready!(service.poll_ready(cx)) {
+                    Ok(()) => {
+                        let request = request.take().expect("request is kept until sent");
+                        State::Calling {
+                            future: service.call(request),
+                            guard: guard.take(),
+                        }
+                    }
+                    Err(err) => {
+                        // The request was not sent: try another endpoint.
+                        let err: BoxError = err.into();
+                        let request = request.take().expect("request is kept until sent");
+                        let guard = guard.take().expect("guard is kept until sent");
+                        guard.connection_broken();
+                        let id = guard.load.id;
+                        drop(guard);
+                        this.tried.push(id);
+                        if this.tried.len() < MAX_FAILOVER {
+                            self.as_mut().repick(request)
+                        } else {
+                            State::Failed {
+                                status: Some(status_from_error(err)),
+                            }
+                        }
+                    }
+                },
+                StateProj::Calling { future, guard } => {
+                    let result = ready!(future.poll(cx));
+                    let mut guard = guard.take().expect("polled after completion");
+                    return Poll::Ready(match result {
+                        Ok(response) => {
+                            match classify_response(&response) {
+                                ResponseStatus::TrailersOnly(code)
+                                | ResponseStatus::NotGrpc(code) => guard.finish(code),
+                                ResponseStatus::InTrailers => {}
+                            }
+                            Ok(response.map(|inner| TrackedBody {
+                                inner,
+                                guard: Some(guard),
+                            }))
+                        }
+                        Err(err) => {
+                            let err: BoxError = err.into();
+                            guard.failed(&*err);
+                            // Hand the caller a status classified as gRPC clients do (a closed
+                            // connection is UNAVAILABLE, not tonic's CANCELLED); the transport
+                            // error stays reachable as its source.
+                            Err(Box::new(status_from_error(err)))
+                        }
+                    });
+                }
+                StateProj::Failed { status } => {
+                    let status = status.take().expect("polled after completion");
+                    return Poll::Ready(Err(Box::new(status)));
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
+    }
+}
+
+impl<S> ResponseFuture<S>
+where
+    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+{
+    fn repick(self: Pin<&mut Self>, request: Request<Body>) -> State<S> {
+        let this = self.project();
+        let picker = Picker {
+            shared: this.shared,
+            feedback: this.feedback,
+            endpoint_wait: *this.endpoint_wait,
+            deadline: this.deadline,
+            tried: this.tried,
+        };
+        picker.pick(request)
+    }
+}
+
+/// The unpinned fields a pick needs, borrowed from the future.
+struct Picker<'a, S> {
+    shared: &'a Arc<Shared<S>>,
+    feedback: &'a Arc<Feedback>,
+    endpoint_wait: Duration,
+    deadline: &'a mut Option<Instant>,
+    tried: &'a [EndpointId],
+}
+
+impl<S> Picker<'_, S>
+where
+    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+{
+    /// Chooses an endpoint for `request`, or decides to wait for one, or fails saying why.
+    fn pick(self, request: Request<Body>) -> State<S> {
+        let (parts, body) = request.into_parts();
+        let picked = self.shared.pick(&parts, self.tried);
+        let request = Some(Request::from_parts(parts, body));
+        match picked {
+            Ok(Picked {
+                load,
+                service,
+                generation,
+            }) => State::Ready {
+                request,
+                service,
+                guard: Some(CallGuard::new(load, generation, self.feedback.clone())),
+            },
+            Err(reason) => {
+                let now = Instant::now();
+                let deadline = *self.deadline.get_or_insert(now + self.endpoint_wait);
+                // After a failover there is no point waiting: the table has not caught up yet.
+                if now >= deadline || !self.tried.is_empty() {
+                    return State::Failed {
+                        status: Some(unavailable_status(&reason)),
+                    };
+                }
+                let shared = self.shared.clone();
+                State::Waiting {
+                    request,
+                    wait: Box::pin(async move { shared.wait_for_candidates(deadline).await }),
+                }
+            }
+        }
+    }
+}
+
+/// Tracks one call on one endpoint: its in-flight count, its outcome for outlier detection and
+/// its round-trip time, until the end of the response body (or until it is dropped).
+pub(crate) struct CallGuard {
+    load: Arc<Load>,
+    generation: u64,
+    feedback: Arc<Feedback>,
+    started: Instant,
+    recorded: bool,
+}
+
+impl CallGuard {
+    fn new(load: Arc<Load>, generation: u64, feedback: Arc<Feedback>) -> Self {
+        CallGuard {
+            load,
+            generation,
+            feedback,
+            started: Instant::now(),
+            recorded: false,
+        }
+    }
+
+    /// Records the call's final code, once.
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let Some(detection) = &self.feedback.detection else {
+            return;
+        };
+        let streak = self.load.record_outcome(!detection.is_failure(code));
+        // At the threshold and beyond: once an ejection ends, the next failure (the probe) shuts
+        // the endpoint again, as linkerd's failure accrual does.
+        if detection
+            .consecutive_failures
+            .is_some_and(|threshold| streak >= threshold)
+        {
+            let _ = self
+                .feedback
+                .events
+                .send(CallEvent::FailureStreak(self.load.id));
+        }
+    }
+
+    /// The inner service failed the call: a transport error (servers answer with a response).
+    fn failed(&mut self, err: &(dyn std::error::Error + 'static)) {
+        let code = code_from_error(err);
+        self.finish(code);
+        if code == Code::Unavailable {
+            self.connection_broken();
+        }
+    }
+
+    /// Tells the endpoint's connection task that its connection failed, unless it has already
+    /// been replaced since this call began.
+    fn connection_broken(&self) {
+        let signals = &self.load.signals;
+        if signals.generation.load(Ordering::Acquire) == self.generation {
+            signals.broken.notify_one();
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.load.observe_rtt(self.started.elapsed());
+        let before = self.load.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 && self.load.signals.draining.load(Ordering::Acquire) {
+            let _ = self.feedback.events.send(CallEvent::Drained(self.load.id));
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that tells the balancer when the call really ends (its last frame) and how
+    /// (its `grpc-status` trailer), for in-flight counts, RTT and outlier detection.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<CallGuard>,
+    }
+}
+
+impl<B> fmt::Debug for TrackedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("finished", &self.guard.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for TrackedBody<B>
+where
+    B: http_body::Body,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(guard)) = (frame.trailers_ref(), this.guard.as_mut()) {
+                    guard.finish(code_from_trailers(Some(trailers)));
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(mut guard) = this.guard.take() {
+                    guard.finish(Code::Unavailable);
+                }
+            }
+            None => {
+                if let Some(mut guard) = this.guard.take() {
+                    // A gRPC stream that ends without trailers ended abnormally.
+                    guard.finish(code_from_trailers(None));
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

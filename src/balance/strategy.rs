@@ -1,0 +1,398 @@
+//! How the balancer chooses among the endpoints that may take a call.
+//!
+//! A [`Strategy`] sees only the candidates (endpoints that are connected, healthy and not
+//! ejected — or, past the panic threshold, every connected one) and the request's head, and
+//! returns an index. Health gating, draining and failover are the balancer's job, so a strategy
+//! is a few lines: see `examples/custom_strategy.rs`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::request::Parts;
+
+pub use super::endpoint::Candidate;
+
+/// Chooses which candidate takes a call.
+///
+/// `pick` runs on every call, concurrently from many tasks, under the balancer's read lock: keep
+/// it short and lock-free. `update` runs whenever the candidate set changes (an endpoint
+/// becomes ready or unhealthy, is added or removed), under the write lock, so strategies that
+/// precompute (a hash ring, a weighted schedule) do it there.
+pub trait Strategy: Send + Sync + 'static {
+    /// Called with the new candidate set whenever it changes.
+    fn update(&mut self, candidates: &[Candidate]) {
+        let _ = candidates;
+    }
+
+    /// Returns the index in `candidates` (never empty) of the endpoint to use for `request`.
+    /// An index out of range is taken modulo the length.
+    fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize;
+}
+
+impl fmt::Debug for dyn Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn Strategy")
+    }
+}
+
+/// Each candidate in turn.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    /// Starts at a random position, so that many clients do not all begin on the first endpoint.
+    pub fn new() -> Self {
+        RoundRobin {
+            next: AtomicUsize::new(fastrand::usize(..)),
+        }
+    }
+}
+
+impl Strategy for RoundRobin {
+    fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()
+    }
+}
+
+/// Power of two choices: two candidates at random, the one with fewer calls in flight.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PowerOfTwoChoices;
+
+impl PowerOfTwoChoices {
+    /// The strategy.
+    pub fn new() -> Self {
+        PowerOfTwoChoices
+    }
+}
+
+/// Two distinct random indices (or `(0, 0)` for one candidate).
+fn two_random(len: usize) -> (usize, usize) {
+    if len < 2 {
+        return (0, 0);
+    }
+    let a = fastrand::usize(..len);
+    let b = (a + 1 + fastrand::usize(..len - 1)) % len;
+    (a, b)
+}
+
+impl Strategy for PowerOfTwoChoices {
+    fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
+        let (a, b) = two_random(candidates.len());
+        if candidates[b].in_flight() < candidates[a].in_flight() {
+            b
+        } else {
+            a
+        }
+    }
+}
+
+/// Power of two choices on peak-EWMA cost: `rtt_estimate × (in_flight + 1)`, with the RTT measured
+/// to the end of each response (linkerd's and Finagle's balancer). Routes around a slow endpoint
+/// within a few calls, and tries it again as its estimate decays.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PeakEwma;
+
+impl PeakEwma {
+    /// The strategy; its RTT defaults and decay are set on the
+    /// [`BalanceConfig`](super::BalanceConfig).
+    pub fn new() -> Self {
+        PeakEwma
+    }
+}
+
+fn ewma_cost(candidate: &Candidate) -> f64 {
+    candidate.rtt_estimate().as_nanos() as f64 * (candidate.in_flight() + 1) as f64
+}
+
+impl Strategy for PeakEwma {
+    fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
+        let (a, b) = two_random(candidates.len());
+        if ewma_cost(&candidates[b]) < ewma_cost(&candidates[a]) {
+            b
+        } else {
+            a
+        }
+    }
+}
+
+/// Round robin in proportion to the static weights discovery gives (`Endpoint::weighted`),
+/// interleaved smoothly (nginx's smooth weighted round robin): weights 5, 1, 1 give
+/// `a a b a c a a`, not `a a a a a b c`.
+#[derive(Debug, Default)]
+pub struct WeightedRoundRobin {
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+}
+
+impl WeightedRoundRobin {
+    /// The strategy.
+    pub fn new() -> Self {
+        WeightedRoundRobin::default()
+    }
+}
+
+/// A schedule longer than this is scaled down (weights keep their proportions within 1%).
+const MAX_SCHEDULE: u64 = 10_000;
+
+impl Strategy for WeightedRoundRobin {
+    fn update(&mut self, candidates: &[Candidate]) {
+        let total: u64 = candidates.iter().map(|c| u64::from(c.weight())).sum();
+        let scale = total.div_ceil(MAX_SCHEDULE).max(1);
+        let weights: Vec<i64> = candidates
+            .iter()
+            .map(|c| (u64::from(c.weight()) / scale).max(1) as i64)
+            .collect();
+        let total: i64 = weights.iter().sum();
+        let mut current = vec![0i64; weights.len()];
+        self.schedule.clear();
+        for _ in 0..total {
+            for (c, w) in current.iter_mut().zip(&weights) {
+                *c += w;
+            }
+            let (best, _) = current
+                .iter()
+                .enumerate()
+                .max_by_key(|&(i, c)| (*c, std::cmp::Reverse(i)))
+                .expect("candidates are not empty when weights are");
+            current[best] -= total;
+            self.schedule.push(best);
+        }
+    }
+
+    fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
+        if self.schedule.is_empty() {
+            return 0;
+        }
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+        self.schedule[slot] % candidates.len()
+    }
+}
+
+type KeyFn = dyn Fn(&Parts) -> Option<Vec<u8>> + Send + Sync;
+
+/// The most points one endpoint takes on a [`ConsistentHash`] ring, whatever its weight.
+pub const MAX_POINTS_PER_ENDPOINT: u32 = 16_384;
+
+/// Consistent hashing on a request key, on a ring (as gRFC A42's `ring_hash`, with xxHash64):
+/// calls with the same key go to the same endpoint, and when an endpoint leaves (or becomes
+/// unhealthy) only its own keys move. Each endpoint's points depend only on its address and
+/// weight, never on the other endpoints, so that guarantee is exact. Calls without a key are
+/// spread at random.
+#[derive(Clone)]
+pub struct ConsistentHash {
+    key: Arc<KeyFn>,
+    ring: Vec<(u64, usize)>,
+    points_per_weight: u32,
+}
+
+impl fmt::Debug for ConsistentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsistentHash")
+            .field("ring_size", &self.ring.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsistentHash {
+    /// Hashes the value of this request header (e.g. a user or tenant id).
+    pub fn header(name: impl Into<http::HeaderName>) -> Self {
+        let name = name.into();
+        ConsistentHash::by(move |parts| parts.headers.get(&name).map(|v| v.as_bytes().to_vec()))
+    }
+
+    /// Hashes whatever key the function derives from the request head.
+    pub fn by(key: impl Fn(&Parts) -> Option<Vec<u8>> + Send + Sync + 'static) -> Self {
+        ConsistentHash {
+            key: Arc::new(key),
+            ring: Vec::new(),
+            points_per_weight: 256,
+        }
+    }
+
+    /// Points each endpoint gets on the ring per unit of weight (default 256, at most
+    /// [`MAX_POINTS_PER_ENDPOINT`] in all); more gives a more even spread at the cost of memory.
+    pub fn points_per_weight(mut self, points: u32) -> Self {
+        self.points_per_weight = points.max(1);
+        self
+    }
+}
+
+impl Strategy for ConsistentHash {
+    fn update(&mut self, candidates: &[Candidate]) {
+        self.ring.clear();
+        for (index, candidate) in candidates.iter().enumerate() {
+            let points = candidate
+                .weight()
+                .saturating_mul(self.points_per_weight)
+                .min(MAX_POINTS_PER_ENDPOINT);
+            let address = candidate.uri().to_string();
+            let mut key = Vec::with_capacity(address.len() + 12);
+            for replica in 0..points {
+                key.clear();
+                key.extend_from_slice(address.as_bytes());
+                key.push(b'_');
+                key.extend_from_slice(replica.to_string().as_bytes());
+                self.ring.push((xxhash_rust::xxh64::xxh64(&key, 0), index));
+            }
+        }
+        self.ring.sort_unstable();
+    }
+
+    fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize {
+        let Some(key) = (self.key)(request) else {
+            return fastrand::usize(..candidates.len());
+        };
+        if self.ring.is_empty() {
+            return 0;
+        }
+        let hash = xxhash_rust::xxh64::xxh64(&key, 0);
+        let slot = self.ring.partition_point(|&(point, _)| point < hash);
+        self.ring[slot % self.ring.len()].1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::endpoint::{EwmaConfig, Load};
+    use crate::discover;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    fn candidates(weights: &[u32]) -> Vec<Candidate> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Candidate {
+                load: Arc::new(Load::new(
+                    i as u64,
+                    format!("http://10.0.0.{i}:80").parse().unwrap(),
+                    discover::Endpoint::weighted(*w),
+                    EwmaConfig {
+                        default_rtt: Duration::from_millis(10),
+                        decay: Duration::from_secs(10),
+                    },
+                )),
+            })
+            .collect()
+    }
+
+    fn parts(key: Option<&str>) -> Parts {
+        let mut req = http::Request::builder();
+        if let Some(key) = key {
+            req = req.header("x-user", key);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    fn counts(s: &dyn Strategy, c: &[Candidate], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; c.len()];
+        let p = parts(None);
+        for _ in 0..n {
+            counts[s.pick(&p, c)] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_is_exactly_even() {
+        let c = candidates(&[1, 1, 1, 1]);
+        assert_eq!(counts(&RoundRobin::new(), &c, 400), vec![100; 4]);
+    }
+
+    #[test]
+    fn p2c_prefers_the_less_loaded() {
+        let c = candidates(&[1, 1]);
+        c[0].load.in_flight.store(5, Ordering::Relaxed);
+        assert_eq!(counts(&PowerOfTwoChoices, &c, 50), vec![0, 50]);
+        let c = candidates(&[1, 1, 1]);
+        c[2].load.in_flight.store(5, Ordering::Relaxed);
+        // The busy one only wins when it is drawn against itself, which two_random never does.
+        assert_eq!(counts(&PowerOfTwoChoices, &c, 300)[2], 0);
+    }
+
+    #[test]
+    fn peak_ewma_avoids_the_slow_endpoint() {
+        let c = candidates(&[1, 1, 1, 1]);
+        c[3].load.observe_rtt(Duration::from_millis(200));
+        let n = counts(&PeakEwma, &c, 1000);
+        assert_eq!(n[3], 0, "{n:?}");
+    }
+
+    #[test]
+    fn weighted_round_robin_is_proportional_and_smooth() {
+        let c = candidates(&[5, 1, 1]);
+        let mut s = WeightedRoundRobin::new();
+        s.update(&c);
+        assert_eq!(counts(&s, &c, 700), vec![500, 100, 100]);
+        assert_eq!(s.schedule, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn weighted_round_robin_scales_huge_weights() {
+        let c = candidates(&[u32::MAX, u32::MAX / 2]);
+        let mut s = WeightedRoundRobin::new();
+        s.update(&c);
+        assert!(s.schedule.len() as u64 <= MAX_SCHEDULE + 2);
+        let n = counts(&s, &c, s.schedule.len() * 3);
+        let ratio = n[0] as f64 / n[1] as f64;
+        assert!((1.98..2.02).contains(&ratio), "{n:?}");
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_stable_when_another_endpoint_leaves() {
+        let all = candidates(&[1, 1, 1, 1]);
+        let mut ring = ConsistentHash::header(http::HeaderName::from_static("x-user"));
+        ring.update(&all);
+        let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+        let before: HashMap<&str, String> = keys
+            .iter()
+            .map(|k| {
+                let i = ring.pick(&parts(Some(k)), &all);
+                assert_eq!(i, ring.pick(&parts(Some(k)), &all), "sticky");
+                (k.as_str(), all[i].uri().to_string())
+            })
+            .collect();
+        // Spread: every endpoint gets a fair share of 2000 keys.
+        let mut share: HashMap<&String, usize> = HashMap::new();
+        for uri in before.values() {
+            *share.entry(uri).or_default() += 1;
+        }
+        assert!(
+            share.values().all(|&n| (300..=700).contains(&n)),
+            "{share:?}"
+        );
+
+        // Endpoint 2 leaves: only its keys move.
+        let rest: Vec<Candidate> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 2)
+            .map(|(_, c)| c.clone())
+            .collect();
+        ring.update(&rest);
+        let gone = all[2].uri().to_string();
+        for k in &keys {
+            let now = rest[ring.pick(&parts(Some(k)), &rest)].uri().to_string();
+            if before[k.as_str()] != gone {
+                assert_eq!(
+                    now,
+                    before[k.as_str()],
+                    "{k} moved though its endpoint stayed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn consistent_hash_without_a_key_spreads() {
+        let c = candidates(&[1, 1]);
+        let mut ring = ConsistentHash::header(http::HeaderName::from_static("x-user"));
+        ring.update(&c);
+        let n = counts(&ring, &c, 400);
+        assert!(n.iter().all(|&n| n > 100), "{n:?}");
+    }
+}

@@ -1,0 +1,330 @@
+//! The endpoint table: every known endpoint's condition (written only by the driver), and the
+//! candidate list calls pick from (read by every call, under a read lock).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use http::request::Parts;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::endpoint::{Candidate, EndpointId, EndpointSnapshot, EndpointState, Load};
+use super::metrics::BalanceMetrics;
+use super::strategy::Strategy;
+use crate::outlier::Ejection;
+
+/// What the driver knows about an endpoint's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Connection {
+    Connecting,
+    Connected,
+    Down,
+}
+
+/// What active health checking last said. `Unknown` until the first report when a check is
+/// configured (gRFC A17: not ready before the first health response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    Unknown,
+    Serving,
+    NotServing,
+}
+
+pub(crate) struct Slot<S> {
+    pub(crate) load: Arc<Load>,
+    pub(crate) service: Option<S>,
+    pub(crate) generation: u64,
+    pub(crate) connection: Connection,
+    pub(crate) health: Health,
+    pub(crate) ejection: Ejection,
+    pub(crate) draining: bool,
+    pub(crate) reason: Option<String>,
+}
+
+impl<S> Slot<S> {
+    pub(crate) fn new(load: Arc<Load>) -> Self {
+        Slot {
+            load,
+            service: None,
+            generation: 0,
+            connection: Connection::Connecting,
+            health: Health::Unknown,
+            ejection: Ejection::default(),
+            draining: false,
+            reason: None,
+        }
+    }
+
+    fn state(&self) -> EndpointState {
+        match (self.draining, self.connection, self.health) {
+            (true, ..) => EndpointState::Draining,
+            (_, Connection::Connecting, _) => EndpointState::Connecting,
+            (_, Connection::Down, _) => EndpointState::Down,
+            _ if self.ejection.ejected_at.is_some() => EndpointState::Ejected,
+            (_, Connection::Connected, Health::Unknown) => EndpointState::Connecting,
+            (_, Connection::Connected, Health::NotServing) => EndpointState::Unhealthy,
+            (_, Connection::Connected, Health::Serving) => EndpointState::Ready,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        !self.draining && self.connection == Connection::Connected && self.service.is_some()
+    }
+}
+
+pub(crate) struct Table<S> {
+    strategy: Box<dyn Strategy>,
+    panic_threshold: f64,
+    pub(crate) slots: Vec<Slot<S>>,
+    candidates: Vec<Candidate>,
+    services: Vec<(S, u64)>,
+    panic: bool,
+    unavailable: Arc<str>,
+    pub(crate) metrics: BalanceMetrics,
+}
+
+/// An endpoint chosen for one call.
+pub(crate) struct Picked<S> {
+    pub(crate) load: Arc<Load>,
+    pub(crate) service: S,
+    pub(crate) generation: u64,
+}
+
+pub(crate) struct Shared<S> {
+    table: RwLock<Table<S>>,
+    changed: Notify,
+}
+
+impl<S: Clone> Shared<S> {
+    pub(crate) fn new(
+        strategy: Box<dyn Strategy>,
+        panic_threshold: f64,
+        metrics: BalanceMetrics,
+    ) -> Self {
+        Shared {
+            table: RwLock::new(Table {
+                strategy,
+                panic_threshold,
+                slots: Vec::new(),
+                candidates: Vec::new(),
+                services: Vec::new(),
+                panic: false,
+                unavailable: "no endpoints discovered yet".into(),
+                metrics,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    /// A table that never has endpoints: every call fails with `reason`.
+    pub(crate) fn failed(
+        strategy: Box<dyn Strategy>,
+        reason: impl Into<Arc<str>>,
+        metrics: BalanceMetrics,
+    ) -> Self {
+        let shared = Shared::new(strategy, 0.0, metrics);
+        shared.write().unavailable = reason.into();
+        shared
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Table<S>> {
+        self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table<S>> {
+        self.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes endpoints' conditions, then recomputes the candidates and wakes waiting calls.
+    pub(crate) fn update<T>(&self, change: impl FnOnce(&mut Table<S>) -> T) -> T {
+        let result = {
+            let mut table = self.write();
+            let result = change(&mut table);
+            table.rebuild();
+            result
+        };
+        self.changed.notify_waiters();
+        result
+    }
+
+    /// Reads the table without changing it.
+    pub(crate) fn inspect<T>(&self, look: impl FnOnce(&Table<S>) -> T) -> T {
+        look(&self.read())
+    }
+
+    /// Picks an endpoint for a call, skipping `exclude` (endpoints that already failed this call).
+    /// The chosen endpoint's in-flight count is raised before the lock is released.
+    pub(crate) fn pick(
+        &self,
+        parts: &Parts,
+        exclude: &[EndpointId],
+    ) -> Result<Picked<S>, Arc<str>> {
+        let table = self.read();
+        let candidates = &table.candidates;
+        if candidates.is_empty() {
+            return Err(table.unavailable.clone());
+        }
+        let mut index = table.strategy.pick(parts, candidates) % candidates.len();
+        if exclude.contains(&candidates[index].load.id) {
+            index = (0..candidates.len())
+                .find(|&i| !exclude.contains(&candidates[i].load.id))
+                .ok_or_else(|| table.unavailable_after_failover(candidates.len()))?;
+        }
+        let load = candidates[index].load.clone();
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        let (service, generation) = table.services[index].clone();
+        Ok(Picked {
+            load,
+            service,
+            generation,
+        })
+    }
+
+    /// Waits until some endpoint may take calls, or fails at `deadline` saying why none can.
+    pub(crate) async fn wait_for_candidates(&self, deadline: Instant) -> Result<(), Status> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let unavailable = {
+                let table = self.read();
+                if !table.candidates.is_empty() {
+                    return Ok(());
+                }
+                table.unavailable.clone()
+            };
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(unavailable_status(&unavailable)),
+            }
+        }
+    }
+
+    /// Waits until `done` holds for the snapshot, checking after every change.
+    pub(crate) async fn wait_until(&self, mut done: impl FnMut(&[EndpointSnapshot]) -> bool) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&self.snapshot()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<EndpointSnapshot> {
+        let table = self.read();
+        table
+            .slots
+            .iter()
+            .map(|slot| EndpointSnapshot {
+                uri: slot.load.uri.clone(),
+                state: slot.state(),
+                receiving: table.candidates.iter().any(|c| c.load.id == slot.load.id),
+                in_flight: slot.load.in_flight.load(Ordering::Relaxed),
+                rtt_estimate: slot.load.rtt_estimate(),
+                weight: slot.load.meta.weight,
+                ejections: slot.ejection.count,
+                reason: slot.reason.clone(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn in_panic(&self) -> bool {
+        self.read().panic
+    }
+}
+
+pub(crate) fn unavailable_status(reason: &str) -> Status {
+    Status::unavailable(format!("towline balance: {reason}"))
+}
+
+impl<S: Clone> Table<S> {
+    pub(crate) fn slot_mut(&mut self, id: EndpointId) -> Option<&mut Slot<S>> {
+        self.slots.iter_mut().find(|s| s.load.id == id)
+    }
+
+    fn unavailable_after_failover(&self, tried: usize) -> Arc<str> {
+        format!("all {tried} ready endpoints failed this call before it was sent").into()
+    }
+
+    /// Recomputes which endpoints take calls. Runs under the write lock after every change.
+    fn rebuild(&mut self) {
+        let live = self.slots.iter().filter(|s| !s.draining).count();
+        let ready: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].connected() && self.slots[i].state() == EndpointState::Ready)
+            .collect();
+        let connected: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].connected())
+            .collect();
+        // Envoy's panic threshold: with too few ready endpoints (but some), spread over every
+        // connected one rather than overload the few. With none ready, fail fast and say why.
+        self.panic = !ready.is_empty()
+            && connected.len() > ready.len()
+            && (ready.len() as f64) < self.panic_threshold * live as f64;
+        let chosen = if self.panic { connected } else { ready };
+
+        let unchanged = chosen.len() == self.candidates.len()
+            && chosen
+                .iter()
+                .zip(&self.candidates)
+                .all(|(&i, c)| self.slots[i].load.id == c.load.id);
+        self.services = chosen
+            .iter()
+            .map(|&i| {
+                let slot = &self.slots[i];
+                let service = slot
+                    .service
+                    .clone()
+                    .expect("connected slots have a service");
+                (service, slot.generation)
+            })
+            .collect();
+        if !unchanged {
+            self.candidates = chosen
+                .iter()
+                .map(|&i| Candidate {
+                    load: self.slots[i].load.clone(),
+                })
+                .collect();
+            self.strategy.update(&self.candidates);
+        }
+        if self.candidates.is_empty() {
+            self.unavailable = self.why_unavailable(live).into();
+        }
+        self.metrics
+            .set_endpoints(self.slots.iter().map(Slot::state));
+    }
+
+    fn why_unavailable(&self, live: usize) -> String {
+        if live == 0 {
+            return "no endpoints discovered".into();
+        }
+        let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for slot in self.slots.iter().filter(|s| !s.draining) {
+            *by_state.entry(slot.state().as_str()).or_default() += 1;
+        }
+        let noun = if live == 1 { "endpoint" } else { "endpoints" };
+        let mut why = if by_state.len() == 1 {
+            let state = by_state.keys().next().expect("one state");
+            format!("all {live} {noun} {state}")
+        } else {
+            let parts: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            format!("no ready endpoint among {live}: {}", parts.join(", "))
+        };
+        if let Some(reason) = self
+            .slots
+            .iter()
+            .filter(|s| !s.draining)
+            .find_map(|s| s.reason.as_deref())
+        {
+            why.push_str(" (");
+            why.push_str(reason);
+            why.push(')');
+        }
+        why
+    }
+}

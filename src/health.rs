@@ -1,0 +1,351 @@
+//! Active health checks over `grpc.health.v1`: a `Watch` stream per connection (gRFC A17), or a
+//! periodic `Check` with HAProxy-style `rise`/`fall` thresholds.
+//!
+//! The balancer runs the configured check on each endpoint's connection and sends it calls only
+//! while the check says `SERVING`.
+//!
+//! - **Watch** (gRFC A17): one server-streaming call per connection; every status the server
+//!   pushes takes effect at once. `SERVING` means ready, anything else not ready. A server without
+//!   the health service (`UNIMPLEMENTED`) is treated as healthy and logged once, never retried.
+//!   Other stream errors mark the endpoint not ready and re-watch with exponential backoff,
+//!   reset after a message.
+//! - **Check**: a `Check` call every `interval` (± `jitter`) bounded by `timeout`. The first
+//!   answer decides the initial state; after that `rise` successes in a row make the endpoint
+//!   healthy and `fall` failures in a row make it unhealthy (HAProxy's `rise 2 fall 3`).
+//!
+//! ```
+//! use std::time::Duration;
+//! use towline::health::HealthCheck;
+//!
+//! let watch = HealthCheck::watch("my.package.MyService");
+//! let poll = HealthCheck::check("")
+//!     .interval(Duration::from_secs(2))
+//!     .timeout(Duration::from_secs(1))
+//!     .rise(2)
+//!     .fall(3);
+//! assert!(poll.validate().is_ok());
+//! assert!(HealthCheck::check("").rise(0).validate().unwrap_err().to_string().contains("rise"));
+//! # let _ = watch;
+//! ```
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::Code;
+use tonic::body::Body;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+use crate::backoff::{Backoff, Jitter};
+use crate::{BoxError, ConfigError};
+
+/// Which active health check to run on each endpoint, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    service: String,
+    mode: Mode,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Mode {
+    Watch,
+    Check(CheckPolicy),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CheckPolicy {
+    interval: Duration,
+    timeout: Duration,
+    rise: u32,
+    fall: u32,
+    jitter: f64,
+}
+
+impl HealthCheck {
+    /// `grpc.health.v1.Health/Watch` for `service` (`""` is the whole server).
+    pub fn watch(service: impl Into<String>) -> Self {
+        HealthCheck {
+            service: service.into(),
+            mode: Mode::Watch,
+        }
+    }
+
+    /// Periodic `grpc.health.v1.Health/Check` for `service`. Defaults: every 2 s with ±10%
+    /// jitter, 1 s timeout, `rise 2 fall 3`.
+    pub fn check(service: impl Into<String>) -> Self {
+        HealthCheck {
+            service: service.into(),
+            mode: Mode::Check(CheckPolicy {
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+                jitter: 0.1,
+            }),
+        }
+    }
+
+    /// Changes a check-mode setting; a watch has none.
+    fn with_policy(mut self, set: impl FnOnce(&mut CheckPolicy)) -> Self {
+        if let Mode::Check(policy) = &mut self.mode {
+            set(policy);
+        }
+        self
+    }
+
+    /// Time between checks (check mode). Must be > 0.
+    pub fn interval(self, value: Duration) -> Self {
+        self.with_policy(|p| p.interval = value)
+    }
+
+    /// How long one check may take before it counts as failed (check mode). Must be > 0.
+    pub fn timeout(self, value: Duration) -> Self {
+        self.with_policy(|p| p.timeout = value)
+    }
+
+    /// Successes in a row that make an unhealthy endpoint healthy (check mode). Must be > 0.
+    pub fn rise(self, value: u32) -> Self {
+        self.with_policy(|p| p.rise = value)
+    }
+
+    /// Failures in a row that make a healthy endpoint unhealthy (check mode). Must be > 0.
+    pub fn fall(self, value: u32) -> Self {
+        self.with_policy(|p| p.fall = value)
+    }
+
+    /// Spread each interval by up to ± this fraction, so that many clients do not check in
+    /// lockstep (check mode). Between 0 and 1.
+    pub fn jitter(self, value: f64) -> Self {
+        self.with_policy(|p| p.jitter = value)
+    }
+
+    /// The health service name checked.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Checks every field; the balancer's config builder calls this.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Mode::Check(CheckPolicy {
+            interval,
+            timeout,
+            rise,
+            fall,
+            jitter,
+        }) = &self.mode
+        {
+            if interval.is_zero() {
+                return Err(ConfigError::new(
+                    "health_check.interval",
+                    "must be greater than zero",
+                ));
+            }
+            if timeout.is_zero() {
+                return Err(ConfigError::new(
+                    "health_check.timeout",
+                    "must be greater than zero",
+                ));
+            }
+            if *rise == 0 {
+                return Err(ConfigError::new(
+                    "health_check.rise",
+                    "must be greater than zero",
+                ));
+            }
+            if *fall == 0 {
+                return Err(ConfigError::new(
+                    "health_check.fall",
+                    "must be greater than zero",
+                ));
+            }
+            if !(0.0..=1.0).contains(jitter) {
+                return Err(ConfigError::new(
+                    "health_check.jitter",
+                    "must be between 0 and 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a health check concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Serving,
+    NotServing(String),
+}
+
+/// Runs `check` over one connection, reporting verdicts as they change, until the connection
+/// itself fails: then returns that error so the caller reconnects.
+pub(crate) async fn run<S, RB>(
+    check: &HealthCheck,
+    service: S,
+    mut report: impl FnMut(Verdict),
+) -> BoxError
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<RB>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError> + Send,
+{
+    let mut client = HealthClient::new(service);
+    let mut last: Option<Verdict> = None;
+    let mut report = move |verdict: Verdict| {
+        if last.as_ref() != Some(&verdict) {
+            last = Some(verdict.clone());
+            report(verdict);
+        }
+    };
+    let request = || HealthCheckRequest {
+        service: check.service.clone(),
+    };
+    match check.mode {
+        Mode::Watch => {
+            // Re-watch after 100 ms doubling to 10 s, ±20%; any message starts it over (gRFC A17).
+            let backoff = Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+                2.0,
+            )
+            .expect("a valid backoff");
+            let mut failures = 0u32;
+            loop {
+                match client.watch(request()).await {
+                    Ok(response) => {
+                        let mut stream = response.into_inner();
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(message)) => {
+                                    failures = 0;
+                                    report(verdict(&message));
+                                }
+                                Ok(None) => {
+                                    report(Verdict::NotServing("health watch ended".into()));
+                                    break;
+                                }
+                                Err(status) => {
+                                    if let Some(err) = connection_failure(status) {
+                                        return err;
+                                    }
+                                    report(Verdict::NotServing("health watch failed".into()));
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(status) if status.code() == Code::Unimplemented => {
+                        tracing::warn!(
+                            service = %check.service,
+                            "endpoint does not implement grpc.health.v1 Watch; treating it as healthy"
+                        );
+                        report(Verdict::Serving);
+                        return std::future::pending().await;
+                    }
+                    Err(status) => {
+                        let message = format!("health watch failed: {}", status.message());
+                        if let Some(err) = connection_failure(status) {
+                            return err;
+                        }
+                        report(Verdict::NotServing(message));
+                    }
+                }
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(backoff.delay(failures, Duration::ZERO)).await;
+            }
+        }
+        Mode::Check(CheckPolicy {
+            interval,
+            timeout,
+            rise,
+            fall,
+            jitter,
+        }) => {
+            let (mut successes, mut failures, mut first) = (0u32, 0u32, true);
+            loop {
+                let outcome = match tokio::time::timeout(timeout, client.check(request())).await {
+                    Ok(Ok(response)) => match verdict(response.get_ref()) {
+                        Verdict::Serving => Ok(()),
+                        Verdict::NotServing(reason) => Err(reason),
+                    },
+                    Ok(Err(status)) if status.code() == Code::Unimplemented => Ok(()),
+                    Ok(Err(status)) => {
+                        let message = format!("health check failed: {}", status.message());
+                        if let Some(err) = connection_failure(status) {
+                            return err;
+                        }
+                        Err(message)
+                    }
+                    Err(_) => Err(format!("health check timed out after {timeout:?}")),
+                };
+                match outcome {
+                    Ok(()) => {
+                        successes += 1;
+                        failures = 0;
+                        if first || successes >= rise {
+                            report(Verdict::Serving);
+                        }
+                    }
+                    Err(reason) => {
+                        failures += 1;
+                        successes = 0;
+                        if first || failures >= fall {
+                            report(Verdict::NotServing(reason));
+                        }
+                    }
+                }
+                first = false;
+                let spread = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
+                tokio::time::sleep(interval.mul_f64(spread)).await;
+            }
+        }
+    }
+}
+
+fn verdict(response: &HealthCheckResponse) -> Verdict {
+    match ServingStatus::try_from(response.status) {
+        Ok(ServingStatus::Serving) => Verdict::Serving,
+        Ok(status) => Verdict::NotServing(format!("health status {}", status.as_str_name())),
+        Err(_) => Verdict::NotServing(format!("health status {}", response.status)),
+    }
+}
+
+/// The transport error under a status, if the connection itself failed.
+fn connection_failure(status: tonic::Status) -> Option<BoxError> {
+    let source = std::error::Error::source(&status)?;
+    (crate::status::code_from_error(source) == Code::Unavailable)
+        .then(|| Box::new(status) as BoxError)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_check_settings_name_the_field() {
+        let cases = [
+            (
+                HealthCheck::check("").interval(Duration::ZERO),
+                "health_check.interval",
+            ),
+            (
+                HealthCheck::check("").timeout(Duration::ZERO),
+                "health_check.timeout",
+            ),
+            (HealthCheck::check("").rise(0), "health_check.rise"),
+            (HealthCheck::check("").fall(0), "health_check.fall"),
+            (HealthCheck::check("").jitter(1.5), "health_check.jitter"),
+            (
+                HealthCheck::check("").jitter(f64::NAN),
+                "health_check.jitter",
+            ),
+        ];
+        for (check, field) in cases {
+            assert_eq!(check.validate().unwrap_err().field(), field);
+        }
+        assert!(HealthCheck::watch("x").validate().is_ok());
+    }
+}

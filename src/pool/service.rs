@@ -1,0 +1,325 @@
+//! [`Pool`]: the per-target service, one handle of many onto a set of connections.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http::Uri;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
+use tonic::{Code, Status};
+use tower_service::Service;
+
+use super::shared::{ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection, root_cause};
+use super::stats::PoolStats;
+use crate::BoxError;
+
+/// A pool of connections to one target: a `Service` over the connections' request type that
+/// sends each call on the least-loaded open connection.
+///
+/// Cheap to clone; clones share the connections. The connections and the background task that
+/// maintains them live until the last clone is dropped.
+///
+/// # Readiness
+/// `poll_ready` returns `Ready(Ok)` once a connection is reserved for the next call, and
+/// `Pending` (with the waker registered) while no connection is up, or while every connection
+/// is at `max_streams_per_connection` and another is being opened. A handle that has waited
+/// `wait_timeout` for a connection turns ready and its next call fails at once with
+/// `UNAVAILABLE` ("no connection to …, retrying in 1.6s"): the one way to give a tonic client a
+/// status it can act on (tonic reports a `poll_ready` error as `UNKNOWN`). `Ready(Err)` is kept
+/// for a pool that can never connect again (its connector failed).
+///
+/// Under a balancer that polls every endpoint's `poll_ready`, a pool whose target is down is
+/// `Pending` for `wait_timeout`, then ready for one call that fails at once with `UNAVAILABLE`
+/// (whose source marks it as never sent, so a retry layer may retry it elsewhere), then
+/// `Pending` again: at most one failed call per handle per `wait_timeout`.
+///
+/// # Errors
+/// Every error is a boxed [`tonic::Status`]. A call whose connection broke fails with
+/// `UNAVAILABLE`, the connection leaves the rotation at once, and the pool opens a replacement.
+pub struct Pool<S> {
+    shared: Arc<Shared<S>>,
+    /// Dropped with the last handle, which stops the worker.
+    _alive: Arc<oneshot::Sender<()>>,
+    waiter: u64,
+    ready: Option<Reserved<S>>,
+    wait: Option<Pin<Box<Sleep>>>,
+    fail: Option<Status>,
+}
+
+struct Reserved<S> {
+    service: S,
+    conn: Arc<ConnLoad>,
+}
+
+impl<S> Pool<S> {
+    pub(crate) fn new(shared: Arc<Shared<S>>, alive: Arc<oneshot::Sender<()>>) -> Self {
+        Pool {
+            waiter: shared.waiter_id(),
+            shared,
+            _alive: alive,
+            ready: None,
+            wait: None,
+            fail: None,
+        }
+    }
+
+    /// The target this pool connects to.
+    pub fn target(&self) -> &Uri {
+        &self.shared.core.target
+    }
+
+    /// What the pool is doing now.
+    pub fn stats(&self) -> PoolStats {
+        self.shared.stats()
+    }
+}
+
+impl<S> Clone for Pool<S> {
+    fn clone(&self) -> Self {
+        Pool::new(self.shared.clone(), self._alive.clone())
+    }
+}
+
+impl<S> Drop for Pool<S> {
+    fn drop(&mut self) {
+        if self.wait.is_some() {
+            self.shared.forget_waiter(self.waiter);
+        }
+    }
+}
+
+impl<S> fmt::Debug for Pool<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", self.target())
+            .field("ready", &self.ready.is_some())
+            .field("waiting", &self.wait.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, B> Service<Req> for Pool<S>
+where
+    S: Service<Req, Response = http::Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<PoolBody<B>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.fail.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if let Some(reserved) = &mut self.ready {
+                if reserved.conn.is_broken() {
+                    self.ready = None;
+                    continue;
+                }
+                match reserved.service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(err)) => {
+                        // The connection's own service failed: that connection is done.
+                        reserved.conn.mark_broken(SharedError::from(err.into()));
+                        self.ready = None;
+                        continue;
+                    }
+                }
+            }
+            let expired = match &mut self.wait {
+                Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
+                None => false,
+            };
+            match self.shared.pick(self.waiter, cx.waker(), expired) {
+                Pick::Ready(service, conn) => {
+                    self.wait = None;
+                    self.ready = Some(Reserved { service, conn });
+                }
+                Pick::Wait => {
+                    let timeout = self.shared.core.config.wait_timeout;
+                    let sleep = self
+                        .wait
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                Pick::Fail(status) => {
+                    self.wait = None;
+                    self.fail = Some(status);
+                    return Poll::Ready(Ok(()));
+                }
+                Pick::Closed(status) => {
+                    if self.wait.take().is_some() {
+                        self.shared.forget_waiter(self.waiter);
+                    }
+                    return Poll::Ready(Err(Box::new(status)));
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(status) = self.fail.take() {
+            return ResponseFuture::failed(status);
+        }
+        let Some(Reserved { mut service, conn }) = self.ready.take() else {
+            return ResponseFuture::failed(Status::failed_precondition(
+                "towline Pool::call without a successful poll_ready",
+            ));
+        };
+        let guard = InFlight::new(conn);
+        ResponseFuture {
+            kind: Kind::Call {
+                future: service.call(req),
+                guard: Some(guard),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Pool`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Call { #[pin] future: F, guard: Option<InFlight> },
+        Failed { status: Option<Status> },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn failed(status: Status) -> Self {
+        ResponseFuture {
+            kind: Kind::Failed {
+                status: Some(status),
+            },
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<http::Response<PoolBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Failed { status } => {
+                Poll::Ready(Err(Box::new(status.take().unwrap_or_else(|| {
+                    Status::internal("ResponseFuture polled after completion")
+                }))))
+            }
+            KindProj::Call { future, guard } => {
+                let result = std::task::ready!(future.poll(cx));
+                let guard = guard.take();
+                Poll::Ready(match result {
+                    Ok(response) => {
+                        if let Some(guard) = &guard {
+                            guard.conn().mark_proven();
+                        }
+                        Ok(response.map(|body| PoolBody { inner: body, guard }))
+                    }
+                    Err(err) => Err(Box::new(call_failed(err.into(), guard))),
+                })
+            }
+        }
+    }
+}
+
+/// The status for a failed call; a broken connection leaves the rotation here.
+fn call_failed(err: BoxError, guard: Option<InFlight>) -> Status {
+    let Some(guard) = guard.filter(|_| breaks_connection(&*err)) else {
+        return crate::status::status_from_error(err);
+    };
+    let err = SharedError::from(err);
+    let conn = guard.conn();
+    conn.mark_broken(err.clone());
+    let mut status = Status::new(
+        Code::Unavailable,
+        format!(
+            "connection to {} broke: {}",
+            conn.target(),
+            root_cause(&*err)
+        ),
+    );
+    status.set_source(err);
+    status
+}
+
+pin_project! {
+    /// A response body that counts its call as in flight on its connection until it ends or is
+    /// dropped, so a long stream keeps its connection loaded.
+    pub struct PoolBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<B> fmt::Debug for PoolBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBody")
+            .field("in_flight", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> PoolBody<B> {
+    /// The wrapped body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> Body for PoolBody<B>
+where
+    B: Body,
+    B::Data: Buf,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            // The end, or an error: the stream is over either way.
+            this.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,690 @@
+//! The state one pool's handles and its background worker share, and the worker itself.
+//!
+//! Handles pick a connection under one short lock; the worker opens, replaces and reaps
+//! connections. Per-call bookkeeping (in-flight counts, a connection breaking) is atomics on the
+//! connection's [`ConnLoad`], so the hot path takes the lock once per call and never waits on I/O.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::future::poll_fn;
+use futures::stream::FuturesUnordered;
+use http::Uri;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+use tonic::{Code, Status};
+use tower_service::Service;
+
+use super::config::PoolConfig;
+use super::stats::{Metrics, PoolStats};
+use crate::BoxError;
+
+pub(crate) type SharedError = Arc<dyn Error + Send + Sync>;
+
+/// What every connection of a pool shares, free of the connection's service type.
+pub(crate) struct Core {
+    pub(crate) target: Uri,
+    pub(crate) config: Arc<PoolConfig>,
+    epoch: Instant,
+    wake_worker: Notify,
+    /// A connection served a call since the worker last looked: the backoff starts over.
+    proven: AtomicBool,
+    metrics: Metrics,
+}
+
+impl Core {
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// One connection's load and health, updated by calls without the pool's lock.
+pub(crate) struct ConnLoad {
+    core: Arc<Core>,
+    in_flight: AtomicUsize,
+    /// When the last call on it finished (or it opened), in nanoseconds since the epoch.
+    last_active: AtomicU64,
+    broken: AtomicBool,
+    /// Has completed a call: the connection works, not just its handshake.
+    proven: AtomicBool,
+    error: Mutex<Option<SharedError>>,
+}
+
+impl ConnLoad {
+    fn new(core: Arc<Core>, now: Instant) -> Self {
+        ConnLoad {
+            last_active: AtomicU64::new(core.nanos(now)),
+            core,
+            in_flight: AtomicUsize::new(0),
+            broken: AtomicBool::new(false),
+            proven: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn target(&self) -> &Uri {
+        &self.core.target
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Takes the connection out of rotation at once; the worker removes and replaces it.
+    pub(crate) fn mark_broken(&self, error: SharedError) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            *lock(&self.error) = Some(error);
+            self.core.wake_worker.notify_one();
+        }
+    }
+
+    pub(crate) fn mark_proven(&self) {
+        if !self.proven.load(Ordering::Relaxed) && !self.proven.swap(true, Ordering::AcqRel) {
+            self.core.proven.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Counts a call in flight on a connection from `call` until its response (body included) is
+/// done or dropped.
+pub(crate) struct InFlight(Arc<ConnLoad>);
+
+impl InFlight {
+    pub(crate) fn new(conn: Arc<ConnLoad>) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(conn)
+    }
+
+    pub(crate) fn conn(&self) -> &ConnLoad {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Stamp first, so whoever sees the count drop to zero sees a fresh stamp.
+        let now = self.0.core.nanos(Instant::now());
+        self.0.last_active.store(now, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("in_flight", &self.0.in_flight())
+            .finish()
+    }
+}
+
+struct Conn<S> {
+    service: S,
+    load: Arc<ConnLoad>,
+}
+
+struct State<S> {
+    conns: Vec<Conn<S>>,
+    connecting: usize,
+    waiters: HashMap<u64, Waker>,
+    /// A call has asked for a connection (lazy pools connect from then on).
+    activated: bool,
+    consecutive_failures: u32,
+    next_attempt: Option<Instant>,
+    last_error: Option<SharedError>,
+    /// The pool can never connect again (its connector failed); handles fail their `poll_ready`.
+    closed: Option<Status>,
+    connects: u64,
+    failures: u64,
+    reaps: u64,
+    disconnections: u64,
+}
+
+/// A pool's shared state; one per target.
+pub(crate) struct Shared<S> {
+    pub(crate) core: Arc<Core>,
+    state: Mutex<State<S>>,
+    next_waiter: AtomicU64,
+}
+
+/// What a handle's `poll_ready` gets from the pool.
+pub(crate) enum Pick<S> {
+    /// Use this connection.
+    Ready(S, Arc<ConnLoad>),
+    /// Nothing usable now; the waker is registered.
+    Wait,
+    /// The handle waited its `wait_timeout` and there is still no connection: fail the call.
+    Fail(Status),
+    /// The pool is closed for good.
+    Closed(Status),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn near_full(in_flight: usize, max_streams: usize) -> bool {
+    in_flight.saturating_mul(10) >= max_streams.saturating_mul(9)
+}
+
+/// The innermost error of a chain: the one that says what actually happened.
+pub(crate) fn root_cause<'a>(err: &'a (dyn Error + 'static)) -> &'a (dyn Error + 'static) {
+    let mut err = err;
+    while let Some(source) = err.source() {
+        err = source;
+    }
+    err
+}
+
+/// Whether a call's error means its connection is gone (so the pool must drop it), as opposed
+/// to one stream failing: any `UNAVAILABLE` transport error except a refused stream.
+pub(crate) fn breaks_connection(err: &(dyn Error + 'static)) -> bool {
+    let refused_stream = std::iter::successors(Some(err), |&e: &&(dyn Error + 'static)| e.source())
+        .any(|e| {
+            e.downcast_ref::<h2::Error>().is_some_and(|h2| {
+                h2.reason() == Some(h2::Reason::REFUSED_STREAM) && !h2.is_go_away()
+            })
+        });
+    !refused_stream && crate::status::code_from_error(err) == Code::Unavailable
+}
+
+fn status_with_source(code: Code, message: String, source: Option<&SharedError>) -> Status {
+    let mut status = Status::new(code, message);
+    if let Some(source) = source {
+        status.set_source(source.clone());
+    }
+    status
+}
+
+impl<S> Shared<S> {
+    pub(crate) fn new(target: Uri, config: Arc<PoolConfig>) -> Self {
+        let metrics = Metrics::new(&target);
+        Shared {
+            core: Arc::new(Core {
+                target,
+                config,
+                epoch: Instant::now(),
+                wake_worker: Notify::new(),
+                proven: AtomicBool::new(false),
+                metrics,
+            }),
+            state: Mutex::new(State {
+                conns: Vec::new(),
+                connecting: 0,
+                waiters: HashMap::new(),
+                activated: false,
+                consecutive_failures: 0,
+                next_attempt: None,
+                last_error: None,
+                closed: None,
+                connects: 0,
+                failures: 0,
+                reaps: 0,
+                disconnections: 0,
+            }),
+            next_waiter: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<S>> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn waiter_id(&self) -> u64 {
+        self.next_waiter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn forget_waiter(&self, id: u64) {
+        self.state().waiters.remove(&id);
+    }
+
+    /// Picks the least-loaded usable connection for one call.
+    ///
+    /// `expired`: the caller has waited its `wait_timeout`; take any connection, however loaded,
+    /// and if there is none, fail.
+    pub(crate) fn pick(&self, waiter: u64, waker: &Waker, expired: bool) -> Pick<S>
+    where
+        S: Clone,
+    {
+        let mut st = self.state();
+        if let Some(status) = &st.closed {
+            return Pick::Closed(status.clone());
+        }
+        let max_streams = self.core.config.max_streams;
+        let mut best: Option<(usize, usize)> = None;
+        let mut alive = 0;
+        for (i, conn) in st.conns.iter().enumerate() {
+            if conn.load.is_broken() {
+                continue;
+            }
+            alive += 1;
+            let load = conn.load.in_flight();
+            if best.is_none_or(|(_, least)| load < least) {
+                best = Some((i, load));
+            }
+        }
+        let Some((index, load)) = best else {
+            st.activated = true;
+            if expired {
+                st.waiters.remove(&waiter);
+                return Pick::Fail(self.no_connection(&st, Instant::now()));
+            }
+            let first = st.waiters.is_empty();
+            st.waiters.insert(waiter, waker.clone());
+            if first {
+                // A lazy pool, or one whose connections all broke: the worker should connect.
+                self.core.wake_worker.notify_one();
+            }
+            return Pick::Wait;
+        };
+        if near_full(load, max_streams) {
+            let now = Instant::now();
+            let backing_off = st.next_attempt.is_some_and(|at| at > now);
+            let can_grow = alive + st.connecting < self.core.config.max && !backing_off;
+            if can_grow {
+                self.core.wake_worker.notify_one();
+            }
+            // Full, and another connection is on its way: wait for it rather than pile more
+            // streams onto this one (which h2 would queue, or the server refuse).
+            if load >= max_streams && (can_grow || st.connecting > 0) && !expired {
+                st.waiters.insert(waiter, waker.clone());
+                return Pick::Wait;
+            }
+        }
+        if !st.waiters.is_empty() {
+            st.waiters.remove(&waiter);
+        }
+        let conn = &st.conns[index];
+        Pick::Ready(conn.service.clone(), conn.load.clone())
+    }
+
+    /// The status a call gets when no connection came up in time.
+    fn no_connection(&self, st: &State<S>, now: Instant) -> Status {
+        let target = &self.core.target;
+        let when = match st.next_attempt {
+            Some(at) if at > now => format!("retrying in {:.1}s", (at - now).as_secs_f64()),
+            _ if st.connecting > 0 => "connecting now".to_owned(),
+            _ => "reconnecting".to_owned(),
+        };
+        let message = match &st.last_error {
+            Some(err) => format!("no connection to {target}: {}, {when}", root_cause(&**err)),
+            None => format!(
+                "no connection to {target} within {:?}: {when}",
+                self.core.config.wait_timeout
+            ),
+        };
+        // The source keeps the connect error, so `status::is_unprocessed` sees the call never
+        // left the client.
+        status_with_source(Code::Unavailable, message, st.last_error.as_ref())
+    }
+
+    /// Polls until the first connections are made, for an eager pool: `Ok` once `min` are up,
+    /// or once every first attempt has finished with at least one up; the last error if none is.
+    pub(crate) fn poll_started(
+        &self,
+        waiter: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Status>> {
+        let mut st = self.state();
+        if let Some(status) = &st.closed {
+            return Poll::Ready(Err(status.clone()));
+        }
+        let alive = st.conns.iter().filter(|c| !c.load.is_broken()).count();
+        let settled = st.failures > 0 && st.connecting == 0;
+        if alive >= self.core.config.min || (settled && alive > 0) {
+            st.waiters.remove(&waiter);
+            return Poll::Ready(Ok(()));
+        }
+        if settled {
+            st.waiters.remove(&waiter);
+            return Poll::Ready(Err(self.no_connection(&st, Instant::now())));
+        }
+        st.waiters.insert(waiter, cx.waker().clone());
+        Poll::Pending
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        let st = self.state();
+        let now = Instant::now();
+        let in_flight: Vec<usize> = st
+            .conns
+            .iter()
+            .filter(|c| !c.load.is_broken())
+            .map(|c| c.load.in_flight())
+            .collect();
+        PoolStats {
+            open: in_flight.len(),
+            connecting: st.connecting,
+            idle: in_flight.iter().filter(|n| **n == 0).count(),
+            in_flight,
+            connects: st.connects,
+            failures: st.failures,
+            reaps: st.reaps,
+            disconnections: st.disconnections,
+            retry_in: st.next_attempt.filter(|at| *at > now).map(|at| at - now),
+        }
+    }
+
+    fn wake_all(st: &mut State<S>) -> Vec<Waker> {
+        st.waiters.drain().map(|(_, waker)| waker).collect()
+    }
+
+    /// Removes broken and idle connections, and decides how many to open now and when to look
+    /// again.
+    fn plan(&self, now: Instant) -> Plan<S> {
+        let config = &self.core.config;
+        let metrics = &self.core.metrics;
+        let mut st = self.state();
+        if self.core.proven.swap(false, Ordering::AcqRel) {
+            st.consecutive_failures = 0;
+        }
+        let mut dropped = Vec::new();
+
+        let mut i = 0;
+        while i < st.conns.len() {
+            if !st.conns[i].load.is_broken() {
+                i += 1;
+                continue;
+            }
+            let conn = st.conns.remove(i);
+            st.disconnections += 1;
+            metrics.disconnections.increment(1);
+            metrics.open.decrement(1.0);
+            if let Some(err) = lock(&conn.load.error).clone() {
+                st.last_error = Some(err);
+            }
+            if conn.load.proven.load(Ordering::Acquire) {
+                // It worked: reconnect at once (gRPC does the same), back off only if that fails.
+                st.next_attempt = None;
+            } else {
+                // It broke before serving one call: as good as a failed connect.
+                st.failures += 1;
+                st.consecutive_failures = st.consecutive_failures.saturating_add(1);
+                st.next_attempt = Some(
+                    now + config
+                        .backoff
+                        .delay(st.consecutive_failures, Duration::ZERO),
+                );
+            }
+            dropped.push(conn);
+        }
+
+        // Reap idle connections above `min`, newest first.
+        let mut wake_at: Option<Instant> = None;
+        let mut excess = st.conns.len().saturating_sub(config.min);
+        let mut i = st.conns.len();
+        while excess > 0 && i > 0 {
+            i -= 1;
+            let load = &st.conns[i].load;
+            let reap_at = if load.in_flight() == 0 {
+                let last = Duration::from_nanos(load.last_active.load(Ordering::Acquire));
+                self.core.epoch + last + config.idle_timeout
+            } else {
+                now + config.idle_timeout
+            };
+            if reap_at <= now {
+                dropped.push(st.conns.remove(i));
+                st.reaps += 1;
+                metrics.open.decrement(1.0);
+                excess -= 1;
+            } else {
+                wake_at = Some(wake_at.map_or(reap_at, |at| at.min(reap_at)));
+            }
+        }
+
+        let alive = st.conns.len();
+        let mut want = if !config.lazy || st.activated {
+            config.min
+        } else {
+            0
+        };
+        if alive == 0 && !st.waiters.is_empty() {
+            want = want.max(1);
+        }
+        if alive > 0
+            && st
+                .conns
+                .iter()
+                .all(|c| near_full(c.load.in_flight(), config.max_streams))
+        {
+            want = want.max(alive + 1);
+        }
+        let want = want.min(config.max);
+        let mut start = want.saturating_sub(alive + st.connecting);
+        if start > 0 {
+            match st.next_attempt {
+                Some(at) if at > now => {
+                    start = 0;
+                    wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+                }
+                // While connects are failing, probe with one at a time.
+                _ if st.consecutive_failures > 0 => start = usize::from(st.connecting == 0),
+                _ => {}
+            }
+        }
+        st.connecting += start;
+        // Calls wait for growth only while a connection is being opened. If none is (the load
+        // fell before the worker looked, or backoff forbids it), let them pick again now.
+        let wake = if alive > 0 && st.connecting == 0 {
+            Self::wake_all(&mut st)
+        } else {
+            Vec::new()
+        };
+        Plan {
+            start,
+            wake_at,
+            dropped,
+            wake,
+        }
+    }
+
+    fn attempt_done(&self, result: Result<S, SharedError>, now: Instant) {
+        let metrics = &self.core.metrics;
+        let mut st = self.state();
+        st.connecting = st.connecting.saturating_sub(1);
+        match result {
+            Ok(service) => {
+                st.conns.push(Conn {
+                    service,
+                    load: Arc::new(ConnLoad::new(self.core.clone(), now)),
+                });
+                st.connects += 1;
+                st.next_attempt = None;
+                metrics.attempts_succeeded.increment(1);
+                metrics.open.increment(1.0);
+            }
+            Err(err) => {
+                st.failures += 1;
+                st.consecutive_failures = st.consecutive_failures.saturating_add(1);
+                let delay = self
+                    .core
+                    .config
+                    .backoff
+                    .delay(st.consecutive_failures, Duration::ZERO);
+                st.next_attempt = Some(now + delay);
+                st.last_error = Some(err);
+                metrics.attempts_failed.increment(1);
+            }
+        }
+        let wakers = Self::wake_all(&mut st);
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// The worker is gone: with `reason`, for good (handles fail); without, because every
+    /// handle was dropped.
+    fn shut_down(&self, reason: Option<Status>) {
+        let mut st = self.state();
+        let conns = std::mem::take(&mut st.conns);
+        self.core.metrics.open.decrement(conns.len() as f64);
+        st.closed = Some(reason.unwrap_or_else(|| {
+            Status::unavailable(format!("the pool for {} shut down", self.core.target))
+        }));
+        let wakers = Self::wake_all(&mut st);
+        drop(st);
+        drop(conns);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+struct Plan<S> {
+    start: usize,
+    wake_at: Option<Instant>,
+    dropped: Vec<Conn<S>>,
+    wake: Vec<Waker>,
+}
+
+/// A connection attempt that took longer than the configured connect timeout.
+#[derive(Debug)]
+pub(crate) struct ConnectTimeout(pub(crate) Duration);
+
+impl fmt::Display for ConnectTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "connect timed out after {:?}", self.0)
+    }
+}
+
+impl Error for ConnectTimeout {}
+
+enum Event<S> {
+    Shutdown,
+    Attempt(Result<S, SharedError>),
+    Wake,
+}
+
+/// The pool's background task: opens connections as [`Shared::plan`] says, records how each
+/// attempt went, and sleeps until it is woken or a backoff or idle deadline passes. Ends when
+/// every handle is dropped (`alive` closes) or the connector fails.
+pub(crate) async fn run<M, S>(shared: Arc<Shared<S>>, mut make: M, mut alive: oneshot::Receiver<()>)
+where
+    M: Service<Uri, Response = S>,
+    M::Error: Into<BoxError>,
+{
+    let timeout = shared.core.config.connect_timeout;
+    let mut attempts = FuturesUnordered::new();
+    loop {
+        let plan = shared.plan(Instant::now());
+        drop(plan.dropped);
+        plan.wake.into_iter().for_each(Waker::wake);
+        for _ in 0..plan.start {
+            if let Err(err) = poll_fn(|cx| make.poll_ready(cx)).await {
+                let err: BoxError = err.into();
+                let message = format!(
+                    "the pool for {} closed: its connector failed: {err}",
+                    shared.core.target
+                );
+                let source: SharedError = Arc::from(err);
+                shared.shut_down(Some(status_with_source(
+                    Code::Unavailable,
+                    message,
+                    Some(&source),
+                )));
+                return;
+            }
+            let connecting = make.call(shared.core.target.clone());
+            attempts.push(async move {
+                match tokio::time::timeout(timeout, connecting).await {
+                    Ok(Ok(service)) => Ok(service),
+                    Ok(Err(err)) => Err(SharedError::from(err.into())),
+                    Err(_) => Err(Arc::new(ConnectTimeout(timeout)) as SharedError),
+                }
+            });
+        }
+        let mut notified = pin!(shared.core.wake_worker.notified());
+        let mut sleep = plan
+            .wake_at
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let event = poll_fn(|cx| {
+            if Pin::new(&mut alive).poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if !attempts.is_empty()
+                && let Poll::Ready(Some(result)) = attempts.poll_next_unpin(cx)
+            {
+                return Poll::Ready(Event::Attempt(result));
+            }
+            if notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Wake);
+            }
+            if let Some(sleep) = &mut sleep
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Event::Wake);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Shutdown => break,
+            Event::Attempt(result) => shared.attempt_done(result, Instant::now()),
+            Event::Wake => {}
+        }
+    }
+    shared.shut_down(None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(BoxError);
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+    impl Error for Wrapped {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn connection_level_errors_break_the_connection_and_stream_level_ones_do_not() {
+        let io = |kind| Wrapped(Box::new(std::io::Error::from(kind)));
+        assert!(breaks_connection(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(breaks_connection(&io(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+        let refused = Wrapped(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(
+            !breaks_connection(&refused),
+            "one refused stream, not a dead connection"
+        );
+        let cancelled = Wrapped(Box::new(h2::Error::from(h2::Reason::CANCEL)));
+        assert!(!breaks_connection(&cancelled));
+        let deadline = Wrapped(Box::new(tower::timeout::error::Elapsed::new()));
+        assert!(!breaks_connection(&deadline));
+        let internal = Wrapped(Box::new(Status::internal("not a transport failure")));
+        assert!(!breaks_connection(&internal));
+    }
+
+    #[test]
+    fn root_cause_is_the_innermost_error() {
+        let err = Wrapped(Box::new(Wrapped(Box::new(std::io::Error::other("deep")))));
+        assert_eq!(root_cause(&err).to_string(), "deep");
+        let plain = std::io::Error::other("flat");
+        assert_eq!(root_cause(&plain).to_string(), "flat");
+    }
+
+    #[test]
+    fn near_full_is_ninety_percent() {
+        assert!(!near_full(89, 100));
+        assert!(near_full(90, 100));
+        assert!(!near_full(1, 2));
+        assert!(near_full(2, 2));
+        assert!(near_full(usize::MAX, usize::MAX));
+    }
+}

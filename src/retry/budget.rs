@@ -1,0 +1,236 @@
+//! Retry budgets: how many retries the whole client may make, so that retries cannot multiply the
+//! load on a backend that is already failing (a retry storm).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tower::retry::budget::{Budget as _, TpsBudget};
+
+use crate::ConfigError;
+
+/// A retry budget shared by every call that uses it. Cheap to clone: clones share one budget.
+///
+/// Two designs, both with the property that a client whose calls all fail makes few retries:
+///
+/// - [`token_bucket`](Self::token_bucket): gRFC A6 `retryThrottling`. The bucket starts full
+///   (`max_tokens`); every failure with a retryable code takes one token, every success puts back
+///   `token_ratio`; no retry while the tokens are at or below half of `max_tokens`.
+/// - [`percent`](Self::percent): the Finagle design (tower's `TpsBudget`, wrapped): each call
+///   deposits, each retry withdraws; retries may be at most `ratio` of the calls made in the last
+///   `ttl`, plus `min_per_sec` retries per second so that a quiet client can still retry.
+///
+/// When the budget is spent, the failure that would have been retried is returned at once.
+///
+/// What counts: a "retryable failure" is any attempt that fails before the call commits with a
+/// code the policy retries; a "success" is a call committed to a response that is not a
+/// Trailers-Only failure (the layer does not wait for the trailers, so a streaming call that
+/// later ends in an error still counted as a success). Transparent retries never touch a budget.
+///
+/// ```
+/// use std::time::Duration;
+/// use towline::retry::RetryBudget;
+///
+/// let a6 = RetryBudget::token_bucket(10.0, 0.1)?;
+/// let finagle = RetryBudget::percent(Duration::from_secs(10), 10, 0.2)?;
+/// assert!(RetryBudget::token_bucket(0.0, 0.1).unwrap_err().to_string().contains("max_tokens"));
+/// # let _ = (a6, finagle);
+/// # Ok::<(), towline::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct RetryBudget(Arc<Kind>);
+
+enum Kind {
+    TokenBucket(TokenBucket),
+    Percent(TpsBudget),
+}
+
+impl RetryBudget {
+    /// gRFC A6 `retryThrottling`: `max_tokens` in (0, 1000], `token_ratio` > 0 with at most three
+    /// decimals' precision (finer ratios round to the nearest thousandth, which must not be 0).
+    pub fn token_bucket(max_tokens: f64, token_ratio: f64) -> Result<Self, ConfigError> {
+        if !(max_tokens > 0.0 && max_tokens <= 1000.0) {
+            return Err(ConfigError::new(
+                "retry_budget.max_tokens",
+                "must be greater than 0 and at most 1000",
+            ));
+        }
+        let ratio = token_ratio * 1000.0;
+        if !(ratio.is_finite() && ratio.round() >= 1.0 && ratio.round() <= f64::from(u32::MAX)) {
+            return Err(ConfigError::new(
+                "retry_budget.token_ratio",
+                "must be at least 0.001 and finite",
+            ));
+        }
+        // Thousandths of a token in integers, as grpc-java does: lock-free and exact.
+        let max = (max_tokens * 1000.0).round() as u32;
+        Ok(RetryBudget(Arc::new(Kind::TokenBucket(TokenBucket {
+            tokens: AtomicU32::new(max),
+            max,
+            ratio: ratio.round() as u32,
+        }))))
+    }
+
+    /// The Finagle percentage budget (tower's `TpsBudget`): retries may be `ratio` (0.0 to 10.0)
+    /// of the calls made in the last `ttl` (1 to 60 s), plus `min_per_sec` retries per second.
+    /// Finagle's and tower's defaults are 10 s, 10 per second and 0.2.
+    pub fn percent(ttl: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, ConfigError> {
+        if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "retry_budget.ttl",
+                "must be between 1 and 60 seconds",
+            ));
+        }
+        if min_per_sec >= i32::MAX as u32 {
+            return Err(ConfigError::new("retry_budget.min_per_sec", "is too large"));
+        }
+        if !(ratio.is_finite() && (0.0..=10.0).contains(&ratio)) {
+            return Err(ConfigError::new(
+                "retry_budget.ratio",
+                "must be between 0.0 and 10.0",
+            ));
+        }
+        // tower takes a percentage-like f32 where 1.0 means 100 %.
+        let budget = TpsBudget::new(ttl, min_per_sec, ratio as f32);
+        Ok(RetryBudget(Arc::new(Kind::Percent(budget))))
+    }
+
+    /// A new logical call starts (its first attempt).
+    pub(crate) fn on_call(&self) {
+        if let Kind::Percent(budget) = &*self.0 {
+            budget.deposit();
+        }
+    }
+
+    /// A call was committed to a response that is not a failure.
+    pub(crate) fn on_success(&self) {
+        if let Kind::TokenBucket(bucket) = &*self.0 {
+            bucket.add(bucket.ratio);
+        }
+    }
+
+    /// An attempt failed with a retryable code (counted whether or not it is retried).
+    pub(crate) fn on_retryable_failure(&self) {
+        if let Kind::TokenBucket(bucket) = &*self.0 {
+            bucket.take(1000);
+        }
+    }
+
+    /// May a retry be made now? Withdraws from a percentage budget when it says yes.
+    pub(crate) fn try_retry(&self) -> bool {
+        match &*self.0 {
+            Kind::TokenBucket(bucket) => bucket.tokens.load(Ordering::Relaxed) > bucket.max / 2,
+            Kind::Percent(budget) => budget.withdraw(),
+        }
+    }
+
+    /// The A6 bucket's current tokens; `None` for a percentage budget.
+    pub fn tokens(&self) -> Option<f64> {
+        match &*self.0 {
+            Kind::TokenBucket(bucket) => {
+                Some(f64::from(bucket.tokens.load(Ordering::Relaxed)) / 1000.0)
+            }
+            Kind::Percent(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &*self.0 {
+            Kind::TokenBucket(bucket) => f
+                .debug_struct("RetryBudget::TokenBucket")
+                .field("tokens", &bucket.tokens)
+                .field("max_milli_tokens", &bucket.max)
+                .field("milli_ratio", &bucket.ratio)
+                .finish(),
+            Kind::Percent(budget) => f.debug_tuple("RetryBudget::Percent").field(budget).finish(),
+        }
+    }
+}
+
+/// gRFC A6's bucket in thousandths of a token.
+struct TokenBucket {
+    tokens: AtomicU32,
+    max: u32,
+    ratio: u32,
+}
+
+impl TokenBucket {
+    fn add(&self, amount: u32) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(amount).min(self.max))
+            });
+    }
+
+    fn take(&self, amount: u32) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(amount))
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_stops_retries_at_half_and_refills_by_the_ratio() {
+        let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        assert_eq!(budget.tokens(), Some(10.0));
+        for _ in 0..4 {
+            budget.on_retryable_failure();
+            assert!(budget.try_retry());
+        }
+        budget.on_retryable_failure(); // 5 tokens: at half, no more retries
+        assert_eq!(budget.tokens(), Some(5.0));
+        assert!(!budget.try_retry());
+        budget.on_success(); // 5.5
+        assert!(budget.try_retry());
+        for _ in 0..100 {
+            budget.on_success();
+        }
+        assert_eq!(budget.tokens(), Some(10.0), "never above max_tokens");
+        for _ in 0..100 {
+            budget.on_retryable_failure();
+        }
+        assert_eq!(budget.tokens(), Some(0.0), "never below zero");
+    }
+
+    #[test]
+    fn percent_budget_allows_its_ratio_of_calls() {
+        let budget = RetryBudget::percent(Duration::from_secs(1), 0, 0.1).unwrap();
+        for _ in 0..100 {
+            budget.on_call();
+        }
+        let allowed = (0..100).filter(|_| budget.try_retry()).count();
+        assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn bad_budgets_name_their_field() {
+        let s = Duration::from_secs(1);
+        let cases = [
+            (RetryBudget::token_bucket(0.0, 0.1), "max_tokens"),
+            (RetryBudget::token_bucket(1001.0, 0.1), "max_tokens"),
+            (RetryBudget::token_bucket(f64::NAN, 0.1), "max_tokens"),
+            (RetryBudget::token_bucket(10.0, 0.0), "token_ratio"),
+            (RetryBudget::token_bucket(10.0, -1.0), "token_ratio"),
+            (RetryBudget::token_bucket(10.0, 0.0001), "token_ratio"),
+            (RetryBudget::percent(s / 2, 10, 0.2), "ttl"),
+            (RetryBudget::percent(s * 61, 10, 0.2), "ttl"),
+            (RetryBudget::percent(s, u32::MAX, 0.2), "min_per_sec"),
+            (RetryBudget::percent(s, 10, -0.1), "ratio"),
+            (RetryBudget::percent(s, 10, f64::NAN), "ratio"),
+        ];
+        for (result, field) in cases {
+            let err = result.unwrap_err();
+            assert_eq!(err.field(), format!("retry_budget.{field}"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! gRFC A6 retries for any tonic client: jittered backoff, a retry budget and replayable request
+//! bodies, as one `tower::Layer`.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use std::time::Duration;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use towline::connect::Connect;
+//! use towline::retry::{RetryLayer, RetryPolicy};
+//! use towline::testkit::{Backend, pb::{echo_client::EchoClient, EchoRequest}};
+//!
+//! let backend = Backend::start().await?;
+//! let channel = Connect::new().oneshot(backend.uri()).await?;
+//! let policy = RetryPolicy::builder()
+//!     .max_attempts(3)
+//!     .initial_backoff(Duration::from_millis(10))
+//!     .build()?;
+//! let mut client = EchoClient::new(ServiceBuilder::new().layer(RetryLayer::new(policy)).service(channel));
+//!
+//! backend.fail_next(2, tonic::Code::Unavailable);
+//! let reply = client.unary(EchoRequest { message: "hi".into(), ..Default::default() }).await?;
+//! assert_eq!(reply.get_ref().message, "hi");
+//! assert_eq!(backend.calls(), 3); // two failures, retried
+//! # Ok(()) }
+//! ```
+//!
+//! ## What is retried
+//! - Only failures whose code the policy lists (default `UNAVAILABLE`), and only before the call is
+//!   committed: a call commits when response headers arrive (gRFC A6), so only Trailers-Only
+//!   responses and errors before any response are retried. Streaming responses are never cut
+//!   short and replayed. A response that is not gRPC at all (a proxy's HTTP 503) is committed
+//!   too: it reaches tonic, which maps it to a status.
+//! - At most `max_attempts` attempts (capped at 5), with [`Backoff`] between them, unless the
+//!   server's `grpc-retry-pushback-ms` says otherwise (a negative or malformed value stops
+//!   retrying). Attempts after the first carry `grpc-previous-rpc-attempts`.
+//! - Never past the call's deadline: a retry that could not start before the `grpc-timeout` the
+//!   caller set is not made, and each later attempt carries what is left of it.
+//! - Failures that prove the request never reached the server (a refused connection,
+//!   `REFUSED_STREAM`, a stream above a GOAWAY; see [`is_unprocessed`](crate::status::is_unprocessed))
+//!   are retried at once and transparently: a few of them (`max_transparent_retries`), outside
+//!   `max_attempts` and the budget.
+//! - Only while the request body is replayable: it is buffered as the first attempt sends it
+//!   (see [`ReplayBody`]) up to `max_replay_bytes` (default 64 KiB); a bigger request is sent
+//!   once, in full, and never retried.
+//! - Only while the [`RetryBudget`] allows: when it is spent the failure is returned at once.
+//!
+//! ## Tower semantics
+//! Every attempt after the first waits for the inner service's `poll_ready`, on a clone of the
+//! service the future owns. Dropping the response future cancels the attempt in flight and any
+//! backoff sleep; the layer spawns no task. A call that cannot be retried (its policy has
+//! `max_attempts(1)`, it carries [`NoRetry`], or its body is known to exceed the cap) goes
+//! straight to the inner future with no allocation.
+//!
+//! ## Metrics
+//! Through the [`metrics`](https://docs.rs/metrics) facade, with gRFC A96 names and no labels
+//! (the call-level `MetricsLayer` owns method and target labels): the histograms
+//! `grpc.client.call.retries`, `grpc.client.call.transparent_retries` and
+//! `grpc.client.call.retry_delay` (seconds), recorded when a call ends, for calls that retried;
+//! and the counter `towline.retry.budget_exhausted`.
+
+mod body;
+mod budget;
+mod future;
+mod layer;
+pub mod metrics;
+mod policy;
+mod service;
+
+pub use crate::backoff::{Backoff, Jitter};
+pub use body::ReplayBody;
+pub use budget::RetryBudget;
+pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, ResponseFuture};
+pub use layer::RetryLayer;
+pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
+pub use service::Retry;
+
+use crate::BoxError;
+
+/// A request extension that opts one call out of retries:
+/// `request.extensions_mut().insert(NoRetry)` (on a `tonic::Request` too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoRetry;
+
+/// The caller sees a [`tonic::Status`] with the code towline's classification gives.
+fn into_status(err: impl Into<BoxError>) -> BoxError {
+    Box::new(crate::status::status_from_error(err.into()))
+}

@@ -1,0 +1,114 @@
+//! [`Retry`]: the service [`RetryLayer`](super::RetryLayer) makes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body as _;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tower_service::Service;
+
+use super::NoRetry;
+use super::body::ReplayBody;
+use super::future::{ResponseFuture, RetryState};
+use super::layer::Shared;
+use super::policy::RetryPolicy;
+use crate::BoxError;
+
+/// Retries the calls of `S` as its [`RetryPolicy`] says. Made by [`RetryLayer`](super::RetryLayer).
+///
+/// Its error is a [`BoxError`] that always holds a [`tonic::Status`] (see
+/// [`status_from_error`](crate::status::status_from_error)), so a transport failure reaches the
+/// caller as `UNAVAILABLE` rather than tonic's `UNKNOWN`, whether or not it was retried.
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner`, retrying every call with `policy`.
+    pub fn new(inner: S, policy: RetryPolicy) -> Self {
+        tower_layer::Layer::layer(&super::RetryLayer::new(policy), inner)
+    }
+
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Retry { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for Retry<S> {
+    fn clone(&self) -> Self {
+        Retry {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("default", &self.shared.default)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ResBody> Service<Request<Body>> for Retry<S>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(super::into_status)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let policy = self.shared.policy_for(req.uri().path());
+        let max_bytes = policy.max_replay_bytes();
+        // No retry possible: the inner future as it is, no allocation.
+        if policy.max_attempts() <= 1
+            || req.extensions().get::<NoRetry>().is_some()
+            || req.body().size_hint().lower() > max_bytes as u64
+        {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let policy = policy.clone();
+        if let Some(budget) = policy.budget() {
+            budget.on_call();
+        }
+        let deadline = crate::deadline::from_headers(req.headers())
+            .and_then(|timeout| Instant::now().checked_add(timeout));
+        let (parts, body) = req.into_parts();
+        let body = ReplayBody::new(body, max_bytes);
+        let first = Request::from_parts(parts.clone(), Body::new(body.clone()));
+        let future = self.inner.call(first);
+        // The clone drives its own poll_ready before every later attempt.
+        let service = self.inner.clone();
+        ResponseFuture::retrying(
+            future,
+            RetryState::new(service, parts, body, policy, self.shared.clone(), deadline),
+        )
+    }
+}

@@ -1,0 +1,532 @@
+//! BalanceLayer over real tonic backends: strategies, health gating, failover, discovery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::Uri;
+use tokio::time::timeout;
+use tonic::Code;
+use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
+use towline::backoff::{Backoff, Jitter};
+use towline::balance::{
+    Balance, BalanceConfig, BalanceConfigBuilder, BalanceLayer, ConsistentHash, EndpointSnapshot,
+    EndpointState, PeakEwma, PowerOfTwoChoices, RoundRobin, WeightedRoundRobin,
+};
+use towline::connect::Connect;
+use towline::discover::{self, Change, Static};
+use towline::health::HealthCheck;
+use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+use towline::testkit::{Backend, Load};
+
+type Channel = tonic::transport::Channel;
+
+/// Settings that make a test quick: reconnect after 50 ms, calls wait at most 2 s.
+fn config() -> BalanceConfigBuilder {
+    BalanceConfig::builder()
+        .reconnect_backoff(
+            Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                1.6,
+            )
+            .unwrap(),
+        )
+        .endpoint_wait(Duration::from_secs(2))
+        .outlier_detection(None)
+}
+
+fn balance<D: discover::Discover>(discovery: D, config: BalanceConfig) -> Balance<Channel> {
+    ServiceBuilder::new()
+        .layer(BalanceLayer::new(discovery, config))
+        .service(Connect::new())
+}
+
+async fn wait_for(
+    balance: &Balance<Channel>,
+    what: &str,
+    done: impl FnMut(&[EndpointSnapshot]) -> bool,
+) {
+    timeout(Duration::from_secs(10), balance.wait_until(done))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:#?}", balance.snapshot()));
+}
+
+fn count(snapshot: &[EndpointSnapshot], state: EndpointState) -> usize {
+    snapshot.iter().filter(|e| e.state == state).count()
+}
+
+async fn all_ready(balance: &Balance<Channel>, n: usize) {
+    wait_for(balance, "every endpoint ready", |s| {
+        count(s, EndpointState::Ready) == n
+    })
+    .await;
+}
+
+fn state_of(balance: &Balance<Channel>, uri: &Uri) -> EndpointState {
+    balance
+        .snapshot()
+        .iter()
+        .find(|e| &e.uri == uri)
+        .map(|e| e.state)
+        .expect("endpoint known")
+}
+
+async fn call(client: &mut EchoClient<Balance<Channel>>) -> Result<String, tonic::Status> {
+    Ok(client
+        .unary(EchoRequest::default())
+        .await?
+        .into_inner()
+        .backend)
+}
+
+/// Calls one after another and counts which backend served each.
+async fn spread(balance: &Balance<Channel>, n: usize) -> BTreeMap<String, usize> {
+    let mut client = EchoClient::new(balance.clone());
+    let mut tally = BTreeMap::new();
+    for _ in 0..n {
+        *tally.entry(call(&mut client).await.unwrap()).or_default() += 1;
+    }
+    tally
+}
+
+#[tokio::test]
+async fn round_robin_spreads_calls_evenly() {
+    let backends = Backend::start_many(4).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().strategy(RoundRobin::new()).build().unwrap(),
+    );
+    all_ready(&b, 4).await;
+    let tally = spread(&b, 400).await;
+    assert_eq!(
+        tally.values().copied().collect::<Vec<_>>(),
+        vec![100; 4],
+        "{tally:?}"
+    );
+}
+
+#[tokio::test]
+async fn weighted_round_robin_follows_the_weights() {
+    let backends = Backend::start_many(3).await.unwrap();
+    let weights = [5, 2, 1];
+    let b = balance(
+        Static::weighted(backends.iter().map(Backend::uri).zip(weights)),
+        config()
+            .strategy(WeightedRoundRobin::new())
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 3).await;
+    let tally = spread(&b, 800).await;
+    assert_eq!(tally["backend-0"], 500, "{tally:?}");
+    assert_eq!(tally["backend-1"], 200, "{tally:?}");
+    assert_eq!(tally["backend-2"], 100, "{tally:?}");
+}
+
+#[tokio::test]
+async fn consistent_hash_is_sticky_and_stable_when_an_unrelated_endpoint_leaves() {
+    let backends = Backend::start_many(4).await.unwrap();
+    let (updates, discovery) = discover::channel(8);
+    for backend in &backends {
+        updates
+            .send(Change::Insert(backend.uri(), Default::default()))
+            .await
+            .unwrap();
+    }
+    let b = balance(
+        discovery,
+        config()
+            .strategy(ConsistentHash::header(http::HeaderName::from_static(
+                "x-tenant",
+            )))
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 4).await;
+    let client = EchoClient::new(b.clone());
+    let route = |tenant: String| {
+        let mut client = client.clone();
+        async move {
+            let mut req = tonic::Request::new(EchoRequest::default());
+            req.metadata_mut()
+                .insert("x-tenant", tenant.parse().unwrap());
+            client.unary(req).await.unwrap().into_inner().backend
+        }
+    };
+    let mut before = HashMap::new();
+    for i in 0..200 {
+        let tenant = format!("tenant-{i}");
+        let first = route(tenant.clone()).await;
+        assert_eq!(route(tenant.clone()).await, first, "{tenant} is not sticky");
+        before.insert(tenant, first);
+    }
+    let mut used: Vec<&String> = before.values().collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 4, "200 keys reach every backend");
+
+    updates
+        .send(Change::Remove(backends[3].uri()))
+        .await
+        .unwrap();
+    wait_for(&b, "backend-3 gone", |s| s.len() == 3).await;
+    for (tenant, was) in &before {
+        let now = route(tenant.clone()).await;
+        if was != "backend-3" {
+            assert_eq!(&now, was, "{tenant} moved though its backend stayed");
+        } else {
+            assert_ne!(now, "backend-3");
+        }
+    }
+}
+
+#[tokio::test]
+async fn peak_ewma_and_p2c_route_around_a_slow_backend() {
+    for (name, strategy) in [
+        (
+            "peak-ewma",
+            Box::new(|c: BalanceConfigBuilder| c.strategy(PeakEwma::new())) as Box<dyn Fn(_) -> _>,
+        ),
+        (
+            "p2c",
+            Box::new(|c: BalanceConfigBuilder| c.strategy(PowerOfTwoChoices::new())),
+        ),
+    ] {
+        let backends = Backend::start_many(3).await.unwrap();
+        backends[2].set_latency(Duration::from_millis(40));
+        let b = balance(
+            Static::new(backends.iter().map(Backend::uri)),
+            strategy(config()).build().unwrap(),
+        );
+        all_ready(&b, 3).await;
+        let client = EchoClient::new(b.clone());
+        let report = Load::new(8)
+            .calls(600)
+            .run(move |_| {
+                let mut client = client.clone();
+                async move {
+                    Ok(client
+                        .unary(EchoRequest::default())
+                        .await?
+                        .into_inner()
+                        .backend)
+                }
+            })
+            .await;
+        assert_eq!(report.failed(), 0);
+        let slow = report.tally().get("backend-2").copied().unwrap_or(0);
+        // Round robin would give it 200 of 600.
+        assert!(
+            slow < 60,
+            "{name}: the slow backend got {slow} of 600: {:?}",
+            report.tally()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_backend_set_not_serving_gets_no_calls_after_the_watch_update() {
+    let backends = Backend::start_many(3).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config()
+            .strategy(RoundRobin::new())
+            .health_check(HealthCheck::watch(""))
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 3).await;
+
+    backends[1].set_health(ServingStatus::NotServing).await;
+    wait_for(&b, "backend-1 unhealthy", |s| {
+        count(s, EndpointState::Unhealthy) == 1
+    })
+    .await;
+    let before = backends[1].calls();
+    let tally = spread(&b, 100).await;
+    assert_eq!(backends[1].calls(), before, "{tally:?}");
+    assert_eq!(tally.values().sum::<usize>(), 100);
+    let snapshot = b.snapshot();
+    let unhealthy = snapshot
+        .iter()
+        .find(|e| e.state == EndpointState::Unhealthy)
+        .unwrap();
+    assert_eq!(unhealthy.uri, backends[1].uri());
+    assert!(!unhealthy.receiving);
+    assert!(
+        unhealthy.reason.as_deref().unwrap().contains("NOT_SERVING"),
+        "{unhealthy:?}"
+    );
+
+    backends[1].set_health(ServingStatus::Serving).await;
+    all_ready(&b, 3).await;
+    assert!(spread(&b, 30).await.contains_key("backend-1"));
+}
+
+#[tokio::test]
+async fn periodic_checks_apply_rise_and_fall() {
+    let backends = Backend::start_many(2).await.unwrap();
+    let check = HealthCheck::check("")
+        .interval(Duration::from_millis(30))
+        .timeout(Duration::from_millis(500))
+        .rise(2)
+        .fall(2);
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().health_check(check).build().unwrap(),
+    );
+    all_ready(&b, 2).await;
+    backends[0].set_health(ServingStatus::NotServing).await;
+    wait_for(&b, "backend-0 unhealthy after two failed checks", |s| {
+        count(s, EndpointState::Unhealthy) == 1
+    })
+    .await;
+    assert_eq!(state_of(&b, &backends[0].uri()), EndpointState::Unhealthy);
+    let before = backends[0].calls();
+    spread(&b, 20).await;
+    assert_eq!(backends[0].calls(), before);
+    backends[0].set_health(ServingStatus::Serving).await;
+    all_ready(&b, 2).await;
+}
+
+#[tokio::test]
+async fn a_server_without_the_health_service_counts_as_healthy() {
+    let plain = Backend::builder()
+        .id("plain")
+        .without_health_service()
+        .start()
+        .await
+        .unwrap();
+    let b = balance(
+        Static::new([plain.uri()]),
+        config()
+            .health_check(HealthCheck::watch(""))
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 1).await;
+    assert_eq!(spread(&b, 5).await["plain"], 5);
+}
+
+#[tokio::test]
+async fn a_stopped_backend_gets_no_calls_and_gets_them_back_after_restart() {
+    let backends = Backend::start_many(3).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config()
+            .strategy(RoundRobin::new())
+            .health_check(HealthCheck::watch(""))
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 3).await;
+
+    backends[2].stop().await;
+    // The health stream breaks with the connection: no call is needed to notice.
+    wait_for(&b, "backend-2 out", |s| count(s, EndpointState::Ready) == 2).await;
+    let tally = spread(&b, 60).await;
+    assert_eq!(
+        tally.values().sum::<usize>(),
+        60,
+        "no call fails: {tally:?}"
+    );
+    assert!(!tally.contains_key("backend-2"));
+    let down = b
+        .snapshot()
+        .into_iter()
+        .find(|e| e.uri == backends[2].uri())
+        .unwrap();
+    assert!(
+        matches!(down.state, EndpointState::Down | EndpointState::Connecting),
+        "{down:?}"
+    );
+
+    backends[2].restart().await.unwrap();
+    all_ready(&b, 3).await;
+    assert!(spread(&b, 30).await.contains_key("backend-2"));
+}
+
+#[tokio::test]
+async fn without_health_checks_a_failed_call_takes_a_dead_backend_out() {
+    let backends = Backend::start_many(2).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().strategy(RoundRobin::new()).build().unwrap(),
+    );
+    all_ready(&b, 2).await;
+    backends[0].stop().await;
+    let mut client = EchoClient::new(b.clone());
+    let mut failed = 0;
+    for _ in 0..40 {
+        if let Err(status) = call(&mut client).await {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            failed += 1;
+        }
+    }
+    // The call that meets the dead connection fails (RetryLayer is the answer to that); the
+    // endpoint is then taken out and reconnected with backoff, so later calls succeed.
+    assert!(failed <= 2, "{failed} calls failed");
+    assert_ne!(state_of(&b, &backends[0].uri()), EndpointState::Ready);
+}
+
+#[tokio::test]
+async fn panic_threshold_spreads_over_every_connected_endpoint() {
+    let backends = Backend::start_many(4).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config()
+            .strategy(RoundRobin::new())
+            .health_check(HealthCheck::watch(""))
+            .panic_threshold(0.5)
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 4).await;
+    for backend in &backends[1..] {
+        backend.set_health(ServingStatus::NotServing).await;
+    }
+    wait_for(&b, "three unhealthy", |s| {
+        count(s, EndpointState::Unhealthy) == 3
+    })
+    .await;
+    assert!(b.in_panic());
+    let tally = spread(&b, 40).await;
+    assert_eq!(
+        tally.len(),
+        4,
+        "one ready of four is below 50%: spread over all {tally:?}"
+    );
+
+    // With none ready there is nothing to protect: fail fast and say why.
+    backends[0].set_health(ServingStatus::NotServing).await;
+    wait_for(&b, "four unhealthy", |s| {
+        count(s, EndpointState::Unhealthy) == 4
+    })
+    .await;
+    assert!(!b.in_panic());
+    let status = call(&mut EchoClient::new(b.clone())).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("all 4 endpoints unhealthy"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn no_endpoints_fails_fast_with_the_reason() {
+    let (_updates, discovery) = discover::channel(1);
+    let b = balance(
+        discovery,
+        config()
+            .endpoint_wait(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    );
+    let status = call(&mut EchoClient::new(b)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("no endpoints discovered"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_call_waits_for_the_first_endpoint_to_connect() {
+    let backend = Backend::start().await.unwrap();
+    let (updates, discovery) = discover::channel(1);
+    let b = balance(discovery, config().build().unwrap());
+    let mut client = EchoClient::new(b.clone());
+    let pending = tokio::spawn(async move { call(&mut client).await });
+    updates
+        .send(Change::Insert(backend.uri(), Default::default()))
+        .await
+        .unwrap();
+    assert_eq!(pending.await.unwrap().unwrap(), backend.id());
+}
+
+#[tokio::test]
+async fn discovery_adds_and_removes_under_load_without_a_failed_call() {
+    let backends = Backend::start_many(4).await.unwrap();
+    for backend in &backends {
+        backend.set_latency(Duration::from_millis(2));
+    }
+    let (updates, discovery) = discover::channel(8);
+    for backend in &backends[..2] {
+        updates
+            .send(Change::Insert(backend.uri(), Default::default()))
+            .await
+            .unwrap();
+    }
+    let b = balance(
+        discovery,
+        config().strategy(RoundRobin::new()).build().unwrap(),
+    );
+    all_ready(&b, 2).await;
+
+    let client = EchoClient::new(b.clone());
+    let load = Load::new(16).calls(3_000).duration(Duration::from_secs(20));
+    let load = tokio::spawn(async move {
+        load.run(move |_| {
+            let mut client = client.clone();
+            async move {
+                Ok(client
+                    .unary(EchoRequest::default())
+                    .await?
+                    .into_inner()
+                    .backend)
+            }
+        })
+        .await
+    });
+    // Add two, then remove the first two, while calls are in flight.
+    for backend in &backends[2..] {
+        updates
+            .send(Change::Insert(backend.uri(), Default::default()))
+            .await
+            .unwrap();
+    }
+    wait_for(&b, "four ready", |s| count(s, EndpointState::Ready) == 4).await;
+    for backend in &backends[..2] {
+        updates.send(Change::Remove(backend.uri())).await.unwrap();
+    }
+    wait_for(&b, "the removed ones drained", |s| s.len() == 2).await;
+    let after_removal: Vec<u64> = backends[..2].iter().map(Backend::calls).collect();
+
+    let report = load.await.unwrap();
+    assert_eq!(report.failed(), 0, "{:?}", report.failures());
+    assert_eq!(report.calls(), 3_000);
+    let now: Vec<u64> = backends[..2].iter().map(Backend::calls).collect();
+    assert_eq!(
+        now, after_removal,
+        "a removed endpoint got a call after it drained"
+    );
+    assert!(report.tally().contains_key("backend-3"));
+}
+
+#[tokio::test]
+async fn layering_twice_or_outside_a_runtime_fails_calls_with_a_reason() {
+    let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
+    let _first = tower::Layer::layer(&layer, Connect::new());
+    let second: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
+    let status = call(&mut EchoClient::new(second)).await.unwrap_err();
+    assert!(
+        status.message().contains("already layered"),
+        "{}",
+        status.message()
+    );
+
+    let outside = std::thread::spawn(|| balance(Static::new([]), BalanceConfig::default()))
+        .join()
+        .unwrap();
+    let status = call(&mut EchoClient::new(outside)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("outside a Tokio runtime"),
+        "{}",
+        status.message()
+    );
+}
