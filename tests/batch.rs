@@ -736,6 +736,41 @@ async fn a_retry_layer_retries_a_failed_batch_as_a_whole() {
 }
 
 #[tokio::test]
+async fn towlines_retry_layer_under_the_batch_retries_a_failed_batch_as_a_whole() {
+    use towline::retry::{RetryLayer, RetryPolicy};
+
+    let backend = Backend::start().await.unwrap();
+    let channel = towline::connect::Connect::new()
+        .oneshot(backend.uri())
+        .await
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .max_attempts(3)
+        .initial_backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    // The batch RPC's client runs over RetryLayer: Batch -> Produce -> RetryLayer -> Channel.
+    let client = LogClient::new(RetryLayer::new(policy).layer(channel));
+    let produce = tower::service_fn(move |req: ProduceRequest| {
+        let mut client = client.clone();
+        async move { client.produce(req).await }
+    });
+    let config = BatchConfig::builder().max_items(10).build().unwrap();
+    let batch = BatchLayer::new(Records, config).layer(produce);
+    backend.fail_next(2, Code::Unavailable);
+    let calls = (0..10).map(|n| batch.clone().oneshot((0, record(n))));
+    let mut offsets: Vec<u64> = futures::future::try_join_all(calls).await.unwrap();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        backend.calls(),
+        3,
+        "two failed attempts, then the whole batch again"
+    );
+    assert_eq!(backend.records(), 10);
+}
+
+#[tokio::test]
 async fn a_rejected_record_fails_alone() {
     let backend = Backend::start().await.unwrap();
     let config = BatchConfig::builder().max_items(3).build().unwrap();

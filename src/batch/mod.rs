@@ -109,9 +109,12 @@
 //!   fails at once with the reason; nothing waits forever.
 //!
 //! ## Retries
-//! The inner service is any `Service<Batcher::Request>`: put a retry layer (towline's
-//! `RetryLayer`, or `tower::retry`) around it to retry a failed batch as a whole. Callers see only
-//! the final outcome.
+//! The inner service is any `Service<Batcher::Request>`: put a retry layer around it (`tower::retry`
+//! on the typed service, or towline's [`RetryLayer`](crate::retry::RetryLayer) under the tonic
+//! client the inner service calls) to retry a failed batch as a whole. Callers see only the final
+//! outcome. `RetryLayer` replays a request only up to its `max_replay_bytes` (64 KiB by default):
+//! raise it to at least [`max_bytes`](BatchConfig::max_bytes) plus framing, or large batches are
+//! sent once and never retried.
 //!
 //! ## Metrics
 //! Through the [`metrics`] facade, with handles registered once per worker when it is created:
