@@ -678,8 +678,13 @@ async fn dropped_callers_and_shutdown_lose_nothing() {
     let mut rng = fastrand::Rng::with_seed(3);
     let mut kept = Vec::new();
     let total = 1000u64;
+    // Real time here, and an hour's linger: fail rather than hang if anything waits for it.
+    let bound = Duration::from_secs(30);
     for n in 0..total {
-        batch.ready().await.unwrap();
+        let ready = tokio::time::timeout(bound, batch.ready()).await;
+        ready
+            .expect("poll_ready waited for the linger time")
+            .unwrap();
         let call = batch.call((rng.u8(0..3), record(n)));
         // Half the callers give up on their result at once; their items still go.
         if rng.bool() {
@@ -689,10 +694,14 @@ async fn dropped_callers_and_shutdown_lose_nothing() {
     // The last handle goes with batches still open (the linger is an hour): they are flushed.
     drop(batch);
     let kept_count = kept.len();
-    for result in futures::future::join_all(kept).await {
+    let results = tokio::time::timeout(bound, futures::future::join_all(kept)).await;
+    for result in results.expect("an item waited for the linger time") {
         result.unwrap();
     }
-    worker.await.unwrap();
+    tokio::time::timeout(bound, worker)
+        .await
+        .expect("the worker did not end")
+        .unwrap();
     assert!(kept_count > 400 && kept_count < 600, "{kept_count}");
     assert_eq!(backend.records(), total);
 }
