@@ -11,8 +11,16 @@ fn main() {
 
 #[cfg(feature = "testkit")]
 fn testkit_codegen() -> Result<(), Box<dyn std::error::Error>> {
-    let fds = protox::compile(["towline/testkit/v1/echo.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "towline/testkit/v1/echo.proto",
+            "towline/testkit/v1/produce.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
+        // Produce records decode as slices of the received buffer, not one allocation each.
+        .bytes(".towline.testkit.v1.ProduceRequest.records")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

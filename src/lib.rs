@@ -37,6 +37,7 @@
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
+//! - [`batch`]: many small calls into one batch RPC, flushed on count, bytes or linger time.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 //! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
 //! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
@@ -51,6 +52,7 @@
 
 pub mod backoff;
 pub mod balance;
+pub mod batch;
 pub mod connect;
 pub mod deadline;
 pub mod discover;

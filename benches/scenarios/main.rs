@@ -11,6 +11,7 @@
 //! and reports their ratios.
 
 mod balance;
+mod batching;
 mod overhead;
 mod pool;
 mod retry_storm;
@@ -47,6 +48,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "retry-storm",
         "every backend fails, then recovers: retry amplification with and without a budget",
         retry_storm::run,
+    ),
+    (
+        "batching",
+        "Log.Produce one record per call vs BatchLayer at (100 items, 100 ms), (1000 items, 10 ms)",
+        batching::run,
     ),
 ];
 

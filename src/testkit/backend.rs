@@ -19,7 +19,9 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::ServiceExt;
 
 use super::pb::echo_server::{Echo, EchoServer};
+use super::pb::log_server::LogServer;
 use super::pb::{EchoRequest, EchoResponse};
+use super::produce::LogService;
 
 /// The response header in which every backend names itself.
 pub const BACKEND_HEADER: &str = "towline-backend";
@@ -221,8 +223,15 @@ impl Backend {
     }
 
     /// How many `Echo` calls reached this backend, failed ones included (health checks excluded).
+    /// `Log.Produce` calls count here too.
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// How many records `Log.Produce` calls have accepted (records of failed calls and rejected
+    /// records excluded). `Log.Produce` shares `Echo`'s faults: latency, fail next, fail fraction.
+    pub fn records(&self) -> u64 {
+        self.shared.records.load(Ordering::Relaxed)
     }
 
     /// How many TCP connections the backend has accepted since it first started.
@@ -266,6 +275,9 @@ impl Backend {
         let health = HealthServer::new(HealthService::from_health_reporter(self.health.clone()));
         let service = Dispatch {
             echo: EchoServer::new(EchoService {
+                shared: self.shared.clone(),
+            }),
+            log: LogServer::new(LogService {
                 shared: self.shared.clone(),
             }),
             health: self.serve_health.then_some(health),
@@ -333,13 +345,15 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(super) struct Shared {
     id: Arc<str>,
     faults: Mutex<Faults>,
     /// `grpc-retry-pushback-ms` for injected failures.
     pushback: Mutex<Option<tonic::metadata::AsciiMetadataValue>>,
     calls: AtomicU64,
     connections: AtomicU64,
+    /// Records accepted by `Log.Produce`.
+    pub(super) records: AtomicU64,
     open_connections: AtomicU64,
 }
 
@@ -394,6 +408,7 @@ impl Shared {
             pushback: Mutex::new(None),
             calls: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            records: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
         }
     }
@@ -408,7 +423,10 @@ impl Shared {
 
     /// Counts the call, waits out its latency, then lets it through or fails it.
     /// Returns the call's 1-based number.
-    async fn admit(&self, metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
+    pub(super) async fn admit(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<u64, Status> {
         let number = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let (latency, failure) = {
             let mut faults = self.faults();
@@ -552,11 +570,12 @@ impl Echo for EchoService {
     }
 }
 
-/// Routes health checks to tonic-health and everything else to `Echo`, and stamps every response
-/// with the backend's id.
+/// Routes health checks to tonic-health, `Log` calls to the log and everything else to `Echo`,
+/// and stamps every response with the backend's id.
 #[derive(Clone)]
 struct Dispatch {
     echo: EchoServer<EchoService>,
+    log: LogServer<LogService>,
     health: Option<HealthServer<HealthService>>,
     backend: HeaderValue,
     connection: HeaderValue,
@@ -584,6 +603,8 @@ impl tower::Service<Request<Incoming>> for Dispatch {
         // Without a health service, Echo's router answers UNIMPLEMENTED for health paths.
         let response = if let Some(health) = health {
             health.clone().oneshot(req).boxed()
+        } else if req.uri().path().starts_with("/towline.testkit.v1.Log/") {
+            self.log.clone().oneshot(req).boxed()
         } else {
             self.echo.clone().oneshot(req).boxed()
         };

@@ -22,13 +22,15 @@
 
 mod backend;
 mod load;
+mod produce;
 
 pub use backend::{
     BACKEND_HEADER, Backend, BackendBuilder, CONNECTION_HEADER, ECHO_SERVICE, LATENCY_HEADER,
 };
 pub use load::{Load, LoadReport};
 
-/// Protobuf and tonic code for `towline.testkit.v1.Echo`, generated at build time.
+/// Protobuf and tonic code for `towline.testkit.v1.Echo` and `towline.testkit.v1.Log`, generated
+/// at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("towline.testkit.v1");
