@@ -72,6 +72,13 @@ pub fn to_header_value(timeout: Duration) -> HeaderValue {
         .expect("digits and a unit are a valid header value")
 }
 
+/// `now + timeout`, saturating at about thirty years from now: a duration such as
+/// `Duration::MAX` in a configuration means "never", not an overflow panic.
+pub(crate) fn instant_after(now: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+    now.checked_add(timeout).unwrap_or_else(|| now + FAR_FUTURE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +112,16 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn instants_saturate_instead_of_overflowing() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            instant_after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert!(instant_after(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
     }
 
     #[test]

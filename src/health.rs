@@ -299,7 +299,10 @@ where
                 }
                 first = false;
                 let spread = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
-                tokio::time::sleep(interval.mul_f64(spread)).await;
+                // `try_from` rather than `mul_f64`: a huge interval must not overflow (it means "rarely").
+                let pause = Duration::try_from_secs_f64(interval.as_secs_f64() * spread)
+                    .unwrap_or(Duration::MAX);
+                tokio::time::sleep(pause).await;
             }
         }
     }

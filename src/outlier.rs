@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::ConfigError;
+use crate::deadline::instant_after;
 
 /// gRFC A50 outlier detection settings, with failure accrual. Build with [`OutlierDetection::builder`].
 #[derive(Debug, Clone)]
@@ -269,7 +270,7 @@ pub(crate) struct Host {
 }
 
 impl OutlierDetection {
-    fn may_eject(&self, hosts: &[Host]) -> bool {
+    pub(crate) fn may_eject(&self, hosts: &[Host]) -> bool {
         let ejected = hosts
             .iter()
             .filter(|h| h.ejection.ejected_at.is_some())
@@ -311,7 +312,10 @@ impl OutlierDetection {
         hosts
             .iter()
             .filter_map(|h| {
-                Some(h.ejection.ejected_at? + self.ejection_time(h.ejection.multiplier))
+                Some(instant_after(
+                    h.ejection.ejected_at?,
+                    self.ejection_time(h.ejection.multiplier),
+                ))
             })
             .min()
     }
@@ -321,7 +325,7 @@ impl OutlierDetection {
         let mut changed = false;
         for host in hosts.iter_mut() {
             if let Some(at) = host.ejection.ejected_at
-                && now >= at + self.ejection_time(host.ejection.multiplier)
+                && now >= instant_after(at, self.ejection_time(host.ejection.multiplier))
             {
                 host.ejection.ejected_at = None;
                 changed = true;
@@ -378,7 +382,9 @@ impl OutlierDetection {
         }
         for host in hosts.iter_mut() {
             match host.ejection.ejected_at {
-                Some(at) if now >= at + self.ejection_time(host.ejection.multiplier) => {
+                Some(at)
+                    if now >= instant_after(at, self.ejection_time(host.ejection.multiplier)) =>
+                {
                     host.ejection.ejected_at = None;
                 }
                 None => host.ejection.multiplier = host.ejection.multiplier.saturating_sub(1),

@@ -151,7 +151,7 @@ pub fn code_from_error(err: &(dyn Error + 'static)) -> Code {
 }
 
 /// Whether an error proves the request never reached the server application: the connection
-/// could not be made, the stream was refused (`REFUSED_STREAM`) or fell above a GOAWAY's last
+/// could not be made, the stream was refused (`REFUSED_STREAM`) or fell above a graceful GOAWAY's last
 /// stream id, or the request never left the client's dispatch queue. gRFC A6 retries such calls
 /// transparently.
 pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
@@ -160,7 +160,12 @@ pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
             return true;
         }
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away();
+            // A graceful GOAWAY (NO_ERROR) fails only the streams above its last stream id, which
+            // the server never saw. A GOAWAY with an error reason is handed to every open stream,
+            // processed ones included, so it proves nothing.
+            let refused = h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let graceful_go_away = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            return refused || graceful_go_away;
         }
         if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
             return hyper.is_canceled();

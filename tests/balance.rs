@@ -602,3 +602,105 @@ async fn calls_lost_with_a_dead_connection_do_not_eject_the_endpoint() {
         b.snapshot()
     );
 }
+
+#[tokio::test]
+async fn a_finished_stream_stops_counting_as_in_flight_before_it_is_dropped() {
+    let backends = Backend::start_many(1).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().build().unwrap(),
+    );
+    all_ready(&b, 1).await;
+    let mut client = EchoClient::new(b.clone());
+    let request = EchoRequest {
+        count: 3,
+        ..Default::default()
+    };
+    let mut stream = client.server_stream(request).await.unwrap().into_inner();
+    let mut n = 0;
+    while stream.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 3);
+    // tonic stops polling the body after the trailers; the call is over all the same.
+    assert_eq!(b.snapshot()[0].in_flight, 0);
+    drop(stream);
+}
+
+/// An endpoint service whose calls fail with whatever error it was made with.
+#[derive(Clone)]
+struct Failing(fn() -> towline::BoxError);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Failing {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = towline::BoxError;
+    type Future = std::future::Ready<Result<Self::Response, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), towline::BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::ready(Err((self.0)()))
+    }
+}
+
+#[tokio::test]
+async fn only_a_raw_transport_error_takes_an_endpoint_down() {
+    use tower::ServiceExt;
+    for (error, goes_down) in [
+        // A pool answers with a Status after dropping just the broken connection: keep the
+        // endpoint (and the pool's other connections).
+        (
+            (|| Box::new(tonic::Status::unavailable("pool: connection reset")) as towline::BoxError)
+                as fn() -> _,
+            false,
+        ),
+        // A channel's raw transport error: the connection itself is gone.
+        (
+            || {
+                Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+                    as towline::BoxError
+            },
+            true,
+        ),
+    ] {
+        let make =
+            tower::service_fn(
+                move |_: Uri| async move { Ok::<_, towline::BoxError>(Failing(error)) },
+            );
+        let b: Balance<Failing> = ServiceBuilder::new()
+            .layer(BalanceLayer::new(
+                Static::new([Uri::from_static("http://a:1")]),
+                config().build().unwrap(),
+            ))
+            .service(make);
+        timeout(
+            Duration::from_secs(5),
+            b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready)),
+        )
+        .await
+        .unwrap();
+        let request = http::Request::new(tonic::body::Body::empty());
+        let err = b.clone().oneshot(request).await.unwrap_err();
+        let status = err.downcast::<tonic::Status>().unwrap();
+        assert_eq!(status.code(), Code::Unavailable);
+        if goes_down {
+            timeout(
+                Duration::from_secs(5),
+                b.wait_until(|s| s[0].state != EndpointState::Ready),
+            )
+            .await
+            .unwrap();
+        } else {
+            // Give the driver every chance to act on a wrong signal, then check nothing moved.
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(b.snapshot()[0].state, EndpointState::Ready);
+        }
+    }
+}

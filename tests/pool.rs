@@ -567,3 +567,30 @@ async fn composes_under_the_balancer_one_pool_per_endpoint() {
         assert_eq!(backend.connections_accepted(), 2, "{}", backend.id());
     }
 }
+
+#[tokio::test]
+async fn an_idle_timeout_of_duration_max_means_never_not_a_panic() {
+    let backend = Backend::start().await.unwrap();
+    let config = PoolConfig::builder()
+        .min_connections(0)
+        .max_connections(2)
+        .idle_timeout(Duration::MAX)
+        .backoff(
+            Backoff::new(
+                Jitter::Grpc,
+                Duration::from_millis(50),
+                Duration::from_millis(200),
+                1.6,
+            )
+            .unwrap(),
+        )
+        .wait_timeout(Duration::from_secs(5));
+    let pool = make_pool(&backend, config).await.unwrap();
+    call(&pool).await.unwrap();
+    // The background task planned a reap (at "never") after that call; it must still be alive to
+    // replace the connection once it breaks.
+    backend.stop().await;
+    let _ = call(&pool).await;
+    backend.restart().await.unwrap();
+    call(&pool).await.unwrap();
+}

@@ -19,6 +19,7 @@ use super::service::{EndpointService, MakeEndpoint};
 use super::table::{Connection, Health, Shared, Slot};
 use crate::BoxError;
 use crate::backoff::Backoff;
+use crate::deadline::instant_after;
 use crate::discover::{Change, Discover};
 use crate::health::{HealthCheck, Verdict};
 use crate::outlier::{Host, OutlierDetection};
@@ -118,7 +119,8 @@ where
             .detection
             .as_ref()
             .map_or(Duration::from_secs(3600), |d| d.interval);
-        let mut outlier_tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        let mut outlier_tick =
+            tokio::time::interval_at(instant_after(Instant::now(), interval), interval);
         outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
@@ -184,11 +186,12 @@ where
         self.shared.update(|t| {
             if let Some(slot) = t.slot_mut(endpoint.id) {
                 slot.draining = true;
-                slot.load.signals.draining.store(true, Ordering::Release);
+                // SeqCst: pairs with the last call's decrement (see `CallGuard::drop`).
+                slot.load.signals.draining.store(true, Ordering::SeqCst);
                 slot.service = None;
             }
             t.slots
-                .retain(|s| !(s.draining && s.load.in_flight.load(Ordering::Acquire) == 0));
+                .retain(|s| !(s.draining && s.load.in_flight.load(Ordering::SeqCst) == 0));
         });
     }
 
@@ -205,7 +208,8 @@ where
                 } else {
                     Health::Serving
                 };
-                if let Some(slot) = t.slot_mut(id) {
+                // A connection that raced with removal must not be kept for a draining endpoint.
+                if let Some(slot) = t.slot_mut(id).filter(|s| !s.draining) {
                     slot.connection = Connection::Connected;
                     slot.service = Some(service);
                     slot.generation = generation;
@@ -300,11 +304,26 @@ where
             return;
         };
         let now = Instant::now();
+        // Most calls past the threshold change nothing (already ejected, or the ejection limit
+        // is reached): decide that under the read lock, without rebuilding the table.
         let index = self.shared.inspect(|t| {
-            t.slots
+            let live: Vec<Host> = t
+                .slots
                 .iter()
                 .filter(|s| !s.draining)
-                .position(|s| s.load.id == id)
+                .map(|s| Host {
+                    successes: 0,
+                    failures: 0,
+                    ejection: s.ejection,
+                })
+                .collect();
+            let index = t
+                .slots
+                .iter()
+                .filter(|s| !s.draining)
+                .position(|s| s.load.id == id)?;
+            let already = live[index].ejection.ejected_at.is_some();
+            (!already && detection.may_eject(&live)).then_some(index)
         });
         if let Some(index) = index {
             let ejected = self.with_hosts(|hosts| detection.eject_for_failures(hosts, index, now));

@@ -23,6 +23,7 @@ use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
 use super::table::{Picked, Shared, unavailable_status};
 use crate::BoxError;
+use crate::deadline::instant_after;
 use crate::discover::Discover;
 use crate::status::{
     ResponseStatus, classify_response, code_from_error, code_from_trailers, status_from_error,
@@ -451,7 +452,9 @@ where
             },
             Err(reason) => {
                 let now = Instant::now();
-                let deadline = *self.deadline.get_or_insert(now + self.endpoint_wait);
+                let deadline = *self
+                    .deadline
+                    .get_or_insert(instant_after(now, self.endpoint_wait));
                 // After a failover there is no point waiting: the table has not caught up yet.
                 if now >= deadline || !self.tried.is_empty() {
                     return State::Failed {
@@ -511,10 +514,14 @@ impl CallGuard {
         }
     }
 
-    /// The inner service failed the call: a transport error (servers answer with a response).
+    /// The inner service failed the call (servers answer with a response, so this is about the
+    /// connection, or the inner service's own verdict).
     fn failed(&mut self, err: &(dyn std::error::Error + 'static)) {
         let code = code_from_error(err);
-        if code == Code::Unavailable {
+        // A raw transport error means the connection this endpoint holds is broken. A `Status`
+        // is the inner service's own verdict: a pool, say, that already dropped the broken
+        // connection and keeps its others; rebuilding the whole endpoint for it would be wrong.
+        if code == Code::Unavailable && !err.is::<Status>() {
             // The connection broke. The connection task owns that (down, reconnect with
             // backoff); counting it for outlier detection too would keep a backend that is back
             // up ejected for a whole ejection time. Outlier detection judges answers.
@@ -522,6 +529,13 @@ impl CallGuard {
             self.connection_broken();
         } else {
             self.finish(code);
+        }
+    }
+
+    /// The call is over: its outcome is known, or it never will be.
+    fn end(guard: &mut Option<CallGuard>, code: Code) {
+        if let Some(mut guard) = guard.take() {
+            guard.finish(code);
         }
     }
 
@@ -540,8 +554,10 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         self.load.observe_rtt(self.started.elapsed());
-        let before = self.load.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if before == 1 && self.load.signals.draining.load(Ordering::Acquire) {
+        // SeqCst pairs with the driver's store of `draining` then load of `in_flight`: one of
+        // the two sides must see the other's write, or a drained endpoint would never leave.
+        let before = self.load.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.load.signals.draining.load(Ordering::SeqCst) {
             let _ = self.feedback.events.send(CallEvent::Drained(self.load.id));
         }
     }
@@ -579,22 +595,16 @@ where
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
+            // Trailers are always the last frame, and tonic stops polling after them: the call
+            // ends here (in-flight count, RTT).
             Some(Ok(frame)) => {
-                if let (Some(trailers), Some(guard)) = (frame.trailers_ref(), this.guard.as_mut()) {
-                    guard.finish(code_from_trailers(Some(trailers)));
+                if let Some(trailers) = frame.trailers_ref() {
+                    CallGuard::end(this.guard, code_from_trailers(Some(trailers)));
                 }
             }
-            Some(Err(_)) => {
-                if let Some(mut guard) = this.guard.take() {
-                    guard.finish(Code::Unavailable);
-                }
-            }
-            None => {
-                if let Some(mut guard) = this.guard.take() {
-                    // A gRPC stream that ends without trailers ended abnormally.
-                    guard.finish(code_from_trailers(None));
-                }
-            }
+            Some(Err(_)) => CallGuard::end(this.guard, Code::Unavailable),
+            // A gRPC stream that ends without trailers ended abnormally.
+            None => CallGuard::end(this.guard, code_from_trailers(None)),
         }
         Poll::Ready(frame)
     }

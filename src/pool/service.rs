@@ -308,8 +308,13 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) {
+        let over = match &frame {
+            // Trailers are always the last frame, and tonic stops polling after them.
+            Some(Ok(frame)) => frame.is_trailers(),
             // The end, or an error: the stream is over either way.
+            _ => true,
+        };
+        if over {
             this.guard.take();
         }
         Poll::Ready(frame)

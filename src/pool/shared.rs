@@ -26,6 +26,7 @@ use tower_service::Service;
 use super::config::PoolConfig;
 use super::stats::{Metrics, PoolStats};
 use crate::BoxError;
+use crate::deadline::instant_after;
 
 pub(crate) type SharedError = Arc<dyn Error + Send + Sync>;
 
@@ -411,11 +412,12 @@ impl<S> Shared<S> {
                 // It broke before serving one call: as good as a failed connect.
                 st.failures += 1;
                 st.consecutive_failures = st.consecutive_failures.saturating_add(1);
-                st.next_attempt = Some(
-                    now + config
+                st.next_attempt = Some(instant_after(
+                    now,
+                    config
                         .backoff
                         .delay(st.consecutive_failures, Duration::ZERO),
-                );
+                ));
             }
             dropped.push(conn);
         }
@@ -429,9 +431,9 @@ impl<S> Shared<S> {
             let load = &st.conns[i].load;
             let reap_at = if load.in_flight() == 0 {
                 let last = Duration::from_nanos(load.last_active.load(Ordering::Acquire));
-                self.core.epoch + last + config.idle_timeout
+                instant_after(self.core.epoch + last, config.idle_timeout)
             } else {
-                now + config.idle_timeout
+                instant_after(now, config.idle_timeout)
             };
             if reap_at <= now {
                 dropped.push(st.conns.remove(i));
@@ -512,7 +514,7 @@ impl<S> Shared<S> {
                     .config
                     .backoff
                     .delay(st.consecutive_failures, Duration::ZERO);
-                st.next_attempt = Some(now + delay);
+                st.next_attempt = Some(instant_after(now, delay));
                 st.last_error = Some(err);
                 metrics.attempts_failed.increment(1);
             }
