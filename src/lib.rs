@@ -30,6 +30,7 @@
 //! ## Modules
 //! - [`backoff`]: exponential backoff with jitter, shared by retries and reconnects.
 //! - [`balance`]: health-gated load balancing with swappable strategies.
+//! - [`config`]: the standard gRPC service config (JSON), validated, built into towline layers.
 //! - [`health`]: active `grpc.health.v1` checks; [`outlier`]: passive ejection (gRFC A50).
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
@@ -48,6 +49,7 @@
 
 pub mod backoff;
 pub mod balance;
+pub mod config;
 pub mod connect;
 pub mod deadline;
 pub mod discover;
