@@ -7,7 +7,7 @@
 //!
 //! let config = ServiceConfig::from_json(r#"{
 //!   "methodConfig": [{
-//!     "name": [{"service": "towline.testkit.Echo"}],
+//!     "name": [{"service": "towline.testkit.v1.Echo"}],
 //!     "timeout": "1.5s",
 //!     "retryPolicy": {
 //!       "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
@@ -18,7 +18,7 @@
 //!   "loadBalancingConfig": [{"grpclb": {}}, {"round_robin": {}}],
 //!   "healthCheckConfig": {"serviceName": ""}
 //! }"#)?;
-//! let mc = config.method_config("/towline.testkit.Echo/Unary").unwrap();
+//! let mc = config.method_config("/towline.testkit.v1.Echo/Unary").unwrap();
 //! assert_eq!(mc.timeout, Some(Duration::from_millis(1500)));
 //!
 //! let retry = config.retry_layer();          // Some(RetryLayer): per-method policies, throttling
