@@ -16,7 +16,9 @@ use towline::testkit::Backend;
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 
 fn corpus(kind: &str) -> Vec<(String, String)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/service_configs").join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/service_configs")
+        .join(kind);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -103,10 +105,15 @@ fn the_most_specific_name_wins() {
     assert_eq!(unary.wait_for_ready, Some(true));
     assert_eq!(unary.max_response_message_bytes, Some(4 * 1024 * 1024));
 
-    let stream = c.method_config("/towline.testkit.v1.Echo/ServerStream").unwrap();
+    let stream = c
+        .method_config("/towline.testkit.v1.Echo/ServerStream")
+        .unwrap();
     assert!(stream.retry_policy.is_none() && stream.hedging_policy.is_some());
     // `{"service": "other.Service", "method": ""}` names the whole service.
-    assert!(std::ptr::eq(c.method_config("/other.Service/Any").unwrap(), stream));
+    assert!(std::ptr::eq(
+        c.method_config("/other.Service/Any").unwrap(),
+        stream
+    ));
     let default = c.method_config("/x.Y/Z").unwrap();
     assert_eq!(default.timeout, Some(Duration::from_secs(10)));
     assert!(std::ptr::eq(c.method_config("garbage").unwrap(), default));
@@ -127,7 +134,11 @@ fn max_attempts_above_five_is_five_and_unknown_lb_policies_fall_through() {
     let read = |f: &str| ServiceConfig::from_json(&std::fs::read_to_string(dir.join(f)).unwrap());
     let c = read("max_attempts_capped.json").unwrap();
     assert_eq!(
-        c.method_configs()[0].retry_policy.as_ref().unwrap().max_attempts,
+        c.method_configs()[0]
+            .retry_policy
+            .as_ref()
+            .unwrap()
+            .max_attempts,
         5
     );
     let c = read("lb_fall_through.json").unwrap();
@@ -180,7 +191,11 @@ async fn a_stack_built_from_json_applies_retries_timeouts_and_balancing() {
     // Round robin over both backends.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..4 {
-        let reply = client.unary(EchoRequest::default()).await.unwrap().into_inner();
+        let reply = client
+            .unary(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(reply.request_headers["grpc-timeout"], "300000u");
         seen.insert(reply.backend);
     }
@@ -214,7 +229,11 @@ async fn a_stack_built_from_json_applies_retries_timeouts_and_balancing() {
     let start = Instant::now();
     let err = client.unary(EchoRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
 
     // A caller's shorter deadline is kept.
     for b in &backends {

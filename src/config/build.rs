@@ -21,7 +21,11 @@ impl ServiceConfig {
     /// Backoff is gRFC A6's: `min(initialBackoff × backoffMultiplier^(n−1), maxBackoff)` with
     /// ±20 % jitter (a `maxBackoff` below `initialBackoff` caps every delay at `maxBackoff`).
     pub fn retry_layer(&self) -> Option<RetryLayer> {
-        if self.method_configs.iter().all(|mc| mc.retry_policy.is_none()) {
+        if self
+            .method_configs
+            .iter()
+            .all(|mc| mc.retry_policy.is_none())
+        {
             return None;
         }
         let budget = self.retry_throttling.map(|t| {

@@ -130,7 +130,11 @@ impl ServiceConfig {
         (!service.is_empty() && !method.is_empty())
             .then(|| find(Some(service), Some(method)))
             .flatten()
-            .or_else(|| (!service.is_empty()).then(|| find(Some(service), None)).flatten())
+            .or_else(|| {
+                (!service.is_empty())
+                    .then(|| find(Some(service), None))
+                    .flatten()
+            })
             .or_else(|| find(None, None))
     }
 

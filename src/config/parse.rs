@@ -8,8 +8,8 @@ use serde_json::{Map, Value};
 use tonic::Code;
 
 use super::{
-    HealthCheckConfig, HedgingPolicyConfig, LbPolicy, MethodConfig, MethodName,
-    RetryPolicyConfig, RetryThrottling, RingHashConfig, ServiceConfig, WeightedRoundRobinConfig,
+    HealthCheckConfig, HedgingPolicyConfig, LbPolicy, MethodConfig, MethodName, RetryPolicyConfig,
+    RetryThrottling, RingHashConfig, ServiceConfig, WeightedRoundRobinConfig,
 };
 use crate::ConfigError;
 use crate::outlier::{FailurePercentageEjection, OutlierDetection, SuccessRateEjection};
@@ -55,15 +55,18 @@ fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str> {
 }
 
 fn boolean(v: &Value, path: &str) -> Result<bool> {
-    v.as_bool().ok_or_else(|| err(path, "must be true or false"))
+    v.as_bool()
+        .ok_or_else(|| err(path, "must be true or false"))
 }
 
 /// A proto JSON integer: a JSON number with no fraction, or the same as a decimal string.
 fn uint(v: &Value, path: &str, max: u64) -> Result<u64> {
     let n = match v {
-        Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
         Value::String(s) => s.parse::<u64>().ok(),
         _ => None,
     };
@@ -186,8 +189,8 @@ fn max_attempts(map: &Map<String, Value>, path: &str) -> Result<u32> {
 }
 
 pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
-    let root: Value = serde_json::from_str(json)
-        .map_err(|e| err("$", format!("not valid JSON: {e}")))?;
+    let root: Value =
+        serde_json::from_str(json).map_err(|e| err("$", format!("not valid JSON: {e}")))?;
     let root = object(&root, "$")?;
 
     let mut method_configs = Vec::new();
@@ -210,7 +213,10 @@ pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
         // grpc-go reads it).
         let name = string(v, p)?.to_ascii_lowercase();
         if name == "outlier_detection" || name == "outlier_detection_experimental" {
-            return Err(err(p, "outlier_detection needs loadBalancingConfig (a child policy)"));
+            return Err(err(
+                p,
+                "outlier_detection needs loadBalancingConfig (a child policy)",
+            ));
         }
         Some(
             lb_policy(&name, &Value::Object(Map::new()), p, false)?
@@ -240,11 +246,7 @@ pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
     })
 }
 
-fn method_config(
-    v: &Value,
-    path: &str,
-    seen: &mut HashSet<MethodName>,
-) -> Result<MethodConfig> {
+fn method_config(v: &Value, path: &str, seen: &mut HashSet<MethodName>) -> Result<MethodConfig> {
     let map = object(v, path)?;
     let names_path = key(path, "name");
     let names_v = field(map, "name").ok_or_else(|| err(&names_path, "is required"))?;
@@ -326,7 +328,9 @@ fn retry_policy(v: &Value, path: &str) -> Result<RetryPolicyConfig> {
     let max_attempts = max_attempts(map, path)?;
     let required = |k: &str| {
         let p = key(path, k);
-        field(map, k).map(|v| (v, p.clone())).ok_or_else(|| err(&p, "is required"))
+        field(map, k)
+            .map(|v| (v, p.clone()))
+            .ok_or_else(|| err(&p, "is required"))
     };
     let (v, p) = required("initialBackoff")?;
     let initial_backoff = positive_duration(v, &p)?;
@@ -389,7 +393,10 @@ fn retry_throttling(v: &Value, path: &str) -> Result<RetryThrottling> {
     }
     // gRFC A6: at most three decimal places are used.
     if (token_ratio * 1000.0).round() < 1.0 {
-        return Err(err(&p, "must be at least 0.001 (three decimal places are used)"));
+        return Err(err(
+            &p,
+            "must be at least 0.001 (three decimal places are used)",
+        ));
     }
     Ok(RetryThrottling {
         max_tokens,
@@ -428,7 +435,10 @@ fn lb_config_list(v: &Value, path: &str, outermost: bool) -> Result<LbPolicy> {
         if skipped.is_empty() {
             "must name at least one policy".to_owned()
         } else {
-            format!("names no policy towline supports (saw {})", skipped.join(", "))
+            format!(
+                "names no policy towline supports (saw {})",
+                skipped.join(", ")
+            )
         },
     ))
 }
@@ -437,7 +447,11 @@ fn lb_config_list(v: &Value, path: &str, outermost: bool) -> Result<LbPolicy> {
 fn lb_policy(name: &str, config: &Value, path: &str, outermost: bool) -> Result<Option<LbPolicy>> {
     // A policy's config is an object; `null` means its defaults.
     let empty = Map::new();
-    let map = if config.is_null() { &empty } else { object(config, path)? };
+    let map = if config.is_null() {
+        &empty
+    } else {
+        object(config, path)?
+    };
     let policy = match name {
         "pick_first" => LbPolicy::PickFirst {
             shuffle_address_list: field(map, "shuffleAddressList")
@@ -612,16 +626,33 @@ mod tests {
     fn durations_follow_proto_json() {
         assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("0.000000001s"), Some(Duration::from_nanos(1)));
+        assert_eq!(
+            parse_duration("0.000000001s"),
+            Some(Duration::from_nanos(1))
+        );
         assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
-        for bad in ["", "s", "1", "1.s", ".5s", "-1s", "1.0000000001s", "1ms", " 1s", "1e3s"] {
+        for bad in [
+            "",
+            "s",
+            "1",
+            "1.s",
+            ".5s",
+            "-1s",
+            "1.0000000001s",
+            "1ms",
+            " 1s",
+            "1e3s",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
     }
 
     #[test]
     fn codes_by_name_or_number() {
-        assert_eq!(code(&Value::from("UNAVAILABLE"), "x").unwrap(), Code::Unavailable);
+        assert_eq!(
+            code(&Value::from("UNAVAILABLE"), "x").unwrap(),
+            Code::Unavailable
+        );
         assert_eq!(code(&Value::from(14), "x").unwrap(), Code::Unavailable);
         assert!(code(&Value::from("unavailable"), "x").is_err());
         assert!(code(&Value::from(17), "x").is_err());

@@ -97,8 +97,10 @@ where
         if let Some(configured) = self.routes.timeout_for(req.uri().path()) {
             let own = deadline::from_headers(req.headers());
             if own.is_none_or(|own| configured < own) {
-                req.headers_mut()
-                    .insert(deadline::GRPC_TIMEOUT, deadline::to_header_value(configured));
+                req.headers_mut().insert(
+                    deadline::GRPC_TIMEOUT,
+                    deadline::to_header_value(configured),
+                );
             }
         }
         self.inner.call(req)
