@@ -244,3 +244,66 @@ async fn a_stack_built_from_json_applies_retries_timeouts_and_balancing() {
     let reply = client.unary(req).await.unwrap().into_inner();
     assert_eq!(reply.request_headers["grpc-timeout"], "100000u");
 }
+
+/// `hedgingPolicy`: with one backend slow, the hedge sent after `hedgingDelay` goes to the other
+/// backend and wins, so no call waits for the slow one; a fatal code ends the call at once.
+#[tokio::test]
+async fn hedging_from_json_hides_a_slow_backend() {
+    let config = ServiceConfig::from_json(
+        r#"{
+          "methodConfig": [{"name": [{"service": "towline.testkit.v1.Echo"}],
+            "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.02s",
+                              "nonFatalStatusCodes": ["UNAVAILABLE"]}}],
+          "loadBalancingConfig": [{"round_robin": {}}]
+        }"#,
+    )
+    .unwrap();
+    assert!(config.retry_layer().is_none());
+    let backends = Backend::start_many(2).await.unwrap();
+    backends[0].set_latency(Duration::from_millis(800));
+    let balance = BalanceLayer::new(
+        Static::new(backends.iter().map(Backend::uri)),
+        config.balance_config().build().unwrap(),
+    )
+    .layer(Connect::new());
+    let stack = ServiceBuilder::new()
+        .option_layer(config.hedge_layer())
+        .service(balance);
+    let mut client = EchoClient::new(stack);
+    // Warm up: both endpoints connected.
+    for _ in 0..2 {
+        client.unary(EchoRequest::default()).await.unwrap();
+    }
+
+    for _ in 0..6 {
+        let start = Instant::now();
+        let reply = client
+            .unary(EchoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.backend, backends[1].id());
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    // Non-fatal UNAVAILABLE from the fast backend: the slow copy still answers.
+    backends[0].set_latency(Duration::from_millis(50));
+    backends[1].fail_next(100, Code::Unavailable);
+    let reply = client
+        .unary(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.backend, backends[0].id());
+    // A fatal code ends the call, whatever the other copy would have said.
+    backends[1].clear_faults();
+    backends[0].set_latency(Duration::ZERO);
+    backends[0].fail_next(100, Code::Internal);
+    backends[1].fail_next(100, Code::Internal);
+    let err = client.unary(EchoRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal);
+}

@@ -10,13 +10,13 @@ use crate::balance::{
     WeightedRoundRobin,
 };
 use crate::health::HealthCheck;
-use crate::retry::{Jitter, RetryBudget, RetryLayer, RetryPolicy};
+use crate::retry::{HedgeLayer, HedgePolicy, Jitter, RetryBudget, RetryLayer, RetryPolicy};
 
 impl ServiceConfig {
     /// A [`RetryLayer`] with each method's `retryPolicy`, or `None` when no method has one.
     ///
-    /// Methods whose config has no `retryPolicy` (or a `hedgingPolicy`, not implemented yet) and
-    /// methods no config names are sent once. With `retryThrottling`, every policy draws from one
+    /// Methods whose config has no `retryPolicy` (a `hedgingPolicy` is
+    /// [`hedge_layer`](Self::hedge_layer)'s) and methods no config names are not retried. With `retryThrottling`, every policy draws from one
     /// shared [`RetryBudget::token_bucket`]; without it retries are not throttled (gRFC A6).
     /// Backoff is gRFC A6's: `min(initialBackoff × backoffMultiplier^(n−1), maxBackoff)` with
     /// ±20 % jitter (a `maxBackoff` below `initialBackoff` caps every delay at `maxBackoff`).
@@ -28,16 +28,51 @@ impl ServiceConfig {
         {
             return None;
         }
-        let budget = self.retry_throttling.map(|t| {
-            RetryBudget::token_bucket(t.max_tokens, t.token_ratio)
-                .expect("retryThrottling was validated")
-        });
+        let budget = self.budget.clone();
         let policy = |mc: &MethodConfig| match &mc.retry_policy {
             Some(p) => retry_policy(p, budget.clone()),
             None => no_retries(),
         };
         let default = self.default_config().map_or_else(no_retries, policy);
         let mut layer = RetryLayer::new(default);
+        for mc in &self.method_configs {
+            for name in &mc.names {
+                layer = match (&name.service, &name.method) {
+                    (Some(s), Some(m)) => layer.method_policy(&format!("/{s}/{m}"), policy(mc)),
+                    (Some(s), None) => layer.service_policy(s, policy(mc)),
+                    _ => layer,
+                };
+            }
+        }
+        Some(layer)
+    }
+
+    /// A [`HedgeLayer`] with each method's `hedgingPolicy`, or `None` when no method has one.
+    /// With `retryThrottling`, hedges draw from the same token bucket as the retry layer's
+    /// retries. Put it inside the retry layer: a method has one or the other, never both.
+    pub fn hedge_layer(&self) -> Option<HedgeLayer> {
+        if self
+            .method_configs
+            .iter()
+            .all(|mc| mc.hedging_policy.is_none())
+        {
+            return None;
+        }
+        let policy = |mc: &MethodConfig| {
+            mc.hedging_policy.as_ref().map(|h| {
+                let p = HedgePolicy::new(
+                    h.max_attempts,
+                    h.hedging_delay,
+                    h.non_fatal_status_codes.iter().copied(),
+                )
+                .expect("hedgingPolicy was validated");
+                match &self.budget {
+                    Some(budget) => p.budget(budget.clone()),
+                    None => p,
+                }
+            })
+        };
+        let mut layer = HedgeLayer::new(self.default_config().and_then(policy));
         for mc in &self.method_configs {
             for name in &mc.names {
                 layer = match (&name.service, &name.method) {

@@ -22,9 +22,10 @@
 //! assert_eq!(mc.timeout, Some(Duration::from_millis(1500)));
 //!
 //! let retry = config.retry_layer();          // Some(RetryLayer): per-method policies, throttling
+//! let hedges = config.hedge_layer();        // None: no method has a hedgingPolicy
 //! let timeouts = config.timeout_layer();     // Some(MethodTimeoutLayer): per-method grpc-timeout
 //! let balance = config.balance_config().build()?; // round_robin, Watch health checks
-//! # let _ = (retry, timeouts, balance);
+//! # let _ = (retry, hedges, timeouts, balance);
 //!
 //! let err = ServiceConfig::from_json(r#"{"methodConfig": [{"name": [{}],
 //!     "retryPolicy": {"maxAttempts": 1}}]}"#).unwrap_err();
@@ -57,6 +58,9 @@
 //!   with each method's `retryPolicy` (gRFC A6 backoff with ±20 % jitter), and `retryThrottling`
 //!   as one [`RetryBudget::token_bucket`](crate::retry::RetryBudget::token_bucket) shared by
 //!   every method; without `retryThrottling` retries are unthrottled, as in gRPC.
+//! - [`hedge_layer`](ServiceConfig::hedge_layer): a [`HedgeLayer`](crate::retry::HedgeLayer)
+//!   with each method's `hedgingPolicy`, drawing from the same `retryThrottling` bucket as the
+//!   retry layer (every layer built from one `ServiceConfig` shares one bucket).
 //! - [`timeout_layer`](ServiceConfig::timeout_layer): [`MethodTimeoutLayer`], each method's
 //!   `timeout` as its `grpc-timeout`, or the caller's own deadline when that is shorter. Put it
 //!   outside the retry layer so that retries honour it.
@@ -66,8 +70,6 @@
 //!   as gRFC A50 outlier detection (off when the config has none, as in gRPC).
 //!
 //! ## What is checked but not (yet) applied
-//! - `hedgingPolicy`: parsed and validated; towline has no hedging yet, so a method with a
-//!   hedging policy is sent once (no retries either).
 //! - `waitForReady`: towline's balancer always waits up to `endpoint_wait` for a ready endpoint;
 //!   the per-method flag is available in [`MethodConfig`] but not applied.
 //! - `maxRequestMessageBytes` / `maxResponseMessageBytes`: available in [`MethodConfig`]; set
@@ -99,6 +101,8 @@ pub struct ServiceConfig {
     retry_throttling: Option<RetryThrottling>,
     load_balancing: Option<LbPolicy>,
     health_check: Option<HealthCheckConfig>,
+    /// `retryThrottling` as one token bucket, shared by every layer built from this config.
+    budget: Option<crate::retry::RetryBudget>,
 }
 
 impl ServiceConfig {
@@ -171,7 +175,7 @@ pub struct MethodConfig {
     pub max_response_message_bytes: Option<u64>,
     /// `retryPolicy`.
     pub retry_policy: Option<RetryPolicyConfig>,
-    /// `hedgingPolicy` (validated; not applied yet).
+    /// `hedgingPolicy`.
     pub hedging_policy: Option<HedgingPolicyConfig>,
 }
 
@@ -211,7 +215,7 @@ pub struct RetryPolicyConfig {
     pub retryable_status_codes: Vec<Code>,
 }
 
-/// gRFC A6 `hedgingPolicy`, validated.
+/// gRFC A6 `hedgingPolicy`, validated; applied by [`ServiceConfig::hedge_layer`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct HedgingPolicyConfig {

@@ -238,7 +238,12 @@ pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
         })
         .transpose()?;
 
+    let budget = retry_throttling.map(|t| {
+        crate::retry::RetryBudget::token_bucket(t.max_tokens, t.token_ratio)
+            .expect("retryThrottling was validated")
+    });
     Ok(ServiceConfig {
+        budget,
         method_configs,
         retry_throttling,
         load_balancing,
