@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench scenarios                # every scenario
 //! cargo bench --bench scenarios -- overhead    # the scenarios whose name contains "overhead"
+//! cargo bench --bench scenarios -- hedging     # p99 with one slow backend, with and without hedging
 //! cargo bench --bench scenarios -- --quick     # a few seconds each (CI smoke run)
 //! ```
 //!
@@ -11,6 +12,7 @@
 //! and reports their ratios.
 
 mod balance;
+mod hedging;
 mod overhead;
 mod pool;
 mod retry_storm;
@@ -47,6 +49,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "retry-storm",
         "every backend fails, then recovers: retry amplification with and without a budget",
         retry_storm::run,
+    ),
+    (
+        "hedging",
+        "4 backends, one 50 ms slow: p50/p99 under round robin without and with a hedgingPolicy from a service config",
+        hedging::run,
     ),
 ];
 
