@@ -48,6 +48,10 @@
 //!   supported one is used; a list with none supported is an error. The chosen policy's config
 //!   must be valid: an invalid one is an error, it does not fall through.
 //!
+//! Two checks are stricter than grpc-go, on purpose: a `methodConfig` entry must have a non-empty
+//! `name` list (grpc-go accepts one that matches nothing), and a `timeout` must be greater than
+//! zero (a zero timeout fails every call).
+//!
 //! Names match as the spec says: `{service, method}` one method, `{service}` every method of
 //! the service, `{}` every method (the default); the most specific wins, and the winner applies
 //! whole (a method's own config with no `retryPolicy` means no retries even if the default has

@@ -142,7 +142,9 @@ impl fmt::Debug for HedgePolicy {
 /// non-fatal, or an error whose code is not non-fatal, is the call's result; the other copies
 /// are dropped (cancelled). A non-fatal failure sends the next copy at once; when every copy has
 /// failed non-fatally the last failure is returned. With a budget, no copy is sent while it is
-/// spent. Calls whose path has no policy go straight through (in a boxed future).
+/// spent. Calls whose path has no policy, and calls that carry [`NoRetry`](super::NoRetry), go
+/// straight through (in a boxed future). Hedges are not yet counted in metrics (gRFC A96's
+/// `grpc.client.call.hedges`).
 #[derive(Clone)]
 pub struct HedgeLayer {
     shared: Arc<Shared>,
@@ -261,7 +263,12 @@ where
         // The service polled ready takes the first copy; clones wait for readiness themselves.
         let mut ready = self.inner.clone();
         std::mem::swap(&mut ready, &mut self.inner);
-        match self.shared.policy_for(req.uri().path()).cloned() {
+        let policy = if req.extensions().get::<super::NoRetry>().is_some() {
+            None
+        } else {
+            self.shared.policy_for(req.uri().path()).cloned()
+        };
+        match policy {
             None => {
                 let fut = ready.call(req);
                 Box::pin(async move { fut.await.map_err(Into::into) })
