@@ -30,6 +30,7 @@
 //! ## Modules
 //! - [`backoff`]: exponential backoff with jitter, shared by retries and reconnects.
 //! - [`balance`]: health-gated load balancing with swappable strategies.
+//! - [`config`]: the standard gRPC service config (JSON), validated, built into towline layers.
 //! - [`health`]: active `grpc.health.v1` checks; [`outlier`]: passive ejection (gRFC A50).
 //! - [`metrics`]: `MetricsLayer`, gRFC A66 call and attempt metrics through the `metrics` facade.
 //! - [`readiness`]: stack health (healthy / degraded / unhealthy, with reasons) for probes and
@@ -53,6 +54,7 @@
 pub mod backoff;
 pub mod balance;
 pub mod batch;
+pub mod config;
 pub mod connect;
 pub mod deadline;
 pub mod discover;

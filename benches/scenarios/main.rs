@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench scenarios                # every scenario
 //! cargo bench --bench scenarios -- overhead    # the scenarios whose name contains "overhead"
+//! cargo bench --bench scenarios -- hedging     # p99 with one slow backend, with and without hedging
 //! cargo bench --bench scenarios -- --quick     # a few seconds each (CI smoke run)
 //! ```
 //!
@@ -12,6 +13,7 @@
 
 mod balance;
 mod batching;
+mod hedging;
 mod overhead;
 mod pool;
 mod retry_storm;
@@ -53,6 +55,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "batching",
         "Log.Produce one record per call vs BatchLayer at (100 items, 100 ms), (1000 items, 10 ms)",
         batching::run,
+    ),
+    (
+        "hedging",
+        "4 backends, one 50 ms slow: p50/p99 under round robin without and with a hedgingPolicy from a service config",
+        hedging::run,
     ),
 ];
 

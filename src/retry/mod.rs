@@ -62,6 +62,7 @@
 mod body;
 mod budget;
 mod future;
+mod hedge;
 mod layer;
 pub mod metrics;
 mod policy;
@@ -71,6 +72,7 @@ pub use crate::backoff::{Backoff, Jitter};
 pub use body::ReplayBody;
 pub use budget::RetryBudget;
 pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, ResponseFuture};
+pub use hedge::{Hedge, HedgeLayer, HedgePolicy};
 pub use layer::RetryLayer;
 pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
 pub use service::Retry;
