@@ -258,17 +258,7 @@ where
             let live: Vec<usize> = (0..t.slots.len())
                 .filter(|&i| !t.slots[i].draining)
                 .collect();
-            let mut hosts: Vec<Host> = live
-                .iter()
-                .map(|&i| {
-                    let load = &t.slots[i].load;
-                    Host {
-                        successes: load.successes.load(Ordering::Relaxed),
-                        failures: load.failures.load(Ordering::Relaxed),
-                        ejection: t.slots[i].ejection,
-                    }
-                })
-                .collect();
+            let mut hosts = t.outlier_hosts();
             let ejections_before: u32 = hosts.iter().map(|h| h.ejection.count).sum();
             let result = f(&mut hosts);
             let ejections_after: u32 = hosts.iter().map(|h| h.ejection.count).sum();
@@ -307,16 +297,7 @@ where
         // Most calls past the threshold change nothing (already ejected, or the ejection limit
         // is reached): decide that under the read lock, without rebuilding the table.
         let index = self.shared.inspect(|t| {
-            let live: Vec<Host> = t
-                .slots
-                .iter()
-                .filter(|s| !s.draining)
-                .map(|s| Host {
-                    successes: 0,
-                    failures: 0,
-                    ejection: s.ejection,
-                })
-                .collect();
+            let live = t.outlier_hosts();
             let index = t
                 .slots
                 .iter()
@@ -335,19 +316,8 @@ where
 
     fn next_unejection(&self) -> Option<Instant> {
         let detection = self.detection.as_ref()?;
-        self.shared.inspect(|t| {
-            let hosts: Vec<Host> = t
-                .slots
-                .iter()
-                .filter(|s| !s.draining)
-                .map(|s| Host {
-                    successes: 0,
-                    failures: 0,
-                    ejection: s.ejection,
-                })
-                .collect();
-            detection.next_unejection(&hosts)
-        })
+        self.shared
+            .inspect(|t| detection.next_unejection(&t.outlier_hosts()))
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::Status;
 use super::endpoint::{Candidate, EndpointId, EndpointSnapshot, EndpointState, Load};
 use super::metrics::BalanceMetrics;
 use super::strategy::Strategy;
-use crate::outlier::Ejection;
+use crate::outlier::{Ejection, Host};
 
 /// What the driver knows about an endpoint's connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +245,19 @@ pub(crate) fn unavailable_status(reason: &str) -> Status {
 impl<S: Clone> Table<S> {
     pub(crate) fn slot_mut(&mut self, id: EndpointId) -> Option<&mut Slot<S>> {
         self.slots.iter_mut().find(|s| s.load.id == id)
+    }
+
+    /// The live (not draining) endpoints as outlier detection sees them, in table order.
+    pub(crate) fn outlier_hosts(&self) -> Vec<Host> {
+        self.slots
+            .iter()
+            .filter(|s| !s.draining)
+            .map(|s| Host {
+                successes: s.load.successes.load(Ordering::Relaxed),
+                failures: s.load.failures.load(Ordering::Relaxed),
+                ejection: s.ejection,
+            })
+            .collect()
     }
 
     fn unavailable_after_failover(&self, tried: usize) -> Arc<str> {
