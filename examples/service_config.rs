@@ -34,7 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     .layer(Connect::new());
     // Outer to inner: the per-method deadline, retries within it, then the balancer.
     let stack = ServiceBuilder::new()
-        .option_layer(config.timeout_layer())
+        .option_layer(config.per_method_layer())
         .option_layer(config.retry_layer())
         .service(balance);
     let mut client = EchoClient::new(stack);

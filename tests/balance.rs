@@ -704,3 +704,68 @@ async fn only_a_raw_transport_error_takes_an_endpoint_down() {
         }
     }
 }
+
+#[tokio::test]
+async fn wait_for_ready_false_fails_at_once_and_true_waits_for_the_endpoint() {
+    use towline::balance::WaitForReady;
+    let backends = Backend::start_many(1).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config()
+            .health_check(HealthCheck::watch(""))
+            .endpoint_wait(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 1).await;
+    backends[0].set_health(ServingStatus::NotServing).await;
+    wait_for(&b, "unhealthy", |s| count(s, EndpointState::Unhealthy) == 1).await;
+    let mut client = EchoClient::new(b.clone());
+    let request = |wait: Option<bool>, timeout: Option<Duration>| {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        if let Some(wait) = wait {
+            request.extensions_mut().insert(WaitForReady(wait));
+        }
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    };
+
+    // Every endpoint in transient failure: a call that is not wait-for-ready fails at once.
+    let started = tokio::time::Instant::now();
+    let status = client.unary(request(Some(false), None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Without the extension it waits out `endpoint_wait`.
+    let started = tokio::time::Instant::now();
+    client.unary(request(None, None)).await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Wait-for-ready waits past `endpoint_wait`, up to its deadline, for the endpoint to heal.
+    let mut waiting = client.clone();
+    let call = tokio::spawn(async move {
+        waiting
+            .unary(request(Some(true), Some(Duration::from_secs(10))))
+            .await
+    });
+    // Heal only once the call is waiting longer than `endpoint_wait` would have let it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!call.is_finished());
+    backends[0].set_health(ServingStatus::Serving).await;
+    let reply = timeout(Duration::from_secs(5), call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_inner().backend, "backend-0");
+}

@@ -41,7 +41,7 @@ fn every_valid_config_parses_and_builds() {
     for (name, json) in valid {
         let config = ServiceConfig::from_json(&json).unwrap_or_else(|e| panic!("{name}: {e}"));
         let _ = config.retry_layer();
-        let _ = config.timeout_layer();
+        let _ = config.per_method_layer();
         config
             .balance_config()
             .build()
@@ -118,7 +118,7 @@ fn the_most_specific_name_wins() {
     assert_eq!(default.timeout, Some(Duration::from_secs(10)));
     assert!(std::ptr::eq(c.method_config("garbage").unwrap(), default));
 
-    let t = c.timeout_layer().unwrap();
+    let t = c.per_method_layer().unwrap();
     assert_eq!(
         t.timeout_for("/towline.testkit.v1.Echo/Unary"),
         Some(Duration::from_millis(1500))
@@ -154,7 +154,7 @@ fn max_attempts_above_five_is_five_and_unknown_lb_policies_fall_through() {
         other => panic!("{other:?}"),
     }
     let c = read("empty.json").unwrap();
-    assert!(c.retry_layer().is_none() && c.timeout_layer().is_none());
+    assert!(c.retry_layer().is_none() && c.per_method_layer().is_none());
 }
 
 /// A stack built from JSON: the config's timeout bounds the call, its retry policy retries
@@ -183,7 +183,7 @@ async fn a_stack_built_from_json_applies_retries_timeouts_and_balancing() {
     )
     .layer(Connect::new());
     let stack = ServiceBuilder::new()
-        .option_layer(config.timeout_layer())
+        .option_layer(config.per_method_layer())
         .option_layer(config.retry_layer())
         .service(balance);
     let mut client = EchoClient::new(stack);
@@ -306,4 +306,31 @@ async fn hedging_from_json_hides_a_slow_backend() {
     backends[1].fail_next(100, Code::Internal);
     let err = client.unary(EchoRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal);
+}
+
+#[test]
+fn wait_for_ready_is_applied_per_method() {
+    let c = ServiceConfig::from_json(
+        r#"{"methodConfig": [
+            {"name": [{"service": "towline.testkit.v1.Echo", "method": "Unary"}], "waitForReady": true},
+            {"name": [{"service": "towline.testkit.v1.Echo"}], "timeout": "2s"},
+            {"name": [{}], "waitForReady": false}
+        ]}"#,
+    )
+    .unwrap();
+    let layer = c.per_method_layer().unwrap();
+    assert_eq!(
+        layer.wait_for_ready_for("/towline.testkit.v1.Echo/Unary"),
+        Some(true)
+    );
+    // The service-wide config has its own settings: no waitForReady, a timeout.
+    assert_eq!(
+        layer.wait_for_ready_for("/towline.testkit.v1.Echo/ServerStream"),
+        None
+    );
+    assert_eq!(
+        layer.timeout_for("/towline.testkit.v1.Echo/ServerStream"),
+        Some(std::time::Duration::from_secs(2))
+    );
+    assert_eq!(layer.wait_for_ready_for("/other.Svc/M"), Some(false));
 }

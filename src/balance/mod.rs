@@ -59,7 +59,7 @@ mod table;
 pub use config::{BalanceConfig, BalanceConfigBuilder};
 pub use endpoint::{EndpointSnapshot, EndpointState};
 pub use service::{
-    Balance, BalanceLayer, EndpointService, MakeEndpoint, ResponseFuture, TrackedBody,
+    Balance, BalanceLayer, EndpointService, MakeEndpoint, ResponseFuture, TrackedBody, WaitForReady,
 };
 pub use strategy::{
     Candidate, ConsistentHash, MAX_POINTS_PER_ENDPOINT, PeakEwma, PowerOfTwoChoices, RoundRobin,

@@ -21,13 +21,30 @@ use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
 use super::endpoint::{EndpointId, EndpointSnapshot, Load};
 use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
-use super::table::{Picked, Shared, unavailable_status};
+use super::table::{Picked, Shared, Unavailable, unavailable_status};
 use crate::BoxError;
 use crate::deadline::instant_after;
 use crate::discover::Discover;
 use crate::status::{
     ResponseStatus, classify_response, code_from_error, code_from_trailers, status_from_error,
 };
+
+/// A request extension: how this call waits when no endpoint can take it (gRPC's
+/// `waitForReady`, settable per method from a service config).
+///
+/// - absent: wait up to the balancer's `endpoint_wait`, then fail with `UNAVAILABLE`;
+/// - `WaitForReady(false)` (gRPC's default): fail at once when every endpoint is in transient
+///   failure (down, unhealthy, ejected); while endpoints are still connecting, wait for them up
+///   to `endpoint_wait`;
+/// - `WaitForReady(true)`: wait for a ready endpoint until the call's deadline
+///   (`grpc-timeout`), or `endpoint_wait` when it has none, so a call never waits unbounded.
+///
+/// ```
+/// let mut request = tonic::Request::new(());
+/// request.extensions_mut().insert(towline::balance::WaitForReady(true));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitForReady(pub bool);
 
 /// How many endpoints one call may try when the chosen one turns out broken before the request
 /// is sent (its `poll_ready` fails).
@@ -439,6 +456,8 @@ where
     fn pick(self, request: Request<Body>) -> State<S> {
         let (parts, body) = request.into_parts();
         let picked = self.shared.pick(&parts, self.tried);
+        let wait_for_ready = parts.extensions.get::<WaitForReady>().map(|w| w.0);
+        let call_deadline = crate::deadline::from_headers(&parts.headers);
         let request = Some(Request::from_parts(parts, body));
         match picked {
             Ok(Picked {
@@ -450,13 +469,16 @@ where
                 service,
                 guard: Some(CallGuard::new(load, generation, self.feedback.clone())),
             },
-            Err(reason) => {
+            Err(Unavailable { reason, settling }) => {
                 let now = Instant::now();
-                let deadline = *self
-                    .deadline
-                    .get_or_insert(instant_after(now, self.endpoint_wait));
+                let limit = match wait_for_ready {
+                    Some(true) => call_deadline.unwrap_or(self.endpoint_wait),
+                    _ => self.endpoint_wait,
+                };
+                let deadline = *self.deadline.get_or_insert(instant_after(now, limit));
+                let fail_fast = wait_for_ready == Some(false);
                 // After a failover there is no point waiting: the table has not caught up yet.
-                if now >= deadline || !self.tried.is_empty() {
+                if now >= deadline || !self.tried.is_empty() || (fail_fast && !settling) {
                     return State::Failed {
                         status: Some(unavailable_status(&reason)),
                     };
@@ -464,7 +486,9 @@ where
                 let shared = self.shared.clone();
                 State::Waiting {
                     request,
-                    wait: Box::pin(async move { shared.wait_for_candidates(deadline).await }),
+                    wait: Box::pin(
+                        async move { shared.wait_for_candidates(deadline, fail_fast).await },
+                    ),
                 }
             }
         }

@@ -82,7 +82,19 @@ pub(crate) struct Table<S> {
     services: Vec<(S, u64)>,
     panic: bool,
     unavailable: Arc<str>,
+    /// Some endpoint may still become ready on its own: it is connecting (or awaiting its first
+    /// health report), or nothing has been discovered yet.
+    settling: bool,
     pub(crate) metrics: BalanceMetrics,
+}
+
+/// Why no endpoint can take a call right now.
+#[derive(Debug, Clone)]
+pub(crate) struct Unavailable {
+    pub(crate) reason: Arc<str>,
+    /// Whether waiting may help (an endpoint is connecting), as opposed to every endpoint being in
+    /// transient failure (down, unhealthy, ejected).
+    pub(crate) settling: bool,
 }
 
 /// An endpoint chosen for one call.
@@ -112,6 +124,7 @@ impl<S: Clone> Shared<S> {
                 services: Vec::new(),
                 panic: false,
                 unavailable: "no endpoints discovered yet".into(),
+                settling: true,
                 metrics,
             }),
             changed: Notify::new(),
@@ -160,17 +173,20 @@ impl<S: Clone> Shared<S> {
         &self,
         parts: &Parts,
         exclude: &[EndpointId],
-    ) -> Result<Picked<S>, Arc<str>> {
+    ) -> Result<Picked<S>, Unavailable> {
         let table = self.read();
         let candidates = &table.candidates;
         if candidates.is_empty() {
-            return Err(table.unavailable.clone());
+            return Err(table.why_unavailable());
         }
         let mut index = table.strategy.pick(parts, candidates) % candidates.len();
         if exclude.contains(&candidates[index].load.id) {
             index = (0..candidates.len())
                 .find(|&i| !exclude.contains(&candidates[i].load.id))
-                .ok_or_else(|| table.unavailable_after_failover(candidates.len()))?;
+                .ok_or_else(|| Unavailable {
+                    reason: table.unavailable_after_failover(candidates.len()),
+                    settling: false,
+                })?;
         }
         let load = candidates[index].load.clone();
         load.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -183,7 +199,13 @@ impl<S: Clone> Shared<S> {
     }
 
     /// Waits until some endpoint may take calls, or fails at `deadline` saying why none can.
-    pub(crate) async fn wait_for_candidates(&self, deadline: Instant) -> Result<(), Status> {
+    /// With `while_settling`, it also fails as soon as no endpoint is still connecting (gRPC's
+    /// behaviour for calls that are not wait-for-ready).
+    pub(crate) async fn wait_for_candidates(
+        &self,
+        deadline: Instant,
+        while_settling: bool,
+    ) -> Result<(), Status> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -192,6 +214,9 @@ impl<S: Clone> Shared<S> {
                 let table = self.read();
                 if !table.candidates.is_empty() {
                     return Ok(());
+                }
+                if while_settling && !table.settling {
+                    return Err(unavailable_status(&table.unavailable));
                 }
                 table.unavailable.clone()
             };
@@ -260,6 +285,13 @@ impl<S: Clone> Table<S> {
             .collect()
     }
 
+    fn why_unavailable(&self) -> Unavailable {
+        Unavailable {
+            reason: self.unavailable.clone(),
+            settling: self.settling,
+        }
+    }
+
     fn unavailable_after_failover(&self, tried: usize) -> Arc<str> {
         format!("all {tried} ready endpoints failed this call before it was sent").into()
     }
@@ -305,14 +337,18 @@ impl<S: Clone> Table<S> {
                 .collect();
             self.strategy.update(&self.candidates);
         }
+        self.settling = self
+            .slots
+            .iter()
+            .any(|s| !s.draining && s.state() == EndpointState::Connecting);
         if self.candidates.is_empty() {
-            self.unavailable = self.why_unavailable(live).into();
+            self.unavailable = self.describe_unavailable(live).into();
         }
         self.metrics
             .set_endpoints(self.slots.iter().map(Slot::state));
     }
 
-    fn why_unavailable(&self, live: usize) -> String {
+    fn describe_unavailable(&self, live: usize) -> String {
         if live == 0 {
             return "no endpoints discovered".into();
         }

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use http::request::Parts;
 
-use super::{LbPolicy, MethodConfig, MethodTimeoutLayer, RetryPolicyConfig, ServiceConfig};
+use super::method::CallSettings;
+use super::{LbPolicy, MethodConfig, PerMethodLayer, RetryPolicyConfig, ServiceConfig};
 use crate::balance::{
     BalanceConfig, BalanceConfigBuilder, Candidate, ConsistentHash, RoundRobin, Strategy,
     WeightedRoundRobin,
@@ -85,23 +86,32 @@ impl ServiceConfig {
         Some(layer)
     }
 
-    /// A [`MethodTimeoutLayer`] with each method's `timeout`, or `None` when no method has one.
-    pub fn timeout_layer(&self) -> Option<MethodTimeoutLayer> {
-        if self.method_configs.iter().all(|mc| mc.timeout.is_none()) {
+    /// A [`PerMethodLayer`] with each method's `timeout` and `waitForReady`, or `None` when no
+    /// method sets either.
+    pub fn per_method_layer(&self) -> Option<PerMethodLayer> {
+        let settings = |mc: &MethodConfig| CallSettings {
+            timeout: mc.timeout,
+            wait_for_ready: mc.wait_for_ready,
+        };
+        if self
+            .method_configs
+            .iter()
+            .all(|mc| settings(mc) == CallSettings::default())
+        {
             return None;
         }
         let mut routes = HashMap::new();
         for mc in &self.method_configs {
             for name in &mc.names {
                 match (&name.service, &name.method) {
-                    (Some(s), Some(m)) => routes.insert(format!("/{s}/{m}").into(), mc.timeout),
-                    (Some(s), None) => routes.insert(s.as_str().into(), mc.timeout),
+                    (Some(s), Some(m)) => routes.insert(format!("/{s}/{m}").into(), settings(mc)),
+                    (Some(s), None) => routes.insert(s.as_str().into(), settings(mc)),
                     _ => None,
                 };
             }
         }
-        let default = self.default_config().and_then(|mc| mc.timeout);
-        Some(MethodTimeoutLayer::new(routes, default))
+        let default = self.default_config().map(settings).unwrap_or_default();
+        Some(PerMethodLayer::new(routes, default))
     }
 
     /// A [`BalanceConfigBuilder`] with the chosen load-balancing policy's strategy,

@@ -23,9 +23,9 @@
 //!
 //! let retry = config.retry_layer();          // Some(RetryLayer): per-method policies, throttling
 //! let hedges = config.hedge_layer();        // None: no method has a hedgingPolicy
-//! let timeouts = config.timeout_layer();     // Some(MethodTimeoutLayer): per-method grpc-timeout
+//! let per_method = config.per_method_layer(); // Some(PerMethodLayer): grpc-timeout, waitForReady
 //! let balance = config.balance_config().build()?; // round_robin, Watch health checks
-//! # let _ = (retry, hedges, timeouts, balance);
+//! # let _ = (retry, hedges, per_method, balance);
 //!
 //! let err = ServiceConfig::from_json(r#"{"methodConfig": [{"name": [{}],
 //!     "retryPolicy": {"maxAttempts": 1}}]}"#).unwrap_err();
@@ -65,17 +65,16 @@
 //! - [`hedge_layer`](ServiceConfig::hedge_layer): a [`HedgeLayer`](crate::retry::HedgeLayer)
 //!   with each method's `hedgingPolicy`, drawing from the same `retryThrottling` bucket as the
 //!   retry layer (every layer built from one `ServiceConfig` shares one bucket).
-//! - [`timeout_layer`](ServiceConfig::timeout_layer): [`MethodTimeoutLayer`], each method's
-//!   `timeout` as its `grpc-timeout`, or the caller's own deadline when that is shorter. Put it
-//!   outside the retry layer so that retries honour it.
+//! - [`per_method_layer`](ServiceConfig::per_method_layer): [`PerMethodLayer`], each method's
+//!   `timeout` as its `grpc-timeout` (or the caller's own deadline when that is shorter), and its
+//!   `waitForReady` as a [`WaitForReady`](crate::balance::WaitForReady) extension the balancer
+//!   honours. Put it outside the retry layer so that retries honour the deadline.
 //! - [`balance_config`](ServiceConfig::balance_config): a
 //!   [`BalanceConfigBuilder`](crate::balance::BalanceConfigBuilder) with the chosen policy's
 //!   strategy, `healthCheckConfig` as a `Watch` health check (gRFC A17), and `outlier_detection`
 //!   as gRFC A50 outlier detection (off when the config has none, as in gRPC).
 //!
 //! ## What is checked but not (yet) applied
-//! - `waitForReady`: towline's balancer always waits up to `endpoint_wait` for a ready endpoint;
-//!   the per-method flag is available in [`MethodConfig`] but not applied.
 //! - `maxRequestMessageBytes` / `maxResponseMessageBytes`: available in [`MethodConfig`]; set
 //!   them on the tonic client (`max_decoding_message_size`).
 //! - `weighted_round_robin`: towline's [`WeightedRoundRobin`](crate::balance::WeightedRoundRobin)
@@ -85,8 +84,8 @@
 //!   sizes its ring per endpoint. `pick_first`: `shuffleAddressList` is validated but unused.
 
 mod build;
+mod method;
 mod parse;
-mod timeout;
 
 use std::fmt;
 use std::time::Duration;
@@ -96,7 +95,7 @@ use tonic::Code;
 use crate::ConfigError;
 use crate::outlier::OutlierDetection;
 
-pub use timeout::{MethodTimeout, MethodTimeoutLayer};
+pub use method::{PerMethod, PerMethodLayer};
 
 /// A parsed and validated gRPC service config.
 #[derive(Debug, Clone)]
@@ -169,7 +168,7 @@ impl ServiceConfig {
 pub struct MethodConfig {
     /// The methods it applies to (never empty, no duplicates across the config).
     pub names: Vec<MethodName>,
-    /// `waitForReady` (validated; not applied, see the module docs).
+    /// `waitForReady`, applied by [`ServiceConfig::per_method_layer`].
     pub wait_for_ready: Option<bool>,
     /// `timeout` (> 0).
     pub timeout: Option<Duration>,
