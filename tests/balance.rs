@@ -64,6 +64,17 @@ async fn all_ready(balance: &Balance<Channel>, n: usize) {
     .await;
 }
 
+/// `n` backends behind a balancer built from `config`, every endpoint ready.
+async fn ready_stack(n: usize, config: BalanceConfigBuilder) -> (Vec<Backend>, Balance<Channel>) {
+    let backends = Backend::start_many(n).await.unwrap();
+    let b = balance(
+        Static::new(backends.iter().map(Backend::uri)),
+        config.build().unwrap(),
+    );
+    all_ready(&b, n).await;
+    (backends, b)
+}
+
 fn state_of(balance: &Balance<Channel>, uri: &Uri) -> EndpointState {
     balance
         .snapshot()
@@ -93,12 +104,7 @@ async fn spread(balance: &Balance<Channel>, n: usize) -> BTreeMap<String, usize>
 
 #[tokio::test]
 async fn round_robin_spreads_calls_evenly() {
-    let backends = Backend::start_many(4).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
-        config().strategy(RoundRobin::new()).build().unwrap(),
-    );
-    all_ready(&b, 4).await;
+    let (_backends, b) = ready_stack(4, config().strategy(RoundRobin::new())).await;
     let tally = spread(&b, 400).await;
     assert_eq!(
         tally.values().copied().collect::<Vec<_>>(),
@@ -230,16 +236,13 @@ async fn peak_ewma_and_p2c_route_around_a_slow_backend() {
 
 #[tokio::test]
 async fn a_backend_set_not_serving_gets_no_calls_after_the_watch_update() {
-    let backends = Backend::start_many(3).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
+    let (backends, b) = ready_stack(
+        3,
         config()
             .strategy(RoundRobin::new())
-            .health_check(HealthCheck::watch(""))
-            .build()
-            .unwrap(),
-    );
-    all_ready(&b, 3).await;
+            .health_check(HealthCheck::watch("")),
+    )
+    .await;
 
     backends[1].set_health(ServingStatus::NotServing).await;
     wait_for(&b, "backend-1 unhealthy", |s| {
@@ -314,16 +317,13 @@ async fn a_server_without_the_health_service_counts_as_healthy() {
 
 #[tokio::test]
 async fn a_stopped_backend_gets_no_calls_and_gets_them_back_after_restart() {
-    let backends = Backend::start_many(3).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
+    let (backends, b) = ready_stack(
+        3,
         config()
             .strategy(RoundRobin::new())
-            .health_check(HealthCheck::watch(""))
-            .build()
-            .unwrap(),
-    );
-    all_ready(&b, 3).await;
+            .health_check(HealthCheck::watch("")),
+    )
+    .await;
 
     backends[2].stop().await;
     // The health stream breaks with the connection: no call is needed to notice.
@@ -352,12 +352,7 @@ async fn a_stopped_backend_gets_no_calls_and_gets_them_back_after_restart() {
 
 #[tokio::test]
 async fn without_health_checks_a_failed_call_takes_a_dead_backend_out() {
-    let backends = Backend::start_many(2).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
-        config().strategy(RoundRobin::new()).build().unwrap(),
-    );
-    all_ready(&b, 2).await;
+    let (backends, b) = ready_stack(2, config().strategy(RoundRobin::new())).await;
     backends[0].stop().await;
     let mut client = EchoClient::new(b.clone());
     let mut failed = 0;
@@ -375,17 +370,14 @@ async fn without_health_checks_a_failed_call_takes_a_dead_backend_out() {
 
 #[tokio::test]
 async fn panic_threshold_spreads_over_every_connected_endpoint() {
-    let backends = Backend::start_many(4).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
+    let (backends, b) = ready_stack(
+        4,
         config()
             .strategy(RoundRobin::new())
             .health_check(HealthCheck::watch(""))
-            .panic_threshold(0.5)
-            .build()
-            .unwrap(),
-    );
-    all_ready(&b, 4).await;
+            .panic_threshold(0.5),
+    )
+    .await;
     for backend in &backends[1..] {
         backend.set_health(ServingStatus::NotServing).await;
     }
@@ -535,12 +527,7 @@ async fn layering_twice_or_outside_a_runtime_fails_calls_with_a_reason() {
 
 #[tokio::test]
 async fn without_health_checks_a_restarted_backend_is_reconnected_with_backoff() {
-    let backends = Backend::start_many(2).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
-        config().strategy(RoundRobin::new()).build().unwrap(),
-    );
-    all_ready(&b, 2).await;
+    let (backends, b) = ready_stack(2, config().strategy(RoundRobin::new())).await;
     backends[1].stop().await;
     let mut client = EchoClient::new(b.clone());
     // The first call that meets the dead connection takes the endpoint out.
@@ -605,12 +592,7 @@ async fn calls_lost_with_a_dead_connection_do_not_eject_the_endpoint() {
 
 #[tokio::test]
 async fn a_finished_stream_stops_counting_as_in_flight_before_it_is_dropped() {
-    let backends = Backend::start_many(1).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
-        config().build().unwrap(),
-    );
-    all_ready(&b, 1).await;
+    let (_backends, b) = ready_stack(1, config()).await;
     let mut client = EchoClient::new(b.clone());
     let request = EchoRequest {
         count: 3,
@@ -708,16 +690,13 @@ async fn only_a_raw_transport_error_takes_an_endpoint_down() {
 #[tokio::test]
 async fn wait_for_ready_false_fails_at_once_and_true_waits_for_the_endpoint() {
     use towline::balance::WaitForReady;
-    let backends = Backend::start_many(1).await.unwrap();
-    let b = balance(
-        Static::new(backends.iter().map(Backend::uri)),
+    let (backends, b) = ready_stack(
+        1,
         config()
             .health_check(HealthCheck::watch(""))
-            .endpoint_wait(Duration::from_millis(300))
-            .build()
-            .unwrap(),
-    );
-    all_ready(&b, 1).await;
+            .endpoint_wait(Duration::from_millis(300)),
+    )
+    .await;
     backends[0].set_health(ServingStatus::NotServing).await;
     wait_for(&b, "unhealthy", |s| count(s, EndpointState::Unhealthy) == 1).await;
     let mut client = EchoClient::new(b.clone());
