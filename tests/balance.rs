@@ -75,6 +75,12 @@ async fn ready_stack(n: usize, config: BalanceConfigBuilder) -> (Vec<Backend>, B
     (backends, b)
 }
 
+/// The call failed with `UNAVAILABLE`, and its message says why.
+fn assert_unavailable(status: &tonic::Status, why: &str) {
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(why), "{}", status.message());
+}
+
 fn state_of(balance: &Balance<Channel>, uri: &Uri) -> EndpointState {
     balance
         .snapshot()
@@ -401,12 +407,7 @@ async fn panic_threshold_spreads_over_every_connected_endpoint() {
     .await;
     assert!(!b.in_panic());
     let status = call(&mut EchoClient::new(b.clone())).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        status.message().contains("all 4 endpoints unhealthy"),
-        "{}",
-        status.message()
-    );
+    assert_unavailable(&status, "all 4 endpoints unhealthy");
 }
 
 #[tokio::test]
@@ -420,12 +421,7 @@ async fn no_endpoints_fails_fast_with_the_reason() {
             .unwrap(),
     );
     let status = call(&mut EchoClient::new(b)).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        status.message().contains("no endpoints discovered"),
-        "{}",
-        status.message()
-    );
+    assert_unavailable(&status, "no endpoints discovered");
 }
 
 #[tokio::test]
@@ -517,12 +513,7 @@ async fn layering_twice_or_outside_a_runtime_fails_calls_with_a_reason() {
         .join()
         .unwrap();
     let status = call(&mut EchoClient::new(outside)).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        status.message().contains("outside a Tokio runtime"),
-        "{}",
-        status.message()
-    );
+    assert_unavailable(&status, "outside a Tokio runtime");
 }
 
 #[tokio::test]

@@ -16,6 +16,17 @@ use towline::testkit::{Backend, CONNECTION_HEADER, LATENCY_HEADER};
 
 type Body = tonic::body::Body;
 
+/// A reconnect backoff short enough for a test: `initial_ms`, ×1.6, at most `max_ms`.
+fn quick_backoff(initial_ms: u64, max_ms: u64) -> Backoff {
+    Backoff::new(
+        Jitter::Grpc,
+        Duration::from_millis(initial_ms),
+        Duration::from_millis(max_ms),
+        1.6,
+    )
+    .unwrap()
+}
+
 async fn make_pool(
     backend: &Backend,
     config: PoolConfigBuilder,
@@ -183,15 +194,7 @@ async fn a_restarted_backend_is_reconnected_with_backoff_and_no_call_hangs() {
     let backend = Backend::start().await.unwrap();
     let config = PoolConfig::builder()
         .size(1)
-        .backoff(
-            Backoff::new(
-                Jitter::Grpc,
-                Duration::from_millis(100),
-                Duration::from_millis(400),
-                1.6,
-            )
-            .unwrap(),
-        )
+        .backoff(quick_backoff(100, 400))
         .wait_timeout(Duration::from_secs(1));
     let pool = make_pool(&backend, config).await.unwrap();
     call(&pool).await.unwrap();
@@ -275,15 +278,7 @@ async fn poll_ready_is_pending_without_a_connection_and_wakes_when_one_is_up() {
     let config = PoolConfig::builder()
         .lazy(true)
         .size(1)
-        .backoff(
-            Backoff::new(
-                Jitter::Grpc,
-                Duration::from_millis(50),
-                Duration::from_millis(200),
-                1.6,
-            )
-            .unwrap(),
-        )
+        .backoff(quick_backoff(50, 200))
         .wait_timeout(Duration::from_secs(30));
     let mut pool = make_pool(&backend, config).await.unwrap();
     let observer = pool.clone();
@@ -362,15 +357,7 @@ async fn a_lazy_connector_against_a_dead_target_is_backed_off_not_looped() {
     let config = PoolConfig::builder()
         .size(1)
         .lazy(true)
-        .backoff(
-            Backoff::new(
-                Jitter::Grpc,
-                Duration::from_millis(100),
-                Duration::from_millis(400),
-                1.6,
-            )
-            .unwrap(),
-        )
+        .backoff(quick_backoff(100, 400))
         .wait_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
@@ -575,15 +562,7 @@ async fn an_idle_timeout_of_duration_max_means_never_not_a_panic() {
         .min_connections(0)
         .max_connections(2)
         .idle_timeout(Duration::MAX)
-        .backoff(
-            Backoff::new(
-                Jitter::Grpc,
-                Duration::from_millis(50),
-                Duration::from_millis(200),
-                1.6,
-            )
-            .unwrap(),
-        )
+        .backoff(quick_backoff(50, 200))
         .wait_timeout(Duration::from_secs(5));
     let pool = make_pool(&backend, config).await.unwrap();
     call(&pool).await.unwrap();
