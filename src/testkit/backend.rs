@@ -65,6 +65,7 @@ pub const ECHO_SERVICE: &str = "towline.testkit.v1.Echo";
 pub struct Backend {
     id: Arc<str>,
     addr: SocketAddr,
+    binder: Binder,
     max_concurrent_streams: Option<u32>,
     serve_health: bool,
     shared: Arc<Shared>,
@@ -77,6 +78,7 @@ pub struct Backend {
 pub struct BackendBuilder {
     id: Option<String>,
     addr: Option<SocketAddr>,
+    binder: Binder,
     max_concurrent_streams: Option<u32>,
     without_health: bool,
 }
@@ -95,6 +97,17 @@ impl BackendBuilder {
         self
     }
 
+    /// Listen inside the network namespace `ns`, on a free port of its address (or on the port
+    /// of [`addr`](Self::addr) if one was set), so that `ns`'s faults cut this backend off.
+    /// [`restart`](Backend::restart) binds inside it again.
+    #[cfg(target_os = "linux")]
+    pub fn netns(mut self, ns: &super::NetNs) -> Self {
+        let port = self.addr.map_or(0, |addr| addr.port());
+        self.addr = Some(SocketAddr::from((ns.addr(), port)));
+        self.binder = Binder::Netns(ns.name().into());
+        self
+    }
+
     /// The HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` the server announces. Default: hyper's (200).
     pub fn max_concurrent_streams(mut self, max: u32) -> Self {
         self.max_concurrent_streams = Some(max);
@@ -110,7 +123,9 @@ impl BackendBuilder {
 
     /// Binds the listener and starts serving.
     pub async fn start(self) -> io::Result<Backend> {
-        let listener = bind(self.addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))?;
+        let listener = self
+            .binder
+            .bind(self.addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))?;
         let addr = listener.local_addr()?;
         let id: Arc<str> = self.id.unwrap_or_else(|| addr.to_string()).into();
         let health = HealthReporter::new();
@@ -121,6 +136,7 @@ impl BackendBuilder {
             shared: Arc::new(Shared::new(id.clone())),
             id,
             addr,
+            binder: self.binder,
             max_concurrent_streams: self.max_concurrent_streams,
             serve_health: !self.without_health,
             health,
@@ -266,7 +282,7 @@ impl Backend {
         if self.is_running() {
             return Ok(());
         }
-        let listener = bind(self.addr)?;
+        let listener = self.binder.bind(self.addr)?;
         self.serve(listener);
         Ok(())
     }
@@ -328,6 +344,27 @@ impl Drop for Backend {
     fn drop(&mut self) {
         if let Some(server) = self.server_slot().take() {
             server.abort();
+        }
+    }
+}
+
+/// Where a backend's listener is bound.
+#[derive(Debug, Clone, Default)]
+enum Binder {
+    /// In this process's network namespace.
+    #[default]
+    Here,
+    /// Inside the named network namespace.
+    #[cfg(target_os = "linux")]
+    Netns(Arc<str>),
+}
+
+impl Binder {
+    fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        match self {
+            Binder::Here => bind(addr),
+            #[cfg(target_os = "linux")]
+            Binder::Netns(name) => TcpListener::from_std(super::netns::bind_in(name, addr)?),
         }
     }
 }

@@ -22,12 +22,16 @@
 
 mod backend;
 mod load;
+#[cfg(target_os = "linux")]
+mod netns;
 mod produce;
 
 pub use backend::{
     BACKEND_HEADER, Backend, BackendBuilder, CONNECTION_HEADER, ECHO_SERVICE, LATENCY_HEADER,
 };
 pub use load::{Load, LoadReport};
+#[cfg(target_os = "linux")]
+pub use netns::{CI_ENV, NetNs, netns_support, require_netns};
 
 /// Protobuf and tonic code for `towline.testkit.v1.Echo` and `towline.testkit.v1.Log`, generated
 /// at build time.
