@@ -28,18 +28,23 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// The environment variable that, set to `true` or `1`, turns a missing privilege into a failure.
 pub const CI_ENV: &str = "CI";
 
-/// Whether this process can create network namespaces: `Ok(())`, or why not.
+/// Whether this process can create network namespaces: `Ok(())`, or why not. Probed once.
 pub fn netns_support() -> Result<(), String> {
+    static SUPPORT: OnceLock<Result<(), String>> = OnceLock::new();
+    SUPPORT.get_or_init(probe_support).clone()
+}
+
+fn probe_support() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("network namespaces need root (run as root, or in CI's root container)".into());
@@ -73,7 +78,9 @@ pub fn require_netns(test: &str) -> bool {
     let in_ci = std::env::var(CI_ENV).is_ok_and(|v| v == "true" || v == "1");
     let notice = format!("{test}: NETWORK FAULT TEST NOT RUN: {why}");
     assert!(!in_ci, "{notice} ({CI_ENV}=true, so this is a failure)");
-    eprintln!("\n!!!!!!!! {notice} !!!!!!!!\n");
+    // Straight to stderr, not eprintln!: the test harness captures that for passing tests, and
+    // this notice must be seen.
+    let _ = writeln!(io::stderr().lock(), "\n!!!!!!!! {notice} !!!!!!!!\n");
     false
 }
 
