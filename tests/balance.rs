@@ -739,3 +739,36 @@ async fn wait_for_ready_false_fails_at_once_and_true_waits_for_the_endpoint() {
         .unwrap();
     assert_eq!(reply.into_inner().backend, "backend-0");
 }
+
+#[tokio::test]
+async fn no_call_waits_for_an_endpoint_past_its_own_deadline() {
+    use towline::balance::WaitForReady;
+    let (backends, b) = ready_stack(
+        1,
+        config()
+            .health_check(HealthCheck::watch(""))
+            .endpoint_wait(Duration::from_secs(5)),
+    )
+    .await;
+    backends[0].set_health(ServingStatus::NotServing).await;
+    wait_for(&b, "unhealthy", |s| count(s, EndpointState::Unhealthy) == 1).await;
+    let client = EchoClient::new(b.clone());
+
+    for wait_for_ready in [None, Some(true)] {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(Duration::from_millis(200));
+        if let Some(wait) = wait_for_ready {
+            request.extensions_mut().insert(WaitForReady(wait));
+        }
+        let started = tokio::time::Instant::now();
+        let status = client.clone().unary(request).await.unwrap_err();
+        let waited = started.elapsed();
+        // The 200 ms deadline ends the wait, not the 5 s endpoint_wait.
+        assert!(
+            (Duration::from_millis(200)..Duration::from_secs(2)).contains(&waited),
+            "{wait_for_ready:?}: waited {waited:?}"
+        );
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("NOT_SERVING"), "{status:?}");
+    }
+}

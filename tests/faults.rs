@@ -403,3 +403,47 @@ async fn partitioned_backend_is_routed_around() {
         routes_around(Fault::Partition, Detection::Keepalive).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_partitioned_fails_each_call_by_its_deadline() {
+    if !require_netns("every_backend_partitioned_fails_each_call_by_its_deadline") {
+        return;
+    }
+    let fixture = Fixture::start(Detection::Keepalive).await;
+    for backend in 0..BACKENDS {
+        fixture.inject(backend, Fault::Partition);
+    }
+    let calls = drive(&fixture.client, 16, Duration::from_secs(2), 100_000).await;
+    assert!(!calls.is_empty());
+    assert_no_call_past_its_deadline(&calls);
+    let unexpected: Vec<_> = calls
+        .iter()
+        .filter(|c| !matches!(c.outcome, Err(Code::DeadlineExceeded | Code::Unavailable)))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{} calls ended other than DEADLINE_EXCEEDED or UNAVAILABLE, e.g. {:?}",
+        unexpected.len(),
+        unexpected.first()
+    );
+
+    // The status says why: no endpoint could take the call.
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request.set_timeout(DEADLINE);
+    let status = fixture.client.clone().unary(request).await.unwrap_err();
+    assert!(status.message().contains("towline"), "{status:?}");
+
+    for ns in &fixture.namespaces {
+        ns.heal().expect("heal the network");
+    }
+    fixture
+        .wait_for_state("every endpoint ready after healing", |ready| {
+            ready == BACKENDS
+        })
+        .await;
+    let calls = drive(&fixture.client, 8, Duration::from_secs(1), 400).await;
+    assert!(
+        calls.iter().all(|c| c.outcome.is_ok()),
+        "a call failed after healing"
+    );
+}

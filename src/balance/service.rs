@@ -21,7 +21,7 @@ use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
 use super::endpoint::{EndpointId, EndpointSnapshot, Load};
 use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
-use super::table::{Picked, Shared, Unavailable, unavailable_status};
+use super::table::{Picked, Shared, Unavailable, WaitFailed, unavailable_status};
 use crate::BoxError;
 use crate::deadline::instant_after;
 use crate::discover::Discover;
@@ -38,6 +38,10 @@ use crate::status::{
 ///   to `endpoint_wait`;
 /// - `WaitForReady(true)`: wait for a ready endpoint until the call's deadline
 ///   (`grpc-timeout`), or `endpoint_wait` when it has none, so a call never waits unbounded.
+///
+/// Whichever applies, no call waits past its own deadline: when `grpc-timeout` ends before
+/// `endpoint_wait`, the call fails at its deadline with `DEADLINE_EXCEEDED`, saying why no
+/// endpoint could take it.
 ///
 /// ```
 /// let mut request = tonic::Request::new(());
@@ -304,7 +308,7 @@ pin_project! {
         shared: Arc<Shared<S>>,
         feedback: Arc<Feedback>,
         endpoint_wait: Duration,
-        deadline: Option<Instant>,
+        deadline: Option<WaitDeadline>,
         tried: Vec<EndpointId>,
         #[pin]
         state: State<S>,
@@ -439,12 +443,50 @@ where
     }
 }
 
+/// How long a call may wait for an endpoint, fixed at its first pick so failovers do not extend it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaitDeadline {
+    at: Instant,
+    /// The call's own deadline ends the wait (rather than `endpoint_wait`).
+    is_call_deadline: bool,
+}
+
+impl WaitDeadline {
+    fn new(
+        now: Instant,
+        endpoint_wait: Duration,
+        call_deadline: Option<Duration>,
+        wait_for_ready: Option<bool>,
+    ) -> Self {
+        let (limit, is_call_deadline) = match (call_deadline, wait_for_ready) {
+            (Some(call), Some(true)) => (call, true),
+            (Some(call), _) if call < endpoint_wait => (call, true),
+            _ => (endpoint_wait, false),
+        };
+        WaitDeadline {
+            at: instant_after(now, limit),
+            is_call_deadline,
+        }
+    }
+
+    /// The status of a call whose wait ran out while no endpoint could take it, for `reason`.
+    fn expired(&self, reason: &str) -> Status {
+        if self.is_call_deadline {
+            Status::deadline_exceeded(format!(
+                "towline balance: the call's deadline passed while waiting for an endpoint: {reason}"
+            ))
+        } else {
+            unavailable_status(reason)
+        }
+    }
+}
+
 /// The unpinned fields a pick needs, borrowed from the future.
 struct Picker<'a, S> {
     shared: &'a Arc<Shared<S>>,
     feedback: &'a Arc<Feedback>,
     endpoint_wait: Duration,
-    deadline: &'a mut Option<Instant>,
+    deadline: &'a mut Option<WaitDeadline>,
     tried: &'a [EndpointId],
 }
 
@@ -471,24 +513,33 @@ where
             },
             Err(Unavailable { reason, settling }) => {
                 let now = Instant::now();
-                let limit = match wait_for_ready {
-                    Some(true) => call_deadline.unwrap_or(self.endpoint_wait),
-                    _ => self.endpoint_wait,
-                };
-                let deadline = *self.deadline.get_or_insert(instant_after(now, limit));
+                let deadline = *self.deadline.get_or_insert_with(|| {
+                    WaitDeadline::new(now, self.endpoint_wait, call_deadline, wait_for_ready)
+                });
                 let fail_fast = wait_for_ready == Some(false);
                 // After a failover there is no point waiting: the table has not caught up yet.
-                if now >= deadline || !self.tried.is_empty() || (fail_fast && !settling) {
+                if !self.tried.is_empty() || (fail_fast && !settling) {
                     return State::Failed {
                         status: Some(unavailable_status(&reason)),
+                    };
+                }
+                if now >= deadline.at {
+                    return State::Failed {
+                        status: Some(deadline.expired(&reason)),
                     };
                 }
                 let shared = self.shared.clone();
                 State::Waiting {
                     request,
-                    wait: Box::pin(
-                        async move { shared.wait_for_candidates(deadline, fail_fast).await },
-                    ),
+                    wait: Box::pin(async move {
+                        shared
+                            .wait_for_candidates(deadline.at, fail_fast)
+                            .await
+                            .map_err(|unavailable| match unavailable {
+                                WaitFailed::Settled(reason) => unavailable_status(&reason),
+                                WaitFailed::TimedOut(reason) => deadline.expired(&reason),
+                            })
+                    }),
                 }
             }
         }

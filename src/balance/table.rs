@@ -205,7 +205,7 @@ impl<S: Clone> Shared<S> {
         &self,
         deadline: Instant,
         while_settling: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<(), WaitFailed> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -216,13 +216,13 @@ impl<S: Clone> Shared<S> {
                     return Ok(());
                 }
                 if while_settling && !table.settling {
-                    return Err(unavailable_status(&table.unavailable));
+                    return Err(WaitFailed::Settled(table.unavailable.clone()));
                 }
                 table.unavailable.clone()
             };
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return Err(unavailable_status(&unavailable)),
+                _ = tokio::time::sleep_until(deadline) => return Err(WaitFailed::TimedOut(unavailable)),
             }
         }
     }
@@ -261,6 +261,15 @@ impl<S: Clone> Shared<S> {
     pub(crate) fn in_panic(&self) -> bool {
         self.read().panic
     }
+}
+
+/// Why [`Shared::wait_for_candidates`] gave up, with the reason no endpoint can take calls.
+#[derive(Debug)]
+pub(crate) enum WaitFailed {
+    /// No endpoint is still connecting, and the caller asked not to wait for recovery.
+    Settled(Arc<str>),
+    /// The wait's deadline passed.
+    TimedOut(Arc<str>),
 }
 
 pub(crate) fn unavailable_status(reason: &str) -> Status {
