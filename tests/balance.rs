@@ -772,3 +772,55 @@ async fn no_call_waits_for_an_endpoint_past_its_own_deadline() {
         assert!(status.message().contains("NOT_SERVING"), "{status:?}");
     }
 }
+
+/// An endpoint that never has room for another call, like a pool whose connections are all busy
+/// or reconnecting: its `poll_ready` stays pending.
+#[derive(Clone)]
+struct NeverReady;
+
+impl tower::Service<http::Request<tonic::body::Body>> for NeverReady {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = towline::BoxError;
+    type Future = std::future::Ready<Result<Self::Response, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), towline::BoxError>> {
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        unreachable!("never ready, so never called")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
+    use tower::ServiceExt;
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
+    let b: Balance<NeverReady> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new([Uri::from_static("http://a:1")]),
+            config().build().unwrap(),
+        ))
+        .service(make);
+    b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
+        .await;
+
+    let mut request = http::Request::new(tonic::body::Body::empty());
+    request
+        .headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+    let started = tokio::time::Instant::now();
+    let err = b.clone().oneshot(request).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    let status = err.downcast::<tonic::Status>().unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("http://a:1/ was not ready"),
+        "{status:?}"
+    );
+    // The call never went out: the endpoint's in-flight count is back to zero.
+    assert_eq!(b.snapshot()[0].in_flight, 0);
+}

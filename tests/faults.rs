@@ -8,22 +8,32 @@
 //! Needs root and iproute2 (`.ci/run` has both). Without them each test prints a loud notice and
 //! returns; with `CI=true` it fails instead.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::{Instant, timeout};
-use tonic::Code;
+use tonic::body::Body;
+use tonic::{Code, Status};
 use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
 use towline::backoff::{Backoff, Jitter};
-use towline::balance::{Balance, BalanceConfig, BalanceLayer, EndpointState, RoundRobin};
+use towline::balance::{
+    Balance, BalanceConfig, BalanceLayer, EndpointService, EndpointSnapshot, EndpointState,
+    RoundRobin,
+};
 use towline::connect::Connect;
 use towline::discover::Static;
 use towline::health::HealthCheck;
-use towline::retry::{Retry, RetryLayer, RetryPolicy};
+use towline::pool::{PoolConfig, PoolLayer};
+use towline::retry::{RetryLayer, RetryPolicy};
+use towline::status::status_from_error;
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, ECHO_SERVICE, Load, NetNs, require_netns};
 
-type Stack = Retry<Balance<tonic::transport::Channel>>;
+/// The stack under test, whatever the balancer's endpoints are.
+type Client = EchoClient<BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>>;
 
 const BACKENDS: usize = 4;
 /// Every call's deadline, sent as `grpc-timeout`.
@@ -37,6 +47,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(300);
 const CHECK_INTERVAL: Duration = Duration::from_millis(150);
 const CHECK_TIMEOUT: Duration = Duration::from_millis(200);
 const CHECK_FALL: u32 = 2;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Added to a configured detection time for scheduling on a loaded 2-core machine.
 const DETECTION_SLACK: Duration = Duration::from_millis(700);
 
@@ -45,6 +56,15 @@ enum Fault {
     Blackhole,
     LinkDown,
     Partition,
+}
+
+/// What the balancer's endpoints are.
+#[derive(Debug, Clone, Copy)]
+enum Endpoints {
+    /// One tonic `Channel` per backend.
+    Channel,
+    /// A `PoolLayer` of connections per backend.
+    Pool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,14 +94,14 @@ impl Detection {
 /// balancer gates it: the test sees the gating, not a strategy steering away from slowness.
 struct Fixture {
     // Declared before the namespaces so they close before the links go.
-    client: EchoClient<Stack>,
-    balance: Balance<tonic::transport::Channel>,
+    client: Client,
+    balance: Arc<dyn BalanceView>,
     backends: Vec<Backend>,
     namespaces: Vec<NetNs>,
 }
 
 impl Fixture {
-    async fn start(detection: Detection) -> Fixture {
+    async fn start(detection: Detection, endpoints: Endpoints) -> Fixture {
         let namespaces: Vec<NetNs> = (0..BACKENDS)
             .map(|_| NetNs::create().expect("create a network namespace"))
             .collect();
@@ -96,7 +116,7 @@ impl Fixture {
             backends.push(backend);
         }
         let connect = Connect::new().configure(move |endpoint| {
-            let endpoint = endpoint.connect_timeout(Duration::from_millis(300));
+            let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
             match detection {
                 Detection::Keepalive => endpoint
                     .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -128,20 +148,32 @@ impl Fixture {
             )
             .build()
             .unwrap();
-        let balance = ServiceBuilder::new()
-            .layer(BalanceLayer::new(
-                Static::new(backends.iter().map(Backend::uri)),
-                config,
-            ))
-            .service(connect);
-        let retry = RetryLayer::new(
-            RetryPolicy::builder()
-                .initial_backoff(Duration::from_millis(10))
-                .max_backoff(Duration::from_millis(50))
-                .build()
-                .unwrap(),
-        );
-        let client = EchoClient::new(ServiceBuilder::new().layer(retry).service(balance.clone()));
+        let discovery = Static::new(backends.iter().map(Backend::uri));
+        let balance_layer = BalanceLayer::new(discovery, config);
+        let (client, balance) = match endpoints {
+            Endpoints::Channel => {
+                erase(ServiceBuilder::new().layer(balance_layer).service(connect))
+            }
+            // The tour's stack: two HTTP/2 connections per endpoint, each with the keepalive.
+            Endpoints::Pool => {
+                let mut pool = PoolConfig::builder()
+                    .size(2)
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .wait_timeout(Duration::from_secs(10));
+                if let Detection::Keepalive = detection {
+                    pool = pool
+                        .keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+                        .keepalive_while_idle(true);
+                }
+                let pool = pool.build().unwrap();
+                erase(
+                    ServiceBuilder::new()
+                        .layer(balance_layer)
+                        .layer(PoolLayer::new(pool.clone()))
+                        .service(pool.connector()),
+                )
+            }
+        };
         let fixture = Fixture {
             client,
             balance,
@@ -155,17 +187,21 @@ impl Fixture {
     }
 
     /// Waits (at most 10 s) until the number of ready endpoints satisfies `done`; returns when.
-    async fn wait_for_state(&self, what: &str, done: impl Fn(usize) -> bool) -> Instant {
+    async fn wait_for_state(
+        &self,
+        what: &str,
+        done: impl Fn(usize) -> bool + Send + Sync,
+    ) -> Instant {
         timeout(
             Duration::from_secs(10),
-            self.balance.wait_until(|snapshot| {
+            self.balance.wait_until(Box::new(|snapshot| {
                 done(
                     snapshot
                         .iter()
                         .filter(|e| e.state == EndpointState::Ready)
                         .count(),
                 )
-            }),
+            })),
         )
         .await
         .unwrap_or_else(|_| {
@@ -182,11 +218,11 @@ impl Fixture {
         let uri = self.backends[backend].uri();
         timeout(
             limit,
-            self.balance.wait_until(|snapshot| {
+            self.balance.wait_until(Box::new(|snapshot| {
                 snapshot
                     .iter()
                     .any(|e| e.uri == uri && e.state != EndpointState::Ready)
-            }),
+            })),
         )
         .await
         .ok()
@@ -204,6 +240,49 @@ impl Fixture {
     }
 }
 
+/// What the tests need of a `Balance<S>`, whatever its `S`.
+trait BalanceView: Send + Sync {
+    fn snapshot(&self) -> Vec<EndpointSnapshot>;
+    fn wait_until<'a>(
+        &'a self,
+        done: Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
+impl<S: EndpointService> BalanceView for Balance<S> {
+    fn snapshot(&self) -> Vec<EndpointSnapshot> {
+        Balance::snapshot(self)
+    }
+
+    fn wait_until<'a>(
+        &'a self,
+        done: Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(Balance::wait_until(self, done))
+    }
+}
+
+/// Retry over `balance`, as a client of one type, and a view of the balancer.
+fn erase<S: EndpointService>(balance: Balance<S>) -> (Client, Arc<dyn BalanceView>) {
+    let retry = RetryLayer::new(
+        RetryPolicy::builder()
+            .initial_backoff(Duration::from_millis(10))
+            .max_backoff(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    );
+    let stack = ServiceBuilder::new()
+        // A concrete error type: a boxed one trips rustc's higher-ranked `Send` checks in `drive`.
+        .map_err(status_from_error)
+        .map_response(|response: http::Response<_>| response.map(Body::new))
+        .layer(retry)
+        .service(balance.clone());
+    (
+        EchoClient::new(BoxCloneSyncService::new(stack)),
+        Arc::new(balance),
+    )
+}
+
 /// One call as the caller saw it.
 #[derive(Debug, Clone)]
 struct Call {
@@ -215,7 +294,7 @@ struct Call {
 /// Drives `concurrency` callers through `client` for `duration` (and at most `max_calls`),
 /// recording every call.
 async fn drive(
-    client: &EchoClient<Stack>,
+    client: &Client,
     concurrency: usize,
     duration: Duration,
     max_calls: u64,
@@ -266,8 +345,8 @@ fn assert_no_call_past_its_deadline(calls: &[Call]) {
 }
 
 /// Breaks backend 0 with `fault` under load and checks detection, deadlines and recovery.
-async fn routes_around(fault: Fault, detection: Detection) {
-    let fixture = Fixture::start(detection).await;
+async fn routes_around(fault: Fault, detection: Detection, endpoints: Endpoints) {
+    let fixture = Fixture::start(detection, endpoints).await;
     let broken = 0;
     let broken_id = fixture.backends[broken].id().to_string();
     let detection_limit = detection.time() + DETECTION_SLACK;
@@ -379,28 +458,40 @@ async fn routes_around(fault: Fault, detection: Detection) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackholed_backend_is_routed_around_by_keepalive() {
     if require_netns("blackholed_backend_is_routed_around_by_keepalive") {
-        routes_around(Fault::Blackhole, Detection::Keepalive).await;
+        routes_around(Fault::Blackhole, Detection::Keepalive, Endpoints::Channel).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackholed_backend_is_routed_around_by_health_check_timeouts() {
     if require_netns("blackholed_backend_is_routed_around_by_health_check_timeouts") {
-        routes_around(Fault::Blackhole, Detection::HealthCheckTimeout).await;
+        routes_around(
+            Fault::Blackhole,
+            Detection::HealthCheckTimeout,
+            Endpoints::Channel,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_backend_behind_pools_is_routed_around() {
+    if require_netns("blackholed_backend_behind_pools_is_routed_around") {
+        routes_around(Fault::Blackhole, Detection::Keepalive, Endpoints::Pool).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_whose_link_goes_down_is_routed_around() {
     if require_netns("backend_whose_link_goes_down_is_routed_around") {
-        routes_around(Fault::LinkDown, Detection::Keepalive).await;
+        routes_around(Fault::LinkDown, Detection::Keepalive, Endpoints::Channel).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_backend_is_routed_around() {
     if require_netns("partitioned_backend_is_routed_around") {
-        routes_around(Fault::Partition, Detection::Keepalive).await;
+        routes_around(Fault::Partition, Detection::Keepalive, Endpoints::Channel).await;
     }
 }
 
@@ -409,7 +500,7 @@ async fn every_backend_partitioned_fails_each_call_by_its_deadline() {
     if !require_netns("every_backend_partitioned_fails_each_call_by_its_deadline") {
         return;
     }
-    let fixture = Fixture::start(Detection::Keepalive).await;
+    let fixture = Fixture::start(Detection::Keepalive, Endpoints::Pool).await;
     for backend in 0..BACKENDS {
         fixture.inject(backend, Fault::Partition);
     }
@@ -431,6 +522,7 @@ async fn every_backend_partitioned_fails_each_call_by_its_deadline() {
     let mut request = tonic::Request::new(EchoRequest::default());
     request.set_timeout(DEADLINE);
     let status = fixture.client.clone().unary(request).await.unwrap_err();
+    eprintln!("with every backend partitioned: {status:?}");
     assert!(status.message().contains("towline"), "{status:?}");
 
     for ns in &fixture.namespaces {

@@ -322,8 +322,15 @@ pin_project! {
     enum State<S: Service<Request<Body>>> {
         // No endpoint may take calls yet; wait for one until the deadline.
         Waiting { request: Option<Request<Body>>, wait: WaitForEndpoint },
-        // An endpoint is chosen; wait for its readiness.
-        Ready { request: Option<Request<Body>>, service: S, guard: Option<CallGuard> },
+        // An endpoint is chosen; wait for its readiness, but not past the call's deadline.
+        Ready {
+            request: Option<Request<Body>>,
+            service: S,
+            guard: Option<CallGuard>,
+            call_deadline: Option<Duration>,
+            // Armed only once readiness is pending, so the common path sets no timer.
+            expires: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
         // The call is running on the chosen endpoint.
         Calling { #[pin] future: S::Future, guard: Option<CallGuard> },
         // The call cannot be served; the status says why.
@@ -365,15 +372,36 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                     request,
                     service,
                     guard,
-                } => match ready!(service.poll_ready(cx)) {
-                    Ok(()) => {
+                    call_deadline,
+                    expires,
+                } => match service.poll_ready(cx) {
+                    Poll::Pending => {
+                        let Some(remaining) = *call_deadline else {
+                            return Poll::Pending;
+                        };
+                        let expires =
+                            expires.get_or_insert_with(|| Box::pin(tokio::time::sleep(remaining)));
+                        if expires.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        // Never sent: dropping the guard releases the endpoint's in-flight slot.
+                        let guard = guard.take().expect("guard is kept until sent");
+                        State::Failed {
+                            status: Some(Status::deadline_exceeded(format!(
+                                "towline balance: the call's deadline passed while endpoint {} \
+                                 was not ready to take it",
+                                guard.load.uri
+                            ))),
+                        }
+                    }
+                    Poll::Ready(Ok(())) => {
                         let request = request.take().expect("request is kept until sent");
                         State::Calling {
                             future: service.call(request),
                             guard: guard.take(),
                         }
                     }
-                    Err(err) => {
+                    Poll::Ready(Err(err)) => {
                         // The request was not sent: try another endpoint.
                         let err: BoxError = err.into();
                         let request = request.take().expect("request is kept until sent");
@@ -510,6 +538,8 @@ where
                 request,
                 service,
                 guard: Some(CallGuard::new(load, generation, self.feedback.clone())),
+                call_deadline,
+                expires: None,
             },
             Err(Unavailable { reason, settling }) => {
                 let now = Instant::now();
