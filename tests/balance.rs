@@ -678,29 +678,38 @@ async fn only_a_raw_transport_error_takes_an_endpoint_down() {
     }
 }
 
-#[tokio::test]
-async fn wait_for_ready_false_fails_at_once_and_true_waits_for_the_endpoint() {
-    use towline::balance::WaitForReady;
+/// One backend reporting NOT_SERVING behind a balancer that waits `endpoint_wait` for it.
+async fn one_unhealthy_backend(endpoint_wait: Duration) -> (Vec<Backend>, Balance<Channel>) {
     let (backends, b) = ready_stack(
         1,
         config()
             .health_check(HealthCheck::watch(""))
-            .endpoint_wait(Duration::from_millis(300)),
+            .endpoint_wait(endpoint_wait),
     )
     .await;
     backends[0].set_health(ServingStatus::NotServing).await;
     wait_for(&b, "unhealthy", |s| count(s, EndpointState::Unhealthy) == 1).await;
-    let mut client = EchoClient::new(b.clone());
-    let request = |wait: Option<bool>, timeout: Option<Duration>| {
-        let mut request = tonic::Request::new(EchoRequest::default());
-        if let Some(wait) = wait {
-            request.extensions_mut().insert(WaitForReady(wait));
-        }
-        if let Some(timeout) = timeout {
-            request.set_timeout(timeout);
-        }
+    (backends, b)
+}
+
+/// An Echo request with an optional `WaitForReady` and an optional deadline.
+fn request(wait_for_ready: Option<bool>, timeout: Option<Duration>) -> tonic::Request<EchoRequest> {
+    let mut request = tonic::Request::new(EchoRequest::default());
+    if let Some(wait) = wait_for_ready {
         request
-    };
+            .extensions_mut()
+            .insert(towline::balance::WaitForReady(wait));
+    }
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    request
+}
+
+#[tokio::test]
+async fn wait_for_ready_false_fails_at_once_and_true_waits_for_the_endpoint() {
+    let (backends, b) = one_unhealthy_backend(Duration::from_millis(300)).await;
+    let mut client = EchoClient::new(b.clone());
 
     // Every endpoint in transient failure: a call that is not wait-for-ready fails at once.
     let started = tokio::time::Instant::now();
@@ -742,24 +751,11 @@ async fn wait_for_ready_false_fails_at_once_and_true_waits_for_the_endpoint() {
 
 #[tokio::test]
 async fn no_call_waits_for_an_endpoint_past_its_own_deadline() {
-    use towline::balance::WaitForReady;
-    let (backends, b) = ready_stack(
-        1,
-        config()
-            .health_check(HealthCheck::watch(""))
-            .endpoint_wait(Duration::from_secs(5)),
-    )
-    .await;
-    backends[0].set_health(ServingStatus::NotServing).await;
-    wait_for(&b, "unhealthy", |s| count(s, EndpointState::Unhealthy) == 1).await;
+    let (_backends, b) = one_unhealthy_backend(Duration::from_secs(5)).await;
     let client = EchoClient::new(b.clone());
 
     for wait_for_ready in [None, Some(true)] {
-        let mut request = tonic::Request::new(EchoRequest::default());
-        request.set_timeout(Duration::from_millis(200));
-        if let Some(wait) = wait_for_ready {
-            request.extensions_mut().insert(WaitForReady(wait));
-        }
+        let request = request(wait_for_ready, Some(Duration::from_millis(200)));
         let started = tokio::time::Instant::now();
         let status = client.clone().unary(request).await.unwrap_err();
         let waited = started.elapsed();
