@@ -1010,19 +1010,22 @@ fn draw_chart(
     let (top, bottom) = root.split_vertically(400);
     let color = |b: usize| Palette99::pick(b).to_rgba();
 
-    // Latency panel, log scale: from sub-millisecond calls to the slowed backend's 20 ms.
-    let highest = buckets
+    // Latency panel, log scale (calls of a millisecond next to the slowed backend's 20 ms),
+    // spanning what was measured with room above and below.
+    let p99s_ms: Vec<f64> = buckets
         .iter()
         .flat_map(|b| std::iter::once(b.p99).chain(b.backends.iter().filter_map(|(_, p)| *p)))
-        .max()
-        .unwrap_or(Duration::from_millis(1));
-    let y_max = (highest.as_secs_f64() * 1e3 * 2.0).max(1.0);
+        .map(|p| p.as_secs_f64() * 1e3)
+        .filter(|ms| *ms > 0.0)
+        .collect();
+    let y_min = (p99s_ms.iter().copied().fold(f64::INFINITY, f64::min) / 2.0).clamp(0.01, 0.5);
+    let y_max = (p99s_ms.iter().copied().fold(0.0, f64::max) * 2.0).max(1.0);
     let mut latency = ChartBuilder::on(&top)
         .margin(10)
         .margin_top(30)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..end, (0.05..y_max).log_scale())?;
+        .build_cartesian_2d(0.0..end, (y_min..y_max).log_scale())?;
     latency
         .configure_mesh()
         .x_desc("seconds since the first phase")
@@ -1038,7 +1041,7 @@ fn draw_chart(
             .map(|k| {
                 k.backends[b]
                     .1
-                    .map(|p| (k.start, (p.as_secs_f64() * 1e3).max(0.05)))
+                    .map(|p| (k.start, (p.as_secs_f64() * 1e3).max(y_min)))
             })
             .collect();
         let mut labelled = false;
@@ -1059,15 +1062,16 @@ fn draw_chart(
         .draw_series(LineSeries::new(
             buckets
                 .iter()
-                .map(|k| (k.start, (k.p99.as_secs_f64() * 1e3).max(0.05))),
+                .map(|k| (k.start, (k.p99.as_secs_f64() * 1e3).max(y_min))),
             BLACK.stroke_width(1),
         ))?
         .label("every call (caller's view)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    mark_phases(&mut latency, results, (0.05, y_max), true)?;
+    mark_phases(&mut latency, results, (y_min, y_max), true)?;
+    // Top right: above the recovered phases' latencies, below the slow phase's peak.
     latency
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
