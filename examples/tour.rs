@@ -1,183 +1,536 @@
-//! The towline tour: four real gRPC backends, the towline stack in front of them, and faults.
+//! The towline tour: four real gRPC backends, the full towline stack in front of them, and faults.
 //!
 //! ```text
-//! cargo run --release --example tour [-- --strategy peak-ewma --phase-seconds 4 --concurrency 32]
+//! cargo run --release --example tour
+//! cargo run --release --example tour -- --strategy round-robin --phase-seconds 4 --concurrency 32
+//! cargo run --release --example tour -- --json                 # also write target/tour/tour.json
+//! cargo run --release --example tour -- --json figures.json    # … or to a path of your choice
 //! ```
 //!
-//! The stack is what a production client would run: `RetryLayer` (gRFC A6, with a budget) over a
-//! health-gated `BalanceLayer` (a `grpc.health.v1` watch per endpoint, outlier detection, the
-//! strategy you pick) over a `PoolLayer` per endpoint (two HTTP/2 connections each), driven
-//! through a plain tonic-generated client. Load runs through five phases — steady, one backend
-//! slowed by 20 ms, one stopped, one reporting NOT_SERVING, all recovered — and a table shows
-//! what each phase looked like to the caller and where the traffic went.
-//! `--strategy round-robin|p2c|peak-ewma|hash` swaps the balancing strategy; nothing else changes.
+//! The stack is what a production client would run, outer to inner: `MetricsLayer` (gRFC A66,
+//! call level) → `RetryLayer` (gRFC A6: up to 3 attempts, with A6's retry throttling as the
+//! budget: 100 tokens, 0.1 back per success) → a health-gated `BalanceLayer` (a `grpc.health.v1`
+//! watch per endpoint, outlier detection scaled down to the tour's seconds, the strategy you pick;
+//! peak-EWMA by default) → a `PoolLayer` per endpoint (two HTTP/2 connections each), driven
+//! through plain tonic-generated clients. After a one-second warm-up that is not measured, load
+//! runs through eight phases:
+//!
+//! | phase | what changes |
+//! |---|---|
+//! | steady | nothing: four healthy backends |
+//! | slow | backend-1 answers 20 ms slower |
+//! | stopped | backend-2 stopped (process gone) 250 ms in, under traffic; backend-1 fast again |
+//! | not-serving | backend-2 restarted; backend-3 reports `NOT_SERVING` |
+//! | recovered | every backend healthy again |
+//! | all-failing | every backend fails every call with `UNAVAILABLE`, for half a phase |
+//! | recovered-2 | the failures stop |
+//! | batching | `Log.Produce` records through `BatchLayer` over the same stack |
+//!
+//! A progress bar runs per phase; then a table shows each phase as the caller saw it (req/s,
+//! p50, p99, failed calls), what the layers did (retries made, retries the budget refused,
+//! ejections: counted by a `metrics` recorder from the layers' own metrics, not estimated) and
+//! where the traffic went. A chart of p99 latency and traffic share per backend over time (250 ms
+//! buckets, phases marked) is written to `$CARGO_TARGET_DIR/tour/tour.svg` (`target/tour/tour.svg`
+//! without it). With `--json [PATH]` the per-phase figures and the time series are also written
+//! as JSON, to PATH or else to `tour.json` beside the chart.
+//!
+//! Flags: `--strategy round-robin|p2c|peak-ewma|hash` swaps the balancing strategy and nothing
+//! else (`hash` keys on the calls' `tenant` header); `--phase-seconds N` (default 7, so the tour
+//! takes about a minute) and `--concurrency N` (calls in flight, default 32) size the load.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use tokio::time::Instant;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::{Code, Status};
 use tonic_health::ServingStatus;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder, ServiceExt};
 use towline::BoxError;
 use towline::backoff::{Backoff, Jitter};
 use towline::balance::{
     BalanceConfig, BalanceConfigBuilder, BalanceLayer, ConsistentHash, EndpointState, PeakEwma,
     PowerOfTwoChoices, RoundRobin,
 };
+use towline::batch::{BatchConfig, BatchLayer, Batcher};
 use towline::discover::Static;
 use towline::health::HealthCheck;
+use towline::metrics::{CALL_DURATION, MetricsLayer};
+use towline::outlier::OutlierDetection;
 use towline::pool::{PoolConfig, PoolLayer};
-use towline::retry::{RetryLayer, RetryPolicy};
-use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
-use towline::testkit::{Backend, Load, LoadReport};
+use towline::retry::metrics::{BUDGET_EXHAUSTED, CALL_RETRIES, CALL_TRANSPARENT_RETRIES};
+use towline::retry::{RetryBudget, RetryLayer, RetryPolicy};
+use towline::testkit::pb::log_client::LogClient;
+use towline::testkit::pb::{EchoRequest, ProduceRequest, ProduceResponse, echo_client::EchoClient};
+use towline::testkit::{BACKEND_HEADER, Backend, Load, LoadReport};
 
 const BACKENDS: usize = 4;
+/// Echo calls carry one of this many `tenant` header values (what `--strategy hash` keys on).
+const TENANTS: u64 = 64;
+/// Batching-phase records carry one of this many tenants; each tenant's records batch together.
+const BATCH_TENANTS: u64 = 4;
+/// Records per batch at most, and the longest a record waits for its batch to fill.
+const BATCH_MAX_ITEMS: usize = 100;
+const BATCH_LINGER: Duration = Duration::from_millis(5);
+/// Batch RPCs in flight at once; the phase keeps `BATCH_MAX_ITEMS × BATCH_IN_FLIGHT` records
+/// outstanding, enough to fill every batch in flight.
+const BATCH_IN_FLIGHT: usize = 8;
+/// 64-byte payloads, as in the benchmarks.
+const PAYLOAD: [u8; 64] = [7; 64];
+/// The time series' resolution.
+const BUCKET: Duration = Duration::from_millis(250);
+/// Load before the first phase, not measured.
+const WARM_UP: Duration = Duration::from_secs(1);
+/// What the slow phase adds to backend-1's answers.
+const SLOWDOWN: Duration = Duration::from_millis(20);
+
+const USAGE: &str = "usage: cargo run --release --example tour -- \
+    [--strategy round-robin|p2c|peak-ewma|hash] [--phase-seconds N] [--concurrency N] [--json [PATH]]";
+
+#[derive(Debug, Clone, Copy)]
+enum StrategyName {
+    RoundRobin,
+    PowerOfTwoChoices,
+    PeakEwma,
+    Hash,
+}
+
+impl StrategyName {
+    fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "round-robin" => Ok(StrategyName::RoundRobin),
+            "p2c" => Ok(StrategyName::PowerOfTwoChoices),
+            "peak-ewma" => Ok(StrategyName::PeakEwma),
+            "hash" => Ok(StrategyName::Hash),
+            other => Err(format!(
+                "--strategy: unknown strategy {other:?}; use round-robin, p2c, peak-ewma or hash"
+            )),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            StrategyName::RoundRobin => "round-robin",
+            StrategyName::PowerOfTwoChoices => "p2c",
+            StrategyName::PeakEwma => "peak-ewma",
+            StrategyName::Hash => "hash",
+        }
+    }
+
+    fn apply(self, config: BalanceConfigBuilder) -> BalanceConfigBuilder {
+        match self {
+            StrategyName::RoundRobin => config.strategy(RoundRobin::new()),
+            StrategyName::PowerOfTwoChoices => config.strategy(PowerOfTwoChoices::new()),
+            StrategyName::PeakEwma => config.strategy(PeakEwma::new()),
+            // Every call carries a `tenant` header; each tenant sticks to one backend.
+            StrategyName::Hash => config.strategy(ConsistentHash::header(
+                http::HeaderName::from_static("tenant"),
+            )),
+        }
+    }
+}
 
 struct Args {
-    strategy: String,
+    strategy: StrategyName,
     phase: Duration,
     concurrency: usize,
+    /// Where to write the JSON figures, if asked to.
+    json: Option<PathBuf>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        strategy: "peak-ewma".into(),
-        phase: Duration::from_secs(4),
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args {
+        strategy: StrategyName::PeakEwma,
+        phase: Duration::from_secs(7),
         concurrency: 32,
+        json: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        let positive = |name: &str, v: String| {
-            v.parse::<u64>()
+    let mut args = args.into_iter().peekable();
+    while let Some(flag) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .filter(|v| !v.starts_with("--"))
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let number = |flag: &str, value: String, max: u64| {
+            value
+                .parse::<u64>()
                 .ok()
-                .filter(|v| (1..=600).contains(v))
-                .ok_or_else(|| format!("{name} needs a number from 1 to 600"))
+                .filter(|v| (1..=max).contains(v))
+                .ok_or_else(|| {
+                    format!("{flag} needs a whole number from 1 to {max}, not {value:?}")
+                })
         };
         match flag.as_str() {
-            "--strategy" => args.strategy = value("--strategy")?,
+            "--strategy" => parsed.strategy = StrategyName::parse(&value("--strategy")?)?,
             "--phase-seconds" => {
-                args.phase =
-                    Duration::from_secs(positive("--phase-seconds", value("--phase-seconds")?)?)
+                let seconds = number("--phase-seconds", value("--phase-seconds")?, 600)?;
+                parsed.phase = Duration::from_secs(seconds);
             }
             "--concurrency" => {
-                args.concurrency = positive("--concurrency", value("--concurrency")?)? as usize
+                let calls = number("--concurrency", value("--concurrency")?, 10_000)?;
+                parsed.concurrency = calls as usize;
             }
-            other => {
-                return Err(format!(
-                    "unknown argument {other}; use --strategy round-robin|p2c|peak-ewma|hash, \
-                     --phase-seconds N, --concurrency N"
-                ));
+            "--json" => {
+                // The path is optional: `--json` alone writes beside the chart.
+                let path = args.next_if(|v| !v.starts_with("--"));
+                parsed.json =
+                    Some(path.map_or_else(|| output_dir().join("tour.json"), PathBuf::from));
             }
+            "--help" | "-h" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok(args)
+    Ok(parsed)
 }
 
-fn with_strategy(config: BalanceConfigBuilder, name: &str) -> Result<BalanceConfigBuilder, String> {
-    Ok(match name {
-        "round-robin" => config.strategy(RoundRobin::new()),
-        "p2c" => config.strategy(PowerOfTwoChoices::new()),
-        "peak-ewma" => config.strategy(PeakEwma::new()),
-        // The tour's calls carry a `tenant` header; each tenant sticks to one backend.
-        "hash" => config.strategy(ConsistentHash::header(http::HeaderName::from_static(
-            "tenant",
-        ))),
-        other => {
-            return Err(format!(
-                "unknown strategy {other}: use round-robin, p2c, peak-ewma or hash"
-            ));
-        }
-    })
+/// `$CARGO_TARGET_DIR/tour`, or `target/tour` in the crate (as the benchmarks locate theirs).
+fn output_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("tour")
 }
 
-/// One phase of the tour: what changes before it, and its name.
-struct Phase {
-    name: &'static str,
-    about: &'static str,
+/// One phase of the tour, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Steady,
+    Slow,
+    Stopped,
+    NotServing,
+    Recovered,
+    AllFailing,
+    RecoveredAgain,
+    Batching,
 }
 
-const PHASES: [Phase; 5] = [
-    Phase {
-        name: "steady",
-        about: "four healthy backends",
-    },
-    Phase {
-        name: "slow",
-        about: "backend-1 answers 20 ms slower",
-    },
-    Phase {
-        name: "stopped",
-        about: "backend-2 stopped (process gone); backend-1 fast again",
-    },
-    Phase {
-        name: "not-serving",
-        about: "backend-2 restarted; backend-3 reports NOT_SERVING",
-    },
-    Phase {
-        name: "recovered",
-        about: "every backend healthy again",
-    },
-];
+impl Phase {
+    const ALL: [Phase; 8] = [
+        Phase::Steady,
+        Phase::Slow,
+        Phase::Stopped,
+        Phase::NotServing,
+        Phase::Recovered,
+        Phase::AllFailing,
+        Phase::RecoveredAgain,
+        Phase::Batching,
+    ];
 
-async fn enter(phase: usize, backends: &[Backend]) -> Result<(), BoxError> {
-    match phase {
-        1 => backends[1].set_latency(Duration::from_millis(20)),
-        2 => {
-            backends[1].clear_faults();
-            backends[2].stop().await;
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Steady => "steady",
+            Phase::Slow => "slow",
+            Phase::Stopped => "stopped",
+            Phase::NotServing => "not-serving",
+            Phase::Recovered => "recovered",
+            Phase::AllFailing => "all-failing",
+            Phase::RecoveredAgain => "recovered-2",
+            Phase::Batching => "batching",
         }
-        3 => {
-            backends[2].restart().await?;
-            backends[3].set_health(ServingStatus::NotServing).await;
-        }
-        4 => backends[3].set_health(ServingStatus::Serving).await,
-        _ => {}
     }
-    Ok(())
+
+    fn about(self) -> &'static str {
+        match self {
+            Phase::Steady => "four healthy backends",
+            Phase::Slow => "backend-1 answers 20 ms slower",
+            Phase::Stopped => "backend-2 stopped 250 ms in (process gone); backend-1 fast again",
+            Phase::NotServing => "backend-2 restarted; backend-3 reports NOT_SERVING",
+            Phase::Recovered => "every backend healthy again",
+            Phase::AllFailing => "every backend fails every call with UNAVAILABLE",
+            Phase::RecoveredAgain => "the failures stop",
+            Phase::Batching => "Log.Produce records batched by BatchLayer over the same stack",
+        }
+    }
+
+    /// How long the phase runs: a full phase, but "all failing" is brief (half of one).
+    fn length(self, phase: Duration) -> Duration {
+        match self {
+            Phase::AllFailing => phase / 2,
+            _ => phase,
+        }
+    }
+
+    /// How long into the phase its fault lands, or `None`: before the phase's first call. A
+    /// crash comes under traffic, so that calls in flight to the stopped backend fail (and are
+    /// retried).
+    fn fault_delay(self) -> Option<Duration> {
+        match self {
+            Phase::Stopped => Some(Duration::from_millis(250)),
+            _ => None,
+        }
+    }
+
+    /// Applies the phase's faults (or lifts the previous phase's).
+    async fn enter(self, backends: &[Backend]) -> Result<(), BoxError> {
+        match self {
+            Phase::Steady | Phase::Batching => {}
+            Phase::Slow => backends[1].set_latency(SLOWDOWN),
+            Phase::Stopped => {
+                backends[1].clear_faults();
+                backends[2].stop().await;
+            }
+            Phase::NotServing => {
+                backends[2].restart().await?;
+                backends[3].set_health(ServingStatus::NotServing).await;
+            }
+            Phase::Recovered => backends[3].set_health(ServingStatus::Serving).await,
+            Phase::AllFailing => {
+                for backend in backends {
+                    backend.fail_fraction(1.0, Code::Unavailable);
+                }
+            }
+            Phase::RecoveredAgain => backends.iter().for_each(Backend::clear_faults),
+        }
+        Ok(())
+    }
 }
+
+/// What the layers did during one phase, from their own metrics (README "Metrics").
+#[derive(Debug, Default, Clone, Copy)]
+struct LayerCounts {
+    /// Retries made (`grpc.client.call.retries`, summed over calls).
+    retries: u64,
+    /// Transparent retries made (`grpc.client.call.transparent_retries`, summed).
+    transparent_retries: u64,
+    /// Retries the budget refused (`towline.retry.budget_exhausted`).
+    retries_refused: u64,
+    /// Outlier ejections (`towline.balance.ejections`).
+    ejections: u64,
+    /// Health verdict changes (`towline.balance.health_transitions`).
+    health_transitions: u64,
+    /// RPCs the call-level `MetricsLayer` saw end (`grpc.client.call.duration` samples): one per
+    /// Echo call, one per `Produce` batch.
+    rpcs: u64,
+    /// Batches `BatchLayer` sent (`towline.batch.size` samples).
+    batches: u64,
+}
+
+impl LayerCounts {
+    /// Everything recorded since the last call: the debugging recorder's snapshot resets counters
+    /// and drains histograms.
+    fn take(snapshotter: &Snapshotter) -> Self {
+        let mut counts = LayerCounts::default();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let name = key.key().name();
+            match value {
+                DebugValue::Counter(n) => match name {
+                    BUDGET_EXHAUSTED => counts.retries_refused += n,
+                    towline::balance::metrics::EJECTIONS => counts.ejections += n,
+                    towline::balance::metrics::HEALTH_TRANSITIONS => counts.health_transitions += n,
+                    _ => {}
+                },
+                DebugValue::Histogram(values) => {
+                    let sum = values.iter().map(|v| v.0).sum::<f64>().round() as u64;
+                    match name {
+                        CALL_RETRIES => counts.retries += sum,
+                        CALL_TRANSPARENT_RETRIES => counts.transparent_retries += sum,
+                        CALL_DURATION => counts.rpcs += values.len() as u64,
+                        // BatchLayer's histogram of items per batch sent.
+                        "towline.batch.size" => counts.batches += values.len() as u64,
+                        _ => {}
+                    }
+                }
+                DebugValue::Gauge(_) => {}
+            }
+        }
+        counts
+    }
+}
+
+/// One completed call (or record) for the time series: when it ended, how long it took, and
+/// which backend answered (`None`: it failed).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ended_ms: u32,
+    latency_us: u32,
+    backend: Option<u8>,
+}
+
+/// Every call of the tour, for the chart. (The per-phase table comes from `LoadReport`s; this
+/// keeps the time of each call, which a report does not.)
+#[derive(Clone)]
+struct Timeline {
+    started: Instant,
+    backend_ids: Arc<[String]>,
+    /// `None`: keep nothing.
+    samples: Arc<Mutex<Option<Vec<Sample>>>>,
+}
+
+impl Timeline {
+    fn new(backend_ids: Vec<String>) -> Self {
+        Timeline {
+            started: Instant::now(),
+            backend_ids: backend_ids.into(),
+            samples: Arc::new(Mutex::new(Some(Vec::new()))),
+        }
+    }
+
+    /// A timeline that keeps nothing (for the warm-up).
+    fn discard() -> Self {
+        Timeline {
+            started: Instant::now(),
+            backend_ids: Arc::new([]),
+            samples: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Seconds since the tour started.
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn record(&self, call_started: Instant, outcome: &Result<String, Status>) {
+        let sample = Sample {
+            ended_ms: self.started.elapsed().as_millis() as u32,
+            latency_us: call_started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32,
+            backend: outcome.as_ref().ok().and_then(|id| {
+                let index = self.backend_ids.iter().position(|known| known == id)?;
+                u8::try_from(index).ok()
+            }),
+        };
+        if let Some(samples) = self.lock().as_mut() {
+            samples.push(sample);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Sample>>> {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The samples in `BUCKET`-wide time buckets, from the start of the tour.
+    fn buckets(&self) -> Vec<Bucket> {
+        let width_ms = BUCKET.as_millis() as u32;
+        let mut grouped: BTreeMap<u32, Vec<Sample>> = BTreeMap::new();
+        for sample in self.lock().iter().flatten() {
+            grouped
+                .entry(sample.ended_ms / width_ms)
+                .or_default()
+                .push(*sample);
+        }
+        grouped
+            .into_iter()
+            .map(|(index, samples)| Bucket::new(index, &samples, self.backend_ids.len()))
+            .collect()
+    }
+}
+
+/// One time bucket of the series.
+#[derive(Debug, Clone)]
+struct Bucket {
+    /// Its start, in seconds since the tour started.
+    start: f64,
+    calls: u64,
+    failed: u64,
+    /// p99 over every call that ended in it.
+    p99: Duration,
+    /// Per backend: calls it answered and their p99 (`None` without calls).
+    backends: Vec<(u64, Option<Duration>)>,
+}
+
+impl Bucket {
+    fn new(index: u32, samples: &[Sample], backends: usize) -> Self {
+        let all: Vec<u32> = samples.iter().map(|s| s.latency_us).collect();
+        let per_backend = (0..backends)
+            .map(|b| {
+                let mine: Vec<u32> = samples
+                    .iter()
+                    .filter(|s| s.backend == Some(b as u8))
+                    .map(|s| s.latency_us)
+                    .collect();
+                (mine.len() as u64, (!mine.is_empty()).then(|| p99(mine)))
+            })
+            .collect();
+        Bucket {
+            start: f64::from(index) * BUCKET.as_secs_f64(),
+            calls: samples.len() as u64,
+            failed: samples.iter().filter(|s| s.backend.is_none()).count() as u64,
+            p99: p99(all),
+            backends: per_backend,
+        }
+    }
+
+    /// The share (0–100%) of the bucket's calls that backend `b` answered.
+    fn share(&self, b: usize) -> f64 {
+        100.0 * self.backends[b].0 as f64 / self.calls.max(1) as f64
+    }
+
+    fn failed_share(&self) -> f64 {
+        100.0 * self.failed as f64 / self.calls.max(1) as f64
+    }
+}
+
+/// Nearest-rank 99th percentile, the definition `LoadReport::percentile` uses.
+fn p99(mut latencies_us: Vec<u32>) -> Duration {
+    if latencies_us.is_empty() {
+        return Duration::ZERO;
+    }
+    latencies_us.sort_unstable();
+    let rank = (0.99 * latencies_us.len() as f64).ceil() as usize;
+    Duration::from_micros(u64::from(
+        latencies_us[rank.clamp(1, latencies_us.len()) - 1],
+    ))
+}
+
+/// What one phase looked like.
+struct PhaseResult {
+    phase: Phase,
+    /// Seconds since the tour started.
+    start: f64,
+    end: f64,
+    /// Echo calls, or records in the batching phase; tagged by the backend that answered.
+    report: LoadReport<String>,
+    counts: LayerCounts,
+    /// Per backend at the phase's end: the balancer's state for it and its ejections so far.
+    endpoints: Vec<(EndpointState, u32)>,
+}
+
+impl PhaseResult {
+    /// The share (0–100%) of the phase's calls that `backend` answered.
+    fn share(&self, backend: &str) -> f64 {
+        let answered = self.report.tally().get(backend).copied().unwrap_or(0);
+        100.0 * answered as f64 / self.report.calls().max(1) as f64
+    }
+}
+
+/// The whole stack, outer to inner: metrics → retry → balance → pool → connector.
+type Stack = towline::metrics::Metrics<towline::retry::Retry<Balanced>>;
+type Balanced = towline::balance::Balance<towline::pool::Pool<tonic::transport::Channel>>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args = parse_args()?;
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("tour: {message}");
+            std::process::exit(2);
+        }
+    };
+
+    // The recorder goes in before any layer is built: layers resolve their metric handles once.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .map_err(|_| "another metrics recorder is already installed")?;
+
     let backends = Backend::start_many(BACKENDS).await?;
     println!(
-        "towline tour: {BACKENDS} backends on loopback, strategy {}, {} in flight, {:?} per phase",
-        args.strategy, args.concurrency, args.phase
+        "towline tour: {BACKENDS} backends on loopback, strategy {}, {} calls in flight, {:?} per phase",
+        args.strategy.as_str(),
+        args.concurrency,
+        args.phase
     );
 
-    let pool = PoolConfig::builder()
-        .size(2)
-        // Under a balancer, a pool should give up quickly: the balancer has other endpoints.
-        .wait_timeout(Duration::from_millis(500))
-        .backoff(Backoff::new(
-            Jitter::Grpc,
-            Duration::from_millis(200),
-            Duration::from_secs(2),
-            1.6,
-        )?)
-        .build()?;
-    let balance = with_strategy(BalanceConfig::builder(), &args.strategy)?
-        .health_check(HealthCheck::watch(""))
-        .reconnect_backoff(Backoff::new(
-            Jitter::Grpc,
-            Duration::from_millis(200),
-            Duration::from_secs(2),
-            1.6,
-        )?)
-        .target("tour")
-        .build()?;
-    let balance = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            Static::new(backends.iter().map(Backend::uri)),
-            balance,
-        ))
-        .layer(PoolLayer::new(pool.clone()))
-        .service(pool.connector());
-    let stack = ServiceBuilder::new()
-        .layer(RetryLayer::new(RetryPolicy::builder().build()?))
-        .service(balance.clone());
+    let (stack, balance) = build_stack(args.strategy, &backends)?;
     tokio::time::timeout(
         Duration::from_secs(10),
         balance.wait_until(|s| {
@@ -186,81 +539,65 @@ async fn main() -> Result<(), BoxError> {
     )
     .await
     .map_err(|_| "the backends did not become ready in 10 s")?;
-    let client = EchoClient::new(stack);
 
-    let mut reports: Vec<LoadReport<String>> = Vec::new();
-    for (i, phase) in PHASES.iter().enumerate() {
-        enter(i, &backends).await?;
-        let bar = ProgressBar::new(args.phase.as_millis() as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>12} [{bar:40}] {msg}")?.progress_chars("=> "),
-        );
-        bar.set_prefix(phase.name);
-        bar.set_message(phase.about);
-        let ticker = {
-            let bar = bar.clone();
-            let started = tokio::time::Instant::now();
-            tokio::spawn(async move {
-                loop {
-                    bar.set_position(started.elapsed().as_millis() as u64);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        };
-        let client = client.clone();
-        let payload = Arc::new(vec![0u8; 64]);
-        let report = Load::new(args.concurrency)
-            .calls(u64::MAX)
-            .duration(args.phase)
-            .run(move |n| {
-                let mut client = client.clone();
-                let mut request = tonic::Request::new(EchoRequest {
-                    payload: payload.to_vec(),
-                    ..Default::default()
-                });
-                let tenant = format!("tenant-{}", n % 64);
-                request
-                    .metadata_mut()
-                    .insert("tenant", tenant.parse().expect("ASCII"));
-                async move { Ok(client.unary(request).await?.into_inner().backend) }
-            })
-            .await;
-        ticker.abort();
-        bar.finish_with_message(format!("{} — {report}", phase.about));
-        reports.push(report);
-    }
+    let echo = EchoClient::new(stack.clone());
+    let produce = produce_batched(LogClient::new(stack))?;
 
-    println!();
-    let ids: Vec<&str> = backends.iter().map(Backend::id).collect();
-    print!(
-        "{:<12} {:>9} {:>9} {:>9} {:>7}",
-        "phase", "req/s", "p50", "p99", "failed"
-    );
-    for id in &ids {
-        print!(" {id:>10}");
-    }
-    println!();
-    for (phase, report) in PHASES.iter().zip(&reports) {
-        print!(
-            "{:<12} {:>9.0} {:>9.2?} {:>9.2?} {:>7}",
-            phase.name,
-            report.throughput(),
-            report.p50(),
-            report.p99(),
-            report.failed()
-        );
-        let share: BTreeMap<&str, u64> = ids
-            .iter()
-            .map(|id| (*id, report.tally().get(*id).copied().unwrap_or(0)))
-            .collect();
-        for id in &ids {
-            print!(
-                " {:>9.1}%",
-                100.0 * share[id] as f64 / report.calls().max(1) as f64
-            );
+    // Connections, allocator and RTT estimates warm up outside the figures.
+    let warm_up = PhaseProgress::warm_up(WARM_UP);
+    run_echo(
+        &echo,
+        args.concurrency,
+        WARM_UP,
+        &warm_up,
+        &Timeline::discard(),
+    )
+    .await;
+    warm_up.clear();
+    // Whatever was recorded while connecting and warming up belongs to no phase.
+    LayerCounts::take(&snapshotter);
+    let timeline = Timeline::new(backends.iter().map(|b| b.id().to_owned()).collect());
+
+    let mut results = Vec::new();
+    for phase in Phase::ALL {
+        let fault_delay = phase.fault_delay();
+        if fault_delay.is_none() {
+            phase.enter(&backends).await?;
         }
-        println!();
+        let length = phase.length(args.phase);
+        let progress = PhaseProgress::start(phase, length);
+        let start = timeline.now();
+        let load = async {
+            match phase {
+                Phase::Batching => run_records(&produce, length, &progress, &timeline).await,
+                _ => run_echo(&echo, args.concurrency, length, &progress, &timeline).await,
+            }
+        };
+        let fault = async {
+            match fault_delay {
+                Some(delay) => {
+                    tokio::time::sleep(delay).await;
+                    phase.enter(&backends).await
+                }
+                None => Ok(()),
+            }
+        };
+        let (report, entered) = tokio::join!(load, fault);
+        entered?;
+        let end = timeline.now();
+        progress.finish(phase, &report);
+        results.push(PhaseResult {
+            phase,
+            start,
+            end,
+            report,
+            counts: LayerCounts::take(&snapshotter),
+            endpoints: endpoint_states(&balance, &backends),
+        });
     }
+
+    println!();
+    print_table(&results, &backends);
     println!("\nendpoints at the end:");
     for endpoint in balance.snapshot() {
         println!(
@@ -271,5 +608,637 @@ async fn main() -> Result<(), BoxError> {
             endpoint.ejections
         );
     }
+
+    let buckets = timeline.buckets();
+    let dir = output_dir();
+    std::fs::create_dir_all(&dir)?;
+    let chart = dir.join("tour.svg");
+    draw_chart(
+        &chart,
+        &results,
+        &buckets,
+        &timeline.backend_ids,
+        args.strategy,
+    )?;
+    println!("\nchart: {}", chart.display());
+    if let Some(path) = &args.json {
+        write_json(path, &args, &results, &buckets, &timeline.backend_ids)?;
+        println!("figures: {}", path.display());
+    }
+    Ok(())
+}
+
+/// The balancer's view of each backend, in the backends' order.
+fn endpoint_states(balance: &Balanced, backends: &[Backend]) -> Vec<(EndpointState, u32)> {
+    let snapshot = balance.snapshot();
+    backends
+        .iter()
+        .map(|backend| {
+            let address = backend.addr().to_string();
+            snapshot
+                .iter()
+                .find(|e| e.uri.authority().map(|a| a.as_str()) == Some(address.as_str()))
+                .map_or((EndpointState::Draining, 0), |e| (e.state, e.ejections))
+        })
+        .collect()
+}
+
+/// Assembles metrics → retry → health-gated balance → pool over the backends; returns the stack
+/// and the balancer (for its snapshot).
+fn build_stack(
+    strategy: StrategyName,
+    backends: &[Backend],
+) -> Result<(Stack, Balanced), BoxError> {
+    let reconnect = Backoff::new(
+        Jitter::Grpc,
+        Duration::from_millis(200),
+        Duration::from_secs(2),
+        1.6,
+    )?;
+    let pool = PoolConfig::builder()
+        .size(2)
+        // Under a balancer, a pool should give up quickly: the balancer has other endpoints.
+        .wait_timeout(Duration::from_millis(500))
+        .backoff(reconnect)
+        .build()?;
+    // gRFC A50's timings (10 s interval, 30 s base ejection) would outlast the tour's phases:
+    // scaled down so that an ejection shows up, and ends, within a phase or two.
+    let outliers = OutlierDetection::builder()
+        .interval(Duration::from_secs(1))
+        .base_ejection_time(Duration::from_secs(2))
+        .max_ejection_time(Duration::from_secs(10))
+        .build()?;
+    let balance_config = strategy
+        .apply(BalanceConfig::builder())
+        .health_check(HealthCheck::watch(""))
+        .outlier_detection(outliers)
+        .reconnect_backoff(reconnect)
+        .target("tour")
+        .build()?;
+    let balance = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new(backends.iter().map(Backend::uri)),
+            balance_config,
+        ))
+        .layer(PoolLayer::new(pool.clone()))
+        .service(pool.connector());
+    // gRFC A6 retry throttling: a failure takes a token, a success gives 0.1 back, and at or
+    // below half the tokens nobody retries. 100 tokens cover the calls in flight when one
+    // backend crashes; when every backend fails, retries stop after about 50. (The default
+    // percentage budget earns retries from the last 10 s of calls: after tens of thousands of
+    // healthy calls it lets every failing call of a short outage make all its attempts.)
+    let retry = RetryPolicy::builder()
+        .max_attempts(3)
+        .budget(RetryBudget::token_bucket(100.0, 0.1)?)
+        .build()?;
+    let stack = ServiceBuilder::new()
+        .layer(MetricsLayer::new("tour"))
+        .layer(RetryLayer::new(retry))
+        .service(balance.clone());
+    Ok((stack, balance))
+}
+
+/// A progress bar for one phase, advanced by time, with a live count of calls.
+struct PhaseProgress {
+    bar: ProgressBar,
+    calls: Arc<AtomicU64>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl PhaseProgress {
+    fn start(phase: Phase, length: Duration) -> Self {
+        Self::named(phase.name(), phase.about(), length)
+    }
+
+    fn warm_up(length: Duration) -> Self {
+        Self::named(
+            "warm-up",
+            "connections and RTT estimates, not measured",
+            length,
+        )
+    }
+
+    fn named(name: &'static str, about: &'static str, length: Duration) -> Self {
+        let bar = ProgressBar::new(length.as_millis() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>12} [{bar:30}] {msg}")
+                .expect("the template is valid")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(name);
+        let calls = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (bar, calls) = (bar.clone(), calls.clone());
+            let started = Instant::now();
+            tokio::spawn(async move {
+                loop {
+                    bar.set_position(started.elapsed().as_millis() as u64);
+                    bar.set_message(format!("{about} — {} calls", calls.load(Ordering::Relaxed)));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        PhaseProgress { bar, calls, ticker }
+    }
+
+    /// Counts one completed call (for `Load::on_call`).
+    fn counter(&self) -> impl Fn() + Send + Sync + 'static {
+        let calls = self.calls.clone();
+        move || {
+            calls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+
+    fn finish(self, phase: Phase, report: &LoadReport<String>) {
+        self.ticker.abort();
+        self.bar
+            .finish_with_message(format!("{} — {report}", phase.about()));
+    }
+}
+
+/// Closed-loop Echo load through the stack for `length`; each call is tagged with the backend
+/// that answered.
+async fn run_echo(
+    client: &EchoClient<Stack>,
+    concurrency: usize,
+    length: Duration,
+    progress: &PhaseProgress,
+    timeline: &Timeline,
+) -> LoadReport<String> {
+    let (client, timeline) = (client.clone(), timeline.clone());
+    Load::new(concurrency)
+        .calls(u64::MAX)
+        .duration(length)
+        .on_call(progress.counter())
+        .run(move |n| {
+            let (mut client, timeline) = (client.clone(), timeline.clone());
+            let mut request = tonic::Request::new(EchoRequest {
+                payload: PAYLOAD.to_vec(),
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert("tenant", AsciiMetadataValue::from(n % TENANTS));
+            async move {
+                let started = Instant::now();
+                let outcome = client
+                    .unary(request)
+                    .await
+                    .map(|reply| reply.into_inner().backend);
+                timeline.record(started, &outcome);
+                outcome
+            }
+        })
+        .await
+}
+
+/// The batching phase's service: one call per record, merged into `Log.Produce` RPCs per tenant.
+type RecordService = towline::batch::Batch<(u64, Bytes), String>;
+
+fn produce_batched(client: LogClient<Stack>) -> Result<RecordService, BoxError> {
+    let config = BatchConfig::builder()
+        .max_items(BATCH_MAX_ITEMS)
+        .linger(BATCH_LINGER)
+        .max_in_flight(BATCH_IN_FLIGHT)
+        .build()?;
+    let rpc = tower::service_fn(move |request: tonic::Request<ProduceRequest>| {
+        let mut client = client.clone();
+        async move { client.produce(request).await }
+    });
+    Ok(BatchLayer::new(TenantRecords, config).layer(rpc))
+}
+
+/// Drives records through the batching service for `length`, enough outstanding to fill every
+/// batch in flight; each record is tagged with the backend that stored it.
+async fn run_records(
+    records: &RecordService,
+    length: Duration,
+    progress: &PhaseProgress,
+    timeline: &Timeline,
+) -> LoadReport<String> {
+    let (records, timeline) = (records.clone(), timeline.clone());
+    Load::new(BATCH_MAX_ITEMS * BATCH_IN_FLIGHT)
+        .calls(u64::MAX)
+        .duration(length)
+        .on_call(progress.counter())
+        .run(move |n| {
+            let (records, timeline) = (records.clone(), timeline.clone());
+            async move {
+                let started = Instant::now();
+                let record = (n % BATCH_TENANTS, Bytes::from_static(&PAYLOAD));
+                let outcome = records.oneshot(record).await;
+                timeline.record(started, &outcome);
+                outcome
+            }
+        })
+        .await
+}
+
+/// `(tenant, record)` items; a tenant's records share a `Produce` call, sent with the tenant's
+/// `tenant` header (so that `--strategy hash` keeps a tenant on one backend). Each record's result
+/// is the id of the backend that stored it.
+#[derive(Debug, Clone, Copy)]
+struct TenantRecords;
+
+impl Batcher for TenantRecords {
+    type Item = (u64, Bytes);
+    type Key = u64;
+    type Request = tonic::Request<ProduceRequest>;
+    type Response = tonic::Response<ProduceResponse>;
+    type Output = String;
+
+    fn key(&mut self, (tenant, _): &Self::Item) -> u64 {
+        *tenant
+    }
+
+    fn weight(&mut self, (_, record): &Self::Item) -> usize {
+        record.len()
+    }
+
+    fn merge(&mut self, tenant: &u64, items: Vec<Self::Item>) -> Self::Request {
+        let records = items.into_iter().map(|(_, record)| record).collect();
+        let mut request = tonic::Request::new(ProduceRequest {
+            key: format!("tenant-{tenant}"),
+            records,
+        });
+        request
+            .metadata_mut()
+            .insert("tenant", AsciiMetadataValue::from(*tenant));
+        request
+    }
+
+    fn split(
+        &mut self,
+        _: &u64,
+        _: usize,
+        response: Self::Response,
+    ) -> Vec<Result<String, Status>> {
+        let backend = response
+            .metadata()
+            .get(BACKEND_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_owned();
+        let results = response.into_inner().results.into_iter();
+        results
+            .map(|result| match Code::from_i32(result.code) {
+                Code::Ok => Ok(backend.clone()),
+                code => Err(Status::new(code, result.message)),
+            })
+            .collect()
+    }
+}
+
+fn millis(latency: Duration) -> String {
+    format!("{:.2}", latency.as_secs_f64() * 1e3)
+}
+
+fn print_table(results: &[PhaseResult], backends: &[Backend]) {
+    let mut headers = vec![
+        "phase",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "retries",
+        "refused",
+        "ejections",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    headers.extend(backends.iter().map(|b| b.id().to_owned()));
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                match r.phase {
+                    Phase::Batching => format!("{}*", r.phase.name()),
+                    _ => r.phase.name().to_owned(),
+                },
+                format!("{:.0}", r.report.throughput()),
+                millis(r.report.p50()),
+                millis(r.report.p99()),
+                r.report.failed().to_string(),
+                r.counts.retries.to_string(),
+                r.counts.retries_refused.to_string(),
+                r.counts.ejections.to_string(),
+            ];
+            row.extend(backends.iter().map(|b| format!("{:.1}%", r.share(b.id()))));
+            row
+        })
+        .collect();
+    let widths: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        let cells: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            // The phase name reads left-aligned, numbers right-aligned.
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", cells.join("  "));
+    };
+    line(&headers);
+    for row in &rows {
+        line(row);
+    }
+    println!(
+        "\nreq/s, p50 and p99 are per call as the caller saw it (retries included); failed: calls that \
+         returned an error;\nretries: retries the RetryLayer made (transparent ones not included); \
+         refused: retries the budget refused;\nejections: outlier ejections; backend columns: share \
+         of the successful calls each backend answered."
+    );
+    if let Some(batching) = results.iter().find(|r| r.phase == Phase::Batching) {
+        let records = batching.report.calls();
+        let batches = batching.counts.batches.max(1);
+        println!(
+            "* batching counts records, not calls: req/s is records/s, p50 and p99 are per record \
+             (from its call to its own result,\n  linger {} ms included), failed counts records, \
+             retries count Produce RPCs; {} records went out in {} Produce RPCs\n  ({:.1} records \
+             each, up to {BATCH_MAX_ITEMS}), {} records outstanding.",
+            BATCH_LINGER.as_millis(),
+            records,
+            batching.counts.batches,
+            records as f64 / batches as f64,
+            BATCH_MAX_ITEMS * BATCH_IN_FLIGHT,
+        );
+    }
+}
+
+/// A chart of p99 latency and traffic share per backend over time, phases marked: two panels
+/// sharing the time axis. Text is written as SVG `<text>` (plotters without font features).
+fn draw_chart(
+    path: &Path,
+    results: &[PhaseResult],
+    buckets: &[Bucket],
+    backend_ids: &[String],
+    strategy: StrategyName,
+) -> Result<(), BoxError> {
+    let end = results.last().map_or(1.0, |r| r.end).max(1.0);
+    let root = SVGBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "towline tour: p99 latency and traffic share per backend ({}, {} ms buckets)",
+            strategy.as_str(),
+            BUCKET.as_millis()
+        ),
+        ("sans-serif", 22),
+    )?;
+    let (top, bottom) = root.split_vertically(400);
+    let color = |b: usize| Palette99::pick(b).to_rgba();
+
+    // Latency panel, log scale (calls of a millisecond next to the slowed backend's 20 ms),
+    // spanning what was measured with room above and below.
+    let p99s_ms: Vec<f64> = buckets
+        .iter()
+        .flat_map(|b| std::iter::once(b.p99).chain(b.backends.iter().filter_map(|(_, p)| *p)))
+        .map(|p| p.as_secs_f64() * 1e3)
+        .filter(|ms| *ms > 0.0)
+        .collect();
+    let y_min = (p99s_ms.iter().copied().fold(f64::INFINITY, f64::min) / 2.0).clamp(0.01, 0.5);
+    let y_max = (p99s_ms.iter().copied().fold(0.0, f64::max) * 2.0).max(1.0);
+    let mut latency = ChartBuilder::on(&top)
+        .margin(10)
+        .margin_top(30)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..end, (y_min..y_max).log_scale())?;
+    latency
+        .configure_mesh()
+        .x_desc("seconds since the first phase")
+        .x_label_formatter(&|s| format!("{s:.0}"))
+        .y_desc("p99 latency (ms, log)")
+        .y_label_formatter(&|v| format!("{v}"))
+        .draw()?;
+    for (b, id) in backend_ids.iter().enumerate() {
+        // A backend without calls in a bucket has no p99 there: draw each run of buckets apart,
+        // so the line breaks instead of bridging the gap.
+        let points: Vec<Option<(f64, f64)>> = buckets
+            .iter()
+            .map(|k| {
+                k.backends[b]
+                    .1
+                    .map(|p| (k.start, (p.as_secs_f64() * 1e3).max(y_min)))
+            })
+            .collect();
+        let mut labelled = false;
+        for run in points.split(Option::is_none).filter(|run| !run.is_empty()) {
+            let series = latency.draw_series(LineSeries::new(
+                run.iter().flatten().copied(),
+                color(b).stroke_width(2),
+            ))?;
+            if !labelled {
+                series.label(id.as_str()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color(b).stroke_width(2))
+                });
+                labelled = true;
+            }
+        }
+    }
+    latency
+        .draw_series(LineSeries::new(
+            buckets
+                .iter()
+                .map(|k| (k.start, (k.p99.as_secs_f64() * 1e3).max(y_min))),
+            BLACK.stroke_width(1),
+        ))?
+        .label("every call (caller's view)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    mark_phases(&mut latency, results, (y_min, y_max), true)?;
+    // Top right: above the recovered phases' latencies, below the slow phase's peak.
+    latency
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+
+    // Share panel: of each bucket's calls, the percentage each backend answered and that failed.
+    let mut share = ChartBuilder::on(&bottom)
+        .margin(10)
+        .margin_top(30)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..end, 0.0..105.0)?;
+    share
+        .configure_mesh()
+        .x_desc("seconds since the first phase")
+        .x_label_formatter(&|s| format!("{s:.0}"))
+        .y_label_formatter(&|s| format!("{s:.0}"))
+        .y_desc("share of calls (%)")
+        .draw()?;
+    for (b, id) in backend_ids.iter().enumerate() {
+        share
+            .draw_series(LineSeries::new(
+                buckets.iter().map(|k| (k.start, k.share(b))),
+                color(b).stroke_width(2),
+            ))?
+            .label(id.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color(b).stroke_width(2))
+            });
+    }
+    let grey = RGBColor(140, 140, 140);
+    share
+        .draw_series(LineSeries::new(
+            buckets.iter().map(|k| (k.start, k.failed_share())),
+            grey.stroke_width(2),
+        ))?
+        .label("failed")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(2)));
+    mark_phases(&mut share, results, (0.0, 105.0), false)?;
+    share
+        .configure_series_labels()
+        .position(SeriesLabelPosition::MiddleRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Draws a vertical line at each phase's start and, if `named`, the phase's name above it.
+fn mark_phases<DB, Y>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    results: &[PhaseResult],
+    (y_low, y_high): (f64, f64),
+    named: bool,
+) -> Result<(), BoxError>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+    Y: Ranged<ValueType = f64>,
+{
+    let line = RGBColor(60, 60, 60);
+    for result in results {
+        chart.draw_series(DashedLineSeries::new(
+            [(result.start, y_low), (result.start, y_high)],
+            6,
+            4,
+            line.stroke_width(1),
+        ))?;
+        if named {
+            // Just above the plot, centred over the phase.
+            let middle = (result.start + result.end) / 2.0;
+            let style = ("sans-serif", 13)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Center, VPos::Bottom));
+            chart
+                .plotting_area()
+                .draw(&Text::new(result.phase.name(), (middle, y_high), style))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_json(
+    path: &Path,
+    args: &Args,
+    results: &[PhaseResult],
+    buckets: &[Bucket],
+    backend_ids: &[String],
+) -> Result<(), BoxError> {
+    let micros = |d: Duration| d.as_micros() as u64;
+    let phases: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            let share: serde_json::Map<String, serde_json::Value> = backend_ids
+                .iter()
+                .map(|id| (id.clone(), serde_json::json!(r.share(id) / 100.0)))
+                .collect();
+            let endpoints: serde_json::Map<String, serde_json::Value> = backend_ids
+                .iter()
+                .zip(&r.endpoints)
+                .map(|(id, (state, ejections))| {
+                    let figures =
+                        serde_json::json!({ "state": state.as_str(), "ejections": ejections });
+                    (id.clone(), figures)
+                })
+                .collect();
+            serde_json::json!({
+                "phase": r.phase.name(),
+                "about": r.phase.about(),
+                "unit": if r.phase == Phase::Batching { "record" } else { "call" },
+                "start_s": r.start,
+                "end_s": r.end,
+                "calls": r.report.calls(),
+                "per_second": r.report.throughput(),
+                "p50_us": micros(r.report.p50()),
+                "p99_us": micros(r.report.p99()),
+                "failed": r.report.failed(),
+                "failures": r.report.failures(),
+                "retries": r.counts.retries,
+                "transparent_retries": r.counts.transparent_retries,
+                "retries_refused": r.counts.retries_refused,
+                "ejections": r.counts.ejections,
+                "health_transitions": r.counts.health_transitions,
+                "rpcs": r.counts.rpcs,
+                "batches": r.counts.batches,
+                "share": share,
+                "endpoints_at_end": endpoints,
+            })
+        })
+        .collect();
+    let series: Vec<serde_json::Value> = buckets
+        .iter()
+        .map(|k| {
+            let per_backend: serde_json::Map<String, serde_json::Value> = backend_ids
+                .iter()
+                .zip(&k.backends)
+                .map(|(id, (calls, p99))| {
+                    let p99 = p99.map(micros);
+                    (
+                        id.clone(),
+                        serde_json::json!({ "calls": calls, "p99_us": p99 }),
+                    )
+                })
+                .collect();
+            serde_json::json!({
+                "start_s": k.start,
+                "calls": k.calls,
+                "failed": k.failed,
+                "p99_us": micros(k.p99),
+                "backends": per_backend,
+            })
+        })
+        .collect();
+    let document = serde_json::json!({
+        "strategy": args.strategy.as_str(),
+        "concurrency": args.concurrency,
+        "phase_seconds": args.phase.as_secs_f64(),
+        "backends": backend_ids,
+        "phases": phases,
+        "timeline": { "bucket_ms": BUCKET.as_millis() as u64, "buckets": series },
+    });
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&document)?)?;
     Ok(())
 }
