@@ -10,8 +10,8 @@ use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 use towline::backoff::{Backoff, Jitter};
 use towline::balance::{
-    Balance, BalanceConfig, BalanceConfigBuilder, BalanceLayer, ConsistentHash, EndpointSnapshot,
-    EndpointState, PeakEwma, PowerOfTwoChoices, RoundRobin, WeightedRoundRobin,
+    Balance, BalanceConfig, BalanceConfigBuilder, BalanceLayer, ConsistentHash, EndpointService,
+    EndpointSnapshot, EndpointState, PeakEwma, PowerOfTwoChoices, RoundRobin, WeightedRoundRobin,
 };
 use towline::connect::Connect;
 use towline::discover::{self, Change, Static};
@@ -43,8 +43,8 @@ fn balance<D: discover::Discover>(discovery: D, config: BalanceConfig) -> Balanc
         .service(Connect::new())
 }
 
-async fn wait_for(
-    balance: &Balance<Channel>,
+async fn wait_for<S: EndpointService>(
+    balance: &Balance<S>,
     what: &str,
     done: impl FnMut(&[EndpointSnapshot]) -> bool,
 ) {
@@ -820,6 +820,63 @@ async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
         status.message().contains("http://a:1/ was not ready"),
         "{status:?}"
     );
-    // The call never went out: the endpoint's in-flight count is back to zero.
-    assert_eq!(b.snapshot()[0].in_flight, 0);
+    // The call never went out: the endpoint's in-flight count is back to zero, and the wait is
+    // no round trip, so the RTT estimate is still the 30 ms default (decayed), not 250 ms.
+    let endpoint = &b.snapshot()[0];
+    assert_eq!(endpoint.in_flight, 0);
+    assert!(
+        endpoint.rtt_estimate <= Duration::from_millis(30),
+        "{:?}",
+        endpoint.rtt_estimate
+    );
+}
+
+#[tokio::test]
+async fn outlier_detection_counts_answers_not_broken_connections() {
+    use tower::ServiceExt;
+    use towline::outlier::OutlierDetection;
+    for (error, ejected) in [
+        // A pool's verdict that the connection under the call broke: not the backend's answer.
+        (
+            (|| Box::new(tonic::Status::unavailable("pool: connection reset")) as towline::BoxError)
+                as fn() -> _,
+            false,
+        ),
+        // A client-side deadline: the backend did not answer in time. That counts.
+        (
+            || Box::new(tonic::Status::deadline_exceeded("Timeout expired")) as towline::BoxError,
+            true,
+        ),
+    ] {
+        let make =
+            tower::service_fn(
+                move |_: Uri| async move { Ok::<_, towline::BoxError>(Failing(error)) },
+            );
+        let detection = OutlierDetection::builder()
+            .consecutive_failures(Some(3))
+            .build()
+            .unwrap();
+        let b: Balance<Failing> = ServiceBuilder::new()
+            .layer(BalanceLayer::new(
+                Static::new([Uri::from_static("http://a:1")]),
+                config().outlier_detection(detection).build().unwrap(),
+            ))
+            .service(make);
+        wait_for(&b, "ready", |s| count(s, EndpointState::Ready) == 1).await;
+        for _ in 0..5 {
+            let request = http::Request::new(tonic::body::Body::empty());
+            b.clone().oneshot(request).await.unwrap_err();
+        }
+        if ejected {
+            wait_for(&b, "ejected", |s| count(s, EndpointState::Ejected) == 1).await;
+        } else {
+            // Give the driver every chance to act on a wrong signal, then check nothing moved.
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            let snapshot = b.snapshot();
+            assert_eq!(snapshot[0].state, EndpointState::Ready, "{snapshot:#?}");
+            assert_eq!(snapshot[0].ejections, 0);
+        }
+    }
 }

@@ -398,7 +398,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         let request = request.take().expect("request is kept until sent");
                         State::Calling {
                             future: service.call(request),
-                            guard: guard.take(),
+                            guard: guard.take().map(CallGuard::sent),
                         }
                     }
                     Poll::Ready(Err(err)) => {
@@ -584,6 +584,11 @@ pub(crate) struct CallGuard {
     feedback: Arc<Feedback>,
     started: Instant,
     recorded: bool,
+    /// Whether the call's time is a round trip to feed the endpoint's RTT estimate: only once
+    /// the request went out, and not when the connection failed under it. A wait for the
+    /// endpoint's readiness or a dead connection's timeout is no measure of the endpoint, and a
+    /// peak estimator would keep that one outlier for many decay periods.
+    measures_rtt: bool,
 }
 
 impl CallGuard {
@@ -594,7 +599,14 @@ impl CallGuard {
             feedback,
             started: Instant::now(),
             recorded: false,
+            measures_rtt: false,
         }
+    }
+
+    /// The request went out on the endpoint.
+    fn sent(mut self) -> Self {
+        self.measures_rtt = true;
+        self
     }
 
     /// Records the call's final code, once.
@@ -623,15 +635,18 @@ impl CallGuard {
     /// connection, or the inner service's own verdict).
     fn failed(&mut self, err: &(dyn std::error::Error + 'static)) {
         let code = code_from_error(err);
-        // A raw transport error means the connection this endpoint holds is broken. A `Status`
-        // is the inner service's own verdict: a pool, say, that already dropped the broken
-        // connection and keeps its others; rebuilding the whole endpoint for it would be wrong.
-        if code == Code::Unavailable && !err.is::<Status>() {
-            // The connection broke. The connection task owns that (down, reconnect with
-            // backoff); counting it for outlier detection too would keep a backend that is back
-            // up ejected for a whole ejection time. Outlier detection judges answers.
+        // UNAVAILABLE as an error (servers answer with responses, so it is never theirs) means
+        // a connection broke. A raw transport error: the connection this endpoint holds, which
+        // its connection task replaces. A `Status`: the inner service's own verdict, e.g. a
+        // pool that already dropped the broken connection and keeps its others, so the endpoint
+        // stays. Either way outlier detection, which judges answers, does not count it: it
+        // would keep a backend that is back up ejected for a whole ejection time.
+        if code == Code::Unavailable {
             self.recorded = true;
-            self.connection_broken();
+            self.measures_rtt = false;
+            if !err.is::<Status>() {
+                self.connection_broken();
+            }
         } else {
             self.finish(code);
         }
@@ -658,7 +673,9 @@ impl CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.load.observe_rtt(self.started.elapsed());
+        if self.measures_rtt {
+            self.load.observe_rtt(self.started.elapsed());
+        }
         // SeqCst pairs with the driver's store of `draining` then load of `in_flight`: one of
         // the two sides must see the other's write, or a drained endpoint would never leave.
         let before = self.load.in_flight.fetch_sub(1, Ordering::SeqCst);
