@@ -70,7 +70,7 @@ use towline::retry::metrics::{BUDGET_EXHAUSTED, CALL_RETRIES, CALL_TRANSPARENT_R
 use towline::retry::{RetryBudget, RetryLayer, RetryPolicy};
 use towline::testkit::pb::log_client::LogClient;
 use towline::testkit::pb::{EchoRequest, ProduceRequest, ProduceResponse, echo_client::EchoClient};
-use towline::testkit::{BACKEND_HEADER, Backend, Load, LoadReport};
+use towline::testkit::{BACKEND_HEADER, Backend, Load, LoadReport, nearest_rank};
 
 const BACKENDS: usize = 4;
 /// Echo calls carry one of this many `tenant` header values (what `--strategy hash` keys on).
@@ -470,14 +470,8 @@ impl Bucket {
 
 /// Nearest-rank 99th percentile, the definition `LoadReport::percentile` uses.
 fn p99(mut latencies_us: Vec<u32>) -> Duration {
-    if latencies_us.is_empty() {
-        return Duration::ZERO;
-    }
     latencies_us.sort_unstable();
-    let rank = (0.99 * latencies_us.len() as f64).ceil() as usize;
-    Duration::from_micros(u64::from(
-        latencies_us[rank.clamp(1, latencies_us.len()) - 1],
-    ))
+    Duration::from_micros(nearest_rank(&latencies_us, 0.99).map_or(0, u64::from))
 }
 
 /// What one phase looked like.

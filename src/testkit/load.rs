@@ -200,11 +200,7 @@ impl<T: Ord> LoadReport<T> {
 
     /// The latency below which a fraction `q` (0.0 to 1.0) of calls completed (nearest rank).
     pub fn percentile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank = (q.clamp(0.0, 1.0) * self.latencies.len() as f64).ceil() as usize;
-        self.latencies[rank.clamp(1, self.latencies.len()) - 1]
+        nearest_rank(&self.latencies, q).unwrap_or_default()
     }
 
     /// Median latency.
@@ -231,6 +227,19 @@ impl<T: Ord> fmt::Display for LoadReport<T> {
             self.failed()
         )
     }
+}
+
+/// The nearest-rank `q` quantile (0.0 to 1.0) of `sorted`, which must be in ascending order:
+/// the smallest value with at least `q` of the values at or below it. `None` when it is empty.
+///
+/// ```
+/// assert_eq!(towline::testkit::nearest_rank(&[1, 2, 3, 4], 0.5), Some(2));
+/// assert_eq!(towline::testkit::nearest_rank(&[1, 2, 3, 4], 0.99), Some(4));
+/// assert_eq!(towline::testkit::nearest_rank::<u32>(&[], 0.5), None);
+/// ```
+pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }
 
 #[cfg(test)]
