@@ -12,14 +12,19 @@ use crate::ConfigError;
 
 /// A retry budget shared by every call that uses it. Cheap to clone: clones share one budget.
 ///
-/// Two designs, both with the property that a client whose calls all fail makes few retries:
+/// Two designs, both with the property that a client whose calls keep failing soon makes few
+/// retries:
 ///
 /// - [`token_bucket`](Self::token_bucket): gRFC A6 `retryThrottling`. The bucket starts full
 ///   (`max_tokens`); every failure with a retryable code takes one token, every success puts back
-///   `token_ratio`; no retry while the tokens are at or below half of `max_tokens`.
+///   `token_ratio`; no retry while the tokens are at or below half of `max_tokens`. An outage is
+///   throttled after `max_tokens / 2` failures, however much healthy traffic came before.
 /// - [`percent`](Self::percent): the Finagle design (tower's `TpsBudget`, wrapped): each call
 ///   deposits, each retry withdraws; retries may be at most `ratio` of the calls made in the last
-///   `ttl`, plus `min_per_sec` retries per second so that a quiet client can still retry.
+///   `ttl`, plus `min_per_sec` retries per second so that a quiet client can still retry. The
+///   deposits of the healthy calls before an outage stay for `ttl`: at 10,000 calls/s, a
+///   `ratio` of 0.2 and a 10 s `ttl`, up to 20,000 retries go out in an outage's first seconds.
+///   Pick the token bucket when short, total outages must not be amplified at all.
 ///
 /// When the budget is spent, the failure that would have been retried is returned at once.
 ///
