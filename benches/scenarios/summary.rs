@@ -189,17 +189,20 @@ pub fn write(
            its source in `benches/scenarios/`.\n";
     for section in sections {
         md += &format!(
-            "\n## {}\n\n{} (took {:.0} s)\n\n",
+            "\n## {}\n\n{} (took {:.1} s)\n",
             section.name,
             section.about,
             section.took.as_secs_f64()
         );
         match &section.result {
-            SectionResult::Skipped(why) => md += &format!("**Not run**: {why}.\n"),
+            SectionResult::Skipped(why) => md += &format!("\n**Not run**: {why}.\n"),
             SectionResult::Ran { printed, .. } => {
                 for item in printed {
                     match item {
-                        Printed::Table { headers, rows } => md += &markdown_table(headers, rows),
+                        Printed::Table { headers, rows } => {
+                            md += "\n";
+                            md += &markdown_table(headers, rows);
+                        }
                         Printed::Note(text) => md += &format!("\n{}\n", escape(text)),
                     }
                 }
