@@ -191,12 +191,9 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         println!("  {}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());
-    line(
-        widths
-            .iter()
-            .map(|w| &"----------------------------------------"[..*w])
-            .collect(),
-    );
+    // Any width: a variant name may be longer than 40 characters.
+    let rules: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    line(rules.iter().map(String::as_str).collect());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
