@@ -1,8 +1,6 @@
 //! `slow-backend` and `kill-backend`: towline's strategies side by side with tonic's
 //! `Channel::balance_list`, over the same four backends in one run.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -20,44 +18,16 @@ use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, Load};
 use towline::{BoxError, ConfigError};
 
-use crate::support::{BoxScenario, Figures, Settings, micros, print_table};
+use crate::fault::{FaultReport, Phases, fault_run, json_ms, millis};
+use crate::support::{BoxScenario, Figures, Settings, Stack, micros, note, print_table};
 
 const BACKENDS: usize = 4;
 const CONCURRENCY: usize = 32;
 const SLOW_BY: Duration = Duration::from_millis(20);
 
-/// The bounds a gRPC client service needs to drive an `EchoClient`.
-trait Stack:
-    tonic::client::GrpcService<
-        tonic::body::Body,
-        Future: Send,
-        Error: Into<BoxError>,
-        ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError> + Send>
-                          + Send
-                          + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<S> Stack for S where
-    S: tonic::client::GrpcService<
-            tonic::body::Body,
-            Future: Send,
-            Error: Into<BoxError>,
-            ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError> + Send>
-                              + Send
-                              + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
-
-fn quick_reconnect() -> Backoff {
+/// Reconnect backoff 100 ms × 1.6 up to 1 s (±20%): short enough for a comeback to show
+/// within a run.
+pub fn quick_reconnect() -> Backoff {
     Backoff::new(
         Jitter::Grpc,
         Duration::from_millis(100),
@@ -71,16 +41,26 @@ fn towline(
     backends: &[Backend],
     config: BalanceConfigBuilder,
 ) -> Result<Balance<Channel>, ConfigError> {
+    towline_over(backends, config, Connect::new())
+}
+
+/// A towline balancer over `backends`, connecting through `connect`, with [`quick_reconnect`].
+pub fn towline_over(
+    backends: &[Backend],
+    config: BalanceConfigBuilder,
+    connect: Connect,
+) -> Result<Balance<Channel>, ConfigError> {
     let config = config.reconnect_backoff(quick_reconnect()).build()?;
     Ok(ServiceBuilder::new()
         .layer(BalanceLayer::new(
             Static::new(backends.iter().map(Backend::uri)),
             config,
         ))
-        .service(Connect::new()))
+        .service(connect))
 }
 
-async fn ready(balance: &Balance<Channel>, n: usize) -> Result<(), BoxError> {
+/// Waits (up to 10 s) until `n` endpoints are ready.
+pub async fn ready(balance: &Balance<Channel>, n: usize) -> Result<(), BoxError> {
     let all =
         balance.wait_until(|s| s.iter().filter(|e| e.state == EndpointState::Ready).count() == n);
     tokio::time::timeout(Duration::from_secs(10), all)
@@ -88,7 +68,7 @@ async fn ready(balance: &Balance<Channel>, n: usize) -> Result<(), BoxError> {
         .map_err(|_| "endpoints did not become ready in 10 s".into())
 }
 
-fn tonic_balance_list(backends: &[Backend]) -> Channel {
+pub fn tonic_balance_list(backends: &[Backend]) -> Channel {
     Channel::balance_list(backends.iter().map(|b| Endpoint::from(b.uri())))
 }
 
@@ -209,9 +189,9 @@ pub fn slow_backend(settings: Settings) -> BoxScenario {
             ],
             &rows,
         );
-        println!(
-            "  one of {BACKENDS} backends is {SLOW_BY:?} slower; {CONCURRENCY} calls in flight"
-        );
+        note(format!(
+            "one of {BACKENDS} backends is {SLOW_BY:?} slower; {CONCURRENCY} calls in flight"
+        ));
         Ok(serde_json::json!({
             "backends": BACKENDS,
             "slow_by_ms": SLOW_BY.as_millis() as u64,
@@ -222,92 +202,41 @@ pub fn slow_backend(settings: Settings) -> BoxScenario {
     })
 }
 
-/// What one kill-backend run saw, in milliseconds since the backend was stopped.
-#[derive(Debug, Default)]
-struct Timeline {
-    start: Option<tokio::time::Instant>,
-    stopped_at_ms: AtomicU64,
-    restarted_at_ms: AtomicU64,
-    last_failure_ms: AtomicU64,
-    first_call_back_ms: AtomicU64,
-}
-
-impl Timeline {
-    fn now_ms(&self) -> u64 {
-        self.start.expect("set").elapsed().as_millis() as u64
-    }
-}
-
+/// Stops `victim` after `phases.before` and restarts it `phases.during` later.
 async fn kill_run<S: Stack>(
     client: EchoClient<S>,
     victim: &Backend,
-    settings: Settings,
-) -> Result<serde_json::Value, BoxError> {
-    let timeline = Arc::new(Timeline {
-        start: Some(tokio::time::Instant::now()),
-        first_call_back_ms: AtomicU64::new(u64::MAX),
-        ..Default::default()
-    });
-    let victim_id = victim.id().to_owned();
-    let t = timeline.clone();
-    // Up for a quarter, down for a quarter, then half the run to come back: long enough for a
-    // reconnect under the 100 ms..1 s backoff (+20% jitter) to show.
-    let phase = settings.duration.max(Duration::from_secs(1));
-    let load = Load::new(CONCURRENCY).calls(u64::MAX).duration(phase * 4);
-    let run = tokio::spawn(async move {
-        load.run(move |_| {
-            let mut client = client.clone();
-            let (t, victim_id) = (t.clone(), victim_id.clone());
-            async move {
-                match client.unary(EchoRequest::default()).await {
-                    Ok(reply) => {
-                        let backend = reply.into_inner().backend;
-                        let restarted = t.restarted_at_ms.load(Ordering::Relaxed);
-                        if backend == victim_id && restarted > 0 {
-                            t.first_call_back_ms
-                                .fetch_min(t.now_ms(), Ordering::Relaxed);
-                        }
-                        Ok(())
-                    }
-                    Err(status) => {
-                        t.last_failure_ms.fetch_max(t.now_ms(), Ordering::Relaxed);
-                        Err(status)
-                    }
-                }
-            }
-        })
-        .await
-    });
-    tokio::time::sleep(phase).await;
-    victim.stop().await;
-    timeline
-        .stopped_at_ms
-        .store(timeline.now_ms(), Ordering::Relaxed);
-    tokio::time::sleep(phase).await;
-    victim.restart().await?;
-    timeline
-        .restarted_at_ms
-        .store(timeline.now_ms(), Ordering::Relaxed);
-    let report = run.await?;
-
-    let stopped = timeline.stopped_at_ms.load(Ordering::Relaxed);
-    let restarted = timeline.restarted_at_ms.load(Ordering::Relaxed);
-    let last_failure = timeline.last_failure_ms.load(Ordering::Relaxed);
-    let back = timeline.first_call_back_ms.load(Ordering::Relaxed);
-    Ok(serde_json::json!({
-        "calls": report.calls(),
-        "failed": report.failed(),
-        // Failures stop once the balancer has routed around the dead backend.
-        "routed_around_ms": (report.failed() > 0).then(|| last_failure.saturating_sub(stopped)),
-        "calls_again_after_restart_ms": (back != u64::MAX).then(|| back.saturating_sub(restarted)),
-        "p99_us": report.p99().as_micros() as u64,
-    }))
+    phases: Phases,
+) -> Result<FaultReport, BoxError> {
+    let stop = async {
+        victim.stop().await;
+        Ok(())
+    };
+    let restart = async { Ok(victim.restart().await?) };
+    fault_run(
+        client,
+        CONCURRENCY,
+        victim.id(),
+        phases,
+        None,
+        stop,
+        restart,
+    )
+    .await
 }
 
 pub fn kill_backend(settings: Settings) -> BoxScenario {
     Box::pin(async move {
         let backends = Backend::start_many(BACKENDS).await?;
         let victim = &backends[BACKENDS - 1];
+        // Up for a quarter, down for a quarter, then half the run to come back: long enough for a
+        // reconnect under the 100 ms..1 s backoff (+20% jitter) to show.
+        let phase = settings.duration.max(Duration::from_secs(1));
+        let phases = Phases {
+            before: phase,
+            during: phase,
+            after: phase * 2,
+        };
         let names = [
             "tonic balance_list",
             "towline round robin (passive only)",
@@ -321,7 +250,7 @@ pub fn kill_backend(settings: Settings) -> BoxScenario {
                     kill_run(
                         EchoClient::new(tonic_balance_list(&backends)),
                         victim,
-                        settings,
+                        phases,
                     )
                     .await?
                 }
@@ -331,7 +260,7 @@ pub fn kill_backend(settings: Settings) -> BoxScenario {
                         BalanceConfig::builder().strategy(RoundRobin::new()),
                     )?;
                     ready(&b, BACKENDS).await?;
-                    kill_run(EchoClient::new(b), victim, settings).await?
+                    kill_run(EchoClient::new(b), victim, phases).await?
                 }
                 _ => {
                     let config = BalanceConfig::builder()
@@ -340,32 +269,26 @@ pub fn kill_backend(settings: Settings) -> BoxScenario {
                     let b = towline(&backends, config)?;
                     ready(&b, BACKENDS).await?;
                     if i == 2 {
-                        kill_run(EchoClient::new(b), victim, settings).await?
+                        kill_run(EchoClient::new(b), victim, phases).await?
                     } else {
                         let retry = RetryLayer::new(RetryPolicy::builder().build()?);
-                        kill_run(
-                            EchoClient::new(ServiceBuilder::new().layer(retry).service(b)),
-                            victim,
-                            settings,
-                        )
-                        .await?
+                        let client = EchoClient::new(ServiceBuilder::new().layer(retry).service(b));
+                        kill_run(client, victim, phases).await?
                     }
                 }
             };
             results.push((name, result));
         }
-        let ms =
-            |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |ms| format!("{ms} ms"));
         let rows: Vec<Vec<String>> = results
             .iter()
             .map(|(name, r)| {
                 vec![
                     name.to_string(),
-                    r["calls"].to_string(),
-                    r["failed"].to_string(),
-                    ms(&r["routed_around_ms"]),
-                    ms(&r["calls_again_after_restart_ms"]),
-                    micros(Duration::from_micros(r["p99_us"].as_u64().unwrap_or(0))),
+                    r.calls.to_string(),
+                    r.failed.to_string(),
+                    millis(r.last_failure_after_fault),
+                    millis(r.back_after_repair),
+                    micros(r.p99),
                 ]
             })
             .collect();
@@ -380,14 +303,30 @@ pub fn kill_backend(settings: Settings) -> BoxScenario {
             ],
             &rows,
         );
-        println!(
-            "  one of {BACKENDS} backends stopped at 1/4 of the run and restarted at 1/2; {CONCURRENCY} in flight; \
+        note(format!(
+            "one of {BACKENDS} backends stopped at 1/4 of the run and restarted at 1/2; {CONCURRENCY} in flight; \
              towline reconnect backoff 100 ms x1.6 up to 1 s"
-        );
+        ));
+        let variants: Vec<_> = results
+            .iter()
+            .map(|(name, r)| {
+                serde_json::json!({
+                    "variant": name,
+                    "result": {
+                        "calls": r.calls,
+                        "failed": r.failed,
+                        // Failures stop once the balancer has routed around the dead backend.
+                        "routed_around_ms": json_ms(r.last_failure_after_fault),
+                        "calls_again_after_restart_ms": json_ms(r.back_after_repair),
+                        "p99_us": r.p99.as_micros() as u64,
+                    },
+                })
+            })
+            .collect();
         Ok(serde_json::json!({
             "backends": BACKENDS,
             "concurrency": CONCURRENCY,
-            "variants": results.iter().map(|(n, r)| serde_json::json!({"variant": n, "result": r})).collect::<Vec<_>>(),
+            "variants": variants,
         }))
     })
 }

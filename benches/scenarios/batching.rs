@@ -26,7 +26,7 @@ use towline::connect::Connect;
 use towline::testkit::Backend;
 use towline::testkit::pb::{ProduceRequest, ProduceResponse, log_client::LogClient};
 
-use crate::support::{BoxScenario, Figures, Settings, micros, print_table};
+use crate::support::{BoxScenario, Figures, Settings, micros, note, print_table};
 
 /// 64-byte records, as the overhead scenario's payloads.
 static RECORD: [u8; 64] = [7; 64];
@@ -131,9 +131,7 @@ pub fn run(settings: Settings) -> BoxScenario {
             ],
             &rows,
         );
-        println!(
-            "  seed: 50167 records/s; goal: ≥ 1000000 records/s with p99 added latency ≤ linger"
-        );
+        note("seed: 50167 records/s; goal: ≥ 1000000 records/s with p99 added latency ≤ linger");
         Ok(serde_json::json!({ "rounds": settings.rounds, "runs": json }))
     })
 }

@@ -5,23 +5,36 @@
 //! cargo bench --bench scenarios -- overhead    # the scenarios whose name contains "overhead"
 //! cargo bench --bench scenarios -- hedging     # p99 with one slow backend, with and without hedging
 //! cargo bench --bench scenarios -- --quick     # a few seconds each (CI smoke run)
+//! cargo bench --bench scenarios -- summary     # every scenario, then summary.json and summary.md
 //! ```
 //!
-//! Each scenario prints a table and writes `target/scenarios/<name>.json`. The machine is noisy:
+//! Each scenario prints a table and writes `target/scenarios/<name>.json`; `summary` also writes
+//! `target/scenarios/summary.json` (every scenario's figures and the machine's load) and
+//! `summary.md` (the printed tables in markdown, copied to `docs/scenarios.md`).
+//! `blackhole` needs root and iproute2; without them it says so loudly and is skipped (under
+//! `CI=true` that is a failure). The machine is noisy:
 //! a scenario always runs the variants it compares in one process, interleaved round by round,
 //! and reports their ratios.
 
 mod balance;
 mod batching;
+mod blackhole;
+mod fault;
 mod hedging;
 mod overhead;
 mod pool;
 mod retry_storm;
+mod summary;
 mod support;
 
 use std::process::ExitCode;
+use std::time::Instant;
 
-use support::Settings;
+use summary::{RunFacts, Section, SectionResult};
+use support::{Settings, Skipped};
+
+/// The argument that runs every scenario and then writes the summary.
+const SUMMARY: &str = "summary";
 
 type Run = fn(Settings) -> support::BoxScenario;
 
@@ -61,15 +74,21 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "4 backends, one 50 ms slow: p50/p99 under round robin without and with a hedgingPolicy from a service config",
         hedging::run,
     ),
+    (
+        "blackhole",
+        "4 backends in network namespaces, one blackholed mid-run then healed: failed calls, time to route around it, deadlines kept, with and without HTTP/2 keepalive",
+        blackhole::run,
+    ),
 ];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let summary = args.iter().any(|a| a == SUMMARY);
     // cargo passes `--bench`; every other flag is ours or libtest's, and ignored.
     let filters: Vec<&str> = args
         .iter()
-        .filter(|a| !a.starts_with("--"))
+        .filter(|a| !a.starts_with("--") && *a != SUMMARY)
         .map(String::as_str)
         .collect();
     let selected: Vec<_> = SCENARIOS
@@ -81,29 +100,62 @@ fn main() -> ExitCode {
         for (name, about, _) in SCENARIOS {
             eprintln!("  {name:<12} {about}");
         }
+        eprintln!(
+            "  {SUMMARY:<12} every scenario, then target/scenarios/summary.json and summary.md"
+        );
         return ExitCode::FAILURE;
     }
 
+    let facts = summary.then(RunFacts::now);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
     let settings = Settings::new(quick);
-    for (name, about, run) in selected {
+    let mut sections = Vec::new();
+    for &&(name, about, run) in &selected {
         println!(
             "\n== {name}: {about}{}",
             if quick { " (quick)" } else { "" }
         );
-        match runtime.block_on(run(settings)) {
-            Ok(figures) => match support::write_json(name, quick, figures) {
-                Ok(path) => println!("wrote {}", path.display()),
+        let started = Instant::now();
+        let outcome = runtime.block_on(run(settings));
+        let took = started.elapsed();
+        let printed = support::take_printed();
+        let result = match outcome {
+            Ok(figures) => match support::write_json(name, quick, figures.clone()) {
+                Ok(path) => {
+                    println!("wrote {} ({:.1} s)", path.display(), took.as_secs_f64());
+                    SectionResult::Ran { figures, printed }
+                }
                 Err(err) => {
                     eprintln!("{name}: could not write its figures: {err}");
                     return ExitCode::FAILURE;
                 }
             },
+            Err(err) => match err.downcast::<Skipped>() {
+                Ok(skipped) => {
+                    println!("{name}: {skipped}; no figures written");
+                    SectionResult::Skipped(skipped.0)
+                }
+                Err(err) => {
+                    eprintln!("{name} failed: {err}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        sections.push(Section {
+            name,
+            about,
+            took,
+            result,
+        });
+    }
+    if let Some(facts) = facts {
+        match summary::write(&sections, &facts, settings, quick) {
+            Ok((json, md)) => println!("\nwrote {} and {}", json.display(), md.display()),
             Err(err) => {
-                eprintln!("{name} failed: {err}");
+                eprintln!("summary: could not write it: {err}");
                 return ExitCode::FAILURE;
             }
         }

@@ -1,14 +1,47 @@
 //! What every scenario shares: run sizes, the table printer, the JSON writer.
 
+use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use towline::BoxError;
 use towline::testkit::LoadReport;
 
 pub type BoxScenario = Pin<Box<dyn Future<Output = Result<serde_json::Value, BoxError>>>>;
+
+/// The bounds a gRPC client service needs to drive an `EchoClient`.
+pub trait Stack:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Future: Send,
+        Error: Into<BoxError>,
+        ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError> + Send>
+                          + Send
+                          + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Stack for S where
+    S: tonic::client::GrpcService<
+            tonic::body::Body,
+            Future: Send,
+            Error: Into<BoxError>,
+            ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError> + Send>
+                              + Send
+                              + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// How big each measured run is. `--quick` keeps every scenario to a few seconds.
 #[derive(Debug, Clone, Copy)]
@@ -87,8 +120,57 @@ impl Figures {
     }
 }
 
+/// What a scenario printed, kept so that `summary` can render the same tables as markdown
+/// instead of choosing its figures a second time.
+#[derive(Debug, Clone)]
+pub enum Printed {
+    Table {
+        headers: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
+    Note(String),
+}
+
+static PRINTED: Mutex<Vec<Printed>> = Mutex::new(Vec::new());
+
+fn keep(printed: Printed) {
+    PRINTED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(printed);
+}
+
+/// Everything printed through [`print_table`] and [`note`] since the last call.
+pub fn take_printed() -> Vec<Printed> {
+    std::mem::take(&mut *PRINTED.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Prints a line under a scenario's table (its setup, what the figures mean).
+pub fn note(text: impl Into<String>) {
+    let text = text.into();
+    println!("  {text}");
+    keep(Printed::Note(text));
+}
+
+/// A scenario that could not run here (missing privileges); `main` reports it and writes no
+/// figures for it.
+#[derive(Debug)]
+pub struct Skipped(pub String);
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "skipped: {}", self.0)
+    }
+}
+
+impl std::error::Error for Skipped {}
+
 /// Prints a left-aligned text table.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    keep(Printed::Table {
+        headers: headers.iter().map(|h| h.to_string()).collect(),
+        rows: rows.to_vec(),
+    });
     let widths: Vec<usize> = headers
         .iter()
         .enumerate()
@@ -109,12 +191,9 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         println!("  {}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());
-    line(
-        widths
-            .iter()
-            .map(|w| &"----------------------------------------"[..*w])
-            .collect(),
-    );
+    // Any width: a variant name may be longer than 40 characters.
+    let rules: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    line(rules.iter().map(String::as_str).collect());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
@@ -124,14 +203,19 @@ pub fn micros(d: Duration) -> String {
     format!("{} µs", d.as_micros())
 }
 
-/// Writes `target/scenarios/<name>.json`.
-pub fn write_json(name: &str, quick: bool, figures: serde_json::Value) -> std::io::Result<PathBuf> {
+/// `target/scenarios` (under `CARGO_TARGET_DIR` when set), created if missing.
+pub fn scenarios_dir() -> std::io::Result<PathBuf> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
         .join("scenarios");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{name}.json"));
+    Ok(dir)
+}
+
+/// Writes `target/scenarios/<name>.json`.
+pub fn write_json(name: &str, quick: bool, figures: serde_json::Value) -> std::io::Result<PathBuf> {
+    let path = scenarios_dir()?.join(format!("{name}.json"));
     let document = serde_json::json!({
         "scenario": name,
         "quick": quick,
