@@ -115,7 +115,9 @@ impl BalanceConfigBuilder {
         self
     }
 
-    /// The RTT assumed for an endpoint before it has answered (peak-EWMA). Must be > 0.
+    /// The RTT assumed for an endpoint before it has answered (peak-EWMA), default 30 ms. Must
+    /// be > 0. After a reconnect the endpoint's estimate is capped at it until the new connection
+    /// has answered, so a peak its old connection recorded while dying does not keep it starved.
     pub fn default_rtt(mut self, rtt: Duration) -> Self {
         self.config.ewma.default_rtt = rtt;
         self

@@ -210,6 +210,7 @@ where
                 };
                 // A connection that raced with removal must not be kept for a draining endpoint.
                 if let Some(slot) = t.slot_mut(id).filter(|s| !s.draining) {
+                    slot.load.forget_rtt();
                     slot.connection = Connection::Connected;
                     slot.service = Some(service);
                     slot.generation = generation;

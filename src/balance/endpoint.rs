@@ -58,6 +58,14 @@ impl Load {
             .observe(rtt, Instant::now());
     }
 
+    /// Forgets the old connection's round trips (see `PeakEwma::forget`).
+    pub(crate) fn forget_rtt(&self) {
+        self.rtt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(Instant::now());
+    }
+
     /// The decayed peak-EWMA round-trip estimate.
     pub(crate) fn rtt_estimate(&self) -> Duration {
         self.rtt
@@ -98,17 +106,31 @@ struct PeakEwma {
     estimate_ns: f64,
     updated: Instant,
     decay_ns: f64,
+    default_ns: f64,
     measured: bool,
 }
 
 impl PeakEwma {
     fn new(config: EwmaConfig) -> Self {
+        let default_ns = config.default_rtt.as_nanos() as f64;
         PeakEwma {
-            estimate_ns: config.default_rtt.as_nanos() as f64,
+            estimate_ns: default_ns,
             updated: Instant::now(),
             decay_ns: config.decay.as_nanos().max(1) as f64,
+            default_ns,
             measured: false,
         }
+    }
+
+    /// A new connection: what the old one measured no longer describes the endpoint (it may be
+    /// a new process on a new path), so the next measurement replaces the estimate, as for a new
+    /// endpoint. Until then the estimate is no higher than the default: a peak the old
+    /// connection recorded as it died (a keepalive or deadline timeout) must not starve it, and
+    /// one that was fast keeps its lower estimate rather than look worse than a stranger.
+    fn forget(&mut self, now: Instant) {
+        self.estimate_ns = (self.estimate(now).as_nanos() as f64).min(self.default_ns);
+        self.updated = now;
+        self.measured = false;
     }
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
@@ -263,6 +285,32 @@ mod tests {
         );
         // With no traffic for a minute it fades toward zero.
         assert!(e.estimate(t1 + Duration::from_secs(60)) < Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_forgets_the_old_peak_but_keeps_a_low_estimate() {
+        let t0 = Instant::now();
+        let mut e = ewma();
+        e.observe(Duration::from_millis(2), t0);
+        e.observe(Duration::from_secs(1), t0);
+        e.forget(t0);
+        assert_eq!(
+            e.estimate(t0),
+            Duration::from_millis(30),
+            "capped at the default"
+        );
+        // Unmeasured again: the next round trip replaces the estimate even though it is faster.
+        e.observe(Duration::from_millis(3), t0);
+        assert_eq!(e.estimate(t0), Duration::from_millis(3));
+
+        let mut fast = ewma();
+        fast.observe(Duration::from_millis(2), t0);
+        fast.forget(t0);
+        assert_eq!(
+            fast.estimate(t0),
+            Duration::from_millis(2),
+            "a low estimate is kept"
+        );
     }
 
     #[test]
