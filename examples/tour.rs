@@ -70,7 +70,7 @@ use towline::retry::metrics::{BUDGET_EXHAUSTED, CALL_RETRIES, CALL_TRANSPARENT_R
 use towline::retry::{RetryBudget, RetryLayer, RetryPolicy};
 use towline::testkit::pb::log_client::LogClient;
 use towline::testkit::pb::{EchoRequest, ProduceRequest, ProduceResponse, echo_client::EchoClient};
-use towline::testkit::{BACKEND_HEADER, Backend, Load, LoadReport, nearest_rank};
+use towline::testkit::{BACKEND_HEADER, Backend, Load, LoadReport, nearest_rank, text_table};
 
 const BACKENDS: usize = 4;
 /// Echo calls carry one of this many `tenant` header values (what `--strategy hash` keys on).
@@ -927,37 +927,8 @@ fn print_table(results: &[PhaseResult], backends: &[Backend]) {
             row
         })
         .collect();
-    let widths: Vec<usize> = headers
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([h.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        let cells: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            // The phase name reads left-aligned, numbers right-aligned.
-            .map(|(i, (c, w))| {
-                if i == 0 {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
-            .collect();
-        println!("{}", cells.join("  "));
-    };
-    line(&headers);
-    for row in &rows {
-        line(row);
-    }
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    print!("{}", text_table(&headers, &rows));
     println!(
         "\nreq/s, p50 and p99 are per call as the caller saw it (retries included); failed: calls that \
          returned an error;\nretries: retries the RetryLayer made (transparent ones not included); \

@@ -621,6 +621,33 @@ impl tower::Service<http::Request<tonic::body::Body>> for Failing {
     }
 }
 
+/// One endpoint whose every call fails with `error`, behind a balancer built from `config`, ready.
+async fn failing_endpoint(
+    error: fn() -> towline::BoxError,
+    config: BalanceConfigBuilder,
+) -> Balance<Failing> {
+    let make =
+        tower::service_fn(move |_: Uri| async move { Ok::<_, towline::BoxError>(Failing(error)) });
+    let b: Balance<Failing> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new([Uri::from_static("http://a:1")]),
+            config.build().unwrap(),
+        ))
+        .service(make);
+    wait_for(&b, "ready", |s| count(s, EndpointState::Ready) == 1).await;
+    b
+}
+
+/// Gives the balancer's driver every chance to act on a wrong signal, then checks that the one
+/// endpoint is still ready.
+async fn assert_still_ready(b: &Balance<Failing>) {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    let snapshot = b.snapshot();
+    assert_eq!(snapshot[0].state, EndpointState::Ready, "{snapshot:#?}");
+}
+
 #[tokio::test]
 async fn only_a_raw_transport_error_takes_an_endpoint_down() {
     use tower::ServiceExt;
@@ -641,22 +668,7 @@ async fn only_a_raw_transport_error_takes_an_endpoint_down() {
             true,
         ),
     ] {
-        let make =
-            tower::service_fn(
-                move |_: Uri| async move { Ok::<_, towline::BoxError>(Failing(error)) },
-            );
-        let b: Balance<Failing> = ServiceBuilder::new()
-            .layer(BalanceLayer::new(
-                Static::new([Uri::from_static("http://a:1")]),
-                config().build().unwrap(),
-            ))
-            .service(make);
-        timeout(
-            Duration::from_secs(5),
-            b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready)),
-        )
-        .await
-        .unwrap();
+        let b = failing_endpoint(error, config()).await;
         let request = http::Request::new(tonic::body::Body::empty());
         let err = b.clone().oneshot(request).await.unwrap_err();
         let status = err.downcast::<tonic::Status>().unwrap();
@@ -669,11 +681,7 @@ async fn only_a_raw_transport_error_takes_an_endpoint_down() {
             .await
             .unwrap();
         } else {
-            // Give the driver every chance to act on a wrong signal, then check nothing moved.
-            for _ in 0..20 {
-                tokio::task::yield_now().await;
-            }
-            assert_eq!(b.snapshot()[0].state, EndpointState::Ready);
+            assert_still_ready(&b).await;
         }
     }
 }
@@ -848,21 +856,11 @@ async fn outlier_detection_counts_answers_not_broken_connections() {
             true,
         ),
     ] {
-        let make =
-            tower::service_fn(
-                move |_: Uri| async move { Ok::<_, towline::BoxError>(Failing(error)) },
-            );
         let detection = OutlierDetection::builder()
             .consecutive_failures(Some(3))
             .build()
             .unwrap();
-        let b: Balance<Failing> = ServiceBuilder::new()
-            .layer(BalanceLayer::new(
-                Static::new([Uri::from_static("http://a:1")]),
-                config().outlier_detection(detection).build().unwrap(),
-            ))
-            .service(make);
-        wait_for(&b, "ready", |s| count(s, EndpointState::Ready) == 1).await;
+        let b = failing_endpoint(error, config().outlier_detection(detection)).await;
         for _ in 0..5 {
             let request = http::Request::new(tonic::body::Body::empty());
             b.clone().oneshot(request).await.unwrap_err();
@@ -870,13 +868,8 @@ async fn outlier_detection_counts_answers_not_broken_connections() {
         if ejected {
             wait_for(&b, "ejected", |s| count(s, EndpointState::Ejected) == 1).await;
         } else {
-            // Give the driver every chance to act on a wrong signal, then check nothing moved.
-            for _ in 0..20 {
-                tokio::task::yield_now().await;
-            }
-            let snapshot = b.snapshot();
-            assert_eq!(snapshot[0].state, EndpointState::Ready, "{snapshot:#?}");
-            assert_eq!(snapshot[0].ejections, 0);
+            assert_still_ready(&b).await;
+            assert_eq!(b.snapshot()[0].ejections, 0);
         }
     }
 }

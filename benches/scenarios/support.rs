@@ -165,37 +165,14 @@ impl fmt::Display for Skipped {
 
 impl std::error::Error for Skipped {}
 
-/// Prints a left-aligned text table.
+/// Prints a text table (see `testkit::text_table`) and keeps it for the summary.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     keep(Printed::Table {
         headers: headers.iter().map(|h| h.to_string()).collect(),
         rows: rows.to_vec(),
     });
-    let widths: Vec<usize> = headers
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([h.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("  {}", padded.join("  ").trim_end());
-    };
-    line(headers.to_vec());
-    // Any width: a variant name may be longer than 40 characters.
-    let rules: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-    line(rules.iter().map(String::as_str).collect());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
+    for line in towline::testkit::text_table(headers, rows).lines() {
+        println!("  {line}");
     }
 }
 

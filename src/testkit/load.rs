@@ -229,6 +229,54 @@ impl<T: Ord> fmt::Display for LoadReport<T> {
     }
 }
 
+/// Lays out a plain-text table for a report: each column as wide as its widest cell, a rule under
+/// the headers, the first column (the row's name) left-aligned and the others (figures)
+/// right-aligned. Rows shorter than the headers leave the rest blank.
+///
+/// ```
+/// let table = towline::testkit::text_table(
+///     &["variant", "req/s"],
+///     &[vec!["channel".into(), "19300".into()], vec!["pool".into(), "9".into()]],
+/// );
+/// assert_eq!(table, "variant  req/s\n-------  -----\nchannel  19300\npool         9\n");
+/// ```
+pub fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .filter_map(|row| row.get(i))
+                .map(|cell| cell.chars().count())
+                .chain([headers[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let padded: Vec<String> = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let cell = cells.next().unwrap_or("");
+                if i == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    let rules: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    line(&mut rules.iter().map(String::as_str));
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
 /// The nearest-rank `q` quantile (0.0 to 1.0) of `sorted`, which must be in ascending order:
 /// the smallest value with at least `q` of the values at or below it. `None` when it is empty.
 ///

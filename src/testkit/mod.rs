@@ -29,7 +29,7 @@ mod produce;
 pub use backend::{
     BACKEND_HEADER, Backend, BackendBuilder, CONNECTION_HEADER, ECHO_SERVICE, LATENCY_HEADER,
 };
-pub use load::{Load, LoadReport, nearest_rank};
+pub use load::{Load, LoadReport, nearest_rank, text_table};
 #[cfg(target_os = "linux")]
 pub use netns::{CI_ENV, NetNs, netns_support, require_netns};
 
