@@ -839,6 +839,39 @@ async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_call_that_waited_for_an_endpoint_has_only_the_rest_of_its_deadline_left() {
+    use tower::ServiceExt;
+    let (updates, discovery) = discover::channel(1);
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
+    let b: Balance<NeverReady> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(discovery, config().build().unwrap()))
+        .service(make);
+    let mut request = http::Request::new(tonic::body::Body::empty());
+    request
+        .headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+    let started = tokio::time::Instant::now();
+    let call = tokio::spawn(b.clone().oneshot(request));
+    // No endpoint for the first 100 ms: the call waits; then one that is never ready appears.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    updates
+        .send(Change::Insert(
+            Uri::from_static("http://a:1"),
+            Default::default(),
+        ))
+        .await
+        .unwrap();
+    let err = timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call outlived its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    let status = err.downcast::<tonic::Status>().unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
 #[tokio::test]
 async fn outlier_detection_counts_answers_not_broken_connections() {
     use tower::ServiceExt;

@@ -477,6 +477,9 @@ pub(crate) struct WaitDeadline {
     at: Instant,
     /// The call's own deadline ends the wait (rather than `endpoint_wait`).
     is_call_deadline: bool,
+    /// When the call's deadline (`grpc-timeout` from its first pick) passes, if it has one:
+    /// what is left of it bounds the wait for the endpoint picked after the wait.
+    call_at: Option<Instant>,
 }
 
 impl WaitDeadline {
@@ -494,6 +497,7 @@ impl WaitDeadline {
         WaitDeadline {
             at: instant_after(now, limit),
             is_call_deadline,
+            call_at: call_deadline.map(|call| instant_after(now, call)),
         }
     }
 
@@ -538,7 +542,13 @@ where
                 request,
                 service,
                 guard: Some(CallGuard::new(load, generation, self.feedback.clone())),
-                call_deadline,
+                // After a wait for an endpoint, only what is left of the deadline.
+                call_deadline: match self.deadline {
+                    Some(waited) => waited
+                        .call_at
+                        .map(|at| at.saturating_duration_since(Instant::now())),
+                    None => call_deadline,
+                },
                 expires: None,
             },
             Err(Unavailable { reason, settling }) => {
