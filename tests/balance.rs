@@ -621,6 +621,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for Failing {
     }
 }
 
+/// What a pool answers after dropping the broken connection under a call.
+fn pool_connection_reset() -> towline::BoxError {
+    Box::new(tonic::Status::unavailable("pool: connection reset"))
+}
+
 /// One endpoint whose every call fails with `error`, behind a balancer built from `config`, ready.
 async fn failing_endpoint(
     error: fn() -> towline::BoxError,
@@ -654,11 +659,7 @@ async fn only_a_raw_transport_error_takes_an_endpoint_down() {
     for (error, goes_down) in [
         // A pool answers with a Status after dropping just the broken connection: keep the
         // endpoint (and the pool's other connections).
-        (
-            (|| Box::new(tonic::Status::unavailable("pool: connection reset")) as towline::BoxError)
-                as fn() -> _,
-            false,
-        ),
+        (pool_connection_reset as fn() -> _, false),
         // A channel's raw transport error: the connection itself is gone.
         (
             || {
@@ -878,11 +879,7 @@ async fn outlier_detection_counts_answers_not_broken_connections() {
     use towline::outlier::OutlierDetection;
     for (error, ejected) in [
         // A pool's verdict that the connection under the call broke: not the backend's answer.
-        (
-            (|| Box::new(tonic::Status::unavailable("pool: connection reset")) as towline::BoxError)
-                as fn() -> _,
-            false,
-        ),
+        (pool_connection_reset as fn() -> _, false),
         // A client-side deadline: the backend did not answer in time. That counts.
         (
             || Box::new(tonic::Status::deadline_exceeded("Timeout expired")) as towline::BoxError,
