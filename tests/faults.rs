@@ -333,9 +333,7 @@ async fn drive(
             }
         })
         .await;
-    Arc::try_unwrap(calls)
-        .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
-        .unwrap_or_else(|shared| shared.lock().unwrap().clone())
+    std::mem::take(&mut *calls.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
 fn assert_no_call_past_its_deadline(calls: &[Call]) {

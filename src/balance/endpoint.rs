@@ -52,26 +52,21 @@ impl Load {
     }
 
     pub(crate) fn observe_rtt(&self, rtt: Duration) {
-        self.rtt
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .observe(rtt, Instant::now());
+        self.rtt().observe(rtt, Instant::now());
     }
 
     /// Forgets the old connection's round trips (see `PeakEwma::forget`).
     pub(crate) fn forget_rtt(&self) {
-        self.rtt
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .forget(Instant::now());
+        self.rtt().forget(Instant::now());
     }
 
     /// The decayed peak-EWMA round-trip estimate.
     pub(crate) fn rtt_estimate(&self) -> Duration {
-        self.rtt
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .estimate(Instant::now())
+        self.rtt().estimate(Instant::now())
+    }
+
+    fn rtt(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
+        self.rtt.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a call's outcome; returns the failure streak after it.
