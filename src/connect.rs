@@ -12,21 +12,20 @@
 //! use towline::connect::Connect;
 //! # let backend = towline::testkit::Backend::start().await?;
 //!
-//! let connect = Connect::new().configure(|endpoint| {
-//!     endpoint
-//!         .http2_keep_alive_interval(Duration::from_secs(10))
-//!         .keep_alive_timeout(Duration::from_secs(5))
-//! });
+//! let connect = Connect::new()
+//!     .keepalive(Duration::from_secs(30), Duration::from_secs(10))
+//!     .configure(|endpoint| endpoint.initial_stream_window_size(1 << 20));
 //! let channel = connect.oneshot(backend.uri()).await?;
 //! let mut client = towline::testkit::pb::echo_client::EchoClient::new(channel);
 //! client.unary(towline::testkit::pb::EchoRequest::default()).await?;
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,14 +38,118 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Configure = dyn Fn(Endpoint) -> Endpoint + Send + Sync;
 
+/// Keepalive intervals below this draw a warning: grpc-go refuses them outright, and no gRPC
+/// server accepts pings this often by default while it sends no data (see [`Connect::keepalive`]).
+pub const KEEPALIVE_WARN_BELOW: Duration = Duration::from_secs(10);
+
+/// The longest a keepalive interval grows to by doubling after `too_many_pings`.
+pub const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Opens a tonic [`Channel`] to each target it is called with. Cheap to clone.
 ///
-/// Defaults: `TCP_NODELAY` on, a 20 s connect timeout, and an eager connect (the future resolves
-/// once the HTTP/2 connection is up, so a dead target fails here rather than on the first call).
+/// Defaults: `TCP_NODELAY` on, a 20 s connect timeout, no HTTP/2 keepalive, and an eager connect
+/// (the future resolves once the HTTP/2 connection is up, so a dead target fails here rather
+/// than on the first call).
 #[derive(Clone)]
 pub struct Connect {
     configure: Option<Arc<Configure>>,
+    keepalive: Option<Keepalive>,
     lazy: bool,
+}
+
+/// HTTP/2 keepalive settings (gRFC A8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keepalive {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) while_idle: bool,
+}
+
+impl Keepalive {
+    /// Applies these settings to `endpoint`, with the interval doubled once for every
+    /// `too_many_pings` GOAWAY that `target` has sent this process (gRFC A8).
+    pub(crate) fn apply(&self, target: &Uri, endpoint: Endpoint) -> Endpoint {
+        endpoint
+            .http2_keep_alive_interval(self.interval_for(target))
+            .keep_alive_timeout(self.timeout)
+            .keep_alive_while_idle(self.while_idle)
+    }
+
+    pub(crate) fn interval_for(&self, target: &Uri) -> Duration {
+        let doublings = ping_strikes()
+            .get(&target_key(target))
+            .copied()
+            .unwrap_or(0);
+        self.interval
+            .checked_mul(1u32.checked_shl(doublings).unwrap_or(u32::MAX))
+            .unwrap_or(MAX_KEEPALIVE_INTERVAL)
+            .min(MAX_KEEPALIVE_INTERVAL.max(self.interval))
+    }
+
+    /// Warns once per interval configured below what servers accept.
+    pub(crate) fn warn_if_too_frequent(interval: Duration) {
+        if interval < KEEPALIVE_WARN_BELOW {
+            tracing::warn!(
+                ?interval,
+                "HTTP/2 keepalive interval below 10 s: grpc-core and grpc-go servers by default \
+                 accept a ping only every 5 minutes while they send no data (a quiet stream such \
+                 as a health Watch counts), and answer more with GOAWAY too_many_pings, failing \
+                 the calls in flight; towline doubles the interval for that target each time \
+                 (gRFC A8). Raise the interval, or the server's permitted ping interval \
+                 (grpc.http2.min_recv_ping_interval_without_data_ms, grpc-go \
+                 keepalive.EnforcementPolicy.MinTime)"
+            );
+        }
+    }
+}
+
+/// How many times each target has answered our keepalive with GOAWAY `too_many_pings`, for the
+/// life of the process: every connector's next connection to it pings half as often (gRFC A8,
+/// as grpc-go and grpc-java do per channel). Keyed by `host:port`.
+fn ping_strikes() -> std::sync::MutexGuard<'static, HashMap<String, u32>> {
+    static STRIKES: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    STRIKES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+fn target_key(target: &Uri) -> String {
+    target
+        .authority()
+        .map_or_else(|| target.to_string(), ToString::to_string)
+}
+
+/// Records that `target` answered our keepalive with GOAWAY `ENHANCE_YOUR_CALM`
+/// `too_many_pings` ([`is_too_many_pings`](crate::status::is_too_many_pings)): later connections
+/// to it ping half as often (gRFC A8). Call once per connection that received it: the layers
+/// that own connections (pool, balancer) do, when the first call on it fails so.
+pub(crate) fn note_too_many_pings(target: &Uri) {
+    let key = target_key(target);
+    let doublings = {
+        let mut strikes = ping_strikes();
+        let count = strikes.entry(key.clone()).or_insert(0);
+        *count = count.saturating_add(1).min(31);
+        *count
+    };
+    tracing::warn!(
+        target = %key,
+        doublings,
+        "server closed the connection with GOAWAY ENHANCE_YOUR_CALM (too_many_pings): its \
+         keepalive policy allows fewer pings; new connections to it ping half as often (gRFC A8)"
+    );
+}
+
+/// How often new connections from a connector configured with keepalive `interval` ping
+/// `target` now: `interval` doubled once for every `too_many_pings` GOAWAY `target` has sent
+/// (gRFC A8). For logs and tests.
+pub fn keepalive_interval_for(target: &Uri, interval: Duration) -> Duration {
+    Keepalive {
+        interval,
+        timeout: Duration::ZERO,
+        while_idle: false,
+    }
+    .interval_for(target)
 }
 
 impl Connect {
@@ -54,8 +157,48 @@ impl Connect {
     pub fn new() -> Self {
         Connect {
             configure: None,
+            keepalive: None,
             lazy: false,
         }
+    }
+
+    /// HTTP/2 keepalive: a PING every `interval` while calls are open, the connection closed if
+    /// no answer comes within `timeout` (a dead peer found in interval + timeout instead of at
+    /// the calls' deadlines). Off by default.
+    ///
+    /// **What servers accept** (gRFC A8): grpc-core (C++, Python, Ruby, PHP servers) and grpc-go
+    /// servers by default accept a ping only every **5 minutes** while they send no data,
+    /// calls open or not, and answer more with GOAWAY `ENHANCE_YOUR_CALM` `too_many_pings`,
+    /// closing the connection (and failing the calls on it) after the third; grpc-js and
+    /// hyper/tonic servers do not enforce. A ping is only sent after `interval` with nothing
+    /// received, so busy connections never ping; a quiet long call or a health `Watch` does.
+    /// towline answers `too_many_pings` as grpc-go and grpc-java do: the interval for that
+    /// target doubles for every later connection (up to 1 h) and stays doubled, with a warning.
+    /// Below 10 s (grpc-go's floor) it warns when set. Choose an interval the servers permit
+    /// (their `grpc.http2.min_recv_ping_interval_without_data_ms`, grpc-go's
+    /// `EnforcementPolicy.MinTime`), or raise that on servers you own to what you need.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        Keepalive::warn_if_too_frequent(interval);
+        self.keepalive = Some(Keepalive {
+            interval,
+            timeout,
+            while_idle: self.keepalive.is_some_and(|k| k.while_idle),
+        });
+        self
+    }
+
+    /// Also ping while no call is open (default false): finds a dead idle connection before
+    /// the next call does, at the cost of pings servers may count against you.
+    pub fn keepalive_while_idle(mut self, enabled: bool) -> Self {
+        if let Some(keepalive) = &mut self.keepalive {
+            keepalive.while_idle = enabled;
+        }
+        self
+    }
+
+    pub(crate) fn with_keepalive(mut self, keepalive: Option<Keepalive>) -> Self {
+        self.keepalive = keepalive;
+        self
     }
 
     /// Applies `f` to each target's [`Endpoint`], after the defaults: keepalive, window sizes,
@@ -73,9 +216,12 @@ impl Connect {
 
     /// The endpoint this connector would use for `target`.
     pub fn endpoint(&self, target: Uri) -> Endpoint {
-        let endpoint = Endpoint::from(target)
+        let mut endpoint = Endpoint::from(target.clone())
             .tcp_nodelay(true)
             .connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        if let Some(keepalive) = &self.keepalive {
+            endpoint = keepalive.apply(&target, endpoint);
+        }
         match &self.configure {
             Some(configure) => configure(endpoint),
             None => endpoint,
@@ -93,6 +239,7 @@ impl fmt::Debug for Connect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connect")
             .field("configured", &self.configure.is_some())
+            .field("keepalive", &self.keepalive)
             .field("lazy", &self.lazy)
             .finish()
     }

@@ -177,12 +177,21 @@ pub(crate) enum Verdict {
     NotServing(String),
 }
 
-/// Runs `check` over one connection, reporting verdicts as they change, until the connection
-/// itself fails: then returns that error so the caller reconnects.
+/// Runs `check` over one endpoint service, reporting verdicts as they change, until a connection
+/// the service does not manage itself (a bare tonic `Channel`) fails: then returns that error so
+/// the caller reconnects.
+///
+/// A service that keeps its own connections (a [`Pool`](crate::pool::Pool)) answers a lost
+/// connection with its own `UNAVAILABLE` status: that is no health verdict. `trouble` is called so
+/// the caller can look at the service's readiness, the last verdict stands, and the check goes on
+/// over the service's other (or next) connection. Likewise a `Watch` stream that had delivered a
+/// status and then ended (its connection's GOAWAY at a server's max connection age, a graceful
+/// restart) is watched again without a verdict: only what the new stream says counts.
 pub(crate) async fn run<S, RB>(
     check: &HealthCheck,
     service: S,
     mut report: impl FnMut(Verdict),
+    mut trouble: impl FnMut(),
 ) -> BoxError
 where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<RB>> + Send + 'static,
@@ -191,12 +200,18 @@ where
     RB: http_body::Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError> + Send,
 {
-    let mut client = HealthClient::new(service);
+    use tower::ServiceExt as _;
+    let mut client = HealthClient::new(service.map_err(mark_own_connection_errors));
     let mut last: Option<Verdict> = None;
-    let mut report = move |verdict: Verdict| {
-        if last.as_ref() != Some(&verdict) {
-            last = Some(verdict.clone());
-            report(verdict);
+    let mut report = move |verdict: Option<Verdict>| match verdict {
+        // A new stream or connection: whatever it says next is reported, even if unchanged,
+        // since the balancer may have forgotten the verdict meanwhile.
+        None => last = None,
+        Some(verdict) => {
+            if last.as_ref() != Some(&verdict) {
+                last = Some(verdict.clone());
+                report(verdict);
+            }
         }
     };
     let request = || HealthCheckRequest {
@@ -214,26 +229,20 @@ where
             .expect("a valid backoff");
             let mut failures = 0u32;
             loop {
-                match client.watch(request()).await {
+                let mut delivered = false;
+                let ended = match client.watch(request()).await {
                     Ok(response) => {
+                        report(None);
                         let mut stream = response.into_inner();
                         loop {
                             match stream.message().await {
                                 Ok(Some(message)) => {
                                     failures = 0;
-                                    report(verdict(&message));
+                                    delivered = true;
+                                    report(Some(verdict(&message)));
                                 }
-                                Ok(None) => {
-                                    report(Verdict::NotServing("health watch ended".into()));
-                                    break;
-                                }
-                                Err(status) => {
-                                    if let Some(err) = connection_failure(status) {
-                                        return err;
-                                    }
-                                    report(Verdict::NotServing("health watch failed".into()));
-                                    break;
-                                }
+                                Ok(None) => break Failure::Other("health watch ended".into()),
+                                Err(status) => break classify(status, "health watch failed"),
                             }
                         }
                     }
@@ -242,16 +251,18 @@ where
                             service = %check.service,
                             "endpoint does not implement grpc.health.v1 Watch; treating it as healthy"
                         );
-                        report(Verdict::Serving);
+                        report(Some(Verdict::Serving));
                         return std::future::pending().await;
                     }
-                    Err(status) => {
-                        let message = format!("health watch failed: {}", status.message());
-                        if let Some(err) = connection_failure(status) {
-                            return err;
-                        }
-                        report(Verdict::NotServing(message));
-                    }
+                    Err(status) => classify(status, "health watch failed"),
+                };
+                match ended {
+                    Failure::OwnConnection(err) => return err,
+                    // Not the server's verdict: the connection under the stream went away.
+                    Failure::ServiceUnavailable(_) => trouble(),
+                    // A stream that had spoken and then ended: watched again, verdict kept.
+                    Failure::Other(_) if delivered => trouble(),
+                    Failure::Other(reason) => report(Some(Verdict::NotServing(reason))),
                 }
                 failures = failures.saturating_add(1);
                 tokio::time::sleep(backoff.delay(failures, Duration::ZERO)).await;
@@ -272,28 +283,32 @@ where
                         Verdict::NotServing(reason) => Err(reason),
                     },
                     Ok(Err(status)) if status.code() == Code::Unimplemented => Ok(()),
-                    Ok(Err(status)) => {
-                        let message = format!("health check failed: {}", status.message());
-                        if let Some(err) = connection_failure(status) {
-                            return err;
+                    Ok(Err(status)) => match classify(status, "health check failed") {
+                        Failure::OwnConnection(err) => return err,
+                        Failure::ServiceUnavailable(reason) => {
+                            trouble();
+                            Err(reason)
                         }
-                        Err(message)
-                    }
-                    Err(_) => Err(format!("health check timed out after {timeout:?}")),
+                        Failure::Other(reason) => Err(reason),
+                    },
+                    Err(_) => Err(format!(
+                        "health check timed out after {}",
+                        crate::status::HumanDuration(timeout)
+                    )),
                 };
                 match outcome {
                     Ok(()) => {
                         successes += 1;
                         failures = 0;
                         if first || successes >= rise {
-                            report(Verdict::Serving);
+                            report(Some(Verdict::Serving));
                         }
                     }
                     Err(reason) => {
                         failures += 1;
                         successes = 0;
                         if first || failures >= fall {
-                            report(Verdict::NotServing(reason));
+                            report(Some(Verdict::NotServing(reason)));
                         }
                     }
                 }
@@ -308,19 +323,66 @@ where
     }
 }
 
+/// Why a health call or stream failed.
+enum Failure {
+    /// A connection the service does not manage broke (tonic `Channel`): reconnect.
+    OwnConnection(BoxError),
+    /// The service answered `UNAVAILABLE` itself (a pool whose connection broke or is not back
+    /// yet): a matter of its readiness, not of health.
+    ServiceUnavailable(String),
+    /// The health service failed or ended the call.
+    Other(String),
+}
+
+fn classify(status: tonic::Status, what: &str) -> Failure {
+    let source = std::error::Error::source(&status);
+    let own_connection =
+        std::iter::successors(source, |e| e.source()).any(|e| e.is::<OwnConnectionError>());
+    if own_connection && status.code() == Code::Unavailable {
+        return Failure::OwnConnection(Box::new(status));
+    }
+    let reason = format!("{what}: {}", crate::status::describe_error(&status));
+    // A status with a source was made on this side, by the service: not the health server's.
+    if status.code() == Code::Unavailable && source.is_some() {
+        Failure::ServiceUnavailable(reason)
+    } else {
+        Failure::Other(reason)
+    }
+}
+
+/// An error of the endpoint service that is not a [`tonic::Status`]: a bare transport error of
+/// a connection the balancer owns, as opposed to the verdict of a service that keeps its own
+/// connections. Marked before tonic's client turns it into a status.
+#[derive(Debug)]
+struct OwnConnectionError(BoxError);
+
+impl std::fmt::Display for OwnConnectionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("endpoint connection failed")
+    }
+}
+
+impl std::error::Error for OwnConnectionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+fn mark_own_connection_errors(err: impl Into<BoxError>) -> BoxError {
+    let err = err.into();
+    if err.is::<tonic::Status>() {
+        err
+    } else {
+        Box::new(OwnConnectionError(err))
+    }
+}
+
 fn verdict(response: &HealthCheckResponse) -> Verdict {
     match ServingStatus::try_from(response.status) {
         Ok(ServingStatus::Serving) => Verdict::Serving,
         Ok(status) => Verdict::NotServing(format!("health status {}", status.as_str_name())),
         Err(_) => Verdict::NotServing(format!("health status {}", response.status)),
     }
-}
-
-/// The transport error under a status, if the connection itself failed.
-fn connection_failure(status: tonic::Status) -> Option<BoxError> {
-    let source = std::error::Error::source(&status)?;
-    (crate::status::code_from_error(source) == Code::Unavailable)
-        .then(|| Box::new(status) as BoxError)
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@
 //! ```
 
 use std::error::Error;
+use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, Response, StatusCode};
@@ -178,16 +180,163 @@ pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
 }
 
 /// Turns a service error into the [`Status`] a caller should see: the error itself if it is one,
-/// otherwise a status whose code is [`code_from_error`] and whose message is the error's.
+/// otherwise a status whose code is [`code_from_error`] and whose message says what happened in
+/// words ([`describe_error`]). The error stays reachable as the status's source.
 pub fn status_from_error(err: BoxError) -> Status {
     match err.downcast::<Status>() {
         Ok(status) => *status,
         Err(err) => {
-            let mut status = Status::new(code_from_error(&*err), err.to_string());
+            let mut status = Status::new(code_from_error(&*err), describe_error(&*err));
             status.set_source(Arc::<dyn Error + Send + Sync>::from(err));
             status
         }
     }
+}
+
+/// One line that names what happened, once, in words: `"connection refused"`,
+/// `"deadline exceeded"`, `"connection closed by the server: GOAWAY ENHANCE_YOUR_CALM
+/// (too_many_pings)"`, `"connect failed: connection refused"`.
+///
+/// It walks the source chain and keeps what each error adds: a [`Status`] contributes its
+/// message (never its `Display`, which dumps its source with `Debug`), HTTP/2 and I/O errors a
+/// phrase for their reason, and wrappers that only say "transport error" nothing.
+///
+/// ```
+/// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// assert_eq!(towline::status::describe_error(&refused), "connection refused");
+/// ```
+pub fn describe_error(err: &(dyn Error + 'static)) -> String {
+    let mut out = String::new();
+    for err in source_chain(err) {
+        let text = describe_one(err);
+        let text = text.trim();
+        if text.is_empty() || out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    if out.is_empty() {
+        out.push_str("unknown error");
+    }
+    out
+}
+
+/// What one error of a chain adds to [`describe_error`]'s line.
+fn describe_one(err: &(dyn Error + 'static)) -> String {
+    if let Some(status) = err.downcast_ref::<Status>() {
+        return status.message().to_owned();
+    }
+    if let Some(h2) = err.downcast_ref::<h2::Error>() {
+        return describe_h2(h2);
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        use std::io::ErrorKind::*;
+        return match io.kind() {
+            ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut
+            | NotConnected | AddrNotAvailable | HostUnreachable | NetworkUnreachable => {
+                io.kind().to_string()
+            }
+            UnexpectedEof => "connection closed".to_owned(),
+            _ => io.to_string(),
+        };
+    }
+    if err.is::<tonic::TimeoutExpired>()
+        || err.is::<tokio::time::error::Elapsed>()
+        || err.is::<tower::timeout::error::Elapsed>()
+    {
+        return "deadline exceeded".to_owned();
+    }
+    if err.is::<tonic::ConnectError>() {
+        return "connect failed".to_owned();
+    }
+    if err.is::<tonic::transport::Error>() {
+        // "transport error": says nothing its source does not say better.
+        return String::new();
+    }
+    if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+        if hyper.is_canceled() {
+            return "the request was not sent".to_owned();
+        }
+        if hyper.is_timeout() {
+            return "keepalive ping timed out".to_owned();
+        }
+        if hyper.is_closed() || hyper.is_incomplete_message() {
+            return "connection closed".to_owned();
+        }
+        // Its variants wrap an h2 or I/O error that says more; its own text is a category.
+        return if err.source().is_some() {
+            String::new()
+        } else {
+            hyper.to_string()
+        };
+    }
+    let text = err.to_string();
+    // hyper-util's legacy client errors ("client error (Connect)") only name a category.
+    if text.starts_with("client error (") || text == "transport error" {
+        return String::new();
+    }
+    text
+}
+
+fn describe_h2(err: &h2::Error) -> String {
+    if let Some(io) = err.get_io() {
+        return describe_one(io);
+    }
+    let reason = err.reason().unwrap_or(h2::Reason::INTERNAL_ERROR);
+    if err.is_go_away() {
+        // h2 keeps the GOAWAY's debug data private, but shows it in `Display` as `(b"…")`.
+        let shown = err.to_string();
+        let debug = shown
+            .split_once("(b\"")
+            .and_then(|(_, rest)| rest.rsplit_once("\")"))
+            .map(|(data, _)| data.to_owned());
+        let by = if err.is_remote() {
+            "connection closed by the server"
+        } else {
+            "connection closed"
+        };
+        return match debug {
+            Some(debug) if !debug.is_empty() => format!("{by}: GOAWAY {reason:?} ({debug})"),
+            _ => format!("{by}: GOAWAY {reason:?}"),
+        };
+    }
+    match reason {
+        h2::Reason::REFUSED_STREAM => "stream refused by the server (REFUSED_STREAM)".to_owned(),
+        h2::Reason::CANCEL => "stream cancelled (RST_STREAM CANCEL)".to_owned(),
+        other if err.is_reset() => format!("stream reset (RST_STREAM {other:?})"),
+        other => format!("HTTP/2 error {other:?}"),
+    }
+}
+
+/// `300 ms`, `1.5 s`: a duration as people write it in messages.
+pub(crate) struct HumanDuration(pub(crate) Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if d < Duration::from_millis(1) {
+            write!(f, "{} µs", d.as_micros())
+        } else if d < Duration::from_secs(1) {
+            write!(f, "{} ms", d.as_millis())
+        } else {
+            write!(f, "{:.1} s", d.as_secs_f64())
+        }
+    }
+}
+
+/// Whether an error is the server's GOAWAY `ENHANCE_YOUR_CALM` with debug data `too_many_pings`:
+/// it received keepalive pings more often than it allows (gRFC A8).
+pub fn is_too_many_pings(err: &(dyn Error + 'static)) -> bool {
+    source_chain(err).any(|err| {
+        err.downcast_ref::<h2::Error>().is_some_and(|h2| {
+            h2.is_go_away()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                && h2.to_string().contains("too_many_pings")
+        })
+    })
 }
 
 /// The canonical upper-case name of a code, as gRFC A66 labels `grpc.status` ("OK", "UNAVAILABLE").
@@ -238,6 +387,46 @@ mod tests {
     use super::*;
     use http::HeaderValue;
     use proptest::prelude::*;
+
+    #[derive(Debug)]
+    struct Transport(BoxError);
+    impl std::fmt::Display for Transport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+    impl Error for Transport {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn errors_are_described_once_in_words() {
+        let refused = Transport(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(describe_error(&refused), "connection refused");
+        let deadline = Transport(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(describe_error(&deadline), "deadline exceeded");
+        let status = status_from_error(Box::new(Transport(Box::new(tonic::TimeoutExpired(())))));
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(status.message(), "deadline exceeded");
+        // A Status in the chain gives its message, never its Debug-laden Display.
+        let mut wrapped = Status::unavailable("connection to http://a:1 broke: connection reset");
+        wrapped.set_source(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        let text = describe_error(&wrapped);
+        assert_eq!(text, "connection to http://a:1 broke: connection reset");
+        assert!(!text.contains("code:"), "{text}");
+        let refused_stream = Transport(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert_eq!(
+            describe_error(&refused_stream),
+            "stream refused by the server (REFUSED_STREAM)"
+        );
+        assert!(!is_too_many_pings(&refused_stream));
+    }
 
     fn response(status: u16, headers: &[(&str, &[u8])]) -> Response<()> {
         let mut res = Response::builder().status(status).body(()).unwrap();

@@ -826,7 +826,9 @@ async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
     let status = err.downcast::<tonic::Status>().unwrap();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(
-        status.message().contains("http://a:1/ was not ready"),
+        status
+            .message()
+            .contains("deadline of 250 ms exceeded while a:1 was not ready"),
         "{status:?}"
     );
     // The call never went out: the endpoint's in-flight count is back to zero, and the wait is

@@ -2,13 +2,18 @@
 //! apply health verdicts, run outlier detection. It is the only writer of the endpoint table.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::poll_fn;
 use futures::stream::FusedStream;
 use http::Uri;
+use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
@@ -23,6 +28,7 @@ use crate::deadline::instant_after;
 use crate::discover::{Change, Discover};
 use crate::health::{HealthCheck, Verdict};
 use crate::outlier::{Host, OutlierDetection};
+use crate::status::describe_error;
 
 /// What calls tell the driver (rarely: only at thresholds).
 #[derive(Debug)]
@@ -38,9 +44,55 @@ pub(crate) enum CallEvent {
 pub(crate) struct Signals {
     /// A call saw the connection fail: the endpoint task should reconnect.
     pub(crate) broken: Notify,
+    /// A call found the endpoint's service not ready, or failed with the service's own
+    /// `UNAVAILABLE` (a pool whose connection broke): the endpoint task should check the
+    /// service's readiness, and take the endpoint out of rotation until it is ready again.
+    pub(crate) not_ready: Notify,
+    /// Why, as the call saw it, for the endpoint's snapshot.
+    not_ready_reason: Mutex<Option<String>>,
     /// The generation of the connection calls currently use.
     pub(crate) generation: AtomicU64,
+    /// The last connection generation whose `too_many_pings` GOAWAY was counted.
+    ping_strike_generation: AtomicU64,
     pub(crate) draining: AtomicBool,
+}
+
+impl Signals {
+    /// Asks the endpoint task to check its service's readiness.
+    pub(crate) fn check_readiness(&self, reason: impl FnOnce() -> String) {
+        *self
+            .not_ready_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason());
+        // `notify_one` keeps a permit: a task busy elsewhere checks as soon as it can.
+        self.not_ready.notify_one();
+    }
+
+    /// A bare connection (one the balancer owns) failed with `err`: if that was the server's
+    /// GOAWAY `too_many_pings`, later connections ping half as often (gRFC A8). Counted once per
+    /// connection `generation`, however many calls it fails.
+    pub(crate) fn note_too_many_pings(
+        &self,
+        target: &Uri,
+        generation: u64,
+        err: &(dyn std::error::Error + 'static),
+    ) {
+        if crate::status::is_too_many_pings(err)
+            && self
+                .ping_strike_generation
+                .swap(generation, Ordering::AcqRel)
+                != generation
+        {
+            crate::connect::note_too_many_pings(target);
+        }
+    }
+
+    fn take_not_ready_reason(&self) -> Option<String> {
+        self.not_ready_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// What an endpoint's connection task tells the driver.
@@ -49,6 +101,10 @@ enum EndpointEvent<S> {
     Connected(EndpointId, S, u64),
     Down(EndpointId, String),
     Health(EndpointId, Verdict),
+    /// The endpoint's service is not ready (a pool with no live connection): out of rotation,
+    /// with the reason, until `ServiceReady`.
+    NotReady(EndpointId, String),
+    ServiceReady(EndpointId),
 }
 
 /// What calls need to report back: the outlier settings and the driver's mailbox.
@@ -213,9 +269,29 @@ where
                     slot.load.forget_rtt();
                     slot.connection = Connection::Connected;
                     slot.service = Some(service);
+                    slot.service_ready = true;
                     slot.generation = generation;
                     slot.health = healthy;
                     slot.reason = None;
+                }
+            }
+            EndpointEvent::NotReady(id, reason) => {
+                if let Some(slot) = t.slot_mut(id) {
+                    slot.service_ready = false;
+                    slot.reason = Some(reason);
+                    // gRFC A17: a connection that comes back is not ready before its first
+                    // health report; the health check reports afresh on every new stream.
+                    if self.health_check.is_some() {
+                        slot.health = Health::Unknown;
+                    }
+                }
+            }
+            EndpointEvent::ServiceReady(id) => {
+                if let Some(slot) = t.slot_mut(id) {
+                    slot.service_ready = true;
+                    if slot.health != Health::NotServing {
+                        slot.reason = None;
+                    }
                 }
             }
             EndpointEvent::Down(id, reason) => {
@@ -357,8 +433,10 @@ async fn endpoint_task<M, S>(
                 failures = failures.saturating_add(1);
                 let delay = backoff.delay(failures, Duration::ZERO);
                 let reason = format!(
-                    "connect failed: {}; retrying in {delay:.1?}",
-                    error_chain(&*err)
+                    "connect to {} failed: {} (retrying in {:.1} s)",
+                    authority(&uri),
+                    describe_error(&*err),
+                    delay.as_secs_f64()
                 );
                 let _ = events.send(EndpointEvent::Down(id, reason));
                 tokio::time::sleep(delay).await;
@@ -374,23 +452,8 @@ async fn endpoint_task<M, S>(
         broken.as_mut().enable();
         let _ = events.send(EndpointEvent::Connected(id, service.clone(), generation));
 
-        let reason = match &health_check {
-            Some(check) => {
-                let report = |verdict| {
-                    let _ = events.send(EndpointEvent::Health(id, verdict));
-                };
-                tokio::select! {
-                    err = crate::health::run(check, service, report) => {
-                        format!("connection failed under the health check: {}", error_chain(&*err))
-                    }
-                    _ = &mut broken => "a call failed on the connection".to_string(),
-                }
-            }
-            None => {
-                broken.await;
-                "a call failed on the connection".to_string()
-            }
-        };
+        let reason =
+            keep_service(id, &service, &load, health_check.as_ref(), &events, broken).await;
         // Reconnect at once after a connection that lived; back off after one that broke at once,
         // so that an endpoint which accepts and then fails never spins.
         if connected_at.elapsed() < backoff.initial() {
@@ -398,7 +461,7 @@ async fn endpoint_task<M, S>(
             let delay = backoff.delay(failures, Duration::ZERO);
             let _ = events.send(EndpointEvent::Down(
                 id,
-                format!("{reason}; reconnecting in {delay:.1?}"),
+                format!("{reason} (reconnecting in {:.1} s)", delay.as_secs_f64()),
             ));
             tokio::time::sleep(delay).await;
         } else {
@@ -408,19 +471,123 @@ async fn endpoint_task<M, S>(
     }
 }
 
-/// An error and its sources on one line: "connect failed: tcp connect error: Connection refused".
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        let text = err.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+type Readiness = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// Serves one endpoint service until it must be replaced, and says why.
+///
+/// Meanwhile: runs the health check over it, and gates the endpoint on the service's own
+/// readiness, as tower's `ReadyCache` does for p2c. When a call finds the service not ready, or
+/// fails with the service's own `UNAVAILABLE` (a pool whose connection broke), its readiness is
+/// checked at once: still ready (a pool with other live connections) changes nothing; not ready
+/// (a pool with none) takes the endpoint out of rotation until the service is ready again (the
+/// pool reconnected, with its own backoff). The service is replaced only when it fails for good
+/// (its `poll_ready` errs), or when a bare connection (tonic's `Channel`) breaks under a call or
+/// the health check.
+async fn keep_service<S: EndpointService>(
+    id: EndpointId,
+    service: &S,
+    load: &Load,
+    health_check: Option<&HealthCheck>,
+    events: &mpsc::UnboundedSender<EndpointEvent<S>>,
+    mut broken: Pin<&mut Notified<'_>>,
+) -> String {
+    let health = async {
+        match health_check {
+            Some(check) => {
+                let report = |verdict| {
+                    let _ = events.send(EndpointEvent::Health(id, verdict));
+                };
+                let trouble = || {
+                    load.signals
+                        .check_readiness(|| "its health watch ended".to_owned())
+                };
+                crate::health::run(check, service.clone(), report, trouble).await
+            }
+            None => std::future::pending().await,
         }
-        source = err.source();
+    };
+    tokio::pin!(health);
+    let mut recovering: Option<Readiness> = None;
+    loop {
+        tokio::select! {
+            err = &mut health => {
+                let generation = load.signals.generation.load(Ordering::Acquire);
+                load.signals.note_too_many_pings(&load.uri, generation, &*err);
+                return format!(
+                    "connection failed under the health check: {}",
+                    describe_error(&*err)
+                );
+            }
+            _ = broken.as_mut() => return "a call failed on the connection".to_owned(),
+            _ = load.signals.not_ready.notified(), if recovering.is_none() => {
+                let mut probe = service.clone();
+                match futures::poll!(poll_fn(|cx| probe.poll_ready(cx))) {
+                    Poll::Ready(Ok(())) => {
+                        load.signals.take_not_ready_reason();
+                    }
+                    Poll::Ready(Err(err)) => {
+                        let err: BoxError = err.into();
+                        return format!("the endpoint's service failed: {}", describe_error(&*err));
+                    }
+                    Poll::Pending => {
+                        let reason = load.signals.take_not_ready_reason().unwrap_or_default();
+                        let reason = if reason.is_empty() {
+                            "not ready (no live connection)".to_owned()
+                        } else {
+                            format!("not ready: {reason}")
+                        };
+                        let _ = events.send(EndpointEvent::NotReady(id, reason));
+                        recovering = Some(Box::pin(until_ready(service.clone())));
+                    }
+                }
+            }
+            ready = wait_for(&mut recovering) => {
+                recovering = None;
+                match ready {
+                    Ok(()) => {
+                        load.signals.take_not_ready_reason();
+                        let _ = events.send(EndpointEvent::ServiceReady(id));
+                    }
+                    Err(err) => {
+                        return format!("the endpoint's service failed: {}", describe_error(&*err));
+                    }
+                }
+            }
+        }
     }
-    out
+}
+
+/// Resolves once `service` is ready for a call: `poll_ready` on a fresh handle is ready at once.
+///
+/// The second look matters: a handle may turn ready without a usable connection (a pool past its
+/// `wait_timeout` lets that handle's next call fail fast with `UNAVAILABLE`), and the endpoint
+/// must not return to rotation for that.
+async fn until_ready<S: EndpointService>(service: S) -> Result<(), BoxError> {
+    loop {
+        let mut waiting = service.clone();
+        poll_fn(|cx| waiting.poll_ready(cx))
+            .await
+            .map_err(Into::into)?;
+        drop(waiting);
+        let mut fresh = service.clone();
+        match futures::poll!(poll_fn(|cx| fresh.poll_ready(cx))) {
+            Poll::Ready(result) => return result.map_err(Into::into),
+            Poll::Pending => continue,
+        }
+    }
+}
+
+async fn wait_for(readiness: &mut Option<Readiness>) -> Result<(), BoxError> {
+    match readiness {
+        Some(readiness) => readiness.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `host:port` of an endpoint URI, for messages.
+pub(crate) fn authority(uri: &Uri) -> String {
+    uri.authority()
+        .map_or_else(|| uri.to_string(), ToString::to_string)
 }
 
 /// Aborts the driver when the last balancer handle is dropped.

@@ -17,7 +17,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::config::BalanceConfig;
-use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
+use super::driver::{CallEvent, Driver, DriverGuard, Feedback, authority};
 use super::endpoint::{EndpointId, EndpointSnapshot, Load};
 use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
@@ -26,7 +26,8 @@ use crate::BoxError;
 use crate::deadline::instant_after;
 use crate::discover::Discover;
 use crate::status::{
-    ResponseStatus, classify_response, code_from_error, code_from_trailers, status_from_error,
+    HumanDuration, ResponseStatus, classify_response, code_from_error, code_from_trailers,
+    status_from_error,
 };
 
 /// A request extension: how this call waits when no endpoint can take it (gRPC's
@@ -50,8 +51,8 @@ use crate::status::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitForReady(pub bool);
 
-/// How many endpoints one call may try when the chosen one turns out broken before the request
-/// is sent (its `poll_ready` fails).
+/// How many endpoints one call may try when the chosen one turns out broken or not ready before
+/// the request is sent (its `poll_ready` fails or is pending).
 const MAX_FAILOVER: usize = 3;
 
 /// What the balancer needs of each endpoint's service: tonic's `Channel`, a
@@ -153,8 +154,12 @@ where
 /// tonic-generated client.
 ///
 /// `poll_ready` is always ready: the endpoint is chosen in `call` (hash strategies need the
-/// request), and the chosen endpoint's own readiness is awaited by the response future, as
-/// tower's `Oneshot` does.
+/// request), and the chosen endpoint's own readiness is checked by the response future. An
+/// endpoint whose service is not ready at once (a pool with no live connection) hands the call
+/// to another endpoint and leaves rotation until it is ready again, as tower's `ReadyCache`
+/// keeps p2c to ready services; with no other endpoint to go to, the call waits for it, never
+/// past its deadline. A call that waited (for an endpoint, or for one's readiness) is sent with
+/// what is left of its `grpc-timeout`, not the whole of it again.
 ///
 /// [`Strategy`]: super::Strategy
 pub struct Balance<S> {
@@ -282,11 +287,14 @@ impl<S: EndpointService> Service<Request<Body>> for Balance<S> {
 
     fn call(&mut self, request: Request<Body>) -> ResponseFuture<S> {
         let mut deadline = None;
+        let call_deadline = crate::deadline::from_headers(request.headers())
+            .map(|timeout| CallDeadline::new(Instant::now(), timeout));
         let state = Picker {
             shared: &self.shared,
             feedback: &self.feedback,
             endpoint_wait: self.endpoint_wait,
             deadline: &mut deadline,
+            call_deadline,
             tried: &[],
         }
         .pick(request);
@@ -295,6 +303,8 @@ impl<S: EndpointService> Service<Request<Body>> for Balance<S> {
             feedback: self.feedback.clone(),
             endpoint_wait: self.endpoint_wait,
             deadline,
+            call_deadline,
+            waited: false,
             tried: Vec::new(),
             state,
         }
@@ -309,6 +319,10 @@ pin_project! {
         feedback: Arc<Feedback>,
         endpoint_wait: Duration,
         deadline: Option<WaitDeadline>,
+        // The caller's `grpc-timeout`, from when the call reached the balancer.
+        call_deadline: Option<CallDeadline>,
+        // The call waited before it was sent: its `grpc-timeout` must be cut to what is left.
+        waited: bool,
         tried: Vec<EndpointId>,
         #[pin]
         state: State<S>,
@@ -327,7 +341,6 @@ pin_project! {
             request: Option<Request<Body>>,
             service: S,
             guard: Option<CallGuard>,
-            call_deadline: Option<Duration>,
             // Armed only once readiness is pending, so the common path sets no timer.
             expires: Option<Pin<Box<tokio::time::Sleep>>>,
         },
@@ -361,6 +374,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
             let next = match this.state.project() {
                 StateProj::Waiting { request, wait } => match ready!(wait.as_mut().poll(cx)) {
                     Ok(()) => {
+                        *this.waited = true;
                         let request = request.take().expect("request is kept until sent");
                         self.as_mut().repick(request)
                     }
@@ -372,33 +386,77 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                     request,
                     service,
                     guard,
-                    call_deadline,
                     expires,
                 } => match service.poll_ready(cx) {
                     Poll::Pending => {
-                        let Some(remaining) = *call_deadline else {
-                            return Poll::Pending;
-                        };
-                        let expires =
-                            expires.get_or_insert_with(|| Box::pin(tokio::time::sleep(remaining)));
-                        if expires.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
+                        let id = guard.as_ref().expect("guard is kept until sent").load.id;
+                        // Not ready at once (a pool with no live connection, or one opening
+                        // another): another endpoint takes the call, and this one's task checks
+                        // whether it must leave rotation.
+                        let first_look = expires.is_none();
+                        if first_look {
+                            let guard = guard.as_ref().expect("guard is kept until sent");
+                            guard.load.signals.check_readiness(|| {
+                                "a call found its connections not ready".to_owned()
+                            });
                         }
-                        // Never sent: dropping the guard releases the endpoint's in-flight slot.
-                        let guard = guard.take().expect("guard is kept until sent");
-                        State::Failed {
-                            status: Some(Status::deadline_exceeded(format!(
-                                "towline balance: the call's deadline passed while endpoint {} \
-                                 was not ready to take it",
-                                guard.load.uri
-                            ))),
+                        if first_look
+                            && this.tried.len() + 1 < MAX_FAILOVER
+                            && this.shared.has_candidate_besides(this.tried, id)
+                        {
+                            drop(guard.take());
+                            this.tried.push(id);
+                            *this.waited = true;
+                            let request = request.take().expect("request is kept until sent");
+                            self.as_mut().repick(request)
+                        } else {
+                            *this.waited = true;
+                            let Some(call_deadline) = *this.call_deadline else {
+                                return Poll::Pending;
+                            };
+                            let expires = expires.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep_until(call_deadline.at))
+                            });
+                            if expires.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            // Never sent: dropping the guard releases the endpoint's in-flight slot.
+                            let guard = guard.take().expect("guard is kept until sent");
+                            State::Failed {
+                                status: Some(call_deadline.exceeded(format_args!(
+                                    "while {} was not ready to take the call",
+                                    authority(&guard.load.uri)
+                                ))),
+                            }
                         }
                     }
                     Poll::Ready(Ok(())) => {
-                        let request = request.take().expect("request is kept until sent");
-                        State::Calling {
-                            future: service.call(request),
-                            guard: guard.take().map(CallGuard::sent),
+                        let mut request = request.take().expect("request is kept until sent");
+                        let guard = guard.take().expect("guard is kept until sent");
+                        match this.call_deadline.filter(|_| *this.waited) {
+                            // Sent with what is left of the deadline, not all of it again.
+                            Some(call_deadline) => match call_deadline.remaining() {
+                                Some(left) => {
+                                    request.headers_mut().insert(
+                                        crate::deadline::GRPC_TIMEOUT,
+                                        crate::deadline::to_header_value(left),
+                                    );
+                                    State::Calling {
+                                        future: service.call(request),
+                                        guard: Some(guard.sent()),
+                                    }
+                                }
+                                None => State::Failed {
+                                    status: Some(call_deadline.exceeded(format_args!(
+                                        "before the call could be sent to {}",
+                                        authority(&guard.load.uri)
+                                    ))),
+                                },
+                            },
+                            None => State::Calling {
+                                future: service.call(request),
+                                guard: Some(guard.sent()),
+                            },
                         }
                     }
                     Poll::Ready(Err(err)) => {
@@ -410,6 +468,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         let id = guard.load.id;
                         drop(guard);
                         this.tried.push(id);
+                        *this.waited = true;
                         if this.tried.len() < MAX_FAILOVER {
                             self.as_mut().repick(request)
                         } else {
@@ -440,7 +499,13 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             // Hand the caller a status classified as gRPC clients do (a closed
                             // connection is UNAVAILABLE, not tonic's CANCELLED); the transport
                             // error stays reachable as its source.
-                            Err(Box::new(status_from_error(err)))
+                            let status = status_from_error(err);
+                            Err(Box::new(match this.call_deadline {
+                                Some(deadline) if status.code() == Code::DeadlineExceeded => {
+                                    deadline.restate(status)
+                                }
+                                _ => status,
+                            }))
                         }
                     });
                 }
@@ -465,11 +530,68 @@ where
             feedback: this.feedback,
             endpoint_wait: *this.endpoint_wait,
             deadline: this.deadline,
+            call_deadline: *this.call_deadline,
             tried: this.tried,
         };
         picker.pick(request)
     }
 }
+
+/// The caller's deadline (`grpc-timeout`), fixed when the call reached the balancer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallDeadline {
+    at: Instant,
+    timeout: Duration,
+}
+
+impl CallDeadline {
+    fn new(now: Instant, timeout: Duration) -> Self {
+        CallDeadline {
+            at: instant_after(now, timeout),
+            timeout,
+        }
+    }
+
+    /// What is left of it, if anything.
+    fn remaining(&self) -> Option<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// `DEADLINE_EXCEEDED`, saying which deadline and when it passed.
+    fn exceeded(&self, when: fmt::Arguments<'_>) -> Status {
+        Status::deadline_exceeded(format!(
+            "towline balance: deadline of {} exceeded {when}",
+            HumanDuration(self.timeout)
+        ))
+    }
+
+    /// A `DEADLINE_EXCEEDED` from below (tonic's own timer), restated with the deadline it was.
+    fn restate(&self, status: Status) -> Status {
+        let message = format!(
+            "deadline of {} exceeded ({})",
+            HumanDuration(self.timeout),
+            status.message()
+        );
+        let mut restated = Status::new(status.code(), message);
+        if let Some(source) = std::error::Error::source(&status) {
+            restated.set_source(Arc::new(SourceText(crate::status::describe_error(source))));
+        }
+        restated
+    }
+}
+
+/// The source of a restated status: the original's words (its own source type is not `Clone`).
+#[derive(Debug)]
+struct SourceText(String);
+
+impl fmt::Display for SourceText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SourceText {}
 
 /// How long a call may wait for an endpoint, fixed at its first pick so failovers do not extend it.
 #[derive(Debug, Clone, Copy)]
@@ -477,38 +599,34 @@ pub(crate) struct WaitDeadline {
     at: Instant,
     /// The call's own deadline ends the wait (rather than `endpoint_wait`).
     is_call_deadline: bool,
-    /// When the call's deadline (`grpc-timeout` from its first pick) passes, if it has one:
-    /// what is left of it bounds the wait for the endpoint picked after the wait.
-    call_at: Option<Instant>,
+    call: Option<CallDeadline>,
 }
 
 impl WaitDeadline {
     fn new(
         now: Instant,
         endpoint_wait: Duration,
-        call_deadline: Option<Duration>,
+        call_deadline: Option<CallDeadline>,
         wait_for_ready: Option<bool>,
     ) -> Self {
-        let (limit, is_call_deadline) = match (call_deadline, wait_for_ready) {
-            (Some(call), Some(true)) => (call, true),
-            (Some(call), _) if call < endpoint_wait => (call, true),
-            _ => (endpoint_wait, false),
+        let wait_until = instant_after(now, endpoint_wait);
+        let (at, is_call_deadline) = match (call_deadline, wait_for_ready) {
+            (Some(call), Some(true)) => (call.at, true),
+            (Some(call), _) if call.at < wait_until => (call.at, true),
+            _ => (wait_until, false),
         };
         WaitDeadline {
-            at: instant_after(now, limit),
+            at,
             is_call_deadline,
-            call_at: call_deadline.map(|call| instant_after(now, call)),
+            call: call_deadline,
         }
     }
 
     /// The status of a call whose wait ran out while no endpoint could take it, for `reason`.
     fn expired(&self, reason: &str) -> Status {
-        if self.is_call_deadline {
-            Status::deadline_exceeded(format!(
-                "towline balance: the call's deadline passed while waiting for an endpoint: {reason}"
-            ))
-        } else {
-            unavailable_status(reason)
+        match self.call.filter(|_| self.is_call_deadline) {
+            Some(call) => call.exceeded(format_args!("while waiting for an endpoint: {reason}")),
+            None => unavailable_status(reason),
         }
     }
 }
@@ -519,6 +637,7 @@ struct Picker<'a, S> {
     feedback: &'a Arc<Feedback>,
     endpoint_wait: Duration,
     deadline: &'a mut Option<WaitDeadline>,
+    call_deadline: Option<CallDeadline>,
     tried: &'a [EndpointId],
 }
 
@@ -531,7 +650,7 @@ where
         let (parts, body) = request.into_parts();
         let picked = self.shared.pick(&parts, self.tried);
         let wait_for_ready = parts.extensions.get::<WaitForReady>().map(|w| w.0);
-        let call_deadline = crate::deadline::from_headers(&parts.headers);
+        let call_deadline = self.call_deadline;
         let request = Some(Request::from_parts(parts, body));
         match picked {
             Ok(Picked {
@@ -542,13 +661,6 @@ where
                 request,
                 service,
                 guard: Some(CallGuard::new(load, generation, self.feedback.clone())),
-                // After a wait for an endpoint, only what is left of the deadline.
-                call_deadline: match self.deadline {
-                    Some(waited) => waited
-                        .call_at
-                        .map(|at| at.saturating_duration_since(Instant::now())),
-                    None => call_deadline,
-                },
                 expires: None,
             },
             Err(Unavailable { reason, settling }) => {
@@ -654,8 +766,19 @@ impl CallGuard {
         if code == Code::Unavailable {
             self.recorded = true;
             self.measures_rtt = false;
-            if !err.is::<Status>() {
-                self.connection_broken();
+            match err.downcast_ref::<Status>() {
+                // The service keeps its own connections (a pool): it may have others, or none
+                // left; the endpoint task looks at its readiness.
+                Some(status) => self
+                    .load
+                    .signals
+                    .check_readiness(|| status.message().to_owned()),
+                None => {
+                    self.load
+                        .signals
+                        .note_too_many_pings(&self.load.uri, self.generation, err);
+                    self.connection_broken();
+                }
             }
         } else {
             self.finish(code);

@@ -35,6 +35,9 @@ pub(crate) enum Health {
 pub(crate) struct Slot<S> {
     pub(crate) load: Arc<Load>,
     pub(crate) service: Option<S>,
+    /// The service's own readiness, as the endpoint task last saw it: a pool with no live
+    /// connection is connected (it keeps reconnecting) but not ready.
+    pub(crate) service_ready: bool,
     pub(crate) generation: u64,
     pub(crate) connection: Connection,
     pub(crate) health: Health,
@@ -48,6 +51,7 @@ impl<S> Slot<S> {
         Slot {
             load,
             service: None,
+            service_ready: false,
             generation: 0,
             connection: Connection::Connecting,
             health: Health::Unknown,
@@ -62,6 +66,7 @@ impl<S> Slot<S> {
             (true, ..) => EndpointState::Draining,
             (_, Connection::Connecting, _) => EndpointState::Connecting,
             (_, Connection::Down, _) => EndpointState::Down,
+            _ if !self.service_ready => EndpointState::Connecting,
             _ if self.ejection.ejected_at.is_some() => EndpointState::Ejected,
             (_, Connection::Connected, Health::Unknown) => EndpointState::Connecting,
             (_, Connection::Connected, Health::NotServing) => EndpointState::Unhealthy,
@@ -70,7 +75,10 @@ impl<S> Slot<S> {
     }
 
     fn connected(&self) -> bool {
-        !self.draining && self.connection == Connection::Connected && self.service.is_some()
+        !self.draining
+            && self.connection == Connection::Connected
+            && self.service_ready
+            && self.service.is_some()
     }
 }
 
@@ -196,6 +204,18 @@ impl<S: Clone> Shared<S> {
             service,
             generation,
         })
+    }
+
+    /// Whether an endpoint other than `exclude` (tried already) and `current` may take calls.
+    pub(crate) fn has_candidate_besides(
+        &self,
+        exclude: &[EndpointId],
+        current: EndpointId,
+    ) -> bool {
+        self.read()
+            .candidates
+            .iter()
+            .any(|c| c.load.id != current && !exclude.contains(&c.load.id))
     }
 
     /// Waits until some endpoint may take calls, or fails at `deadline` saying why none can.

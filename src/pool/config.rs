@@ -5,7 +5,7 @@ use std::time::Duration;
 use tonic::transport::Endpoint;
 
 use crate::ConfigError;
-use crate::connect::{Connect, DEFAULT_CONNECT_TIMEOUT};
+use crate::connect::{Connect, DEFAULT_CONNECT_TIMEOUT, Keepalive};
 
 use crate::backoff::Backoff;
 
@@ -46,8 +46,7 @@ pub struct PoolConfig {
     pub(crate) wait_timeout: Duration,
     pub(crate) backoff: Backoff,
     pub(crate) lazy: bool,
-    pub(crate) keepalive: Option<(Duration, Duration)>,
-    pub(crate) keepalive_while_idle: bool,
+    pub(crate) keepalive: Option<Keepalive>,
 }
 
 impl Default for PoolConfig {
@@ -62,7 +61,6 @@ impl Default for PoolConfig {
             backoff: Backoff::grpc_connection(),
             lazy: false,
             keepalive: None,
-            keepalive_while_idle: false,
         }
     }
 }
@@ -72,6 +70,7 @@ impl PoolConfig {
     pub fn builder() -> PoolConfigBuilder {
         PoolConfigBuilder {
             config: PoolConfig::default(),
+            keepalive_while_idle: None,
         }
     }
 
@@ -105,16 +104,17 @@ impl PoolConfig {
         self.idle_timeout
     }
 
-    /// Applies this configuration's endpoint settings (connect timeout, HTTP/2 keepalive) to a
+    /// Applies this configuration's endpoint settings (connect timeout, HTTP/2 keepalive, the
+    /// interval doubled for every `too_many_pings` the endpoint's target sent, gRFC A8) to a
     /// tonic [`Endpoint`]. The pool itself is generic over its connector and cannot reach the
     /// endpoint: pass this to [`Connect::configure`], or use [`PoolConfig::connector`].
     pub fn configure_endpoint(&self, endpoint: Endpoint) -> Endpoint {
         let endpoint = endpoint.connect_timeout(self.connect_timeout);
-        match self.keepalive {
-            Some((interval, timeout)) => endpoint
-                .http2_keep_alive_interval(interval)
-                .keep_alive_timeout(timeout)
-                .keep_alive_while_idle(self.keepalive_while_idle),
+        match &self.keepalive {
+            Some(keepalive) => {
+                let target = endpoint.uri().clone();
+                keepalive.apply(&target, endpoint)
+            }
             None => endpoint,
         }
     }
@@ -123,8 +123,10 @@ impl PoolConfig {
     /// It connects eagerly: the pool decides when to connect, and a connect that fails must fail
     /// its attempt so the pool can back off.
     pub fn connector(&self) -> Connect {
-        let config = self.clone();
-        Connect::new().configure(move |endpoint| config.configure_endpoint(endpoint))
+        let timeout = self.connect_timeout;
+        Connect::new()
+            .with_keepalive(self.keepalive)
+            .configure(move |endpoint| endpoint.connect_timeout(timeout))
     }
 }
 
@@ -132,6 +134,7 @@ impl PoolConfig {
 #[derive(Debug, Clone)]
 pub struct PoolConfigBuilder {
     config: PoolConfig,
+    keepalive_while_idle: Option<bool>,
 }
 
 impl PoolConfigBuilder {
@@ -203,20 +206,30 @@ impl PoolConfigBuilder {
 
     /// HTTP/2 keepalive: a PING every `interval`, the connection closed if no answer within
     /// `timeout`. Applied by [`PoolConfig::configure_endpoint`] / [`PoolConfig::connector`].
+    /// What servers accept, and how towline adapts to `too_many_pings`: [`Connect::keepalive`].
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.config.keepalive = Some((interval, timeout));
+        Keepalive::warn_if_too_frequent(interval);
+        self.config.keepalive = Some(Keepalive {
+            interval,
+            timeout,
+            while_idle: false,
+        });
         self
     }
 
-    /// Send keepalive PINGs also while no call is in flight (default false).
+    /// Send keepalive PINGs also while no call is in flight (default false). Takes effect with
+    /// [`keepalive`](Self::keepalive), before or after it.
     pub fn keepalive_while_idle(mut self, enabled: bool) -> Self {
-        self.config.keepalive_while_idle = enabled;
+        self.keepalive_while_idle = Some(enabled);
         self
     }
 
     /// Checks the settings and returns the configuration.
     pub fn build(self) -> Result<PoolConfig, ConfigError> {
-        let c = self.config;
+        let mut c = self.config;
+        if let (Some(keepalive), Some(while_idle)) = (&mut c.keepalive, self.keepalive_while_idle) {
+            keepalive.while_idle = while_idle;
+        }
         if c.max == 0 {
             return Err(ConfigError::new(
                 "pool.max_connections",
@@ -244,7 +257,10 @@ impl PoolConfigBuilder {
                 return Err(ConfigError::new(field, "must be more than zero"));
             }
         }
-        if let Some((interval, timeout)) = c.keepalive {
+        if let Some(Keepalive {
+            interval, timeout, ..
+        }) = c.keepalive
+        {
             if interval.is_zero() {
                 return Err(ConfigError::new(
                     "pool.keepalive.interval",

@@ -86,6 +86,10 @@ impl ConnLoad {
     /// Takes the connection out of rotation at once; the worker removes and replaces it.
     pub(crate) fn mark_broken(&self, error: SharedError) {
         if !self.broken.swap(true, Ordering::AcqRel) {
+            // Once per connection, however many calls its GOAWAY fails.
+            if crate::status::is_too_many_pings(&*error) {
+                crate::connect::note_too_many_pings(&self.core.target);
+            }
             *lock(&self.error) = Some(error);
             self.core.wake_worker.notify_one();
         }
