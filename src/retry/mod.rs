@@ -66,15 +66,17 @@ mod hedge;
 mod layer;
 pub mod metrics;
 mod policy;
+mod response_body;
 mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use body::ReplayBody;
 pub use budget::RetryBudget;
-pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, ResponseFuture};
+pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, MAX_PUSHBACK, ResponseFuture};
 pub use hedge::{Hedge, HedgeLayer, HedgePolicy};
 pub use layer::RetryLayer;
 pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
+pub use response_body::ResponseBody;
 pub use service::Retry;
 
 use crate::BoxError;
