@@ -19,7 +19,7 @@ use super::body::ReplayBody;
 use super::budget::RetryBudget;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
-use super::response_body::{Outcome, ResponseBody};
+use super::response_body::Outcome;
 use crate::BoxError;
 use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
 
@@ -208,27 +208,32 @@ impl<S> RetryState<S> {
     fn on_attempt<B, E: Into<BoxError>>(
         &mut self,
         result: Result<Response<B>, E>,
-    ) -> Decision<Result<Response<ResponseBody<B>>, BoxError>> {
+    ) -> Decision<Result<Response<B>, BoxError>>
+    where
+        B: 'static,
+    {
         match result {
             Ok(res) => match classify_response(&res) {
                 ResponseStatus::TrailersOnly(code) if code != Code::Ok => {
                     self.next_body = Some(self.body.clone());
                     match self.after_failure(code, pushback(res.headers())) {
                         Some(delay) => Decision::Retry(delay),
-                        None => Decision::Done(Ok(res.map(ResponseBody::new))),
+                        None => Decision::Done(Ok(res)),
                     }
                 }
                 ResponseStatus::TrailersOnly(_) => {
                     if let Some(budget) = self.budget() {
                         budget.on_success();
                     }
-                    Decision::Done(Ok(res.map(ResponseBody::new)))
+                    Decision::Done(Ok(res))
                 }
                 // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
                 // tells the budget what they say.
                 ResponseStatus::InTrailers => {
-                    let outcome = Outcome::for_budget(self.budget(), self.policy.inner().retryable);
-                    Decision::Done(Ok(res.map(|body| ResponseBody::reporting(body, outcome))))
+                    match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
+                        Some(outcome) => Decision::Done(Ok(res.map(|body| outcome.watch(body)))),
+                        None => Decision::Done(Ok(res)),
+                    }
                 }
                 // Not gRPC (a proxy's 503): committed too, since it reaches tonic as it is. It is
                 // the failure its code says for the budget.
@@ -238,7 +243,7 @@ impl<S> RetryState<S> {
                     {
                         outcome.report(code);
                     }
-                    Decision::Done(Ok(res.map(ResponseBody::new)))
+                    Decision::Done(Ok(res))
                 }
             },
             Err(err) => {
@@ -372,16 +377,14 @@ where
     S: Service<Request<Body>, Response = Response<B>, Future = F>,
     S::Error: Into<BoxError>,
     F: Future<Output = Result<Response<B>, S::Error>>,
+    B: 'static,
 {
-    type Output = Result<Response<ResponseBody<B>>, BoxError>;
+    type Output = Result<Response<B>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (mut state, retry) = match self.project().kind.project() {
             KindProj::Passthrough { future } => {
-                return future
-                    .poll(cx)
-                    .map_ok(|res| res.map(ResponseBody::new))
-                    .map_err(super::into_status);
+                return future.poll(cx).map_err(super::into_status);
             }
             KindProj::Retrying { state, retry } => (state, retry),
         };

@@ -76,7 +76,6 @@ pub use future::{GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, MAX_PUSHBAC
 pub use hedge::{Hedge, HedgeLayer, HedgePolicy};
 pub use layer::RetryLayer;
 pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
-pub use response_body::ResponseBody;
 pub use service::Retry;
 
 use crate::BoxError;

@@ -1,5 +1,17 @@
-//! [`ResponseBody`]: the response body of a call through [`Retry`](super::Retry), which tells
-//! the retry budget how a committed call really ended.
+//! How a committed call's final status reaches the retry budget: its response body reports the
+//! `grpc-status` of its trailers as they go by.
+//!
+//! A call commits when its response headers arrive (gRFC A6), but its status comes in the
+//! trailers. When the call draws from a token-bucket budget, `OK` in the trailers is a success
+//! and a code the policy retries is a failure (grpc-core takes a token for it; grpc-go at least
+//! does not refill). Any other code, and a body dropped before its end, leave the budget alone.
+//!
+//! The report rides in the response body without changing the response's type, so that a
+//! `Retry<S>` answers with `S`'s own response and composes as any layer does (`option_layer`
+//! needs both branches to answer alike). That is possible for tonic's [`Body`](TonicBody), which
+//! boxes any body: a `Channel`'s responses, and any stack that answers with it. For another body
+//! type (a balancer's own body around tonic's, say) the layer cannot reach the trailers, and the
+//! call counts as a success when it commits, as it did before the trailers were read.
 
 use std::any::Any;
 use std::fmt;
@@ -9,6 +21,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tonic::body::Body as TonicBody;
 use tonic::{Code, Status};
 
 use super::budget::RetryBudget;
@@ -17,14 +30,8 @@ use crate::BoxError;
 use crate::status::{code_from_error, code_from_trailers};
 
 pin_project! {
-    /// The inner response body, unchanged, frame for frame.
-    ///
-    /// A call commits when its response headers arrive (gRFC A6), but its status comes in the
-    /// trailers. When the call draws from a token-bucket budget, this body reads the trailers as
-    /// they go by and tells the budget: `OK` is a success, a code the policy retries is a failure
-    /// (grpc-core takes a token for it; grpc-go at least does not refill). Any other code, and a
-    /// body dropped before its end, leave the budget alone. Otherwise it is only the inner body.
-    pub struct ResponseBody<B> {
+    /// The inner response body, unchanged frame for frame, that reports its end to an [`Outcome`].
+    pub(crate) struct ResponseBody<B> {
         #[pin]
         inner: B,
         outcome: Option<Outcome>,
@@ -55,36 +62,32 @@ impl Outcome {
             self.budget.on_failure();
         }
     }
+
+    /// `body`, now reporting its trailers' status here, if its type lets it (see the module
+    /// docs); otherwise the call counts as a success now, at its commit.
+    pub(crate) fn watch<B: 'static>(self, body: B) -> B {
+        let mut slot = Some(body);
+        if let Some(tonic_slot) = (&mut slot as &mut dyn Any).downcast_mut::<Option<TonicBody>>() {
+            *tonic_slot = tonic_slot
+                .take()
+                .map(|body| TonicBody::new(ResponseBody::reporting(body, self)));
+        } else {
+            self.report(Code::Ok);
+        }
+        match slot {
+            Some(body) => body,
+            None => unreachable!("the slot is refilled with the watched body"),
+        }
+    }
 }
 
 impl<B> ResponseBody<B> {
-    /// The inner body, with nothing to report.
-    pub(crate) fn new(inner: B) -> Self {
+    /// The inner body, reporting its trailers' status to `outcome`.
+    fn reporting(inner: B, outcome: Outcome) -> Self {
         ResponseBody {
             inner,
-            outcome: None,
+            outcome: Some(outcome),
         }
-    }
-
-    /// The inner body, reporting its trailers' status to `outcome`.
-    pub(crate) fn reporting(inner: B, outcome: Option<Outcome>) -> Self {
-        ResponseBody { inner, outcome }
-    }
-
-    /// The inner body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the inner body (nothing more is reported).
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
-}
-
-impl<B: Default> Default for ResponseBody<B> {
-    fn default() -> Self {
-        ResponseBody::new(B::default())
     }
 }
 
@@ -167,9 +170,11 @@ mod tests {
         tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)))
     }
 
-    fn reporting(body: tonic::body::Body, budget: &RetryBudget) -> ResponseBody<tonic::body::Body> {
+    fn reporting(body: tonic::body::Body, budget: &RetryBudget) -> tonic::body::Body {
         let retryable = [Code::Unavailable].into_iter().collect();
-        ResponseBody::reporting(body, Outcome::for_budget(Some(budget), retryable))
+        Outcome::for_budget(Some(budget), retryable)
+            .unwrap()
+            .watch(body)
     }
 
     #[tokio::test]
@@ -213,6 +218,18 @@ mod tests {
         let err = reporting(failing, &budget).collect().await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
         assert_eq!(budget.tokens(), Some(9.0));
+    }
+
+    #[test]
+    fn a_body_of_another_type_counts_as_a_success_at_its_commit() {
+        let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        budget.on_failure();
+        let retryable = [Code::Unavailable].into_iter().collect();
+        let body = Outcome::for_budget(Some(&budget), retryable)
+            .unwrap()
+            .watch(http_body_util::Empty::<Bytes>::new());
+        assert_eq!(budget.tokens(), Some(9.5));
+        drop(body);
     }
 
     #[test]

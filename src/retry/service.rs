@@ -15,7 +15,6 @@ use super::body::ReplayBody;
 use super::future::{ResponseFuture, RetryState, Retries};
 use super::layer::Shared;
 use super::policy::RetryPolicy;
-use super::response_body::ResponseBody;
 use crate::BoxError;
 
 /// Retries the calls of `S` as its [`RetryPolicy`] says. Made by [`RetryLayer`](super::RetryLayer).
@@ -76,8 +75,9 @@ impl<S, ResBody> Service<Request<Body>> for Retry<S>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
+    ResBody: 'static,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = BoxError;
     type Future = ResponseFuture<S, S::Future>;
 
