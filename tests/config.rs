@@ -442,8 +442,7 @@ async fn the_largest_durations_build_layers_that_serve_calls() {
         .into_inner();
     assert_eq!(reply.request_headers["grpc-previous-rpc-attempts"], "1");
     // The hedge carries what is left of 10,000 years.
-    let left =
-        towline::deadline::parse(reply.request_headers["grpc-timeout"].as_bytes()).unwrap();
+    let left = towline::deadline::parse(reply.request_headers["grpc-timeout"].as_bytes()).unwrap();
     assert!(left > Duration::from_secs(87_659_999 * 3600), "{left:?}");
     // Retried by policy (not here: UNAVAILABLE is not its code), and a plain success.
     let mut stream = client
@@ -504,6 +503,13 @@ fn a_multi_megabyte_value_is_not_echoed_in_full() {
     // A huge policy name is cut in the path too.
     let json = format!(r#"{{"loadBalancingConfig": [{{"{huge}": 5}}]}}"#);
     let err = ServiceConfig::from_json(&json).unwrap_err();
-    assert!(err.to_string().len() < 300, "{} bytes", err.to_string().len());
-    assert!(err.field().starts_with("loadBalancingConfig[0].xxx"), "{err}");
+    assert!(
+        err.to_string().len() < 300,
+        "{} bytes",
+        err.to_string().len()
+    );
+    assert!(
+        err.field().starts_with("loadBalancingConfig[0].xxx"),
+        "{err}"
+    );
 }

@@ -251,8 +251,12 @@ pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
             ));
         }
         Some(
-            lb_policy(&name, &Value::Object(Map::new()), p, false)?
-                .ok_or_else(|| err(p, format!("{} is not a policy towline supports", echo(&name))))?,
+            lb_policy(&name, &Value::Object(Map::new()), p, false)?.ok_or_else(|| {
+                err(
+                    p,
+                    format!("{} is not a policy towline supports", echo(&name)),
+                )
+            })?,
         )
     } else {
         None
@@ -327,7 +331,10 @@ fn method_config(v: &Value, path: &str, seen: &mut HashSet<MethodName>) -> Resul
         }
         let name = MethodName { service, method };
         if !seen.insert(name.clone()) {
-            return Err(err(&p, format!("duplicate name {}", echo(&name.to_string()))));
+            return Err(err(
+                &p,
+                format!("duplicate name {}", echo(&name.to_string())),
+            ));
         }
         names.push(name);
     }
@@ -695,6 +702,19 @@ mod tests {
         ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn echoed_values_and_paths_are_cut() {
+        assert_eq!(truncated("abc", 3), "abc");
+        assert_eq!(truncated("abcd", 3), "abc…");
+        assert_eq!(truncated("ééé", 2), "éé…", "on character boundaries");
+        assert_eq!(echo("x"), "\"x\"");
+        let long = "y".repeat(1000);
+        assert!(echo(&long).starts_with(&format!("{:?}", &long[..64])[..65]));
+        assert!(echo(&long).ends_with("… (1000 bytes)"));
+        let e = err(&"p".repeat(1000), "q".repeat(1000));
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
     }
 
     #[test]

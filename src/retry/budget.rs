@@ -255,7 +255,10 @@ mod tests {
             (RetryBudget::token_bucket(10.0, 0.0), "token_ratio"),
             (RetryBudget::token_bucket(10.0, -1.0), "token_ratio"),
             (RetryBudget::token_bucket(10.0, 0.0001), "token_ratio"),
-            (RetryBudget::token_bucket(10.0, f64::INFINITY), "token_ratio"),
+            (
+                RetryBudget::token_bucket(10.0, f64::INFINITY),
+                "token_ratio",
+            ),
             (RetryBudget::token_bucket(10.0, f64::NAN), "token_ratio"),
             (RetryBudget::token_bucket(1e300, 0.1), "max_tokens"),
             (RetryBudget::percent(s / 2, 10, 0.2), "ttl"),

@@ -478,7 +478,15 @@ mod tests {
             pushback(&headers("0")),
             Some(Pushback::After(Duration::ZERO))
         );
-        for bad in ["-1", "", "1.5", "abc", " 5", "99999999999999999999999", "1, 2"] {
+        for bad in [
+            "-1",
+            "",
+            "1.5",
+            "abc",
+            " 5",
+            "99999999999999999999999",
+            "1, 2",
+        ] {
             assert_eq!(pushback(&headers(bad)), Some(Pushback::Stop), "{bad:?}");
         }
     }

@@ -333,7 +333,8 @@ where
     // Saturating: a far deadline (or a far `delay` below) means "never", not an overflow panic.
     let deadline = deadline::from_headers(&parts.headers)
         .map(|timeout| deadline::instant_after(Instant::now(), timeout));
-    let body = || Body::new(http_body_util::Full::new(bytes.clone()).map_err(|never| match never {}));
+    let body =
+        || Body::new(http_body_util::Full::new(bytes.clone()).map_err(|never| match never {}));
     // The caller's own request goes out whatever is left of its deadline: the server, not this
     // layer, answers a call that is already late.
     let first_copy = Request::from_parts(parts.clone(), body());

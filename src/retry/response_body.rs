@@ -225,11 +225,10 @@ mod tests {
         let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
         budget.on_failure();
         let retryable = [Code::Unavailable].into_iter().collect();
-        let body = Outcome::for_budget(Some(&budget), retryable)
+        let _body = Outcome::for_budget(Some(&budget), retryable)
             .unwrap()
             .watch(http_body_util::Empty::<Bytes>::new());
         assert_eq!(budget.tokens(), Some(9.5));
-        drop(body);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::NoRetry;
 use super::body::ReplayBody;
-use super::future::{ResponseFuture, RetryState, Retries};
+use super::future::{ResponseFuture, Retries, RetryState};
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use crate::BoxError;
