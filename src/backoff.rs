@@ -186,7 +186,8 @@ impl Backoff {
     pub fn bounds(&self, n: u32, previous: Duration) -> (Duration, Duration) {
         let base = self.base(n);
         match self.jitter {
-            Jitter::Grpc => (base.mul_f64(0.8), base.saturating_add(base / 5)),
+            // Integer arithmetic: exact, and no float conversion that could overflow.
+            Jitter::Grpc => (base - base / 5, base.saturating_add(base / 5)),
             Jitter::Full => (Duration::ZERO, base),
             Jitter::Equal => (base / 2, base),
             Jitter::Decorrelated => {

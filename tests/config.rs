@@ -334,3 +334,182 @@ fn wait_for_ready_is_applied_per_method() {
     );
     assert_eq!(layer.wait_for_ready_for("/other.Svc/M"), Some(false));
 }
+
+#[test]
+fn huge_numbers_in_retry_throttling_are_refused_or_accepted_without_panic() {
+    let throttling = |max_tokens: &str, token_ratio: &str| {
+        ServiceConfig::from_json(&format!(
+            r#"{{"retryThrottling": {{"maxTokens": {max_tokens}, "tokenRatio": {token_ratio}}}}}"#
+        ))
+    };
+    // gRFC A6 bounds maxTokens (0, 1000] but not tokenRatio: a huge ratio refills the whole
+    // bucket on one success.
+    let config = throttling("10", "1e300").unwrap();
+    assert_eq!(config.retry_throttling().unwrap().token_ratio, 1e300);
+    for ratio in ["1.7976931348623157e308", "4294967296", "10"] {
+        throttling("1000", ratio).unwrap();
+    }
+    for (max_tokens, token_ratio, field) in [
+        ("1e300", "0.1", "retryThrottling.maxTokens"),
+        ("-1e300", "0.1", "retryThrottling.maxTokens"),
+        ("10", "-1e300", "retryThrottling.tokenRatio"),
+        ("10", "1e-300", "retryThrottling.tokenRatio"),
+    ] {
+        let err = throttling(max_tokens, token_ratio).unwrap_err();
+        assert_eq!(err.field(), field, "{err}");
+    }
+}
+
+/// The largest proto `Duration`, 10,000 years.
+const MAX_PROTO_DURATION: &str = "315576000000s";
+
+#[test]
+fn durations_beyond_a_proto_duration_are_refused_naming_their_path() {
+    for (json, field) in [
+        (
+            r#"{"methodConfig": [{"name": [{}], "timeout": "99999999999999999999s"}]}"#,
+            "methodConfig[0].timeout",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{}], "timeout": "315576000001s"}]}"#,
+            "methodConfig[0].timeout",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{}], "hedgingPolicy": {"maxAttempts": 2,
+                "hedgingDelay": "99999999999999999999.999999999s"}}]}"#,
+            "methodConfig[0].hedgingPolicy.hedgingDelay",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 2,
+                "initialBackoff": "1s", "maxBackoff": "99999999999999999999s",
+                "backoffMultiplier": 2, "retryableStatusCodes": [14]}}]}"#,
+            "methodConfig[0].retryPolicy.maxBackoff",
+        ),
+        (
+            r#"{"loadBalancingConfig": [{"outlier_detection": {
+                "interval": "99999999999999999999s", "childPolicy": [{"round_robin": {}}]}}]}"#,
+            "loadBalancingConfig[0].outlier_detection.interval",
+        ),
+    ] {
+        let err = ServiceConfig::from_json(json).unwrap_err();
+        assert_eq!(err.field(), field, "{err}");
+    }
+}
+
+/// Every duration at the proto maximum: the layers are built and serve real calls, and nothing
+/// overflows (the hedge delay, the backoff, the timeout, the outlier interval).
+#[tokio::test]
+async fn the_largest_durations_build_layers_that_serve_calls() {
+    let d = MAX_PROTO_DURATION;
+    let config = ServiceConfig::from_json(&format!(
+        r#"{{
+          "methodConfig": [
+            {{"name": [{{"service": "towline.testkit.v1.Echo", "method": "Unary"}}],
+             "timeout": "{d}",
+             "hedgingPolicy": {{"maxAttempts": 3, "hedgingDelay": "{d}",
+                                "nonFatalStatusCodes": ["UNAVAILABLE"]}}}},
+            {{"name": [{{}}], "timeout": "{d}",
+             "retryPolicy": {{"maxAttempts": 2, "initialBackoff": "{d}", "maxBackoff": "{d}",
+                             "backoffMultiplier": 1e300, "retryableStatusCodes": ["ABORTED"]}}}}
+          ],
+          "retryThrottling": {{"maxTokens": 1000, "tokenRatio": 1e300}},
+          "loadBalancingConfig": [{{"outlier_detection": {{
+             "interval": "{d}", "baseEjectionTime": "{d}", "maxEjectionTime": "{d}",
+             "childPolicy": [{{"round_robin": {{}}}}]}}}}]
+        }}"#
+    ))
+    .unwrap();
+    let backend = Backend::start().await.unwrap();
+    let balance = BalanceLayer::new(
+        Static::new([backend.uri()]),
+        config.balance_config().build().unwrap(),
+    )
+    .layer(Connect::new());
+    let stack = ServiceBuilder::new()
+        .option_layer(config.per_method_layer())
+        .option_layer(config.retry_layer())
+        .option_layer(config.hedge_layer())
+        .service(balance);
+    let mut client = EchoClient::new(stack);
+
+    // Hedged: the first copy fails non-fatally, the second goes out at once and wins; the next
+    // hedge, a proto maximum away, is "never".
+    backend.fail_next(1, Code::Unavailable);
+    let reply = client
+        .unary(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.request_headers["grpc-previous-rpc-attempts"], "1");
+    // The hedge carries what is left of 10,000 years.
+    let left = towline::deadline::parse(reply.request_headers["grpc-timeout"].as_bytes()).unwrap();
+    assert!(left > Duration::from_secs(87_659_999 * 3600), "{left:?}");
+    // Retried by policy (not here: UNAVAILABLE is not its code), and a plain success.
+    let mut stream = client
+        .server_stream(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.message().await.unwrap().is_some() {}
+}
+
+#[test]
+fn a_multi_megabyte_value_is_not_echoed_in_full() {
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let cases = [
+        (
+            format!(r#"{{"methodConfig": [{{"name": [{{}}], "timeout": "{huge}"}}]}}"#),
+            "methodConfig[0].timeout",
+        ),
+        (
+            format!(
+                r#"{{"methodConfig": [{{"name": [{{}}], "retryPolicy": {{"maxAttempts": 2,
+                "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["{huge}"]}}}}]}}"#
+            ),
+            "methodConfig[0].retryPolicy.retryableStatusCodes[0]",
+        ),
+        (
+            format!(
+                r#"{{"methodConfig": [{{"name": [{{"service": "{huge}"}}, {{"service": "{huge}"}}]}}]}}"#
+            ),
+            "methodConfig[0].name[1]",
+        ),
+        (
+            format!(r#"{{"loadBalancingPolicy": "{huge}"}}"#),
+            "loadBalancingPolicy",
+        ),
+        (
+            format!(r#"{{"loadBalancingConfig": [{{"{huge}": {{}}}}, {{"{huge}y": {{}}}}]}}"#),
+            "loadBalancingConfig",
+        ),
+        (
+            format!(
+                r#"{{"loadBalancingConfig": [{{"ring_hash": {{"requestHashHeader": "{huge}:"}}}}]}}"#
+            ),
+            "loadBalancingConfig[0].ring_hash.requestHashHeader",
+        ),
+        (
+            format!(r#"{{"methodConfig": [{{"name": [{{}}], "timeout": "{huge}"#),
+            "$",
+        ),
+    ];
+    for (json, field) in cases {
+        let err = ServiceConfig::from_json(&json).unwrap_err();
+        let message = err.to_string();
+        assert!(message.len() < 300, "{field}: {} bytes", message.len());
+        assert_eq!(err.field(), field, "{message}");
+    }
+    // A huge policy name is cut in the path too.
+    let json = format!(r#"{{"loadBalancingConfig": [{{"{huge}": 5}}]}}"#);
+    let err = ServiceConfig::from_json(&json).unwrap_err();
+    assert!(
+        err.to_string().len() < 300,
+        "{} bytes",
+        err.to_string().len()
+    );
+    assert!(
+        err.field().starts_with("loadBalancingConfig[0].xxx"),
+        "{err}"
+    );
+}

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic::body::Body;
 use tonic::transport::Channel;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer as _, Service, ServiceBuilder, ServiceExt};
 use towline::BoxError;
 use towline::connect::Connect;
 use towline::retry::{Jitter, NoRetry, Retry, RetryBudget, RetryLayer, RetryPolicy};
@@ -505,6 +505,10 @@ fn bad_configuration_fails_when_built_and_names_the_field() {
 enum Reply {
     Ok,
     Fail(Code, Option<&'static str>),
+    /// A Trailers-Only failure with every one of these `grpc-retry-pushback-ms` values.
+    FailWithPushbacks(Code, &'static [&'static str]),
+    /// Response headers (the call commits), then trailers with this code.
+    Committed(Code),
     /// The server refused the stream: it never saw the request.
     Refused,
 }
@@ -517,6 +521,8 @@ struct Script {
     permits: AtomicUsize,
     waker: Mutex<Option<Waker>>,
     called_unready: AtomicUsize,
+    /// `poll_ready` fails (the service is gone) once set.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -536,6 +542,15 @@ impl Scripted {
 
     fn set_permits(&self, n: usize) {
         self.0.permits.store(n, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn break_it(&self) {
+        self.0.broken.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(waker) = self.0.waker.lock().unwrap().take() {
             waker.wake();
         }
@@ -548,6 +563,9 @@ impl Service<Request<Body>> for Scripted {
     type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.0.broken.load(Ordering::SeqCst) {
+            return Poll::Ready(Err("scripted: the service is gone".into()));
+        }
         if self.0.permits.load(Ordering::SeqCst) > 0 {
             return Poll::Ready(Ok(()));
         }
@@ -578,7 +596,7 @@ impl Service<Request<Body>> for Scripted {
             .unwrap_or(Reply::Ok);
         let mut res = Response::builder().header("content-type", "application/grpc");
         match reply {
-            Reply::Ok => {}
+            Reply::Ok => return self.call_committed(res, Code::Ok),
             Reply::Refused => {
                 return std::future::ready(Err(Box::new(h2::Error::from(
                     h2::Reason::REFUSED_STREAM,
@@ -590,14 +608,38 @@ impl Service<Request<Body>> for Scripted {
                     res = res.header("grpc-retry-pushback-ms", pushback);
                 }
             }
+            Reply::FailWithPushbacks(code, pushbacks) => {
+                res = res.header("grpc-status", (code as i32).to_string());
+                for pushback in pushbacks {
+                    res = res.header("grpc-retry-pushback-ms", *pushback);
+                }
+            }
+            Reply::Committed(code) => return self.call_committed(res, code),
         }
         std::future::ready(Ok(res.body(Body::empty()).unwrap()))
     }
 }
 
+impl Scripted {
+    /// Response headers, then trailers with `code`.
+    fn call_committed(
+        &self,
+        head: http::response::Builder,
+        code: Code,
+    ) -> std::future::Ready<Result<Response<Body>, BoxError>> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", (code as i32).into());
+        let frames = [Ok::<_, tonic::Status>(http_body::Frame::trailers(trailers))];
+        let body = Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )));
+        std::future::ready(Ok(head.body(body).unwrap()))
+    }
+}
+
 /// The code a response's head carries: `None` for a committed call whose status comes in the
 /// trailers (the scripted service's success).
-fn status_of(res: &Response<Body>) -> Option<Code> {
+fn status_of<B>(res: &Response<B>) -> Option<Code> {
     towline::status::classify_response(res).code()
 }
 
@@ -750,13 +792,26 @@ async fn transparent_retries_count_neither_against_max_attempts_nor_the_budget()
         .await
         .unwrap();
     assert_eq!(status_of(&res), None);
+    // The success counts when its trailers are read.
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
     let seen = inner.seen();
     assert_eq!(seen.len(), 4);
-    assert_eq!(seen[3].1["grpc-previous-rpc-attempts"], "3");
+    // gRFC A6 (grpc-go, grpc-core): transparent retries are not previous attempts.
+    let previous: Vec<_> = seen
+        .iter()
+        .map(|(_, h)| {
+            h.get(PREVIOUS_ATTEMPTS)
+                .map(|v| v.to_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(previous, [None, None, None, Some("1".to_owned())]);
     // One token for the one UNAVAILABLE, one back for the success; none for the refusals.
     assert_eq!(budget.tokens(), Some(10.0));
 
-    // Past the bound, a refusal is an ordinary UNAVAILABLE failure.
+    // Past the bound, a refusal is an ordinary UNAVAILABLE failure; a policy of one attempt
+    // still makes the transparent retries.
     let inner = Scripted::new([Reply::Refused; 3]);
     let policy = quick().max_attempts(1).build().unwrap();
     let err = Retry::new(inner.clone(), policy)
@@ -764,7 +819,192 @@ async fn transparent_retries_count_neither_against_max_attempts_nor_the_budget()
         .await
         .unwrap_err();
     assert_eq!(towline::status::code_from_error(&*err), Code::Unavailable);
-    assert_eq!(inner.seen().len(), 1, "max_attempts(1) passes through");
+    assert_eq!(
+        inner.seen().len(),
+        3,
+        "one attempt and two transparent retries"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transparent_retry_of_a_policy_retry_carries_that_retry_s_attempt_count() {
+    let inner = Scripted::new([UNAVAILABLE, Reply::Refused, Reply::Ok]);
+    Retry::new(inner.clone(), quick().max_attempts(3).build().unwrap())
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    let previous: Vec<_> = inner
+        .seen()
+        .iter()
+        .map(|(_, h)| {
+            h.get(PREVIOUS_ATTEMPTS)
+                .map(|v| v.to_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(previous, [None, Some("1".to_owned()), Some("1".to_owned())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_the_policy_does_not_retry_are_still_retried_transparently() {
+    // A policy of one attempt, and a NoRetry request under a policy of three.
+    let one_attempt = quick().max_attempts(1).build().unwrap();
+    let three = quick().max_attempts(3).build().unwrap();
+    for (policy, no_retry) in [(one_attempt, false), (three, true)] {
+        let inner = Scripted::new([Reply::Refused, UNAVAILABLE]);
+        let mut req = grpc_request(None);
+        if no_retry {
+            req.extensions_mut().insert(NoRetry);
+        }
+        let res = Retry::new(inner.clone(), policy)
+            .oneshot(req)
+            .await
+            .unwrap();
+        // The refusal is retried; the UNAVAILABLE that follows is not.
+        assert_eq!(status_of(&res), Some(Code::Unavailable));
+        assert_eq!(inner.seen().len(), 2, "no_retry: {no_retry}");
+        assert!(!inner.seen()[1].1.contains_key(PREVIOUS_ATTEMPTS));
+    }
+    // max_transparent_retries(0) turns them off: the call passes straight through.
+    let inner = Scripted::new([Reply::Refused]);
+    let policy = quick()
+        .max_attempts(1)
+        .max_transparent_retries(0)
+        .build()
+        .unwrap();
+    assert!(
+        Retry::new(inner.clone(), policy)
+            .oneshot(grpc_request(None))
+            .await
+            .is_err()
+    );
+    assert_eq!(inner.seen().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transparent_retry_after_waiting_for_ready_carries_what_is_left_of_the_deadline() {
+    let inner = Scripted::new([Reply::Refused, Reply::Ok]);
+    inner.set_permits(1);
+    let mut retry = Retry::new(inner.clone(), quick().max_attempts(1).build().unwrap());
+    let started = Instant::now();
+    let call = retry
+        .ready()
+        .await
+        .unwrap()
+        .call(grpc_request(Some(Duration::from_secs(1))));
+    let call = tokio::spawn(call);
+    // The retry waits 300 ms for the service to be ready again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    inner.set_permits(1);
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(status_of(&res), None);
+    let seen = inner.seen();
+    assert_eq!(seen.len(), 2);
+    for (at, headers) in &seen {
+        let timeout = towline::deadline::from_headers(headers).unwrap();
+        let left = Duration::from_secs(1) - (*at - started);
+        assert_eq!(timeout, left);
+    }
+    assert_eq!(seen[1].0 - started, Duration::from_millis(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn more_than_one_pushback_value_stops_retries_and_is_a_failure_for_throttling() {
+    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+    let inner = Scripted::new([Reply::FailWithPushbacks(Code::Unavailable, &["10", "10"])]);
+    let policy = quick()
+        .max_attempts(3)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let res = Retry::new(inner.clone(), policy)
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&res), Some(Code::Unavailable));
+    assert_eq!(inner.seen().len(), 1);
+    assert_eq!(budget.tokens(), Some(9.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pushback_that_says_stop_is_a_failure_for_throttling_whatever_the_code() {
+    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+    let policy = quick()
+        .max_attempts(3)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    for reply in [
+        Reply::Fail(Code::Internal, Some("-1")),
+        Reply::Fail(Code::NotFound, Some("soon")),
+        Reply::FailWithPushbacks(Code::Internal, &["1", "2"]),
+    ] {
+        let inner = Scripted::new([reply]);
+        Retry::new(inner.clone(), policy.clone())
+            .oneshot(grpc_request(None))
+            .await
+            .unwrap();
+        assert_eq!(inner.seen().len(), 1);
+    }
+    assert_eq!(budget.tokens(), Some(7.0));
+    // A valid pushback on a code that is not retried is no failure for throttling.
+    let inner = Scripted::new([Reply::Fail(Code::Internal, Some("10"))]);
+    Retry::new(inner.clone(), policy)
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(budget.tokens(), Some(7.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_committed_call_that_ends_with_a_retryable_code_is_a_failure_for_throttling() {
+    use http_body_util::BodyExt;
+    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+    let policy = quick()
+        .max_attempts(3)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let call = |reply| {
+        let policy = policy.clone();
+        async move {
+            let inner = Scripted::new([reply]);
+            let res = Retry::new(inner.clone(), policy)
+                .oneshot(grpc_request(None))
+                .await
+                .unwrap();
+            assert_eq!(status_of(&res), None, "committed");
+            let trailers = res.into_body().collect().await.unwrap().trailers().cloned();
+            assert_eq!(inner.seen().len(), 1, "never retried once committed");
+            trailers.unwrap()["grpc-status"].clone()
+        }
+    };
+    assert_eq!(call(Reply::Committed(Code::Unavailable)).await, "14");
+    assert_eq!(
+        budget.tokens(),
+        Some(9.0),
+        "a retryable code in the trailers"
+    );
+    call(Reply::Committed(Code::Internal)).await;
+    assert_eq!(budget.tokens(), Some(9.0), "not retryable: neither");
+    call(Reply::Committed(Code::Ok)).await;
+    assert_eq!(budget.tokens(), Some(9.5), "OK in the trailers: a success");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_s_pushback_is_capped_for_a_call_without_a_deadline() {
+    let inner = Scripted::new([Reply::Fail(Code::Unavailable, Some("18446744073709551615"))]);
+    let res = Retry::new(inner.clone(), quick().max_attempts(2).build().unwrap())
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&res), None);
+    let seen = inner.seen();
+    let gap = seen[1].0 - seen[0].0;
+    // towline::retry::MAX_PUSHBACK, 10 minutes (and a timer tick).
+    assert!(
+        gap >= Duration::from_secs(600) && gap <= Duration::from_millis(600_001),
+        "{gap:?}"
+    );
 }
 
 /// A `metrics` recorder that keeps every value recorded, by metric name.
@@ -891,6 +1131,148 @@ async fn retries_are_recorded_with_grfc_a96_names() {
     assert_eq!(status_of(&res), Some(Code::Unavailable));
     assert_eq!(inner.seen().len(), 1);
     assert_eq!(recorded.values(BUDGET_EXHAUSTED), [1.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_abandoned_before_they_are_sent_are_not_recorded() {
+    use towline::retry::metrics::{CALL_RETRIES, CALL_RETRY_DELAY, CALL_TRANSPARENT_RETRIES};
+    let recorded = Recorded::default();
+    let layer = metrics::with_local_recorder(&recorded, || {
+        RetryLayer::new(quick().max_attempts(3).build().unwrap())
+    });
+
+    // A retry decided, then the deadline passes while the service is not ready.
+    for reply in [UNAVAILABLE, Reply::Refused] {
+        let inner = Scripted::new([reply]);
+        inner.set_permits(1);
+        let call = tower::Layer::layer(&layer, inner.clone())
+            .oneshot(grpc_request(Some(Duration::from_millis(100))));
+        let call = tokio::spawn(call);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        inner.set_permits(1);
+        let err = call.await.unwrap().unwrap_err();
+        assert_eq!(
+            towline::status::code_from_error(&*err),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(inner.seen().len(), 1);
+    }
+    // A retry decided, then the service fails instead of becoming ready.
+    for reply in [UNAVAILABLE, Reply::Refused] {
+        let inner = Scripted::new([reply]);
+        inner.set_permits(1);
+        let call = tower::Layer::layer(&layer, inner.clone()).oneshot(grpc_request(None));
+        let call = tokio::spawn(call);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        inner.break_it();
+        call.await.unwrap().unwrap_err();
+        assert_eq!(inner.seen().len(), 1);
+    }
+    assert_eq!(recorded.values(CALL_RETRIES), Vec::<f64>::new());
+    assert_eq!(recorded.values(CALL_RETRY_DELAY), Vec::<f64>::new());
+    assert_eq!(recorded.values(CALL_TRANSPARENT_RETRIES), Vec::<f64>::new());
+
+    // The transparent retries of a call the policy does not retry are recorded.
+    let one_attempt = metrics::with_local_recorder(&recorded, || {
+        RetryLayer::new(quick().max_attempts(1).build().unwrap())
+    });
+    tower::Layer::layer(&one_attempt, Scripted::new([Reply::Refused]))
+        .oneshot(grpc_request(None))
+        .await
+        .unwrap();
+    assert_eq!(recorded.values(CALL_TRANSPARENT_RETRIES), [1.0]);
+    assert_eq!(recorded.values(CALL_RETRIES), Vec::<f64>::new());
+}
+
+/// Many calls on a fresh connection to a server that allows one stream at a time: those opened
+/// before its SETTINGS arrive are refused. The first round's calls run under the given policy.
+async fn calls_racing_a_fresh_connection(
+    policy: RetryPolicy,
+    no_retry: bool,
+) -> Vec<tonic::Status> {
+    let backend = Backend::builder()
+        .max_concurrent_streams(1)
+        .start()
+        .await
+        .unwrap();
+    backend.set_latency(Duration::from_millis(20));
+    let channel = Connect::new().lazy().oneshot(backend.uri()).await.unwrap();
+    let client = EchoClient::new(tower::Layer::layer(&RetryLayer::new(policy), channel));
+    let calls = (0..16).map(|_| {
+        let mut client = client.clone();
+        async move {
+            let mut req = tonic::Request::new(request("x"));
+            if no_retry {
+                req.extensions_mut().insert(NoRetry);
+            }
+            client.unary(req).await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    results.into_iter().filter_map(Result::err).collect()
+}
+
+#[tokio::test]
+async fn refused_streams_are_retried_transparently_whatever_the_retry_policy() {
+    // gRFC A6: the server never saw a refused stream, so every call retries it transparently:
+    // one whose policy makes a single attempt, and one that carries NoRetry.
+    let one_attempt = RetryPolicy::builder().max_attempts(1).build().unwrap();
+    let failed = calls_racing_a_fresh_connection(one_attempt, false).await;
+    assert!(failed.is_empty(), "max_attempts(1): {failed:?}");
+    let failed = calls_racing_a_fresh_connection(RetryPolicy::default(), true).await;
+    assert!(failed.is_empty(), "NoRetry: {failed:?}");
+
+    // Without transparent retries, whatever the race refuses reaches the caller as UNAVAILABLE
+    // (how many depends on the race; before this fix the first two rounds failed this way).
+    let none = RetryPolicy::builder()
+        .max_attempts(1)
+        .max_transparent_retries(0)
+        .build()
+        .unwrap();
+    let failed = calls_racing_a_fresh_connection(none, false).await;
+    assert!(
+        failed.iter().all(|s| s.code() == Code::Unavailable),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_hedge_delay_of_duration_max_in_a_real_call() {
+    use towline::retry::{HedgeLayer, HedgePolicy};
+    let backend = Backend::start().await.unwrap();
+    let channel = Connect::new().oneshot(backend.uri()).await.unwrap();
+    let policy = HedgePolicy::new(2, Duration::MAX, [Code::Unavailable]).unwrap();
+    let mut client = EchoClient::new(HedgeLayer::new(policy).layer(channel));
+    // The first copy fails non-fatally: the next one goes out at once, and the delay to the
+    // one after it (there is none) is "never", not an overflow.
+    backend.fail_next(1, Code::Unavailable);
+    let reply = client.unary(request("x")).await.unwrap().into_inner();
+    assert_eq!(reply.request_headers[PREVIOUS_ATTEMPTS], "1");
+    assert_eq!(backend.calls(), 2);
+    // And with the farthest deadline grpc-timeout can say.
+    backend.fail_next(1, Code::Unavailable);
+    let mut req = tonic::Request::new(request("x"));
+    req.metadata_mut()
+        .insert("grpc-timeout", "99999999H".parse().unwrap());
+    client.unary(req).await.unwrap();
+    assert_eq!(backend.calls(), 4);
+}
+
+#[tokio::test]
+async fn a_hedged_call_whose_deadline_has_already_passed_does_not_panic() {
+    use towline::retry::{HedgeLayer, HedgePolicy};
+    let policy = HedgePolicy::new(2, Duration::from_millis(1), [Code::Unavailable]).unwrap();
+    for _ in 0..50 {
+        let inner = Scripted::new([UNAVAILABLE]);
+        let res = HedgeLayer::new(policy.clone())
+            .layer(inner.clone())
+            .oneshot(grpc_request(Some(Duration::ZERO)))
+            .await
+            .unwrap();
+        // The caller's request goes out; no hedge is made past the deadline.
+        assert_eq!(status_of(&res), Some(Code::Unavailable));
+        assert_eq!(inner.seen().len(), 1);
+    }
 }
 
 #[tokio::test]

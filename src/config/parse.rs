@@ -21,8 +21,37 @@ const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
 /// The largest proto `Duration` (10,000 years).
 const MAX_DURATION_SECS: u64 = 315_576_000_000;
 
+/// The longest value from the config an error echoes, in characters.
+const MAX_ECHOED_CHARS: usize = 64;
+/// The longest path an error names, and the longest problem it states, in characters: a config
+/// is input, and an error about a multi-megabyte field must not repeat it into every log line.
+const MAX_PATH_CHARS: usize = 160;
+const MAX_PROBLEM_CHARS: usize = 200;
+
 fn err(path: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::new(path.to_owned(), problem.into())
+    let problem = problem.into();
+    let problem = if problem.chars().count() > MAX_PROBLEM_CHARS {
+        truncated(&problem, MAX_PROBLEM_CHARS)
+    } else {
+        problem
+    };
+    ConfigError::new(truncated(path, MAX_PATH_CHARS), problem)
+}
+
+/// `s` cut to at most `max` characters, with an ellipsis when it was cut.
+fn truncated(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
+}
+
+/// A value from the config, quoted as an error echoes it: at most [`MAX_ECHOED_CHARS`].
+fn echo(s: &str) -> String {
+    match s.char_indices().nth(MAX_ECHOED_CHARS) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &s[..end], s.len()),
+    }
 }
 
 fn key(path: &str, key: &str) -> String {
@@ -113,7 +142,10 @@ fn duration(v: &Value, path: &str) -> Result<Duration> {
     parse_duration(s).ok_or_else(|| {
         err(
             path,
-            format!("{s:?} is not a non-negative duration such as \"1.5s\""),
+            format!(
+                "{} is not a non-negative duration of at most {MAX_DURATION_SECS} seconds, such as \"1.5s\"",
+                echo(s)
+            ),
         )
     })
 }
@@ -152,7 +184,7 @@ fn code(v: &Value, path: &str) -> Result<Code> {
         Value::String(s) => CODE_NAMES
             .iter()
             .position(|name| name == s)
-            .ok_or_else(|| err(path, format!("{s:?} is not a gRPC status code name")))?,
+            .ok_or_else(|| err(path, format!("{} is not a gRPC status code name", echo(s))))?,
         Value::Number(n) => n
             .as_u64()
             .filter(|&n| n < 17)
@@ -219,8 +251,12 @@ pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
             ));
         }
         Some(
-            lb_policy(&name, &Value::Object(Map::new()), p, false)?
-                .ok_or_else(|| err(p, format!("{name:?} is not a policy towline supports")))?,
+            lb_policy(&name, &Value::Object(Map::new()), p, false)?.ok_or_else(|| {
+                err(
+                    p,
+                    format!("{} is not a policy towline supports", echo(&name)),
+                )
+            })?,
         )
     } else {
         None
@@ -238,10 +274,19 @@ pub(crate) fn service_config(json: &str) -> Result<ServiceConfig> {
         })
         .transpose()?;
 
-    let budget = retry_throttling.map(|t| {
-        crate::retry::RetryBudget::token_bucket(t.max_tokens, t.token_ratio)
-            .expect("retryThrottling was validated")
-    });
+    let budget = retry_throttling
+        .map(|t| {
+            // Validated above; an error here would be a field the two checks disagree on, and
+            // it is reported as that field rather than trusted away.
+            crate::retry::RetryBudget::token_bucket(t.max_tokens, t.token_ratio).map_err(|e| {
+                let field = match e.field() {
+                    "retry_budget.max_tokens" => "retryThrottling.maxTokens",
+                    _ => "retryThrottling.tokenRatio",
+                };
+                err(field, e.problem().to_owned())
+            })
+        })
+        .transpose()?;
     Ok(ServiceConfig {
         budget,
         method_configs,
@@ -286,7 +331,10 @@ fn method_config(v: &Value, path: &str, seen: &mut HashSet<MethodName>) -> Resul
         }
         let name = MethodName { service, method };
         if !seen.insert(name.clone()) {
-            return Err(err(&p, format!("duplicate name {name}")));
+            return Err(err(
+                &p,
+                format!("duplicate name {}", echo(&name.to_string())),
+            ));
         }
         names.push(name);
     }
@@ -429,21 +477,25 @@ fn lb_config_list(v: &Value, path: &str, outermost: bool) -> Result<LbPolicy> {
                 ));
             }
         };
-        let p = key(&p, name);
+        // The name is the config's own: its echo in the path is cut like any other.
+        let p = key(&p, &truncated(name, MAX_ECHOED_CHARS));
         if let Some(policy) = lb_policy(name, config, &p, outermost)? {
             return Ok(policy);
         }
         skipped.push(name.as_str());
     }
+    /// The skipped names an error lists; the rest are counted.
+    const LISTED: usize = 3;
     Err(err(
         path,
         if skipped.is_empty() {
             "must name at least one policy".to_owned()
         } else {
-            format!(
-                "names no policy towline supports (saw {})",
-                skipped.join(", ")
-            )
+            let mut saw: Vec<String> = skipped.iter().take(LISTED).map(|n| echo(n)).collect();
+            if skipped.len() > LISTED {
+                saw.push(format!("and {} more", skipped.len() - LISTED));
+            }
+            format!("names no policy towline supports (saw {})", saw.join(", "))
         },
     ))
 }
@@ -518,7 +570,7 @@ fn lb_policy(name: &str, config: &Value, path: &str, outermost: bool) -> Result<
                 .filter(|h| !h.is_empty())
                 .map(|h| {
                     http::HeaderName::try_from(h)
-                        .map_err(|_| err(&header_path, format!("{h:?} is not a header name")))
+                        .map_err(|_| err(&header_path, format!("{} is not a header name", echo(h))))
                 })
                 .transpose()?;
             LbPolicy::RingHash(RingHashConfig {
@@ -650,6 +702,19 @@ mod tests {
         ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn echoed_values_and_paths_are_cut() {
+        assert_eq!(truncated("abc", 3), "abc");
+        assert_eq!(truncated("abcd", 3), "abc…");
+        assert_eq!(truncated("ééé", 2), "éé…", "on character boundaries");
+        assert_eq!(echo("x"), "\"x\"");
+        let long = "y".repeat(1000);
+        assert!(echo(&long).starts_with(&format!("{:?}", &long[..64])[..65]));
+        assert!(echo(&long).ends_with("… (1000 bytes)"));
+        let e = err(&"p".repeat(1000), "q".repeat(1000));
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
     }
 
     #[test]

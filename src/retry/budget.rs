@@ -28,10 +28,15 @@ use crate::ConfigError;
 ///
 /// When the budget is spent, the failure that would have been retried is returned at once.
 ///
-/// What counts: a "retryable failure" is any attempt that fails before the call commits with a
-/// code the policy retries; a "success" is a call committed to a response that is not a
-/// Trailers-Only failure (the layer does not wait for the trailers, so a streaming call that
-/// later ends in an error still counted as a success). Transparent retries never touch a budget.
+/// What counts (gRFC A6, as grpc-go and grpc-core agree): a "failure" is an attempt that ends
+/// with a code the policy retries, whether it fails before the call commits or after (a call
+/// committed by its response headers whose trailers then carry a retryable code), and any
+/// response whose `grpc-retry-pushback-ms` tells the client not to retry (negative, malformed or
+/// given more than once), whatever its code; a "success" is a call that ends `OK` (read from its
+/// trailers, as the response body goes by). A call whose body is dropped before its trailers,
+/// or that ends with a code the policy does not retry, is neither. Transparent retries never
+/// touch a budget, nor do calls whose policy makes a single attempt (or that carry
+/// [`NoRetry`](super::NoRetry)).
 ///
 /// ```
 /// use std::time::Duration;
@@ -52,8 +57,10 @@ enum Kind {
 }
 
 impl RetryBudget {
-    /// gRFC A6 `retryThrottling`: `max_tokens` in (0, 1000], `token_ratio` > 0 with at most three
-    /// decimals' precision (finer ratios round to the nearest thousandth, which must not be 0).
+    /// gRFC A6 `retryThrottling`: `max_tokens` in (0, 1000], `token_ratio` > 0 and finite, with
+    /// at most three decimals' precision (finer ratios round to the nearest thousandth, which must
+    /// not be 0). A ratio above `max_tokens` (A6 sets no upper bound) fills the bucket on one
+    /// success, exactly as `max_tokens` itself would, so it is used as `max_tokens`.
     pub fn token_bucket(max_tokens: f64, token_ratio: f64) -> Result<Self, ConfigError> {
         if !(max_tokens > 0.0 && max_tokens <= 1000.0) {
             return Err(ConfigError::new(
@@ -61,19 +68,20 @@ impl RetryBudget {
                 "must be greater than 0 and at most 1000",
             ));
         }
-        let ratio = token_ratio * 1000.0;
-        if !(ratio.is_finite() && ratio.round() >= 1.0 && ratio.round() <= f64::from(u32::MAX)) {
+        if !(token_ratio.is_finite() && (token_ratio * 1000.0).round() >= 1.0) {
             return Err(ConfigError::new(
                 "retry_budget.token_ratio",
                 "must be at least 0.001 and finite",
             ));
         }
-        // Thousandths of a token in integers, as grpc-java does: lock-free and exact.
+        // Thousandths of a token in integers, as grpc-java does: lock-free and exact. Both are
+        // at most 1,000,000 here, so the casts are exact.
         let max = (max_tokens * 1000.0).round() as u32;
+        let ratio = (token_ratio.min(max_tokens) * 1000.0).round() as u32;
         Ok(RetryBudget(Arc::new(Kind::TokenBucket(TokenBucket {
             tokens: AtomicU32::new(max),
             max,
-            ratio: ratio.round() as u32,
+            ratio,
         }))))
     }
 
@@ -108,15 +116,22 @@ impl RetryBudget {
         }
     }
 
-    /// A call was committed to a response that is not a failure.
+    /// Whether successes and failures change the budget (the token bucket), so that a committed
+    /// call's trailers are worth reading for it.
+    pub(crate) fn counts_outcomes(&self) -> bool {
+        matches!(&*self.0, Kind::TokenBucket(_))
+    }
+
+    /// A call ended `OK`.
     pub(crate) fn on_success(&self) {
         if let Kind::TokenBucket(bucket) = &*self.0 {
             bucket.add(bucket.ratio);
         }
     }
 
-    /// An attempt failed with a retryable code (counted whether or not it is retried).
-    pub(crate) fn on_retryable_failure(&self) {
+    /// An attempt failed with a retryable code, or the server asked not to be retried (counted
+    /// whether or not a retry follows).
+    pub(crate) fn on_failure(&self) {
         if let Kind::TokenBucket(bucket) = &*self.0 {
             bucket.take(1000);
         }
@@ -189,10 +204,10 @@ mod tests {
         let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
         assert_eq!(budget.tokens(), Some(10.0));
         for _ in 0..4 {
-            budget.on_retryable_failure();
+            budget.on_failure();
             assert!(budget.try_retry());
         }
-        budget.on_retryable_failure(); // 5 tokens: at half, no more retries
+        budget.on_failure(); // 5 tokens: at half, no more retries
         assert_eq!(budget.tokens(), Some(5.0));
         assert!(!budget.try_retry());
         budget.on_success(); // 5.5
@@ -202,9 +217,22 @@ mod tests {
         }
         assert_eq!(budget.tokens(), Some(10.0), "never above max_tokens");
         for _ in 0..100 {
-            budget.on_retryable_failure();
+            budget.on_failure();
         }
         assert_eq!(budget.tokens(), Some(0.0), "never below zero");
+    }
+
+    #[test]
+    fn a_huge_token_ratio_refills_the_bucket_in_one_success() {
+        for ratio in [10.0, 1e10, 1e300, f64::MAX] {
+            let budget = RetryBudget::token_bucket(10.0, ratio).unwrap();
+            for _ in 0..10 {
+                budget.on_failure();
+            }
+            assert_eq!(budget.tokens(), Some(0.0));
+            budget.on_success();
+            assert_eq!(budget.tokens(), Some(10.0), "{ratio}");
+        }
     }
 
     #[test]
@@ -227,6 +255,12 @@ mod tests {
             (RetryBudget::token_bucket(10.0, 0.0), "token_ratio"),
             (RetryBudget::token_bucket(10.0, -1.0), "token_ratio"),
             (RetryBudget::token_bucket(10.0, 0.0001), "token_ratio"),
+            (
+                RetryBudget::token_bucket(10.0, f64::INFINITY),
+                "token_ratio",
+            ),
+            (RetryBudget::token_bucket(10.0, f64::NAN), "token_ratio"),
+            (RetryBudget::token_bucket(1e300, 0.1), "max_tokens"),
             (RetryBudget::percent(s / 2, 10, 0.2), "ttl"),
             (RetryBudget::percent(s * 61, 10, 0.2), "ttl"),
             (RetryBudget::percent(s, u32::MAX, 0.2), "min_per_sec"),

@@ -16,17 +16,28 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::body::ReplayBody;
+use super::budget::RetryBudget;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
+use super::response_body::Outcome;
 use crate::BoxError;
 use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
 
-/// gRFC A6: the number of attempts that preceded this one, on every attempt after the first.
+/// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
+/// first. Transparent retries are not counted (grpc-go's `numRetries`, grpc-core's
+/// `num_attempts_completed_`): a transparent retry carries the count of the attempt it replaces.
 pub const GRPC_PREVIOUS_RPC_ATTEMPTS: HeaderName =
     HeaderName::from_static("grpc-previous-rpc-attempts");
 
 /// gRFC A6: the server's pushback, in the trailers (of a Trailers-Only response, its headers).
 pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// The longest a server's `grpc-retry-pushback-ms` makes a call wait: a longer pushback waits
+/// this long. gRFC A6 sets no bound, and grpc-go and grpc-core take any value (bounded only by
+/// the call's deadline); towline caps it so that a call without a deadline never sleeps for
+/// days, or for `u64::MAX` milliseconds, on one value from the network. Ten minutes is far
+/// above any backoff a server means (grpc-core's servers push back by seconds).
+pub const MAX_PUSHBACK: Duration = Duration::from_secs(10 * 60);
 
 pin_project! {
     /// The future of a call through [`Retry`](super::Retry).
@@ -60,6 +71,16 @@ pin_project! {
     }
 }
 
+/// Which retries a call may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retries {
+    /// The policy's retries, and transparent ones.
+    Policy,
+    /// Only transparent retries: the policy makes one attempt, or the call carries
+    /// [`NoRetry`](super::NoRetry). The budget is never touched.
+    TransparentOnly,
+}
+
 /// What a retrying call keeps between attempts.
 pub(crate) struct RetryState<S> {
     service: S,
@@ -71,14 +92,29 @@ pub(crate) struct RetryState<S> {
     /// attempt's body, which stops reading from the caller's.
     next_body: Option<ReplayBody>,
     policy: RetryPolicy,
+    retries: Retries,
     shared: Arc<Shared>,
     deadline: Option<Instant>,
-    /// Attempts counted against `max_attempts`, the one in flight included.
+    /// Attempts of the retry policy sent, the first included.
     attempts: u32,
+    /// Transparent retries sent.
     transparent: u32,
+    /// The retry decided after the last failure, until it is sent. Only a sent retry counts in
+    /// `attempts`, `transparent` and the metrics: one abandoned at the deadline, or because the
+    /// service failed instead of becoming ready, was never made.
+    pending: Option<Pending>,
     retries_since_pushback: u32,
     previous_delay: Duration,
+    /// The backoff of the policy retries sent.
     total_delay: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    /// A retry of the policy, after this backoff.
+    Policy(Duration),
+    /// A transparent retry of an attempt the server never saw.
+    Transparent,
 }
 
 enum Decision<T> {
@@ -93,18 +129,24 @@ const TIMER_TICK: Duration = Duration::from_millis(1);
 /// `grpc-retry-pushback-ms`, as gRFC A6 reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushback {
+    /// Retry after this long (at most [`MAX_PUSHBACK`]).
     After(Duration),
-    /// Negative or malformed: the server asks not to retry.
+    /// Negative, malformed, or more than one value: the server asks not to retry.
     Stop,
 }
 
 pub(crate) fn pushback(headers: &HeaderMap) -> Option<Pushback> {
-    let value = headers.get(GRPC_RETRY_PUSHBACK_MS)?.as_bytes();
+    let mut values = headers.get_all(GRPC_RETRY_PUSHBACK_MS).iter();
+    let value = values.next()?.as_bytes();
+    // grpc-go: more than one value is not a pushback the client can follow; no retry.
+    if values.next().is_some() {
+        return Some(Pushback::Stop);
+    }
     let ms = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
         .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
         .flatten();
     Some(ms.map_or(Pushback::Stop, |ms| {
-        Pushback::After(Duration::from_millis(ms))
+        Pushback::After(Duration::from_millis(ms).min(MAX_PUSHBACK))
     }))
 }
 
@@ -126,11 +168,13 @@ impl<S, F> ResponseFuture<S, F> {
 }
 
 impl<S> RetryState<S> {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         service: S,
         parts: Parts,
         body: ReplayBody,
         policy: RetryPolicy,
+        retries: Retries,
         shared: Arc<Shared>,
         deadline: Option<Instant>,
     ) -> Self {
@@ -140,13 +184,23 @@ impl<S> RetryState<S> {
             body,
             next_body: None,
             policy,
+            retries,
             shared,
             deadline,
             attempts: 1,
             transparent: 0,
+            pending: None,
             retries_since_pushback: 0,
             previous_delay: Duration::ZERO,
             total_delay: Duration::ZERO,
+        }
+    }
+
+    /// The budget this call reports to: none for a call that makes only transparent retries.
+    fn budget(&self) -> Option<&RetryBudget> {
+        match self.retries {
+            Retries::Policy => self.policy.budget(),
+            Retries::TransparentOnly => None,
         }
     }
 
@@ -154,8 +208,10 @@ impl<S> RetryState<S> {
     fn on_attempt<B, E: Into<BoxError>>(
         &mut self,
         result: Result<Response<B>, E>,
-    ) -> Decision<Result<Response<B>, BoxError>> {
-        let budget = self.policy.budget();
+    ) -> Decision<Result<Response<B>, BoxError>>
+    where
+        B: 'static,
+    {
         match result {
             Ok(res) => match classify_response(&res) {
                 ResponseStatus::TrailersOnly(code) if code != Code::Ok => {
@@ -165,14 +221,30 @@ impl<S> RetryState<S> {
                         None => Decision::Done(Ok(res)),
                     }
                 }
-                // Headers arrived: committed (gRFC A6), whatever the trailers will say.
-                ResponseStatus::TrailersOnly(_) | ResponseStatus::InTrailers => {
-                    if let Some(budget) = budget {
+                ResponseStatus::TrailersOnly(_) => {
+                    if let Some(budget) = self.budget() {
                         budget.on_success();
                     }
                     Decision::Done(Ok(res))
                 }
-                ResponseStatus::NotGrpc(_) => Decision::Done(Ok(res)),
+                // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
+                // tells the budget what they say.
+                ResponseStatus::InTrailers => {
+                    match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
+                        Some(outcome) => Decision::Done(Ok(res.map(|body| outcome.watch(body)))),
+                        None => Decision::Done(Ok(res)),
+                    }
+                }
+                // Not gRPC (a proxy's 503): committed too, since it reaches tonic as it is. It is
+                // the failure its code says for the budget.
+                ResponseStatus::NotGrpc(code) => {
+                    if let Some(outcome) =
+                        Outcome::for_budget(self.budget(), self.policy.inner().retryable)
+                    {
+                        outcome.report(code);
+                    }
+                    Decision::Done(Ok(res))
+                }
             },
             Err(err) => {
                 self.next_body = Some(self.body.clone());
@@ -184,7 +256,7 @@ impl<S> RetryState<S> {
                 {
                     // gRFC A6: the server never saw it, so retry at once, outside
                     // max_attempts and the budget.
-                    self.transparent += 1;
+                    self.pending = Some(Pending::Transparent);
                     return Decision::Retry(Duration::ZERO);
                 }
                 match self.after_failure(code_from_error(&*err), None) {
@@ -198,33 +270,40 @@ impl<S> RetryState<S> {
     /// A failure with `code` before the call was committed: the delay before the next attempt,
     /// or `None` to give the failure to the caller.
     fn after_failure(&mut self, code: Code, pushback: Option<Pushback>) -> Option<Duration> {
+        if self.retries == Retries::TransparentOnly {
+            return None;
+        }
         let policy = self.policy.inner();
+        let delay_after = match pushback {
+            // gRFC A6 and grpc-go: the server asks not to be retried. A failure for throttling,
+            // whatever the code.
+            Some(Pushback::Stop) => {
+                if let Some(budget) = &policy.budget {
+                    budget.on_failure();
+                }
+                return None;
+            }
+            Some(Pushback::After(delay)) => Some(delay),
+            None => None,
+        };
         if !policy.retryable.contains(code) {
             return None;
         }
         if let Some(budget) = &policy.budget {
-            budget.on_retryable_failure();
+            budget.on_failure();
         }
         if self.attempts >= policy.max_attempts || !self.body.is_replayable() {
             return None;
         }
-        let (delay, previous) = match pushback {
-            Some(Pushback::Stop) => return None,
+        let (delay, previous, since_pushback) = match delay_after {
             // The server's delay, and the backoff starts over (as grpc-go does).
-            Some(Pushback::After(delay)) => {
-                self.retries_since_pushback = 0;
-                (delay, Duration::ZERO)
-            }
+            Some(delay) => (delay, Duration::ZERO, 0),
             None => {
-                self.retries_since_pushback += 1;
-                let delay = policy
-                    .backoff
-                    .delay(self.retries_since_pushback, self.previous_delay);
-                (delay, delay)
+                let since_pushback = self.retries_since_pushback.saturating_add(1);
+                let delay = policy.backoff.delay(since_pushback, self.previous_delay);
+                (delay, delay, since_pushback)
             }
         };
-        // Never retry past the call's deadline: an attempt that could not start in time would
-        // only fail with DEADLINE_EXCEEDED and hide the real failure.
         // Never retry past the call's deadline: an attempt that could not start in time would
         // only fail with DEADLINE_EXCEEDED and hide the real failure. Tokio's timers fire on
         // millisecond ticks, rounded up, so the backoff must end a tick before the deadline.
@@ -240,20 +319,28 @@ impl<S> RetryState<S> {
             self.shared.metrics.budget_exhausted.increment(1);
             return None;
         }
-        self.attempts += 1;
+        self.retries_since_pushback = since_pushback;
         self.previous_delay = previous;
-        self.total_delay = self.total_delay.saturating_add(delay);
+        self.pending = Some(Pending::Policy(delay));
         Some(delay)
     }
 
-    /// The next attempt's request: the saved head, its attempt count, what is left of the
-    /// deadline, and the replayed body.
+    /// The pending retry's request: the saved head, the policy's attempt count, what is left of
+    /// the deadline at this moment, and the replayed body. Counts the retry as made: the caller
+    /// sends it at once.
     fn next_request(&mut self) -> Result<Request<Body>, Status> {
         let mut parts = self.parts.clone();
-        let previous = self.attempts + self.transparent - 1;
-        parts
-            .headers
-            .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
+        let pending = self.pending.unwrap_or(Pending::Transparent);
+        let previous = match pending {
+            Pending::Policy(_) => self.attempts,
+            // It replaces an attempt the server never saw, and carries that attempt's count.
+            Pending::Transparent => self.attempts - 1,
+        };
+        if previous > 0 {
+            parts
+                .headers
+                .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
+        }
         if let Some(deadline) = self.deadline {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -265,6 +352,14 @@ impl<S> RetryState<S> {
                 crate::deadline::GRPC_TIMEOUT,
                 crate::deadline::to_header_value(remaining),
             );
+        }
+        self.pending = None;
+        match pending {
+            Pending::Policy(delay) => {
+                self.attempts += 1;
+                self.total_delay = self.total_delay.saturating_add(delay);
+            }
+            Pending::Transparent => self.transparent += 1,
         }
         let body = self.next_body.take().unwrap_or_else(|| self.body.clone());
         Ok(Request::from_parts(parts, Body::new(body)))
@@ -282,6 +377,7 @@ where
     S: Service<Request<Body>, Response = Response<B>, Future = F>,
     S::Error: Into<BoxError>,
     F: Future<Output = Result<Response<B>, S::Error>>,
+    B: 'static,
 {
     type Output = Result<Response<B>, BoxError>;
 
@@ -382,8 +478,36 @@ mod tests {
             pushback(&headers("0")),
             Some(Pushback::After(Duration::ZERO))
         );
-        for bad in ["-1", "", "1.5", "abc", " 5", "99999999999999999999999"] {
+        for bad in [
+            "-1",
+            "",
+            "1.5",
+            "abc",
+            " 5",
+            "99999999999999999999999",
+            "1, 2",
+        ] {
             assert_eq!(pushback(&headers(bad)), Some(Pushback::Stop), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn more_than_one_pushback_value_stops_retries() {
+        let mut h = headers("10");
+        h.append(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static("10"));
+        assert_eq!(pushback(&h), Some(Pushback::Stop));
+    }
+
+    #[test]
+    fn a_pushback_is_capped() {
+        assert_eq!(
+            pushback(&headers("18446744073709551615")),
+            Some(Pushback::After(MAX_PUSHBACK))
+        );
+        let just_over = format!("{}", MAX_PUSHBACK.as_millis() + 1);
+        assert_eq!(
+            pushback(&headers(Box::leak(just_over.into_boxed_str()))),
+            Some(Pushback::After(MAX_PUSHBACK))
+        );
     }
 }

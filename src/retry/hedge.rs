@@ -330,28 +330,28 @@ where
                 .map_err(Into::into);
         }
     };
-    let deadline = deadline::from_headers(&parts.headers).map(|t| Instant::now() + t);
+    // Saturating: a far deadline (or a far `delay` below) means "never", not an overflow panic.
+    let deadline = deadline::from_headers(&parts.headers)
+        .map(|timeout| deadline::instant_after(Instant::now(), timeout));
+    let body =
+        || Body::new(http_body_util::Full::new(bytes.clone()).map_err(|never| match never {}));
+    // The caller's own request goes out whatever is left of its deadline: the server, not this
+    // layer, answers a call that is already late.
+    let first_copy = Request::from_parts(parts.clone(), body());
+    // Hedge `n` (1 and up) carries its attempt count and what is left of the deadline; none is
+    // made once the deadline has passed.
     let copy = |n: u32| -> Option<Request<Body>> {
-        let mut req = Request::new(Body::new(
-            http_body_util::Full::new(bytes.clone()).map_err(|never| match never {}),
-        ));
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
-        *req.extensions_mut() = parts.extensions.clone();
-        if n > 0 {
-            req.headers_mut()
-                .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(n));
-        }
+        let mut parts = parts.clone();
+        parts
+            .headers
+            .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(n));
         if let Some(deadline) = deadline {
             let left = deadline.checked_duration_since(Instant::now())?;
-            if n > 0 {
-                req.headers_mut()
-                    .insert(deadline::GRPC_TIMEOUT, deadline::to_header_value(left));
-            }
+            parts
+                .headers
+                .insert(deadline::GRPC_TIMEOUT, deadline::to_header_value(left));
         }
-        Some(req)
+        Some(Request::from_parts(parts, body()))
     };
     let spare = first.clone();
 
@@ -359,7 +359,7 @@ where
         budget.on_call();
     }
     let mut inflight: FuturesUnordered<Attempt<B>> = FuturesUnordered::new();
-    let fut = first.call(copy(0).expect("the first copy is always made"));
+    let fut = first.call(first_copy);
     inflight.push(Box::pin(async move { fut.await.map_err(Into::into) }));
     let mut sent = 1;
     let mut spent = false;
@@ -389,14 +389,14 @@ where
                     }
                     Some(code) if p.non_fatal.contains(code) => {
                         if let Some(budget) = &p.budget {
-                            budget.on_retryable_failure();
+                            budget.on_failure();
                         }
                         last = Some(result);
                         // A6: a non-fatal failure sends the next copy at once.
                         if may_hedge && !send(&spare, copy(sent), p, &mut inflight, &mut sent) {
                             spent = true;
                         }
-                        next.as_mut().reset(Instant::now() + p.delay);
+                        next.as_mut().reset(deadline::instant_after(Instant::now(), p.delay));
                     }
                     Some(_) => return result,
                 }
@@ -408,7 +408,7 @@ where
                 if !send(&spare, copy(sent), p, &mut inflight, &mut sent) {
                     spent = true;
                 }
-                next.as_mut().reset(Instant::now() + p.delay);
+                next.as_mut().reset(deadline::instant_after(Instant::now(), p.delay));
             }
         }
     }

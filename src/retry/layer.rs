@@ -15,7 +15,7 @@ use super::service::Retry;
 /// One policy applies by default; [`method_policy`](Self::method_policy) and
 /// [`service_policy`](Self::service_policy) choose another one by the request's path
 /// (`/pkg.Service/Method`), most specific first. A request that carries the
-/// [`NoRetry`](super::NoRetry) extension is never retried.
+/// [`NoRetry`](super::NoRetry) extension gets no retries of the policy, only transparent ones.
 ///
 /// Metric handles are registered when the layer is created, with the `metrics` recorder installed
 /// at that moment: install the recorder first.

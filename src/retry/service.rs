@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::NoRetry;
 use super::body::ReplayBody;
-use super::future::{ResponseFuture, RetryState};
+use super::future::{ResponseFuture, Retries, RetryState};
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use crate::BoxError;
@@ -75,6 +75,7 @@ impl<S, ResBody> Service<Request<Body>> for Retry<S>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
+    ResBody: 'static,
 {
     type Response = Response<ResBody>;
     type Error = BoxError;
@@ -87,15 +88,24 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let policy = self.shared.policy_for(req.uri().path());
         let max_bytes = policy.max_replay_bytes();
-        // No retry possible: the inner future as it is, no allocation.
-        if policy.max_attempts() <= 1
-            || req.extensions().get::<NoRetry>().is_some()
+        let retries = if policy.max_attempts() > 1 && req.extensions().get::<NoRetry>().is_none() {
+            Retries::Policy
+        } else {
+            // gRFC A6: transparent retries apply to every call, whatever its policy, since the
+            // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
+            Retries::TransparentOnly
+        };
+        // Nothing to retry, or a body that cannot be replayed: the inner future as it is, no
+        // allocation.
+        if (retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0)
             || req.body().size_hint().lower() > max_bytes as u64
         {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let policy = policy.clone();
-        if let Some(budget) = policy.budget() {
+        if retries == Retries::Policy
+            && let Some(budget) = policy.budget()
+        {
             budget.on_call();
         }
         let deadline = crate::deadline::from_headers(req.headers())
@@ -108,7 +118,15 @@ where
         let service = self.inner.clone();
         ResponseFuture::retrying(
             future,
-            RetryState::new(service, parts, body, policy, self.shared.clone(), deadline),
+            RetryState::new(
+                service,
+                parts,
+                body,
+                policy,
+                retries,
+                self.shared.clone(),
+                deadline,
+            ),
         )
     }
 }

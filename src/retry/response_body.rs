@@ -1,0 +1,240 @@
+//! How a committed call's final status reaches the retry budget: its response body reports the
+//! `grpc-status` of its trailers as they go by.
+//!
+//! A call commits when its response headers arrive (gRFC A6), but its status comes in the
+//! trailers. When the call draws from a token-bucket budget, `OK` in the trailers is a success
+//! and a code the policy retries is a failure (grpc-core takes a token for it; grpc-go at least
+//! does not refill). Any other code, and a body dropped before its end, leave the budget alone.
+//!
+//! The report rides in the response body without changing the response's type, so that a
+//! `Retry<S>` answers with `S`'s own response and composes as any layer does (`option_layer`
+//! needs both branches to answer alike). That is possible for tonic's [`Body`](TonicBody), which
+//! boxes any body: a `Channel`'s responses, and any stack that answers with it. For another body
+//! type (a balancer's own body around tonic's, say) the layer cannot reach the trailers, and the
+//! call counts as a success when it commits, as it did before the trailers were read.
+
+use std::any::Any;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::body::Body as TonicBody;
+use tonic::{Code, Status};
+
+use super::budget::RetryBudget;
+use super::policy::CodeSet;
+use crate::BoxError;
+use crate::status::{code_from_error, code_from_trailers};
+
+pin_project! {
+    /// The inner response body, unchanged frame for frame, that reports its end to an [`Outcome`].
+    pub(crate) struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        outcome: Option<Outcome>,
+    }
+}
+
+/// Where a committed call's final status is reported.
+pub(crate) struct Outcome {
+    budget: RetryBudget,
+    retryable: CodeSet,
+}
+
+impl Outcome {
+    /// Only a token bucket counts successes and failures: a percentage budget needs no report.
+    pub(crate) fn for_budget(budget: Option<&RetryBudget>, retryable: CodeSet) -> Option<Outcome> {
+        budget
+            .filter(|budget| budget.counts_outcomes())
+            .map(|budget| Outcome {
+                budget: budget.clone(),
+                retryable,
+            })
+    }
+
+    pub(crate) fn report(self, code: Code) {
+        if code == Code::Ok {
+            self.budget.on_success();
+        } else if self.retryable.contains(code) {
+            self.budget.on_failure();
+        }
+    }
+
+    /// `body`, now reporting its trailers' status here, if its type lets it (see the module
+    /// docs); otherwise the call counts as a success now, at its commit.
+    pub(crate) fn watch<B: 'static>(self, body: B) -> B {
+        let mut slot = Some(body);
+        if let Some(tonic_slot) = (&mut slot as &mut dyn Any).downcast_mut::<Option<TonicBody>>() {
+            *tonic_slot = tonic_slot
+                .take()
+                .map(|body| TonicBody::new(ResponseBody::reporting(body, self)));
+        } else {
+            self.report(Code::Ok);
+        }
+        match slot {
+            Some(body) => body,
+            None => unreachable!("the slot is refilled with the watched body"),
+        }
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// The inner body, reporting its trailers' status to `outcome`.
+    fn reporting(inner: B, outcome: Outcome) -> Self {
+        ResponseBody {
+            inner,
+            outcome: Some(outcome),
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("reporting", &self.outcome.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: 'static,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if this.outcome.is_some() {
+            let code = match &frame {
+                Some(Ok(frame)) => frame.trailers_ref().map(|t| code_from_trailers(Some(t))),
+                Some(Err(err)) => Some(code_of_body_error(err)),
+                // A gRPC stream that ends without trailers ended abnormally.
+                None => Some(code_from_trailers(None)),
+            };
+            if let Some(code) = code
+                && let Some(outcome) = this.outcome.take()
+            {
+                outcome.report(code);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The code a response body's error stands for. The error is the inner body's own type, handed
+/// on untouched, so it is read in place: tonic's bodies fail with a [`Status`]; a boxed error or
+/// hyper's is classified as a service error is; anything else is `UNKNOWN`.
+fn code_of_body_error(err: &(dyn Any + 'static)) -> Code {
+    if let Some(status) = err.downcast_ref::<Status>() {
+        status.code()
+    } else if let Some(err) = err.downcast_ref::<BoxError>() {
+        code_from_error(&**err)
+    } else if let Some(err) = err.downcast_ref::<hyper::Error>() {
+        code_from_error(err)
+    } else {
+        Code::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn ending_with(code: Option<Code>) -> tonic::body::Body {
+        let mut frames: Vec<Result<Frame<Bytes>, Status>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"message")))];
+        if let Some(code) = code {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", (code as i32).into());
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    fn reporting(body: tonic::body::Body, budget: &RetryBudget) -> tonic::body::Body {
+        let retryable = [Code::Unavailable].into_iter().collect();
+        Outcome::for_budget(Some(budget), retryable)
+            .unwrap()
+            .watch(body)
+    }
+
+    #[tokio::test]
+    async fn the_trailers_status_reaches_the_budget() {
+        let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        let collected = reporting(ending_with(Some(Code::Unavailable)), &budget)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(collected.to_bytes(), "message", "the body is unchanged");
+        assert_eq!(budget.tokens(), Some(9.0), "a retryable code is a failure");
+
+        reporting(ending_with(Some(Code::Ok)), &budget)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(budget.tokens(), Some(9.5), "OK is a success");
+
+        reporting(ending_with(Some(Code::Internal)), &budget)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(budget.tokens(), Some(9.5), "a code not retried is neither");
+
+        // Dropped before the end: the caller gave up; nothing is reported.
+        let mut body = reporting(ending_with(Some(Code::Unavailable)), &budget);
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(budget.tokens(), Some(9.5));
+    }
+
+    #[tokio::test]
+    async fn a_failed_body_reports_its_error_s_code() {
+        let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        let failing = tonic::body::Body::new(StreamBody::new(futures::stream::iter([Err::<
+            Frame<Bytes>,
+            _,
+        >(
+            Status::unavailable("connection reset"),
+        )])));
+        let err = reporting(failing, &budget).collect().await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(budget.tokens(), Some(9.0));
+    }
+
+    #[test]
+    fn a_body_of_another_type_counts_as_a_success_at_its_commit() {
+        let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        budget.on_failure();
+        let retryable = [Code::Unavailable].into_iter().collect();
+        let _body = Outcome::for_budget(Some(&budget), retryable)
+            .unwrap()
+            .watch(http_body_util::Empty::<Bytes>::new());
+        assert_eq!(budget.tokens(), Some(9.5));
+    }
+
+    #[test]
+    fn a_percentage_budget_needs_no_report() {
+        let budget = RetryBudget::percent(std::time::Duration::from_secs(1), 1, 0.1).unwrap();
+        assert!(Outcome::for_budget(Some(&budget), CodeSet::default()).is_none());
+        assert!(Outcome::for_budget(None, CodeSet::default()).is_none());
+    }
+}
