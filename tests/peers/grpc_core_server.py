@@ -223,7 +223,9 @@ class Control:
             if rest[1] not in ("SERVING", "NOT_SERVING"):
                 return f"err bad status {rest[1]!r}"
             status = health_pb2.HealthCheckResponse.ServingStatus.Value(rest[1])
-            for service in ("", ECHO_SERVICE) if rest[0] == "*" else (rest[0],):
+            # "*" is both services; '""' is the server as a whole, the empty service name.
+            services = {"*": ("", ECHO_SERVICE), '""': ("",)}.get(rest[0], (rest[0],))
+            for service in services:
                 await self.health.set(service, status)
             return "ok"
         if cmd == "latency" and len(rest) == 1:

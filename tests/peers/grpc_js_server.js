@@ -251,7 +251,9 @@ async function run(words, port) {
   if (cmd === 'health' && rest.length === 2) {
     if (health === null) return 'err no health service (--no-health)';
     if (rest[1] !== 'SERVING' && rest[1] !== 'NOT_SERVING') return `err bad status ${rest[1]}`;
-    for (const service of rest[0] === '*' ? ['', ECHO_SERVICE] : [rest[0]]) {
+    // "*" is both services; '""' is the server as a whole, the empty service name.
+    const services = { '*': ['', ECHO_SERVICE], '""': [''] }[rest[0]] ?? [rest[0]];
+    for (const service of services) {
       health.setStatus(service, rest[1]);
     }
     return 'ok';
