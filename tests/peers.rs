@@ -452,3 +452,133 @@ async fn graceful_stop_finishes_the_call_in_flight_and_refuses_new_connections()
     )
     .await;
 }
+
+#[tokio::test]
+async fn max_concurrent_streams_limits_calls_on_a_connection() {
+    each_kind(
+        "max_concurrent_streams_limits_calls_on_a_connection",
+        |kind| async move {
+            let peer = Peer::builder(kind)
+                .max_concurrent_streams(1)
+                .start()
+                .await
+                .expect("start");
+            let channel = channel(&peer).await;
+            // A first call, so that the client has the server's SETTINGS before the test: on a
+            // fresh connection grpc-js refuses streams the client opened before they arrived.
+            EchoClient::new(channel.clone())
+                .unary(echo("warm"))
+                .await
+                .expect("warm-up");
+            peer.set_latency(Duration::from_millis(300))
+                .await
+                .expect("latency");
+            let started = Instant::now();
+            let calls: Vec<_> = (0..3)
+                .map(|_| {
+                    let mut client = EchoClient::new(channel.clone());
+                    tokio::spawn(async move { client.unary(echo("x")).await.map(drop) })
+                })
+                .collect();
+            for call in calls {
+                call.await
+                    .expect("task")
+                    .unwrap_or_else(|status| panic!("{kind}: {status}"));
+            }
+            // One stream at a time: 3 × 300 ms, not 300 ms.
+            assert!(
+                started.elapsed() >= Duration::from_millis(850),
+                "{kind}: {:?}",
+                started.elapsed()
+            );
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn max_connection_age_ends_a_call_after_the_grace() {
+    each_kind(
+        "max_connection_age_ends_a_call_after_the_grace",
+        |kind| async move {
+            let peer = Peer::builder(kind)
+                .max_connection_age(Duration::from_millis(300))
+                .max_connection_age_grace(Duration::from_millis(500))
+                .start()
+                .await
+                .expect("start");
+            let mut client = EchoClient::new(channel(&peer).await);
+            peer.set_latency(Duration::from_secs(3))
+                .await
+                .expect("latency");
+            let started = Instant::now();
+            // grpc-core ends it with UNAVAILABLE "max connection age", grpc-js by destroying the
+            // connection (tonic: UNKNOWN, transport error).
+            let status = client
+                .unary(echo("long"))
+                .await
+                .expect_err("cut at age + grace");
+            assert!(
+                started.elapsed() < Duration::from_millis(2_000),
+                "{kind}: {status} after {:?}",
+                started.elapsed()
+            );
+            peer.clear_faults().await.expect("clear");
+            client
+                .unary(echo("x"))
+                .await
+                .expect("a new connection after the old one aged out");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn grpc_core_answers_frequent_keepalive_pings_with_goaway_unless_permitted() {
+    let kind = PeerKind::GrpcCore;
+    if !require_peer(
+        kind,
+        "grpc_core_answers_frequent_keepalive_pings_with_goaway_unless_permitted",
+    ) {
+        return;
+    }
+    let test = async {
+        for permit in [false, true] {
+            let mut builder = Peer::builder(kind);
+            if permit {
+                builder = builder.permit_keepalive(Duration::from_millis(100));
+            }
+            let peer = builder.start().await.expect("start");
+            let channel = Endpoint::from(peer.uri())
+                .http2_keep_alive_interval(Duration::from_millis(300))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+                .connect()
+                .await
+                .expect("connect");
+            // An open Watch keeps the connection busy with a call but sends no data.
+            let mut watch = HealthClient::new(channel)
+                .watch(HealthCheckRequest::default())
+                .await
+                .expect("watch")
+                .into_inner();
+            next_status(&mut watch).await;
+            let ended = timeout(Duration::from_secs(3), watch.message()).await;
+            if permit {
+                assert!(
+                    ended.is_err(),
+                    "permitted pings still ended the Watch: {ended:?}"
+                );
+            } else {
+                // 2 strikes allowed, the 3rd ping gets GOAWAY ENHANCE_YOUR_CALM too_many_pings.
+                let status = ended
+                    .expect("GOAWAY within 3 s")
+                    .expect_err("Watch ended by GOAWAY");
+                assert!(status.message().to_lowercase().contains("ping"), "{status}");
+            }
+        }
+    };
+    timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("not done within the test timeout");
+}

@@ -411,7 +411,11 @@ impl Peer {
 
     /// Fails the next `n` `Echo`/`Log` calls with `code`. With `pushback`, each failure carries
     /// the trailer `grpc-retry-pushback-ms` with that value as given (`"100"`, `"-1"`); `"a,b"`
-    /// sends the header twice, `a` then `b`, where the implementation allows it.
+    /// sends the header twice, `a` then `b`.
+    ///
+    /// grpc-js sends any value as given, and several values. grpc-core parses this header as an
+    /// integer when the application sets it: of several values only the last is sent, and a
+    /// value that is not an `i64` (`"abc"`, `"1.5"`) goes out as `-9223372036854775808`.
     pub async fn fail_next(
         &self,
         n: u64,

@@ -213,6 +213,8 @@ class Control:
     def __init__(self, state, server, health, port):
         self.state, self.server, self.health, self.port = state, server, health, port
         self.stopping = False
+        # Set once `ok` to `stop` is written, so that STOPPED always comes after it.
+        self.stop_answered = asyncio.Event()
 
     async def run(self, words):
         cmd, rest = words[0], words[1:]
@@ -256,6 +258,7 @@ class Control:
     async def stop(self, grace_s):
         # In-flight calls may finish within the grace; then grpc-core cancels what is left.
         await self.server.stop(grace_s)
+        await self.stop_answered.wait()
         say("STOPPED")
         os._exit(0)
 
@@ -274,6 +277,8 @@ def read_stdin(loop, control):
         except Exception as err:  # a bad number, a bad code name: tell the caller
             answer = f"err {type(err).__name__}: {err}".replace("\n", " ")
         say(answer)
+        if words[0] == "stop":
+            loop.call_soon_threadsafe(control.stop_answered.set)
     os._exit(0)
 
 
@@ -288,9 +293,10 @@ async def main(args):
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         await health.set(ECHO_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
-    if port == 0:
-        raise SystemExit(f"grpc-core peer: cannot listen on 127.0.0.1:{args.port}")
+    try:
+        port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    except RuntimeError as err:  # grpc-core logged the reason (address in use...) just before
+        raise SystemExit(f"grpc-core peer: cannot listen on 127.0.0.1:{args.port}: {err}")
     if state.id is None:
         state.id = f"127.0.0.1:{port}"
     await server.start()
@@ -298,7 +304,9 @@ async def main(args):
     control = Control(state, server, health, port)
     loop = asyncio.get_running_loop()
     threading.Thread(target=read_stdin, args=(loop, control), daemon=True).start()
-    await server.wait_for_termination()
+    # Run until a command exits the process: `stop` (after STOPPED), `exit` or EOF. Not
+    # server.wait_for_termination(): returning would cancel the `stop` command still answering.
+    await asyncio.Event().wait()
 
 
 if __name__ == "__main__":

@@ -230,11 +230,18 @@ if (!args['no-health']) {
 }
 
 let stopping = false;
+// Resolved once `ok` to `stop` is written, so that STOPPED always comes after it.
+let stopAnswered;
+const stopAnsweredPromise = new Promise((resolve) => {
+  stopAnswered = resolve;
+});
 
 function stop(graceMs) {
   const finished = () => {
-    say('STOPPED');
-    process.exit(0);
+    stopAnsweredPromise.then(() => {
+      say('STOPPED');
+      process.exit(0);
+    });
   };
   // Closes the listener and sends GOAWAY on every connection; calls in flight run on.
   server.tryShutdown(finished);
@@ -309,6 +316,7 @@ server.bindAsync(
         } catch (e) {
           say(`err ${e.message}`.replace(/\n/g, ' '));
         }
+        if (words[0] === 'stop') stopAnswered();
       });
     });
     lines.on('close', () => process.exit(0));
