@@ -1,5 +1,6 @@
 //! Test parts made of real tonic: an in-process gRPC [`Backend`] with fault controls, and a
-//! bounded [`Load`] driver. Enabled by the `testkit` feature.
+//! bounded [`Load`] driver. Enabled by the `testkit` feature. [`peer`] runs foreign gRPC servers
+//! (grpc-core, grpc-js) as child processes with the same kind of controls.
 //!
 //! towline's own tests, benchmarks and examples run on these, and they are public so that you can
 //! test your own stack the same way: real HTTP/2 on loopback, real `grpc.health.v1`, faults you
@@ -24,6 +25,7 @@ mod backend;
 mod load;
 #[cfg(target_os = "linux")]
 mod netns;
+pub mod peer;
 mod produce;
 
 pub use backend::{
@@ -32,6 +34,7 @@ pub use backend::{
 pub use load::{Load, LoadReport, nearest_rank, text_table};
 #[cfg(target_os = "linux")]
 pub use netns::{CI_ENV, NetNs, netns_support, require_netns};
+pub use peer::{Peer, PeerBuilder, PeerKind, peer_support, require_peer};
 
 /// Protobuf and tonic code for `towline.testkit.v1.Echo` and `towline.testkit.v1.Log`, generated
 /// at build time.
