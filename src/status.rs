@@ -153,9 +153,9 @@ pub fn code_from_error(err: &(dyn Error + 'static)) -> Code {
 }
 
 /// Whether an error proves the request never reached the server application: the connection
-/// could not be made, the stream was refused (`REFUSED_STREAM`) or fell above a graceful GOAWAY's last
-/// stream id, or the request never left the client's dispatch queue. gRFC A6 retries such calls
-/// transparently.
+/// could not be made, the stream was refused (`REFUSED_STREAM`, or grpc-core's `ENHANCE_YOUR_CALM`
+/// reset of a stream it did not accept) or fell above a graceful GOAWAY's last stream id, or the
+/// request never left the client's dispatch queue. gRFC A6 retries such calls transparently.
 pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
     source_chain(err).any(|err| {
         if err.is::<tonic::ConnectError>() {
@@ -167,7 +167,15 @@ pub fn is_unprocessed(err: &(dyn Error + 'static)) -> bool {
             // processed ones included, so it proves nothing.
             let refused = h2.reason() == Some(h2::Reason::REFUSED_STREAM);
             let graceful_go_away = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
-            return refused || graceful_go_away;
+            // grpc-core refuses a stream that arrives before its SETTINGS are acknowledged (the
+            // race on every new connection) or under memory pressure with RST_STREAM
+            // ENHANCE_YOUR_CALM, not REFUSED_STREAM, before accepting it (chttp2 parsing.cc).
+            // A reset of that code before any response is such a refusal. grpc-go does not
+            // retry it; we do, since grpc-core servers send it for nothing else.
+            let calm_reset = h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+            return refused || graceful_go_away || calm_reset;
         }
         if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
             return hyper.is_canceled();

@@ -508,6 +508,9 @@ async fn keep_service<S: EndpointService>(
     };
     tokio::pin!(health);
     let mut recovering: Option<Readiness> = None;
+    // Armed while the service is not ready but may be in a moment (a pool replacing a
+    // connection its server aged out): the endpoint leaves rotation only when it fires.
+    let mut grace: Option<(Pin<Box<tokio::time::Sleep>>, String)> = None;
     loop {
         tokio::select! {
             err = &mut health => {
@@ -536,17 +539,23 @@ async fn keep_service<S: EndpointService>(
                         } else {
                             format!("not ready: {reason}")
                         };
-                        let _ = events.send(EndpointEvent::NotReady(id, reason));
+                        grace = Some((Box::pin(tokio::time::sleep(NOT_READY_GRACE)), reason));
                         recovering = Some(Box::pin(until_ready(service.clone())));
                     }
                 }
+            }
+            reason = grace_over(&mut grace) => {
+                let _ = events.send(EndpointEvent::NotReady(id, reason));
             }
             ready = wait_for(&mut recovering) => {
                 recovering = None;
                 match ready {
                     Ok(()) => {
                         load.signals.take_not_ready_reason();
-                        let _ = events.send(EndpointEvent::ServiceReady(id));
+                        // Ready within the grace: it never left rotation.
+                        if grace.take().is_none() {
+                            let _ = events.send(EndpointEvent::ServiceReady(id));
+                        }
                     }
                     Err(err) => {
                         return format!("the endpoint's service failed: {}", describe_error(&*err));
@@ -574,6 +583,23 @@ async fn until_ready<S: EndpointService>(service: S) -> Result<(), BoxError> {
             Poll::Ready(result) => return result.map_err(Into::into),
             Poll::Pending => continue,
         }
+    }
+}
+
+/// How long an endpoint whose service is not ready stays in rotation, in case it is ready again
+/// at once: a pool reconnects a connection its server closed gracefully (a max connection age,
+/// gRFC A9) in about one round trip, and that is no reason to flap. Calls that pick it meanwhile
+/// go to another endpoint. A server that is gone (a refused or failing connect) is out after it.
+const NOT_READY_GRACE: Duration = Duration::from_millis(200);
+
+/// Fires once the grace runs out, yielding the reason the endpoint is not ready.
+async fn grace_over(grace: &mut Option<(Pin<Box<tokio::time::Sleep>>, String)>) -> String {
+    match grace {
+        Some((sleep, _)) => {
+            sleep.await;
+            grace.take().map(|(_, reason)| reason).unwrap_or_default()
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -53,7 +53,7 @@
 //!   attempt, so a server that accepts and drops connections cannot cause a reconnect loop.
 //! - **No connection.** While none is up, `poll_ready` is `Pending`; after `wait_timeout` the
 //!   call fails with `UNAVAILABLE`, saying why and when the next attempt is
-//!   (`no connection to http://…: Connection refused (os error 111), retrying in 1.6s`). The
+//!   (`no connection to http://…: connect failed: connection refused (retrying in 1.6 s)`). The
 //!   status's source is the connect error, so [`status::is_unprocessed`](crate::status::is_unprocessed)
 //!   knows the call never left.
 //! - **Stats and metrics.** [`Pool::stats`] gives open, connecting and idle connections, calls

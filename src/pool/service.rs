@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::shared::{ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection, root_cause};
+use super::shared::{ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection};
 use super::stats::PoolStats;
 use crate::BoxError;
 
@@ -30,7 +30,7 @@ use crate::BoxError;
 /// `Pending` (with the waker registered) while no connection is up, or while every connection
 /// is at `max_streams_per_connection` and another is being opened. A handle that has waited
 /// `wait_timeout` for a connection turns ready and its next call fails at once with
-/// `UNAVAILABLE` ("no connection to …, retrying in 1.6s"): the one way to give a tonic client a
+/// `UNAVAILABLE` ("no connection to …: connection refused (retrying in 1.6 s)"): the one way to give a tonic client a
 /// status it can act on (tonic reports a `poll_ready` error as `UNKNOWN`). `Ready(Err)` is kept
 /// for a pool that can never connect again (its connector failed).
 ///
@@ -262,11 +262,32 @@ fn call_failed(err: BoxError, guard: Option<InFlight>) -> Status {
         format!(
             "connection to {} broke: {}",
             conn.target(),
-            root_cause(&*err)
+            crate::status::describe_error(&*err)
         ),
     );
     status.set_source(err);
     status
+}
+
+/// The error of a response body that failed mid-stream; a broken connection leaves the
+/// rotation here too.
+fn body_failed(err: BoxError, guard: Option<InFlight>) -> BoxError {
+    let Some(guard) = guard.filter(|_| breaks_connection(&*err)) else {
+        return err;
+    };
+    let err = SharedError::from(err);
+    let conn = guard.conn();
+    conn.mark_broken(err.clone());
+    let mut status = Status::new(
+        Code::Unavailable,
+        format!(
+            "connection to {} broke while reading the response: {}",
+            conn.target(),
+            crate::status::describe_error(&*err)
+        ),
+    );
+    status.set_source(err);
+    Box::new(status)
 }
 
 pin_project! {
@@ -298,9 +319,12 @@ impl<B> Body for PoolBody<B>
 where
     B: Body,
     B::Data: Buf,
+    B::Error: Into<BoxError>,
 {
     type Data = B::Data;
-    type Error = B::Error;
+    /// The inner body's error; a broken connection's as a [`Status`] `UNAVAILABLE` saying so
+    /// (tonic would report it as `UNKNOWN` "h2 protocol error").
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -308,16 +332,20 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = std::task::ready!(this.inner.poll_frame(cx));
-        let over = match &frame {
+        Poll::Ready(match frame {
             // Trailers are always the last frame, and tonic stops polling after them.
-            Some(Ok(frame)) => frame.is_trailers(),
-            // The end, or an error: the stream is over either way.
-            _ => true,
-        };
-        if over {
-            this.guard.take();
-        }
-        Poll::Ready(frame)
+            Some(Ok(frame)) => {
+                if frame.is_trailers() {
+                    this.guard.take();
+                }
+                Some(Ok(frame))
+            }
+            Some(Err(err)) => Some(Err(body_failed(err.into(), this.guard.take()))),
+            None => {
+                this.guard.take();
+                None
+            }
+        })
     }
 
     fn is_end_stream(&self) -> bool {

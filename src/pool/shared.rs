@@ -183,15 +183,6 @@ fn near_full(in_flight: usize, max_streams: usize) -> bool {
     in_flight.saturating_mul(10) >= max_streams.saturating_mul(9)
 }
 
-/// The innermost error of a chain: the one that says what actually happened.
-pub(crate) fn root_cause<'a>(err: &'a (dyn Error + 'static)) -> &'a (dyn Error + 'static) {
-    let mut err = err;
-    while let Some(source) = err.source() {
-        err = source;
-    }
-    err
-}
-
 /// Whether a call's error means its connection is gone (so the pool must drop it), as opposed
 /// to one stream failing: any `UNAVAILABLE` transport error except a refused stream.
 pub(crate) fn breaks_connection(err: &(dyn Error + 'static)) -> bool {
@@ -318,15 +309,18 @@ impl<S> Shared<S> {
     fn no_connection(&self, st: &State<S>, now: Instant) -> Status {
         let target = &self.core.target;
         let when = match st.next_attempt {
-            Some(at) if at > now => format!("retrying in {:.1}s", (at - now).as_secs_f64()),
+            Some(at) if at > now => format!("retrying in {:.1} s", (at - now).as_secs_f64()),
             _ if st.connecting > 0 => "connecting now".to_owned(),
             _ => "reconnecting".to_owned(),
         };
         let message = match &st.last_error {
-            Some(err) => format!("no connection to {target}: {}, {when}", root_cause(&**err)),
+            Some(err) => format!(
+                "no connection to {target}: {} ({when})",
+                crate::status::describe_error(&**err)
+            ),
             None => format!(
-                "no connection to {target} within {:?}: {when}",
-                self.core.config.wait_timeout
+                "no connection to {target} within {}: {when}",
+                crate::status::HumanDuration(self.core.config.wait_timeout)
             ),
         };
         // The source keeps the connect error, so `status::is_unprocessed` sees the call never
@@ -675,14 +669,6 @@ mod tests {
         assert!(!breaks_connection(&deadline));
         let internal = Wrapped(Box::new(Status::internal("not a transport failure")));
         assert!(!breaks_connection(&internal));
-    }
-
-    #[test]
-    fn root_cause_is_the_innermost_error() {
-        let err = Wrapped(Box::new(Wrapped(Box::new(std::io::Error::other("deep")))));
-        assert_eq!(root_cause(&err).to_string(), "deep");
-        let plain = std::io::Error::other("flat");
-        assert_eq!(root_cause(&plain).to_string(), "flat");
     }
 
     #[test]
