@@ -347,6 +347,20 @@ pub fn is_too_many_pings(err: &(dyn Error + 'static)) -> bool {
     })
 }
 
+/// Whether a call's trailers (or Trailers-Only headers) say it was cancelled for the same
+/// reason: grpc-core, when it sends GOAWAY `too_many_pings`, ends the calls open on the
+/// connection with `UNAVAILABLE` "Too many pings", so the GOAWAY itself fails no stream.
+pub fn is_too_many_pings_status(headers: &HeaderMap) -> bool {
+    headers
+        .get(GRPC_STATUS)
+        .is_some_and(|s| s.as_bytes() == b"14")
+        && headers.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.eq_ignore_ascii_case(b"Too many pings")
+                || m.eq_ignore_ascii_case(b"Too%20many%20pings")
+        })
+}
+
 /// The canonical upper-case name of a code, as gRFC A66 labels `grpc.status` ("OK", "UNAVAILABLE").
 pub fn code_name(code: Code) -> &'static str {
     match code {

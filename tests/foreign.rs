@@ -423,7 +423,10 @@ async fn a_killed_server_leaves_rotation_and_with_retries_no_call_fails() {
         assert_only_committed_calls_failed(kind, &calls);
         assert!(over_deadline(&calls, DEADLINE).is_empty(), "{kind}");
         let after_kill = calls.iter().filter(|c| c.started > killed).count();
-        assert!(after_kill > 100, "{kind}: only {after_kill} calls after the kill");
+        assert!(
+            after_kill > 100,
+            "{kind}: only {after_kill} calls after the kill"
+        );
         // The endpoint says why it is out.
         let endpoint = fixture.state_of(1).unwrap();
         let reason = endpoint.reason.clone().unwrap_or_default();
@@ -535,9 +538,16 @@ async fn a_graceful_stop_drains_without_a_failed_or_stalled_call() {
         };
         let (calls, (began, left)) = tokio::join!(load, stop);
         let left = left.unwrap_or_else(|| panic!("{kind}: the stopping server stayed in rotation"));
-        eprintln!("{kind}: left rotation {:?} after the stop began", left - began);
+        eprintln!(
+            "{kind}: left rotation {:?} after the stop began",
+            left - began
+        );
         assert!(left - began < ROUTED_AROUND_WITHIN, "{kind}");
-        assert!(failures(&calls).is_empty(), "{kind}: {:#?}", failures(&calls));
+        assert!(
+            failures(&calls).is_empty(),
+            "{kind}: {:#?}",
+            failures(&calls)
+        );
         // No stall: a call takes its 200 ms, plus at most a transparent retry elsewhere.
         let slowest = calls.iter().map(Call::latency).max().unwrap_or_default();
         assert!(
@@ -550,7 +560,10 @@ async fn a_graceful_stop_drains_without_a_failed_or_stalled_call() {
             .filter(|c| c.started < began && c.ended > began)
             .filter(|c| c.outcome.as_ref().ok() == Some(&fixture.servers[0].id()))
             .count();
-        assert!(served_by_stopping > 0, "{kind}: no call finished on the stopping server");
+        assert!(
+            served_by_stopping > 0,
+            "{kind}: no call finished on the stopping server"
+        );
         fixture.servers[0]
             .peer()
             .wait_stopped()
@@ -602,9 +615,16 @@ async fn max_connection_age_costs_nothing() {
         )
         .await;
         watch.abort();
-        assert!(failures(&calls).is_empty(), "{kind}: {:#?}", failures(&calls));
+        assert!(
+            failures(&calls).is_empty(),
+            "{kind}: {:#?}",
+            failures(&calls)
+        );
         let flaps = flaps.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        assert!(flaps.is_empty(), "{kind}: endpoints left rotation: {flaps:#?}");
+        assert!(
+            flaps.is_empty(),
+            "{kind}: endpoints left rotation: {flaps:#?}"
+        );
         assert!(calls.len() > 200, "{kind}: only {} calls", calls.len());
     }
 }
@@ -630,14 +650,15 @@ async fn keepalive_backs_off_when_the_server_says_too_many_pings() {
     };
     let fixture = Fixture::start(kind, 1, &Options::default(), stack).await;
     let uri = fixture.servers[0].uri();
-    // Quiet calls of 1 s: only pings cross the connection meanwhile, as under a health Watch
-    // (grpc-core forgives pings only when it has sent data since the last one).
+    // Quiet calls of 1.5 s: only pings cross the connection meanwhile, as under a health Watch
+    // (grpc-core forgives pings only when it has sent data since the last one), and grpc-core
+    // ends them "Too many pings" after about a second at this interval.
     let calls = drive(
         &fixture.client,
         1,
+        Duration::from_secs(6),
         Duration::from_secs(5),
-        Duration::from_secs(3),
-        Some(Duration::from_secs(1)),
+        Some(Duration::from_millis(1500)),
     )
     .await;
     let now = towline::connect::keepalive_interval_for(&uri, interval);
@@ -646,8 +667,12 @@ async fn keepalive_backs_off_when_the_server_says_too_many_pings() {
         now >= interval * 2,
         "{kind}: the server's too_many_pings was not seen, interval still {now:?}"
     );
-    assert!(failures(&calls).is_empty(), "{kind}: {:#?}", failures(&calls));
-    assert!(calls.len() >= 4, "{kind}: only {} calls", calls.len());
+    assert!(
+        failures(&calls).is_empty(),
+        "{kind}: {:#?}",
+        failures(&calls)
+    );
+    assert!(calls.len() >= 3, "{kind}: only {} calls", calls.len());
 }
 
 /// Issue 13, 2.5 (gRFC A6): a stream refused above `max_concurrent_streams` (before the client
@@ -720,13 +745,15 @@ async fn a_call_that_waited_is_sent_with_the_rest_of_its_deadline() {
             .await
             .unwrap();
         let (elapsed, reply) = call.await.unwrap();
-        let reply = reply.unwrap_or_else(|s| panic!("{kind}: {s:?}")).into_inner();
+        let reply = reply
+            .unwrap_or_else(|s| panic!("{kind}: {s:?}"))
+            .into_inner();
         let left: u64 = match kind {
-            Kind::Testkit => towline::deadline::parse(
-                reply.request_headers["grpc-timeout"].as_bytes(),
-            )
-            .unwrap()
-            .as_millis() as u64,
+            Kind::Testkit => {
+                towline::deadline::parse(reply.request_headers["grpc-timeout"].as_bytes())
+                    .unwrap()
+                    .as_millis() as u64
+            }
             Kind::Peer(_) => reply.request_headers["x-deadline-remaining-ms"]
                 .parse()
                 .unwrap(),
@@ -766,7 +793,9 @@ async fn errors_say_what_happened() {
         let reason = timeout(Duration::from_secs(5), async {
             loop {
                 // A call tells the balancer the connection is gone.
-                let _ = client.unary(EchoRequest::default()).await;
+                let mut probe = tonic::Request::new(EchoRequest::default());
+                probe.set_timeout(Duration::from_millis(300));
+                let _ = client.unary(probe).await;
                 if let Some(reason) = fixture
                     .state_of(0)
                     .filter(|e| e.state != EndpointState::Ready)

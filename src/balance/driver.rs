@@ -68,20 +68,14 @@ impl Signals {
         self.not_ready.notify_one();
     }
 
-    /// A bare connection (one the balancer owns) failed with `err`: if that was the server's
-    /// GOAWAY `too_many_pings`, later connections ping half as often (gRFC A8). Counted once per
-    /// connection `generation`, however many calls it fails.
-    pub(crate) fn note_too_many_pings(
-        &self,
-        target: &Uri,
-        generation: u64,
-        err: &(dyn std::error::Error + 'static),
-    ) {
-        if crate::status::is_too_many_pings(err)
-            && self
-                .ping_strike_generation
-                .swap(generation, Ordering::AcqRel)
-                != generation
+    /// A bare connection (one the balancer owns) was closed by the server for our keepalive
+    /// pings: later connections ping half as often (gRFC A8). Counted once per connection
+    /// `generation`, however many calls it fails.
+    pub(crate) fn note_ping_strike(&self, target: &Uri, generation: u64) {
+        if self
+            .ping_strike_generation
+            .swap(generation, Ordering::AcqRel)
+            != generation
         {
             crate::connect::note_too_many_pings(target);
         }
@@ -514,8 +508,10 @@ async fn keep_service<S: EndpointService>(
     loop {
         tokio::select! {
             err = &mut health => {
-                let generation = load.signals.generation.load(Ordering::Acquire);
-                load.signals.note_too_many_pings(&load.uri, generation, &*err);
+                if crate::status::is_too_many_pings(&*err) {
+                    let generation = load.signals.generation.load(Ordering::Acquire);
+                    load.signals.note_ping_strike(&load.uri, generation);
+                }
                 return format!(
                     "connection failed under the health check: {}",
                     describe_error(&*err)

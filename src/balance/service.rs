@@ -411,22 +411,29 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             self.as_mut().repick(request)
                         } else {
                             *this.waited = true;
-                            let Some(call_deadline) = *this.call_deadline else {
-                                return Poll::Pending;
-                            };
-                            let expires = expires.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep_until(call_deadline.at))
+                            // No other endpoint: wait for this one, as long as a call may wait
+                            // for an endpoint (its deadline, or `endpoint_wait`).
+                            let wait = *this.deadline.get_or_insert_with(|| {
+                                let wait_for_ready = request
+                                    .as_ref()
+                                    .and_then(|r| r.extensions().get::<WaitForReady>())
+                                    .map(|w| w.0);
+                                WaitDeadline::new(
+                                    Instant::now(),
+                                    *this.endpoint_wait,
+                                    *this.call_deadline,
+                                    wait_for_ready,
+                                )
                             });
+                            let expires = expires
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wait.at)));
                             if expires.as_mut().poll(cx).is_pending() {
                                 return Poll::Pending;
                             }
                             // Never sent: dropping the guard releases the endpoint's in-flight slot.
                             let guard = guard.take().expect("guard is kept until sent");
                             State::Failed {
-                                status: Some(call_deadline.exceeded(format_args!(
-                                    "while {} was not ready to take the call",
-                                    authority(&guard.load.uri)
-                                ))),
+                                status: Some(wait.not_ready(&guard.load.uri, *this.endpoint_wait)),
                             }
                         }
                     }
@@ -622,6 +629,21 @@ impl WaitDeadline {
         }
     }
 
+    /// The status of a call whose wait ran out while the one endpoint it could go to was not
+    /// ready.
+    fn not_ready(&self, uri: &Uri, endpoint_wait: Duration) -> Status {
+        let endpoint = authority(uri);
+        match self.call.filter(|_| self.is_call_deadline) {
+            Some(call) => call.exceeded(format_args!(
+                "while {endpoint} was not ready to take the call"
+            )),
+            None => unavailable_status(&format!(
+                "{endpoint} was not ready to take the call within {}",
+                HumanDuration(endpoint_wait)
+            )),
+        }
+    }
+
     /// The status of a call whose wait ran out while no endpoint could take it, for `reason`.
     fn expired(&self, reason: &str) -> Status {
         match self.call.filter(|_| self.is_call_deadline) {
@@ -774,9 +796,9 @@ impl CallGuard {
                     .signals
                     .check_readiness(|| status.message().to_owned()),
                 None => {
-                    self.load
-                        .signals
-                        .note_too_many_pings(&self.load.uri, self.generation, err);
+                    if crate::status::is_too_many_pings(err) {
+                        self.too_many_pings();
+                    }
                     self.connection_broken();
                 }
             }
@@ -790,6 +812,15 @@ impl CallGuard {
         if let Some(mut guard) = guard.take() {
             guard.finish(code);
         }
+    }
+
+    /// The server ended this call for our keepalive pings and is closing the connection
+    /// (grpc-core): later connections ping half as often (gRFC A8). A pool notes it itself;
+    /// a bare connection the balancer owns is noted here, once per connection.
+    fn too_many_pings(&self) {
+        self.load
+            .signals
+            .note_ping_strike(&self.load.uri, self.generation);
     }
 
     /// Tells the endpoint's connection task that its connection failed, unless it has already
@@ -854,7 +885,14 @@ where
             // ends here (in-flight count, RTT).
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    CallGuard::end(this.guard, code_from_trailers(Some(trailers)));
+                    let code = code_from_trailers(Some(trailers));
+                    if code == Code::Unavailable
+                        && crate::status::is_too_many_pings_status(trailers)
+                        && let Some(guard) = this.guard.as_ref()
+                    {
+                        guard.too_many_pings();
+                    }
+                    CallGuard::end(this.guard, code);
                 }
             }
             Some(Err(_)) => CallGuard::end(this.guard, Code::Unavailable),

@@ -239,6 +239,9 @@ where
                     Ok(response) => {
                         if let Some(guard) = &guard {
                             guard.conn().mark_proven();
+                            if crate::status::is_too_many_pings_status(response.headers()) {
+                                guard.conn().too_many_pings();
+                            }
                         }
                         Ok(response.map(|body| PoolBody { inner: body, guard }))
                     }
@@ -335,8 +338,12 @@ where
         Poll::Ready(match frame {
             // Trailers are always the last frame, and tonic stops polling after them.
             Some(Ok(frame)) => {
-                if frame.is_trailers() {
-                    this.guard.take();
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(guard) = this.guard.take()
+                        && crate::status::is_too_many_pings_status(trailers)
+                    {
+                        guard.conn().too_many_pings();
+                    }
                 }
                 Some(Ok(frame))
             }

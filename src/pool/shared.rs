@@ -95,6 +95,15 @@ impl ConnLoad {
         }
     }
 
+    /// The server ended a call on this connection for our keepalive pings (grpc-core's
+    /// "Too many pings"): it is closing the connection; replace it, pinging less (gRFC A8).
+    pub(crate) fn too_many_pings(&self) {
+        if !self.broken.load(Ordering::Acquire) {
+            crate::connect::note_too_many_pings(&self.core.target);
+            self.mark_broken(Arc::new(TooManyPings));
+        }
+    }
+
     pub(crate) fn mark_proven(&self) {
         if !self.proven.load(Ordering::Relaxed) && !self.proven.swap(true, Ordering::AcqRel) {
             self.core.proven.store(true, Ordering::Release);
@@ -544,6 +553,18 @@ struct Plan<S> {
     dropped: Vec<Conn<S>>,
     wake: Vec<Waker>,
 }
+
+/// Why a connection whose server objected to our keepalive pings was replaced.
+#[derive(Debug)]
+pub(crate) struct TooManyPings;
+
+impl fmt::Display for TooManyPings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the server closed the connection for too many keepalive pings")
+    }
+}
+
+impl Error for TooManyPings {}
 
 /// A connection attempt that took longer than the configured connect timeout.
 #[derive(Debug)]
