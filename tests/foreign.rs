@@ -172,12 +172,15 @@ impl Server {
     }
 }
 
+/// A condition on the balancer's endpoints, to wait for.
+type Condition<'a> = Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>;
+
 /// What the tests need of a `Balance<S>`, whatever its `S`.
 trait BalanceView: Send + Sync {
     fn snapshot(&self) -> Vec<EndpointSnapshot>;
     fn wait_until<'a>(
         &'a self,
-        done: Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>,
+        done: Condition<'a>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
@@ -188,7 +191,7 @@ impl<S: EndpointService> BalanceView for Balance<S> {
 
     fn wait_until<'a>(
         &'a self,
-        done: Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>,
+        done: Condition<'a>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(Balance::wait_until(self, done))
     }

@@ -338,12 +338,12 @@ where
         Poll::Ready(match frame {
             // Trailers are always the last frame, and tonic stops polling after them.
             Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let Some(guard) = this.guard.take()
-                        && crate::status::is_too_many_pings_status(trailers)
-                    {
-                        guard.conn().too_many_pings();
-                    }
+                // The guard goes with the trailers, the last frame.
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(guard) = this.guard.take()
+                    && crate::status::is_too_many_pings_status(trailers)
+                {
+                    guard.conn().too_many_pings();
                 }
                 Some(Ok(frame))
             }
