@@ -905,3 +905,77 @@ async fn outlier_detection_counts_answers_not_broken_connections() {
         }
     }
 }
+
+/// Issue 13, 2.8: when the pool connection that carries the health `Watch` breaks, the pool
+/// replaces that one connection and the watch goes on over the other: the endpoint stays in
+/// rotation, its other connection is kept, and no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broken_connection_of_a_pool_is_the_pools_business() {
+    use std::sync::{Arc, Mutex, PoisonError};
+    use towline::pool::{PoolConfig, PoolLayer};
+    use towline::testkit::ECHO_SERVICE;
+
+    let backend = Backend::builder().id("pooled").start().await.unwrap();
+    let pool = PoolConfig::builder().size(2).build().unwrap();
+    let b = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new([backend.uri()]),
+            config()
+                .health_check(HealthCheck::watch(ECHO_SERVICE))
+                .build()
+                .unwrap(),
+        ))
+        .layer(PoolLayer::new(pool.clone()))
+        .service(pool.connector());
+    wait_for(&b, "ready", |s| count(s, EndpointState::Ready) == 1).await;
+    assert_eq!(backend.connections_accepted(), 2);
+
+    // Every moment the endpoint is out of rotation, recorded.
+    let flaps = Arc::new(Mutex::new(Vec::new()));
+    let watch = {
+        let (b, flaps) = (b.clone(), flaps.clone());
+        tokio::spawn(async move {
+            b.wait_until(|s| {
+                if s[0].state != EndpointState::Ready {
+                    flaps
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(format!("{}: {:?}", s[0].state, s[0].reason));
+                }
+                false
+            })
+            .await;
+        })
+    };
+    let retry = towline::retry::RetryLayer::new(towline::retry::RetryPolicy::default());
+    let client = EchoClient::new(ServiceBuilder::new().layer(retry).service(b.clone()));
+    let driver = Load::new(4).duration(Duration::from_millis(1500));
+    let load = driver.run(move |_| {
+        let mut client = client.clone();
+        async move { client.unary(EchoRequest::default()).await.map(|_| ()) }
+    });
+    let breaks = async {
+        // One connection at a time, the watch's included: each is replaced on its own.
+        for number in 1..=2 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(
+                backend.drop_connection(number),
+                "connection {number} was open"
+            );
+        }
+    };
+    let (report, ()) = tokio::join!(load, breaks);
+    watch.abort();
+    assert_eq!(report.failed(), 0, "{:?}", report.failures());
+    let flaps = flaps.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    assert!(flaps.is_empty(), "the endpoint left rotation: {flaps:#?}");
+    // Two replacements, one per broken connection; a rebuilt pool would have opened two each.
+    timeout(Duration::from_secs(5), async {
+        while backend.open_connections() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the pool is back to two connections");
+    assert_eq!(backend.connections_accepted(), 4);
+}

@@ -275,7 +275,13 @@ fn call_failed(err: BoxError, guard: Option<InFlight>) -> Status {
 /// The error of a response body that failed mid-stream; a broken connection leaves the
 /// rotation here too.
 fn body_failed(err: BoxError, guard: Option<InFlight>) -> BoxError {
-    let Some(guard) = guard.filter(|_| breaks_connection(&*err)) else {
+    // tonic's body reports a connection that broke under it as an `UNKNOWN` status over the
+    // transport error: judge by the transport error.
+    let broke = match err.downcast_ref::<Status>() {
+        Some(status) => std::error::Error::source(status).is_some_and(breaks_connection),
+        None => breaks_connection(&*err),
+    };
+    let Some(guard) = guard.filter(|_| broke) else {
         return err;
     };
     let err = SharedError::from(err);

@@ -260,6 +260,19 @@ impl Backend {
         self.shared.open_connections.load(Ordering::Relaxed)
     }
 
+    /// Drops the connection numbered `number` ([`CONNECTION_HEADER`]: 1, 2, … in the order
+    /// they were accepted) at once, as a crash of that one connection would: its calls fail,
+    /// the others go on. Returns whether it was open.
+    pub fn drop_connection(&self, number: u64) -> bool {
+        let handle = self
+            .shared
+            .connection_tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&number);
+        handle.map(|task| task.abort()).is_some()
+    }
+
     /// Whether the backend is listening.
     pub fn is_running(&self) -> bool {
         self.server_slot().is_some()
@@ -322,11 +335,18 @@ impl Backend {
                             TokioIo::new(stream),
                             hyper_util::service::TowerToHyperService::new(service),
                         );
-                        connections.spawn(async move {
+                        let tasks = shared.clone();
+                        let task = connections.spawn(async move {
                             let _ = conn.await;
+                            tasks.forget_connection(number);
                             // Also dropped, and so counted, when stop() aborts the task.
                             drop(open);
                         });
+                        shared
+                            .connection_tasks
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(number, task);
                     }
                     Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 }
@@ -392,6 +412,8 @@ pub(super) struct Shared {
     /// Records accepted by `Log.Produce`.
     pub(super) records: AtomicU64,
     open_connections: AtomicU64,
+    /// The open connections' tasks, by number, for `drop_connection`.
+    connection_tasks: Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -447,7 +469,15 @@ impl Shared {
             connections: AtomicU64::new(0),
             records: AtomicU64::new(0),
             open_connections: AtomicU64::new(0),
+            connection_tasks: Mutex::default(),
         }
+    }
+
+    fn forget_connection(&self, number: u64) {
+        self.connection_tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&number);
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
