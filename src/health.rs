@@ -298,14 +298,14 @@ where
                 };
                 match outcome {
                     Ok(()) => {
-                        successes += 1;
+                        successes = successes.saturating_add(1);
                         failures = 0;
                         if first || successes >= rise {
                             report(Some(Verdict::Serving));
                         }
                     }
                     Err(reason) => {
-                        failures += 1;
+                        failures = failures.saturating_add(1);
                         successes = 0;
                         if first || failures >= fall {
                             report(Some(Verdict::NotServing(reason)));

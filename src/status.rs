@@ -361,6 +361,92 @@ pub fn is_too_many_pings_status(headers: &HeaderMap) -> bool {
         })
 }
 
+/// A request extension through which a layer learns how a call ended after its own response
+/// future is done: the layer below that reads the call's trailers reports the final code.
+///
+/// towline's `RetryLayer` puts one on the calls whose token-bucket budget must hear the outcome
+/// of a call that committed (gRFC A6: one that then ends with a retryable code is a failure for
+/// throttling), and the balancer's response body reports to it. A layer of your own that reads
+/// trailers can report too; the first report counts.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use tonic::Code;
+/// use towline::status::CallEnd;
+///
+/// let end = CallEnd::new();
+/// let seen = Arc::new(Mutex::new(None));
+/// let record = seen.clone();
+/// end.on_end(move |code| *record.lock().unwrap() = Some(code));
+/// end.clone().report(Code::Unavailable); // from the layer that saw the trailers
+/// end.report(Code::Ok);                  // too late: the first report counts
+/// assert_eq!(*seen.lock().unwrap(), Some(Code::Unavailable));
+/// ```
+///
+/// When every handle is gone without a report (no layer below reads trailers), the handler gets
+/// `OK`: the call committed, and nothing below said otherwise.
+#[derive(Clone, Default)]
+pub struct CallEnd(Arc<EndSlot>);
+
+type EndHandler = Box<dyn FnOnce(Code) + Send>;
+
+#[derive(Default)]
+struct EndSlot(std::sync::Mutex<Option<EndHandler>>);
+
+impl Drop for EndSlot {
+    fn drop(&mut self) {
+        let handler = self
+            .0
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handler) = handler {
+            handler(Code::Ok);
+        }
+    }
+}
+
+impl CallEnd {
+    /// A handle with nobody listening yet.
+    pub fn new() -> Self {
+        CallEnd::default()
+    }
+
+    /// `handler` gets the code of the first [`report`](Self::report) made after this.
+    pub fn on_end(&self, handler: impl FnOnce(Code) + Send + 'static) {
+        *self.slot() = Some(Box::new(handler));
+    }
+
+    /// The call ended with `code`. Reports before anyone listens, and after the first, are
+    /// ignored.
+    pub fn report(&self, code: Code) {
+        let handler = self.slot().take();
+        if let Some(handler) = handler {
+            handler(code);
+        }
+    }
+
+    /// Whether someone is still waiting for the report.
+    pub fn is_awaited(&self) -> bool {
+        self.slot().is_some()
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<EndHandler>> {
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for CallEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallEnd")
+            .field("awaited", &self.is_awaited())
+            .finish()
+    }
+}
+
 /// The canonical upper-case name of a code, as gRFC A66 labels `grpc.status` ("OK", "UNAVAILABLE").
 pub fn code_name(code: Code) -> &'static str {
     match code {

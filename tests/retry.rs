@@ -990,6 +990,48 @@ async fn a_committed_call_that_ends_with_a_retryable_code_is_a_failure_for_throt
     assert_eq!(budget.tokens(), Some(9.5), "OK in the trailers: a success");
 }
 
+/// The same through a balancer, whose response body is its own (not tonic's): the balancer
+/// reads the trailers and reports the code through the `CallEnd` the retry layer put on the call.
+#[tokio::test]
+async fn a_committed_call_that_fails_in_its_trailers_through_a_balancer_is_a_failure() {
+    use http_body_util::BodyExt;
+    use towline::balance::{BalanceConfig, BalanceLayer};
+    use towline::discover::Static;
+    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+    let policy = quick()
+        .max_attempts(3)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let inner = Scripted::new([
+        Reply::Committed(Code::Unavailable),
+        Reply::Committed(Code::Ok),
+    ]);
+    let make = {
+        let inner = inner.clone();
+        tower::service_fn(move |_: http::Uri| {
+            let inner = inner.clone();
+            async move { Ok::<_, BoxError>(inner) }
+        })
+    };
+    let balance = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new([http::Uri::from_static("http://a:1")]),
+            BalanceConfig::builder()
+                .outlier_detection(None)
+                .build()
+                .unwrap(),
+        ))
+        .service(make);
+    let stack = RetryLayer::new(policy).layer(balance);
+    for (expected_tokens, status) in [(9.0, "14"), (9.5, "0")] {
+        let res = stack.clone().oneshot(grpc_request(None)).await.unwrap();
+        let trailers = res.into_body().collect().await.unwrap().trailers().cloned();
+        assert_eq!(trailers.unwrap()["grpc-status"], status);
+        assert_eq!(budget.tokens(), Some(expected_tokens), "after {status}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_server_s_pushback_is_capped_for_a_call_without_a_deadline() {
     let inner = Scripted::new([Reply::Fail(Code::Unavailable, Some("18446744073709551615"))]);

@@ -26,7 +26,7 @@ use crate::BoxError;
 use crate::deadline::instant_after;
 use crate::discover::Discover;
 use crate::status::{
-    HumanDuration, ResponseStatus, classify_response, code_from_error, code_from_trailers,
+    CallEnd, HumanDuration, ResponseStatus, classify_response, code_from_error, code_from_trailers,
     status_from_error,
 };
 
@@ -680,9 +680,16 @@ where
                 service,
                 generation,
             }) => State::Ready {
+                guard: Some(CallGuard::new(
+                    load,
+                    generation,
+                    self.feedback.clone(),
+                    request
+                        .as_ref()
+                        .and_then(|r| r.extensions().get::<CallEnd>().cloned()),
+                )),
                 request,
                 service,
-                guard: Some(CallGuard::new(load, generation, self.feedback.clone())),
                 expires: None,
             },
             Err(Unavailable { reason, settling }) => {
@@ -726,6 +733,8 @@ pub(crate) struct CallGuard {
     load: Arc<Load>,
     generation: u64,
     feedback: Arc<Feedback>,
+    /// A layer above that wants the call's final code (the retry layer's token bucket).
+    end: Option<CallEnd>,
     started: Instant,
     recorded: bool,
     /// Whether the call's time is a round trip to feed the endpoint's RTT estimate: only once
@@ -736,11 +745,17 @@ pub(crate) struct CallGuard {
 }
 
 impl CallGuard {
-    fn new(load: Arc<Load>, generation: u64, feedback: Arc<Feedback>) -> Self {
+    fn new(
+        load: Arc<Load>,
+        generation: u64,
+        feedback: Arc<Feedback>,
+        end: Option<CallEnd>,
+    ) -> Self {
         CallGuard {
             load,
             generation,
             feedback,
+            end,
             started: Instant::now(),
             recorded: false,
             measures_rtt: false,
@@ -757,6 +772,9 @@ impl CallGuard {
     fn finish(&mut self, code: Code) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
+        }
+        if let Some(end) = self.end.take() {
+            end.report(code);
         }
         let Some(detection) = &self.feedback.detection else {
             return;

@@ -21,6 +21,7 @@ use super::layer::Shared;
 use super::policy::RetryPolicy;
 use super::response_body::Outcome;
 use crate::BoxError;
+use crate::status::CallEnd;
 use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
 
 /// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
@@ -231,7 +232,10 @@ impl<S> RetryState<S> {
                 // tells the budget what they say.
                 ResponseStatus::InTrailers => {
                     match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
-                        Some(outcome) => Decision::Done(Ok(res.map(|body| outcome.watch(body)))),
+                        Some(outcome) => {
+                            let end = self.parts.extensions.get::<CallEnd>();
+                            Decision::Done(Ok(res.map(|body| outcome.watch(body, end))))
+                        }
                         None => Decision::Done(Ok(res)),
                     }
                 }

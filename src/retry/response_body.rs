@@ -27,7 +27,7 @@ use tonic::{Code, Status};
 use super::budget::RetryBudget;
 use super::policy::CodeSet;
 use crate::BoxError;
-use crate::status::{code_from_error, code_from_trailers};
+use crate::status::{CallEnd, code_from_error, code_from_trailers};
 
 pin_project! {
     /// The inner response body, unchanged frame for frame, that reports its end to an [`Outcome`].
@@ -64,13 +64,17 @@ impl Outcome {
     }
 
     /// `body`, now reporting its trailers' status here, if its type lets it (see the module
-    /// docs); otherwise the call counts as a success now, at its commit.
-    pub(crate) fn watch<B: 'static>(self, body: B) -> B {
+    /// docs); otherwise through `end`, the [`CallEnd`] the attempt carried, which a layer below
+    /// that reads the trailers (the balancer) reports to; with neither, the call counts as a
+    /// success now, at its commit.
+    pub(crate) fn watch<B: 'static>(self, body: B, end: Option<&CallEnd>) -> B {
         let mut slot = Some(body);
         if let Some(tonic_slot) = (&mut slot as &mut dyn Any).downcast_mut::<Option<TonicBody>>() {
             *tonic_slot = tonic_slot
                 .take()
                 .map(|body| TonicBody::new(ResponseBody::reporting(body, self)));
+        } else if let Some(end) = end {
+            end.on_end(move |code| self.report(code));
         } else {
             self.report(Code::Ok);
         }
@@ -174,7 +178,7 @@ mod tests {
         let retryable = [Code::Unavailable].into_iter().collect();
         Outcome::for_budget(Some(budget), retryable)
             .unwrap()
-            .watch(body)
+            .watch(body, None)
     }
 
     #[tokio::test]
@@ -227,7 +231,7 @@ mod tests {
         let retryable = [Code::Unavailable].into_iter().collect();
         let _body = Outcome::for_budget(Some(&budget), retryable)
             .unwrap()
-            .watch(http_body_util::Empty::<Bytes>::new());
+            .watch(http_body_util::Empty::<Bytes>::new(), None);
         assert_eq!(budget.tokens(), Some(9.5));
     }
 

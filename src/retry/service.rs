@@ -12,10 +12,12 @@ use tower_service::Service;
 
 use super::NoRetry;
 use super::body::ReplayBody;
+use super::budget::RetryBudget;
 use super::future::{ResponseFuture, Retries, RetryState};
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use crate::BoxError;
+use crate::status::CallEnd;
 
 /// Retries the calls of `S` as its [`RetryPolicy`] says. Made by [`RetryLayer`](super::RetryLayer).
 ///
@@ -110,7 +112,12 @@ where
         }
         let deadline = crate::deadline::from_headers(req.headers())
             .and_then(|timeout| Instant::now().checked_add(timeout));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // A token bucket hears how a committed call ends: from its body, or from the layer
+        // below that reads its trailers, through this (see `CallEnd`).
+        if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
+            parts.extensions.insert(CallEnd::new());
+        }
         let body = ReplayBody::new(body, max_bytes);
         let first = Request::from_parts(parts.clone(), Body::new(body.clone()));
         let future = self.inner.call(first);
