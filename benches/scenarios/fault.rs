@@ -198,6 +198,22 @@ pub async fn fault_run<S: Stack>(
     })
 }
 
+/// `37 (32 deadline, 5 unavailable)`.
+pub fn failures_cell(report: &FaultReport) -> String {
+    if report.failed == 0 {
+        return "0".to_owned();
+    }
+    let by_code: Vec<String> = report
+        .failures
+        .iter()
+        .map(|(code, n)| {
+            let word = code.split('_').next().unwrap_or(code).to_lowercase();
+            format!("{n} {word}")
+        })
+        .collect();
+    format!("{} ({})", report.failed, by_code.join(", "))
+}
+
 /// `123 ms`, or `-` when it never happened.
 pub fn millis(d: Option<Duration>) -> String {
     d.map_or("-".to_owned(), |d| format!("{} ms", d.as_millis()))
