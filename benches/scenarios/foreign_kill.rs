@@ -31,8 +31,8 @@
 //! - `over_deadline`: calls that ended later than their deadline + 100 ms (should be 0).
 //!
 //! `target/scenarios/foreign-kill.json` has these six fields per pair in `figures.variants`, and
-//! the rest (failures by code, when the last failing call was sent, p99, max latency) in
-//! `figures.details`, keyed the same way.
+//! the rest (failures by code and by message, when the last failing call was sent, p99, max
+//! latency) in `figures.details`, keyed the same way.
 //!
 //! Without the foreign servers (`bash tests/peers/install.sh`) the scenario says so loudly and is
 //! skipped; under `CI=true` that is a failure.
@@ -181,6 +181,7 @@ impl Outcome {
             "variant": self.variant,
             "server": self.server.to_string(),
             "failures": r.failures,
+            "failure_messages": r.failure_messages,
             "routed_around_within_run": self.routed_around.is_some(),
             "last_failed_call_sent_ms": json_ms(r.last_failed_call_sent_after_fault),
             "last_failure_ms": json_ms(r.last_failure_after_fault),
