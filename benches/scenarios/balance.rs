@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use http::Uri;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceBuilder;
 use towline::backoff::{Backoff, Jitter};
@@ -60,7 +61,10 @@ pub fn towline_over(
 }
 
 /// Waits (up to 10 s) until `n` endpoints are ready.
-pub async fn ready(balance: &Balance<Channel>, n: usize) -> Result<(), BoxError> {
+pub async fn ready<S: Clone + Send + Sync + 'static>(
+    balance: &Balance<S>,
+    n: usize,
+) -> Result<(), BoxError> {
     let all =
         balance.wait_until(|s| s.iter().filter(|e| e.state == EndpointState::Ready).count() == n);
     tokio::time::timeout(Duration::from_secs(10), all)
@@ -69,7 +73,12 @@ pub async fn ready(balance: &Balance<Channel>, n: usize) -> Result<(), BoxError>
 }
 
 pub fn tonic_balance_list(backends: &[Backend]) -> Channel {
-    Channel::balance_list(backends.iter().map(|b| Endpoint::from(b.uri())))
+    tonic_balance_list_over(backends.iter().map(Backend::uri))
+}
+
+/// tonic's `Channel::balance_list` over `uris`, each with tonic's default `Endpoint` settings.
+pub fn tonic_balance_list_over(uris: impl IntoIterator<Item = Uri>) -> Channel {
+    Channel::balance_list(uris.into_iter().map(Endpoint::from))
 }
 
 /// Runs `load` through `client`, tagging each call with the backend that served it.

@@ -67,7 +67,7 @@ use towline::testkit::pb::echo_client::EchoClient;
 use towline::testkit::{Backend, NetNs, require_netns};
 
 use crate::balance::{ready, tonic_balance_list, towline_over};
-use crate::fault::{Deadline, FaultReport, Phases, fault_run, json_ms, millis};
+use crate::fault::{Deadline, FaultReport, Phases, failures_cell, fault_run, json_ms, millis};
 use crate::support::{BoxScenario, Settings, Skipped, Stack, micros, note, print_table};
 
 const BACKENDS: usize = 4;
@@ -356,22 +356,6 @@ async fn run_variant(client: Client, phases: Phases) -> Result<Outcome, BoxError
         report: report?,
         victim_states,
     })
-}
-
-/// `37 (32 deadline, 5 unavailable)`.
-fn failures_cell(report: &FaultReport) -> String {
-    if report.failed == 0 {
-        return "0".to_owned();
-    }
-    let by_code: Vec<String> = report
-        .failures
-        .iter()
-        .map(|(code, n)| {
-            let word = code.split('_').next().unwrap_or(code).to_lowercase();
-            format!("{n} {word}")
-        })
-        .collect();
-    format!("{} ({})", report.failed, by_code.join(", "))
 }
 
 pub fn run(settings: Settings) -> BoxScenario {

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,6 +22,9 @@ use crate::support::Stack;
 /// A safety bound on the calls of one run; the time bound (the sum of the phases) is the one
 /// that ends it. At the ~20–50k calls/s these machines manage, it is never reached.
 const MAX_CALLS: u64 = 5_000_000;
+
+/// How many distinct failure messages a [`FaultReport`] keeps.
+pub const MAX_MESSAGES: usize = 20;
 
 /// A run's three phases.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +44,9 @@ pub struct FaultReport {
     pub failed: u64,
     /// Failed calls by gRPC code name.
     pub failures: BTreeMap<&'static str, u64>,
+    /// Failed calls by `CODE: message` (at most [`MAX_MESSAGES`] distinct ones; the rest are
+    /// counted in `failures` only).
+    pub failure_messages: BTreeMap<String, u64>,
     /// From the fault to the end of the last failed call: when calls stopped failing.
     pub last_failure_after_fault: Option<Duration>,
     /// From the fault to the start of the last call that then failed: the last call sent to the
@@ -75,6 +81,7 @@ struct Timeline {
     last_failed_call_sent_ms: AtomicU64,
     first_victim_reply_after_repair_ms: AtomicU64,
     over_deadline: AtomicU64,
+    failure_messages: Mutex<BTreeMap<String, u64>>,
 }
 
 const UNSET: u64 = u64::MAX;
@@ -89,6 +96,7 @@ impl Timeline {
             last_failed_call_sent_ms: AtomicU64::new(UNSET),
             first_victim_reply_after_repair_ms: AtomicU64::new(UNSET),
             over_deadline: AtomicU64::new(0),
+            failure_messages: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -105,6 +113,18 @@ impl Timeline {
         let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
             (old == UNSET || old < ms).then_some(ms)
         });
+    }
+
+    /// Counts a failure by its code and message.
+    fn failed_with(&self, status: &tonic::Status) {
+        let message = format!("{:?}: {}", status.code(), status.message());
+        let mut messages = self
+            .failure_messages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if messages.len() < MAX_MESSAGES || messages.contains_key(&message) {
+            *messages.entry(message).or_default() += 1;
+        }
     }
 
     /// `at − since` as a duration, when both happened.
@@ -158,6 +178,7 @@ pub async fn fault_run<S: Stack>(
                     Err(status) => {
                         Timeline::raise(&t.last_failure_ms, t.now_ms());
                         Timeline::raise(&t.last_failed_call_sent_ms, sent_ms);
+                        t.failed_with(&status);
                         Err(status)
                     }
                 }
@@ -184,6 +205,12 @@ pub async fn fault_run<S: Stack>(
         calls: report.calls(),
         failed: report.failed(),
         failures: report.failures().clone(),
+        failure_messages: std::mem::take(
+            &mut *t
+                .failure_messages
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ),
         last_failure_after_fault: Timeline::after(&t.last_failure_ms, &t.fault_ms),
         last_failed_call_sent_after_fault: Timeline::after(
             &t.last_failed_call_sent_ms,
@@ -196,6 +223,22 @@ pub async fn fault_run<S: Stack>(
         fault_at,
         repaired_at,
     })
+}
+
+/// `37 (32 deadline, 5 unavailable)`.
+pub fn failures_cell(report: &FaultReport) -> String {
+    if report.failed == 0 {
+        return "0".to_owned();
+    }
+    let by_code: Vec<String> = report
+        .failures
+        .iter()
+        .map(|(code, n)| {
+            let word = code.split('_').next().unwrap_or(code).to_lowercase();
+            format!("{n} {word}")
+        })
+        .collect();
+    format!("{} ({})", report.failed, by_code.join(", "))
 }
 
 /// `123 ms`, or `-` when it never happened.

@@ -11,7 +11,8 @@
 //! Each scenario prints a table and writes `target/scenarios/<name>.json`; `summary` also writes
 //! `target/scenarios/summary.json` (every scenario's figures and the machine's load) and
 //! `summary.md` (the printed tables in markdown, copied to `docs/scenarios.md`).
-//! `blackhole` needs root and iproute2; without them it says so loudly and is skipped (under
+//! `blackhole` needs root and iproute2, and `foreign-kill` the grpc-core and grpc-js servers
+//! (`bash tests/peers/install.sh`); without them each says so loudly and is skipped (under
 //! `CI=true` that is a failure). The machine is noisy:
 //! a scenario always runs the variants it compares in one process, interleaved round by round,
 //! and reports their ratios.
@@ -20,6 +21,7 @@ mod balance;
 mod batching;
 mod blackhole;
 mod fault;
+mod foreign_kill;
 mod hedging;
 mod overhead;
 mod pool;
@@ -78,6 +80,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "blackhole",
         "4 backends in network namespaces, one blackholed mid-run then healed: failed calls, time to route around it, deadlines kept, with and without HTTP/2 keepalive",
         blackhole::run,
+    ),
+    (
+        "foreign-kill",
+        "4 grpc-core or 4 grpc-js servers, one SIGKILLed mid-run: failed calls, time to route around it, deadlines kept, for tonic balance_list and towline's defaults with and without retry",
+        foreign_kill::run,
     ),
 ];
 
