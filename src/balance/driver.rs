@@ -273,11 +273,9 @@ where
                 if let Some(slot) = t.slot_mut(id) {
                     slot.service_ready = false;
                     slot.reason = Some(reason);
-                    // gRFC A17: a connection that comes back is not ready before its first
-                    // health report; the health check reports afresh on every new stream.
-                    if self.health_check.is_some() {
-                        slot.health = Health::Unknown;
-                    }
+                    // The health verdict stands: a Watch that outlived the spell has nothing new
+                    // to say (forgetting it would leave the endpoint waiting for a report that
+                    // never comes), and one that ended reports afresh on its new stream.
                 }
             }
             EndpointEvent::ServiceReady(id) => {

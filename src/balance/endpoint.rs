@@ -188,7 +188,8 @@ impl fmt::Debug for Candidate {
 /// Where an endpoint stands, as [`Balance::snapshot`](super::Balance::snapshot) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EndpointState {
-    /// Opening a connection (or waiting for its first health report).
+    /// Opening a connection, waiting for its first health report, or connected through a
+    /// service that is not ready (a pool with no live connection, reconnecting on its own).
     Connecting,
     /// The last connection attempt failed; the next one is scheduled with backoff.
     Down,

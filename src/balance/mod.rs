@@ -5,7 +5,8 @@
 //! that any tonic-generated client takes. Endpoints come from a [`Discover`](crate::discover)
 //! source as `tower::discover::Change` events.
 //!
-//! An endpoint gets calls only while it is **connected**, **healthy** (an active
+//! An endpoint gets calls only while it is **connected** and its service **ready** (a pool with
+//! no live connection is not), **healthy** (an active
 //! [`HealthCheck`](crate::health::HealthCheck), if configured) and **not ejected** by
 //! [outlier detection](crate::outlier). Among those, the [`Strategy`] chooses: [`RoundRobin`],
 //! [`PowerOfTwoChoices`] on calls in flight, [`PeakEwma`] latency, [`WeightedRoundRobin`] on
@@ -16,6 +17,11 @@
 //!   "all 4 endpoints unhealthy (health status NOT_SERVING)").
 //! - **Panic threshold.** When some but fewer than `panic_threshold` of the endpoints are ready,
 //!   calls spread over every connected endpoint instead of overloading the few (Envoy).
+//! - **Ready services only.** As tower's `ReadyCache` keeps p2c to ready services: a call that
+//!   finds its endpoint's service not ready goes to another endpoint at once, and an endpoint
+//!   whose service stays not ready for 200 ms leaves rotation until it is ready again. A pool
+//!   keeps its own connections: one lost connection (under a call or a health `Watch`) is the
+//!   pool's to replace, not a reason to rebuild the endpoint.
 //! - **Reconnect with backoff.** A connection that fails (a refused connect, a call that hits a
 //!   dead connection, a health stream that breaks) is replaced in the background with jittered
 //!   exponential backoff, never in a tight loop.
