@@ -8,8 +8,6 @@
 //! Needs root and iproute2 (`.ci/run` has both). Without them each test prints a loud notice and
 //! returns; with `CI=true` it fails instead.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,8 +18,7 @@ use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use towline::backoff::{Backoff, Jitter};
 use towline::balance::{
-    Balance, BalanceConfig, BalanceLayer, EndpointService, EndpointSnapshot, EndpointState,
-    RoundRobin,
+    Balance, BalanceConfig, BalanceLayer, EndpointService, EndpointState, RoundRobin,
 };
 use towline::connect::Connect;
 use towline::discover::Static;
@@ -31,6 +28,9 @@ use towline::retry::{RetryLayer, RetryPolicy};
 use towline::status::status_from_error;
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, ECHO_SERVICE, Load, NetNs, require_netns};
+
+mod support;
+use support::BalanceView;
 
 /// The stack under test, whatever the balancer's endpoints are.
 type Client = EchoClient<BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>>;
@@ -237,31 +237,6 @@ impl Fixture {
             Fault::Partition => ns.partition(),
         }
         .expect("inject the fault");
-    }
-}
-
-/// A condition on the balancer's endpoints, to wait for.
-type Condition<'a> = Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>;
-
-/// What the tests need of a `Balance<S>`, whatever its `S`.
-trait BalanceView: Send + Sync {
-    fn snapshot(&self) -> Vec<EndpointSnapshot>;
-    fn wait_until<'a>(
-        &'a self,
-        done: Condition<'a>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-}
-
-impl<S: EndpointService> BalanceView for Balance<S> {
-    fn snapshot(&self) -> Vec<EndpointSnapshot> {
-        Balance::snapshot(self)
-    }
-
-    fn wait_until<'a>(
-        &'a self,
-        done: Condition<'a>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(Balance::wait_until(self, done))
     }
 }
 

@@ -12,8 +12,6 @@
 //! `CI=true` it fails instead.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,9 +21,7 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
-use towline::balance::{
-    Balance, BalanceConfig, BalanceLayer, EndpointService, EndpointSnapshot, EndpointState,
-};
+use towline::balance::{BalanceConfig, BalanceLayer, EndpointSnapshot, EndpointState};
 use towline::discover::{self, Change, Static};
 use towline::health::HealthCheck;
 use towline::pool::{PoolConfig, PoolLayer};
@@ -33,6 +29,9 @@ use towline::retry::{RetryLayer, RetryPolicy};
 use towline::status::status_from_error;
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, LATENCY_HEADER, Load, Peer, PeerKind, require_peer};
+
+mod support;
+use support::BalanceView;
 
 type Client = EchoClient<BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>>;
 
@@ -169,31 +168,6 @@ impl Server {
             Server::Peer(peer) => peer,
             Server::Testkit(_) => panic!("a peer-only test ran on the testkit"),
         }
-    }
-}
-
-/// A condition on the balancer's endpoints, to wait for.
-type Condition<'a> = Box<dyn FnMut(&[EndpointSnapshot]) -> bool + Send + 'a>;
-
-/// What the tests need of a `Balance<S>`, whatever its `S`.
-trait BalanceView: Send + Sync {
-    fn snapshot(&self) -> Vec<EndpointSnapshot>;
-    fn wait_until<'a>(
-        &'a self,
-        done: Condition<'a>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-}
-
-impl<S: EndpointService> BalanceView for Balance<S> {
-    fn snapshot(&self) -> Vec<EndpointSnapshot> {
-        Balance::snapshot(self)
-    }
-
-    fn wait_until<'a>(
-        &'a self,
-        done: Condition<'a>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(Balance::wait_until(self, done))
     }
 }
 

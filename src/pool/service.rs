@@ -254,22 +254,10 @@ where
 
 /// The status for a failed call; a broken connection leaves the rotation here.
 fn call_failed(err: BoxError, guard: Option<InFlight>) -> Status {
-    let Some(guard) = guard.filter(|_| breaks_connection(&*err)) else {
-        return crate::status::status_from_error(err);
-    };
-    let err = SharedError::from(err);
-    let conn = guard.conn();
-    conn.mark_broken(err.clone());
-    let mut status = Status::new(
-        Code::Unavailable,
-        format!(
-            "connection to {} broke: {}",
-            conn.target(),
-            crate::status::describe_error(&*err)
-        ),
-    );
-    status.set_source(err);
-    status
+    match guard.filter(|_| breaks_connection(&*err)) {
+        Some(guard) => connection_broke(err, &guard, ""),
+        None => crate::status::status_from_error(err),
+    }
 }
 
 /// The error of a response body that failed mid-stream; a broken connection leaves the
@@ -281,22 +269,28 @@ fn body_failed(err: BoxError, guard: Option<InFlight>) -> BoxError {
         Some(status) => std::error::Error::source(status).is_some_and(breaks_connection),
         None => breaks_connection(&*err),
     };
-    let Some(guard) = guard.filter(|_| broke) else {
-        return err;
-    };
+    match guard.filter(|_| broke) {
+        Some(guard) => Box::new(connection_broke(err, &guard, " while reading the response")),
+        None => err,
+    }
+}
+
+/// Takes the call's connection out of rotation, and says so: `UNAVAILABLE` "connection to … broke
+/// {when}: {cause}", with the error as its source.
+fn connection_broke(err: BoxError, guard: &InFlight, when: &str) -> Status {
     let err = SharedError::from(err);
     let conn = guard.conn();
     conn.mark_broken(err.clone());
     let mut status = Status::new(
         Code::Unavailable,
         format!(
-            "connection to {} broke while reading the response: {}",
+            "connection to {} broke{when}: {}",
             conn.target(),
             crate::status::describe_error(&*err)
         ),
     );
     status.set_source(err);
-    Box::new(status)
+    status
 }
 
 pin_project! {
