@@ -630,45 +630,47 @@ async fn max_connection_age_costs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_backs_off_when_the_server_says_too_many_pings() {
     let _serial = SERIAL.lock().await;
-    if !require_peer(PeerKind::GrpcCore, "keepalive_backs_off") {
-        return;
+    for kind in kinds("keepalive_backs_off", false) {
+        let interval = Duration::from_millis(200);
+        let pool = PoolConfig::builder()
+            .keepalive(interval, Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let stack = Stack {
+            retry: true,
+            health_check: Some(HealthCheck::watch("")),
+            pool: Some(pool),
+        };
+        let fixture = Fixture::start(kind, 1, &Options::default(), stack).await;
+        let uri = fixture.servers[0].uri();
+        // Quiet calls of 1.5 s: only pings cross the connection meanwhile, as under a health
+        // Watch (grpc-core forgives pings only when it has sent data since the last one), and
+        // grpc-core ends them "Too many pings" after about a second at this interval.
+        let calls = drive(
+            &fixture.client,
+            1,
+            Duration::from_secs(6),
+            Duration::from_secs(5),
+            Some(Duration::from_millis(1500)),
+        )
+        .await;
+        let now = towline::connect::keepalive_interval_for(&uri, interval);
+        eprintln!("{kind}: keepalive interval for {uri} is now {now:?} (configured {interval:?})");
+        match kind {
+            Kind::Peer(PeerKind::GrpcCore) => assert!(
+                now >= interval * 2,
+                "{kind}: the server's too_many_pings was not seen, interval still {now:?}"
+            ),
+            // grpc-js enforces no ping policy: nothing to back off from.
+            _ => assert_eq!(now, interval, "{kind}"),
+        }
+        assert!(
+            failures(&calls).is_empty(),
+            "{kind}: {:#?}",
+            failures(&calls)
+        );
+        assert!(calls.len() >= 3, "{kind}: only {} calls", calls.len());
     }
-    let kind = Kind::Peer(PeerKind::GrpcCore);
-    let interval = Duration::from_millis(200);
-    let pool = PoolConfig::builder()
-        .keepalive(interval, Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let stack = Stack {
-        retry: true,
-        health_check: Some(HealthCheck::watch("")),
-        pool: Some(pool),
-    };
-    let fixture = Fixture::start(kind, 1, &Options::default(), stack).await;
-    let uri = fixture.servers[0].uri();
-    // Quiet calls of 1.5 s: only pings cross the connection meanwhile, as under a health Watch
-    // (grpc-core forgives pings only when it has sent data since the last one), and grpc-core
-    // ends them "Too many pings" after about a second at this interval.
-    let calls = drive(
-        &fixture.client,
-        1,
-        Duration::from_secs(6),
-        Duration::from_secs(5),
-        Some(Duration::from_millis(1500)),
-    )
-    .await;
-    let now = towline::connect::keepalive_interval_for(&uri, interval);
-    eprintln!("{kind}: keepalive interval for {uri} is now {now:?} (configured {interval:?})");
-    assert!(
-        now >= interval * 2,
-        "{kind}: the server's too_many_pings was not seen, interval still {now:?}"
-    );
-    assert!(
-        failures(&calls).is_empty(),
-        "{kind}: {:#?}",
-        failures(&calls)
-    );
-    assert!(calls.len() >= 3, "{kind}: only {} calls", calls.len());
 }
 
 /// Issue 13, 2.5 (gRFC A6): a stream refused above `max_concurrent_streams` (before the client
@@ -807,5 +809,69 @@ async fn errors_say_what_happened() {
         eprintln!("{kind}: {reason}");
         assert!(!reason.contains("code: '"), "{kind}: {reason}");
         assert!(reason.len() < 250, "{kind}: {reason}");
+    }
+}
+
+/// Issue 13, 2.9 (gRFC A6, where grpc-go and grpc-core agree), against real servers' pushback
+/// trailers: a pushback that says stop (negative; or two values, which only grpc-js can send)
+/// ends retrying, and a retry says how many attempts came before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_servers_pushback_and_count_attempts() {
+    let _serial = SERIAL.lock().await;
+    for kind in kinds("retries_follow_the_servers_pushback", false) {
+        let server = Server::start(kind, format!("{kind}-retry"), &Options::default()).await;
+        let peer = server.peer();
+        let channel = PoolConfig::default()
+            .connector()
+            .lazy()
+            .endpoint(server.uri())
+            .connect_lazy();
+        let policy = RetryPolicy::builder()
+            .max_attempts(3)
+            .initial_backoff(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        let mut client = EchoClient::new(
+            ServiceBuilder::new()
+                .layer(RetryLayer::new(policy))
+                .service(channel),
+        );
+
+        // Two failures, then an answer: the third attempt says two came before it.
+        peer.fail_next(2, Code::Unavailable, None).await.unwrap();
+        let reply = client
+            .unary(EchoRequest::default())
+            .await
+            .unwrap_or_else(|s| panic!("{kind}: {s:?}"))
+            .into_inner();
+        assert_eq!(
+            reply
+                .request_headers
+                .get("grpc-previous-rpc-attempts")
+                .map(String::as_str),
+            Some("2"),
+            "{kind}: {:?}",
+            reply.request_headers
+        );
+
+        // A pushback that says stop: no retry, whatever the policy allows.
+        let stops: &[&str] = match kind {
+            Kind::Peer(PeerKind::GrpcJs) => &["-1", "10,20"],
+            // grpc-core sends only integers, and only one value.
+            _ => &["-1"],
+        };
+        for pushback in stops {
+            let before = peer.calls().await.unwrap();
+            peer.fail_next(1, Code::Unavailable, Some(pushback))
+                .await
+                .unwrap();
+            let status = client.unary(EchoRequest::default()).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{kind} {pushback}");
+            assert_eq!(
+                peer.calls().await.unwrap() - before,
+                1,
+                "{kind}: pushback {pushback} was retried"
+            );
+        }
     }
 }
