@@ -3,7 +3,9 @@
 //! The balancer consumes any [`Discover`]: a `Stream` of `Result<Change<Uri, Endpoint>, BoxError>`.
 //! towline ships a fixed list ([`Static`]), a channel you feed from your own watch (Consul,
 //! etcd, Kubernetes: [`channel`]) and, with the `dns` feature (on by default), DNS A/AAAA and SRV
-//! records re-resolved on an interval ([`dns::Dns`]).
+//! records re-resolved on an interval ([`dns::Dns`]). With the `etcd` feature, `discover::etcd`
+//! follows a key prefix in etcd (`Etcd`) and registers servers under it on a lease
+//! (`Registration`).
 //!
 //! Errors from a source never remove endpoints: the balancer keeps the last set it was given and
 //! logs the error. A source that ends leaves the last set in place.
@@ -28,6 +30,8 @@ use crate::BoxError;
 
 #[cfg(feature = "dns")]
 pub mod dns;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 /// What discovery knows about an endpoint besides its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
