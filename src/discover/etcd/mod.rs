@@ -337,31 +337,34 @@ fn parse_addr(addr: &str, scheme: &Scheme) -> Result<Uri, String> {
         .map_err(|e| format!("`{addr}`: {e}"))
 }
 
+/// A set of endpoints keyed by URI text (`Uri` has no order), so changes come out sorted.
+type Set = BTreeMap<String, (Uri, Endpoint)>;
+
 /// The endpoints `keys` name: one per address, with the largest weight among its keys.
-fn endpoints_of(keys: &BTreeMap<Vec<u8>, Named>) -> BTreeMap<Uri, Endpoint> {
-    let mut set: BTreeMap<Uri, Endpoint> = BTreeMap::new();
+fn endpoints_of(keys: &BTreeMap<Vec<u8>, Named>) -> Set {
+    let mut set = Set::new();
     for named in keys.values() {
-        set.entry(named.uri.clone())
-            .and_modify(|e| {
+        set.entry(named.uri.to_string())
+            .and_modify(|(_, e)| {
                 if named.endpoint.weight > e.weight {
                     *e = named.endpoint;
                 }
             })
-            .or_insert(named.endpoint);
+            .or_insert((named.uri.clone(), named.endpoint));
     }
     set
 }
 
 /// Inserts for what is new or changed, then removes for what is gone.
-fn diff(old: &BTreeMap<Uri, Endpoint>, new: &BTreeMap<Uri, Endpoint>) -> Vec<Update> {
+fn diff(old: &Set, new: &Set) -> Vec<Update> {
     let inserts = new
         .iter()
-        .filter(|(uri, endpoint)| old.get(*uri) != Some(endpoint))
-        .map(|(uri, endpoint)| Change::Insert(uri.clone(), *endpoint));
+        .filter(|(key, (_, endpoint))| old.get(*key).map(|(_, e)| e) != Some(endpoint))
+        .map(|(_, (uri, endpoint))| Change::Insert(uri.clone(), *endpoint));
     let removes = old
-        .keys()
-        .filter(|uri| !new.contains_key(*uri))
-        .map(|uri| Change::Remove(uri.clone()));
+        .iter()
+        .filter(|(key, _)| !new.contains_key(*key))
+        .map(|(_, (uri, _))| Change::Remove(uri.clone()));
     inserts.chain(removes).collect()
 }
 
@@ -374,7 +377,7 @@ struct Watcher {
     /// Every key under the prefix with a valid value, as last read or watched.
     keys: BTreeMap<Vec<u8>, Named>,
     /// The set the consumer has been told about.
-    emitted: BTreeMap<Uri, Endpoint>,
+    emitted: Set,
     /// Every event up to this revision is applied to `keys`; 0 before the first read.
     revision: i64,
     /// The prefix must be read (again) before watching: at the start, and after a compaction.
@@ -690,7 +693,7 @@ mod tests {
             ("new", r#"{"addr":"10.0.0.1:1","weight":4}"#),
         ]));
         assert_eq!(both.len(), 1);
-        assert_eq!(both.values().next().unwrap().weight, 4);
+        assert_eq!(both.values().next().unwrap().1.weight, 4);
         let one = endpoints_of(&keys(&[("new", r#"{"addr":"10.0.0.1:1","weight":4}"#)]));
         assert!(diff(&both, &one).is_empty(), "the old key going must not flap it");
     }

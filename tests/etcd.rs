@@ -1,0 +1,868 @@
+//! etcd discovery and registration against a real etcd: `etcd` (Debian `etcd-server`) started as
+//! child processes on loopback (one member, or a three-member cluster), driven with `etcdctl`
+//! (Debian `etcd-client`), with real tonic backends behind `BalanceLayer` + `RetryLayer`.
+//!
+//! Without `etcd` and `etcdctl` each test says so loudly and passes; under `CI=true` it fails.
+#![cfg(feature = "etcd")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use tokio::net::TcpListener;
+use tokio::time::timeout;
+use tower::ServiceBuilder;
+use towline::backoff::{Backoff, Jitter};
+use towline::balance::{Balance, BalanceConfig, BalanceLayer, EndpointSnapshot, EndpointState};
+use towline::connect::Connect;
+use towline::discover::etcd::{Etcd, INVALID_VALUES, Registration};
+use towline::discover::{Change, Update};
+use towline::retry::{RetryLayer, RetryPolicy};
+use towline::testkit::Backend;
+use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+
+/// Long enough for a loaded machine; every wait is for a signal, bounded by this.
+const WAIT: Duration = Duration::from_secs(20);
+/// The whole of any one test.
+const TEST_LIMIT: Duration = Duration::from_secs(90);
+
+type Channel = tonic::transport::Channel;
+
+// ---------------------------------------------------------------------------------------------
+// etcd as child processes
+
+/// `true` when `etcd` and `etcdctl` run. Otherwise a loud notice and `false` (skip), or a panic
+/// under `CI=true`: in CI a test that cannot run is a failure.
+fn require_etcd(test: &str) -> bool {
+    let missing: Vec<String> = [("etcd", "--version"), ("etcdctl", "version")]
+        .into_iter()
+        .filter_map(|(bin, arg)| match Command::new(bin).arg(arg).output() {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(format!("`{bin} {arg}` exited with {}", out.status)),
+            Err(err) => Some(format!("`{bin}` cannot run ({err})")),
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let notice = format!(
+        "{test}: ETCD TEST NOT RUN: {} (apt-get install etcd-server etcd-client)",
+        missing.join("; ")
+    );
+    assert!(!in_ci, "{notice} (CI=true, so this is a failure)");
+    // Straight to stderr, not eprintln!: the harness captures that for passing tests.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr().lock(),
+        format!("\n!!!!!!!! {notice} !!!!!!!!\n\n").as_bytes(),
+    );
+    false
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    data_dir: PathBuf,
+    child: Option<Child>,
+    /// Set when this run of the process logged that it serves clients.
+    ready: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Member {
+    fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+}
+
+/// etcd members on loopback, each with its data dir under one temporary directory; killed and
+/// removed on drop.
+struct EtcdCluster {
+    dir: PathBuf,
+    members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+}
+
+impl EtcdCluster {
+    async fn start(size: usize) -> EtcdCluster {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let token = format!(
+            "towline-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&token);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                data_dir: dir.join(format!("m{i}")),
+                child: None,
+                ready: Arc::default(),
+                log: Arc::default(),
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            dir,
+            members,
+            initial_cluster,
+            token,
+        };
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        for i in 0..size {
+            cluster.wait_ready(i).await;
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let mut child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &m.client_url()])
+            .args(["--advertise-client-urls", &m.client_url()])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+            ])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("etcd starts");
+        let stderr = child.stderr.take().expect("piped");
+        let ready = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        m.ready = ready.clone();
+        let log = m.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Logged once the member has joined its cluster (a leader exists) and serves.
+                if line.contains("serving client traffic")
+                    || line.contains("ready to serve client requests")
+                {
+                    *ready.0.lock().unwrap() = true;
+                    ready.1.notify_all();
+                }
+                let mut log = log.lock().unwrap();
+                if log.len() < 2000 {
+                    log.push(line);
+                }
+            }
+        });
+        m.child = Some(child);
+    }
+
+    async fn wait_ready(&self, i: usize) {
+        let ready = self.members[i].ready.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let guard = ready.0.lock().unwrap();
+            let (guard, _) = ready
+                .1
+                .wait_timeout_while(guard, WAIT, |ready| !*ready)
+                .unwrap();
+            *guard
+        })
+        .await
+        .unwrap();
+        assert!(
+            ok,
+            "etcd member {i} not ready within {WAIT:?}; its log:\n{}",
+            self.members[i].log.lock().unwrap().join("\n")
+        );
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The same member again: same ports, same data dir.
+    async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_ready(i).await;
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.members.iter().map(Member::client_url).collect()
+    }
+
+    fn running_urls(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(Member::client_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcdctl` against the running members; panics (with its output) if it fails.
+    async fn ctl(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.running_urls()))
+            .arg("--command-timeout=10s")
+            .args(args)
+            .output()
+            .await
+            .expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Puts `key`; returns the store's revision after it.
+    async fn put(&self, key: &str, value: &str) -> i64 {
+        let out = self.ctl(&["put", "-w", "json", key, value]).await;
+        let json: serde_json::Value = serde_json::from_str(&out).expect("etcdctl JSON");
+        json["header"]["revision"].as_i64().expect("a revision")
+    }
+
+    async fn del(&self, key: &str) {
+        self.ctl(&["del", key]).await;
+    }
+
+    async fn compact(&self, revision: i64) {
+        self.ctl(&["compact", &revision.to_string(), "--physical"])
+            .await;
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy in front of an etcd member that the test can cut (every connection dropped, new
+/// ones closed at once) and restore: etcd unreachable for the client while it keeps working
+/// for `etcdctl`.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                k.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// clients
+
+/// Quick reconnects for tests: 50 ms doubling to 500 ms.
+fn quick_backoff() -> Backoff {
+    Backoff::new(
+        Jitter::Grpc,
+        Duration::from_millis(50),
+        Duration::from_millis(500),
+        2.0,
+    )
+    .unwrap()
+}
+
+fn discovery(urls: &[String], prefix: &str) -> Etcd {
+    Etcd::builder(urls, prefix)
+        .backoff(quick_backoff())
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+async fn register(
+    urls: &[String],
+    prefix: &str,
+    backend: &Backend,
+    ttl: Duration,
+) -> Registration {
+    Registration::builder(urls, prefix, backend.addr().to_string())
+        .ttl(ttl)
+        .backoff(quick_backoff())
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(2))
+        .register()
+        .await
+        .expect("registered")
+}
+
+fn balance(discovery: Etcd) -> Balance<Channel> {
+    let config = BalanceConfig::builder()
+        .reconnect_backoff(quick_backoff())
+        .endpoint_wait(Duration::from_secs(2))
+        .outlier_detection(None)
+        .build()
+        .unwrap();
+    ServiceBuilder::new()
+        .layer(BalanceLayer::new(discovery, config))
+        .service(Connect::new())
+}
+
+fn lists(snapshot: &[EndpointSnapshot], backend: &Backend) -> bool {
+    let addr = backend.addr().to_string();
+    snapshot
+        .iter()
+        .any(|e| e.uri.authority().is_some_and(|a| a.as_str() == addr))
+}
+
+fn ready(snapshot: &[EndpointSnapshot], backend: &Backend) -> bool {
+    let addr = backend.addr().to_string();
+    snapshot.iter().any(|e| {
+        e.state == EndpointState::Ready && e.uri.authority().is_some_and(|a| a.as_str() == addr)
+    })
+}
+
+async fn wait_for(
+    balance: &Balance<Channel>,
+    what: &str,
+    done: impl FnMut(&[EndpointSnapshot]) -> bool,
+) {
+    timeout(WAIT, balance.wait_until(done))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:#?}", balance.snapshot()));
+}
+
+/// Calls through `RetryLayer` over the balancer, from `workers` tasks, until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    workers: tokio::task::JoinSet<(u64, Vec<String>)>,
+}
+
+impl Traffic {
+    fn start(balance: &Balance<Channel>, workers: usize) -> Traffic {
+        let retry = RetryLayer::new(RetryPolicy::default());
+        let client = EchoClient::new(ServiceBuilder::new().layer(retry).service(balance.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            set.spawn(async move {
+                let (mut calls, mut failures) = (0, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    calls += 1;
+                    if let Err(status) = client.unary(EchoRequest::default()).await {
+                        failures.push(format!("{:?}: {}", status.code(), status.message()));
+                    }
+                }
+                (calls, failures)
+            });
+        }
+        Traffic { stop, workers: set }
+    }
+
+    /// Stops; returns the calls made and the failures.
+    async fn stop(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut calls, mut failures) = (0, Vec::new());
+        while let Some(part) = self.workers.join_next().await {
+            let (c, f) = part.expect("a traffic worker");
+            calls += c;
+            failures.extend(f);
+        }
+        (calls, failures)
+    }
+}
+
+/// Waits until `backend` has received `more` calls beyond now: traffic reaches it.
+async fn calls_grow(backend: &Backend, more: u64) {
+    let target = backend.calls() + more;
+    timeout(WAIT, async {
+        while backend.calls() < target {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} got no traffic", backend.addr()));
+}
+
+fn plain(change: &Update) -> String {
+    match change {
+        Change::Insert(uri, endpoint) => format!("+{} w{}", authority(uri), endpoint.weight),
+        Change::Remove(uri) => format!("-{}", authority(uri)),
+    }
+}
+
+fn authority(uri: &http::Uri) -> &str {
+    uri.authority().map_or("?", |a| a.as_str())
+}
+
+async fn next_change(discovery: &mut Etcd) -> String {
+    let change = timeout(WAIT, discovery.next())
+        .await
+        .expect("a change within the wait")
+        .expect("the stream goes on")
+        .expect("discovery yields no errors");
+    plain(&change)
+}
+
+/// The next `n` changes, sorted (the order within one read or one event batch is by URI).
+async fn next_changes(discovery: &mut Etcd, n: usize) -> Vec<String> {
+    let mut changes = Vec::new();
+    for _ in 0..n {
+        changes.push(next_change(discovery).await);
+    }
+    changes.sort();
+    changes
+}
+
+/// Nothing more arrives within `quiet`.
+async fn assert_quiet(discovery: &mut Etcd, quiet: Duration) {
+    if let Ok(change) = timeout(quiet, discovery.next()).await {
+        panic!("expected no change, got {change:?}");
+    }
+}
+
+fn recorder() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder this test binary installs");
+        snapshotter
+    })
+}
+
+fn invalid_values(prefix: &str) -> u64 {
+    recorder()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            key.key().name() == INVALID_VALUES
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == "prefix" && l.value() == prefix)
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            other => panic!("{INVALID_VALUES} is a counter, got {other:?}"),
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// tests
+
+#[tokio::test]
+async fn the_first_read_inserts_everything_then_only_changes_arrive() {
+    if !require_etcd("the_first_read_inserts_everything_then_only_changes_arrive") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let etcd = EtcdCluster::start(1).await;
+        etcd.put("/svc/a", "127.0.0.1:1001").await;
+        etcd.put("/svc/b", r#"{"addr":"127.0.0.1:1002","weight":2}"#)
+            .await;
+        // Outside the prefix: never seen.
+        etcd.put("/svc0", "127.0.0.1:9").await;
+        etcd.put("/sv", "127.0.0.1:9").await;
+        let mut discovery = discovery(&etcd.urls(), "/svc/");
+        assert_eq!(
+            next_changes(&mut discovery, 2).await,
+            ["+127.0.0.1:1001 w1", "+127.0.0.1:1002 w2"]
+        );
+        // The same value again: nothing. A weight change: a re-insert.
+        etcd.put("/svc/a", "127.0.0.1:1001").await;
+        etcd.put("/svc/b", r#"{"addr":"127.0.0.1:1002","weight":5}"#)
+            .await;
+        assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:1002 w5");
+        // A new address for a key: the new one in, then the old one out.
+        etcd.put("/svc/a", "127.0.0.1:1003").await;
+        assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:1003 w1");
+        assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:1001");
+        // The same address under a second key: one endpoint, no change until both are gone.
+        etcd.put("/svc/a2", "127.0.0.1:1003").await;
+        etcd.del("/svc/a").await;
+        etcd.put("/svc0", "127.0.0.1:9").await;
+        assert_quiet(&mut discovery, Duration::from_millis(300)).await;
+        etcd.del("/svc/a2").await;
+        assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:1003");
+        etcd.del("/svc/b").await;
+        assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:1002");
+    })
+    .await
+    .expect("test within its time limit");
+}
+
+#[tokio::test]
+async fn values_that_do_not_parse_are_skipped_counted_and_the_watch_goes_on() {
+    if !require_etcd("values_that_do_not_parse_are_skipped_counted_and_the_watch_goes_on") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let prefix = "/garbage/";
+        let before = invalid_values(prefix);
+        let etcd = EtcdCluster::start(1).await;
+        etcd.put("/garbage/a", "127.0.0.1:2001").await;
+        etcd.put("/garbage/bad-at-start", "not an address").await;
+        let mut discovery = discovery(&etcd.urls(), prefix);
+        assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:2001 w1");
+        for bad in [
+            "{\"addr\": ",
+            r#"{"addr":"127.0.0.1:2002","weight":0}"#,
+            r#"{"weight":3}"#,
+            "127.0.0.1",
+            "[1, 2]",
+        ] {
+            etcd.put("/garbage/g", bad).await;
+        }
+        // The watch goes on: the next good value arrives, and nothing came before it.
+        etcd.put("/garbage/b", "127.0.0.1:2003").await;
+        assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:2003 w1");
+        assert_eq!(invalid_values(prefix) - before, 6);
+        // A key that named an endpoint and then holds garbage names none.
+        etcd.put("/garbage/g", "127.0.0.1:2004").await;
+        assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:2004 w1");
+        etcd.put("/garbage/g", "127.0.0.1:99999").await;
+        assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:2004");
+        assert_eq!(invalid_values(prefix) - before, 7);
+    })
+    .await
+    .expect("test within its time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_added_and_removed_under_traffic_no_call_fails_none_reaches_a_removed_one() {
+    if !require_etcd("endpoints_added_and_removed_under_traffic") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let etcd = EtcdCluster::start(1).await;
+        let urls = etcd.urls();
+        let backends = Backend::start_many(3).await.unwrap();
+        let ttl = Duration::from_secs(5);
+        let a = register(&urls, "/echo/", &backends[0], ttl).await;
+        let _b = register(&urls, "/echo/", &backends[1], ttl).await;
+        let balance = balance(discovery(&urls, "/echo/"));
+        wait_for(&balance, "a and b ready", |s| {
+            ready(s, &backends[0]) && ready(s, &backends[1])
+        })
+        .await;
+        let traffic = Traffic::start(&balance, 4);
+        calls_grow(&backends[0], 50).await;
+
+        let c = register(&urls, "/echo/", &backends[2], ttl).await;
+        wait_for(&balance, "c ready", |s| ready(s, &backends[2])).await;
+        calls_grow(&backends[2], 50).await;
+
+        a.deregister().await.expect("deregistered");
+        wait_for(&balance, "a gone", |s| !lists(s, &backends[0])).await;
+        // Gone from the snapshot means drained too: no call in flight on it.
+        let frozen = backends[0].calls();
+        calls_grow(&backends[1], 200).await;
+        calls_grow(&backends[2], 200).await;
+        assert_eq!(backends[0].calls(), frozen, "a call reached a removed endpoint");
+
+        drop(c);
+        wait_for(&balance, "c gone (deregistered on drop)", |s| {
+            !lists(s, &backends[2])
+        })
+        .await;
+        let frozen = backends[2].calls();
+        calls_grow(&backends[1], 200).await;
+        assert_eq!(backends[2].calls(), frozen, "a call reached a removed endpoint");
+
+        let (calls, failures) = traffic.stop().await;
+        assert!(failures.is_empty(), "{} of {calls} failed: {failures:?}", failures.len());
+        eprintln!("add/remove under traffic: {calls} calls, none failed");
+    })
+    .await
+    .expect("test within its time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_registration_disappears_within_its_ttl() {
+    if !require_etcd("a_crashed_registration_disappears_within_its_ttl") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let etcd = EtcdCluster::start(1).await;
+        let urls = etcd.urls();
+        let backends = Backend::start_many(2).await.unwrap();
+        let ttl = Duration::from_secs(2);
+        let crashed = register(&urls, "/crash/", &backends[0], ttl).await;
+        let _stays = register(&urls, "/crash/", &backends[1], ttl).await;
+        let mut discovery = discovery(&urls, "/crash/");
+        assert_eq!(next_changes(&mut discovery, 2).await.len(), 2);
+        // Several keepalive rounds pass before the crash: the lease is being renewed.
+        tokio::time::sleep(ttl * 2).await;
+        assert_quiet(&mut discovery, Duration::from_millis(10)).await;
+
+        crashed.abandon();
+        let crashed_at = Instant::now();
+        let gone = next_change(&mut discovery).await;
+        let took = crashed_at.elapsed();
+        assert_eq!(gone, format!("-{}", backends[0].addr()));
+        eprintln!("crashed registration (TTL {ttl:?}) removed after {took:?}");
+        // The lease had at most its TTL left; etcd checks expiries every 500 ms.
+        assert!(took <= ttl + Duration::from_secs(2), "took {took:?}");
+
+        // And a clean deregistration is seen at once.
+        let clean = register(&urls, "/crash/", &backends[0], ttl).await;
+        assert_eq!(next_change(&mut discovery).await, format!("+{} w1", backends[0].addr()));
+        let t0 = Instant::now();
+        clean.deregister().await.unwrap();
+        assert_eq!(next_change(&mut discovery).await, format!("-{}", backends[0].addr()));
+        eprintln!("deregistered endpoint removed after {:?}", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    })
+    .await
+    .expect("test within its time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_restart_keeps_the_set_and_resyncs_without_failed_calls() {
+    if !require_etcd("an_etcd_restart_keeps_the_set_and_resyncs_without_failed_calls") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let mut etcd = EtcdCluster::start(1).await;
+        let urls = etcd.urls();
+        let backends = Backend::start_many(3).await.unwrap();
+        let ttl = Duration::from_secs(5);
+        let a = register(&urls, "/restart/", &backends[0], ttl).await;
+        let lease = a.lease_id();
+        etcd.put("/restart/b", &backends[1].addr().to_string()).await;
+        let balance = balance(discovery(&urls, "/restart/"));
+        wait_for(&balance, "a and b ready", |s| {
+            ready(s, &backends[0]) && ready(s, &backends[1])
+        })
+        .await;
+        let traffic = Traffic::start(&balance, 4);
+
+        etcd.kill(0);
+        // etcd down: calls go on to both endpoints; nothing is removed.
+        calls_grow(&backends[0], 100).await;
+        calls_grow(&backends[1], 100).await;
+        let snapshot = balance.snapshot();
+        assert!(lists(&snapshot, &backends[0]) && lists(&snapshot, &backends[1]));
+
+        etcd.restart(0).await;
+        // Changes as soon as etcd is back, while the client may still be reconnecting.
+        etcd.del("/restart/b").await;
+        etcd.put("/restart/c", &backends[2].addr().to_string()).await;
+        wait_for(&balance, "b gone and c ready", |s| {
+            !lists(s, &backends[1]) && ready(s, &backends[2]) && ready(s, &backends[0])
+        })
+        .await;
+        calls_grow(&backends[2], 100).await;
+        let (calls, failures) = traffic.stop().await;
+        assert!(failures.is_empty(), "{} of {calls} failed: {failures:?}", failures.len());
+        // The registration outlived the restart (etcd renews leases when a leader starts).
+        assert!(a.lease_id().is_some());
+        eprintln!(
+            "etcd restart: {calls} calls, none failed; lease {lease:?} -> {:?}",
+            a.lease_id()
+        );
+        a.deregister().await.unwrap();
+        wait_for(&balance, "a gone", |s| !lists(s, &backends[0])).await;
+    })
+    .await
+    .expect("test within its time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_fail_over_in_a_three_member_cluster_without_failed_calls() {
+    if !require_etcd("members_fail_over_in_a_three_member_cluster_without_failed_calls") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let mut etcd = EtcdCluster::start(3).await;
+        let urls = etcd.urls();
+        let backends = Backend::start_many(4).await.unwrap();
+        let ttl = Duration::from_secs(5);
+        let registrations = [
+            register(&urls, "/cluster/", &backends[0], ttl).await,
+            register(&urls, "/cluster/", &backends[1], ttl).await,
+        ];
+        let balance = balance(discovery(&urls, "/cluster/"));
+        wait_for(&balance, "0 and 1 ready", |s| {
+            ready(s, &backends[0]) && ready(s, &backends[1])
+        })
+        .await;
+        let traffic = Traffic::start(&balance, 4);
+        // Each member in turn is killed, so the one the client uses is killed at some point;
+        // a change is made while it is down, through the two others.
+        for member in 0..3 {
+            etcd.kill(member);
+            let extra = &backends[2 + member % 2];
+            if member % 2 == 0 {
+                etcd.put(&format!("/cluster/extra-{member}"), &extra.addr().to_string())
+                    .await;
+                wait_for(&balance, "the extra endpoint ready", |s| ready(s, extra)).await;
+                calls_grow(extra, 50).await;
+            } else {
+                etcd.del("/cluster/extra-0").await;
+                etcd.put(&format!("/cluster/extra-{member}"), &extra.addr().to_string())
+                    .await;
+                wait_for(&balance, "the extra endpoints swapped", |s| {
+                    !lists(s, &backends[2]) && ready(s, extra)
+                })
+                .await;
+            }
+            etcd.restart(member).await;
+        }
+        // The registrations' keepalives failed over too: still listed after every member
+        // restarted, and more than a TTL later.
+        calls_grow(&backends[0], 100).await;
+        let snapshot = balance.snapshot();
+        assert!(lists(&snapshot, &backends[0]) && lists(&snapshot, &backends[1]));
+        let (calls, failures) = traffic.stop().await;
+        assert!(failures.is_empty(), "{} of {calls} failed: {failures:?}", failures.len());
+        eprintln!("rolling kill of 3 members: {calls} calls, none failed");
+        for registration in registrations {
+            registration.deregister().await.unwrap();
+        }
+        wait_for(&balance, "registrations gone", |s| {
+            !lists(s, &backends[0]) && !lists(s, &backends[1])
+        })
+        .await;
+    })
+    .await
+    .expect("test within its time limit");
+}
+
+#[tokio::test]
+async fn a_resume_from_a_compacted_revision_emits_only_the_difference() {
+    if !require_etcd("a_resume_from_a_compacted_revision_emits_only_the_difference") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let etcd = EtcdCluster::start(1).await;
+        for (key, port) in [("a", 3001), ("b", 3002), ("c", 3003)] {
+            etcd.put(&format!("/compact/{key}"), &format!("127.0.0.1:{port}"))
+                .await;
+        }
+        // The client reaches etcd through a proxy the test cuts.
+        let proxy = Proxy::start(etcd.members[0].client).await;
+        let mut discovery = discovery(&[proxy.url()], "/compact/");
+        assert_eq!(next_changes(&mut discovery, 3).await.len(), 3);
+
+        proxy.cut();
+        // While the client is cut off: add, remove, re-weight, then compact every revision.
+        etcd.put("/compact/d", "127.0.0.1:3004").await;
+        etcd.del("/compact/a").await;
+        etcd.put("/compact/b", r#"{"addr":"127.0.0.1:3002","weight":4}"#)
+            .await;
+        etcd.put("/compact/e", "127.0.0.1:3005").await;
+        let revision = etcd.put("/compact/e", "127.0.0.1:3006").await;
+        etcd.compact(revision).await;
+        // Cut off, it emits nothing.
+        assert_quiet(&mut discovery, Duration::from_millis(300)).await;
+        proxy.restore();
+
+        let changes = next_changes(&mut discovery, 4).await;
+        assert_eq!(
+            changes,
+            [
+                "+127.0.0.1:3002 w4",
+                "+127.0.0.1:3004 w1",
+                "+127.0.0.1:3006 w1",
+                "-127.0.0.1:3001"
+            ],
+            "only the difference; c stayed and is neither removed nor re-inserted"
+        );
+        assert_quiet(&mut discovery, Duration::from_millis(300)).await;
+        // And the watch goes on from the fresh read.
+        etcd.put("/compact/f", "127.0.0.1:3007").await;
+        assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:3007 w1");
+    })
+    .await
+    .expect("test within its time limit");
+}
