@@ -232,23 +232,33 @@ impl EtcdCluster {
             .join(",")
     }
 
-    /// `etcdctl` against the running members; panics (with its output) if it fails.
+    /// `etcdctl` against the running members; panics (with its output) if it keeps failing.
+    /// Retried a few times: right after a member is killed, a request may time out while the
+    /// cluster elects a leader. Every command used here is idempotent.
     async fn ctl(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.running_urls()))
-            .arg("--command-timeout=10s")
-            .args(args)
-            .output()
-            .await
-            .expect("etcdctl runs");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut last = String::new();
+        for attempt in 0..5 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let out = tokio::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", self.running_urls()))
+                .arg("--command-timeout=5s")
+                .args(args)
+                .output()
+                .await
+                .expect("etcdctl runs");
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        panic!("etcdctl {args:?} failed 5 times; last: {last}");
     }
 
     /// Puts `key`; returns the store's revision after it.
@@ -517,23 +527,23 @@ fn recorder() -> &'static Snapshotter {
     })
 }
 
+/// The invalid-values count for `prefix` so far. A snapshot of the debugging recorder drains its
+/// counters, so every snapshot (of every test) is added to running totals.
 fn invalid_values(prefix: &str) -> u64 {
-    recorder()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, ..)| {
-            key.key().name() == INVALID_VALUES
-                && key
-                    .key()
-                    .labels()
-                    .any(|l| l.key() == "prefix" && l.value() == prefix)
-        })
-        .map(|(.., value)| match value {
-            DebugValue::Counter(n) => n,
-            other => panic!("{INVALID_VALUES} is a counter, got {other:?}"),
-        })
-        .sum()
+    static TOTALS: OnceLock<Mutex<std::collections::HashMap<String, u64>>> = OnceLock::new();
+    let mut totals = TOTALS.get_or_init(Mutex::default).lock().unwrap();
+    for (key, .., value) in recorder().snapshot().into_vec() {
+        if key.key().name() != INVALID_VALUES {
+            continue;
+        }
+        let DebugValue::Counter(n) = value else {
+            panic!("{INVALID_VALUES} is a counter, got {value:?}");
+        };
+        for label in key.key().labels().filter(|l| l.key() == "prefix") {
+            *totals.entry(label.value().to_owned()).or_default() += n;
+        }
+    }
+    totals.get(prefix).copied().unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
