@@ -373,12 +373,7 @@ fn discovery(urls: &[String], prefix: &str) -> Etcd {
         .unwrap()
 }
 
-async fn register(
-    urls: &[String],
-    prefix: &str,
-    backend: &Backend,
-    ttl: Duration,
-) -> Registration {
+async fn register(urls: &[String], prefix: &str, backend: &Backend, ttl: Duration) -> Registration {
     Registration::builder(urls, prefix, backend.addr().to_string())
         .ttl(ttl)
         .backoff(quick_backoff())
@@ -657,7 +652,11 @@ async fn endpoints_added_and_removed_under_traffic_no_call_fails_none_reaches_a_
         let frozen = backends[0].calls();
         calls_grow(&backends[1], 200).await;
         calls_grow(&backends[2], 200).await;
-        assert_eq!(backends[0].calls(), frozen, "a call reached a removed endpoint");
+        assert_eq!(
+            backends[0].calls(),
+            frozen,
+            "a call reached a removed endpoint"
+        );
 
         drop(c);
         wait_for(&balance, "c gone (deregistered on drop)", |s| {
@@ -666,10 +665,18 @@ async fn endpoints_added_and_removed_under_traffic_no_call_fails_none_reaches_a_
         .await;
         let frozen = backends[2].calls();
         calls_grow(&backends[1], 200).await;
-        assert_eq!(backends[2].calls(), frozen, "a call reached a removed endpoint");
+        assert_eq!(
+            backends[2].calls(),
+            frozen,
+            "a call reached a removed endpoint"
+        );
 
         let (calls, failures) = traffic.stop().await;
-        assert!(failures.is_empty(), "{} of {calls} failed: {failures:?}", failures.len());
+        assert!(
+            failures.is_empty(),
+            "{} of {calls} failed: {failures:?}",
+            failures.len()
+        );
         eprintln!("add/remove under traffic: {calls} calls, none failed");
     })
     .await
@@ -705,10 +712,16 @@ async fn a_crashed_registration_disappears_within_its_ttl() {
 
         // And a clean deregistration is seen at once.
         let clean = register(&urls, "/crash/", &backends[0], ttl).await;
-        assert_eq!(next_change(&mut discovery).await, format!("+{} w1", backends[0].addr()));
+        assert_eq!(
+            next_change(&mut discovery).await,
+            format!("+{} w1", backends[0].addr())
+        );
         let t0 = Instant::now();
         clean.deregister().await.unwrap();
-        assert_eq!(next_change(&mut discovery).await, format!("-{}", backends[0].addr()));
+        assert_eq!(
+            next_change(&mut discovery).await,
+            format!("-{}", backends[0].addr())
+        );
         eprintln!("deregistered endpoint removed after {:?}", t0.elapsed());
         assert!(t0.elapsed() < Duration::from_secs(1));
     })
@@ -728,7 +741,8 @@ async fn an_etcd_restart_keeps_the_set_and_resyncs_without_failed_calls() {
         let ttl = Duration::from_secs(5);
         let a = register(&urls, "/restart/", &backends[0], ttl).await;
         let lease = a.lease_id();
-        etcd.put("/restart/b", &backends[1].addr().to_string()).await;
+        etcd.put("/restart/b", &backends[1].addr().to_string())
+            .await;
         let balance = balance(discovery(&urls, "/restart/"));
         wait_for(&balance, "a and b ready", |s| {
             ready(s, &backends[0]) && ready(s, &backends[1])
@@ -746,14 +760,19 @@ async fn an_etcd_restart_keeps_the_set_and_resyncs_without_failed_calls() {
         etcd.restart(0).await;
         // Changes as soon as etcd is back, while the client may still be reconnecting.
         etcd.del("/restart/b").await;
-        etcd.put("/restart/c", &backends[2].addr().to_string()).await;
+        etcd.put("/restart/c", &backends[2].addr().to_string())
+            .await;
         wait_for(&balance, "b gone and c ready", |s| {
             !lists(s, &backends[1]) && ready(s, &backends[2]) && ready(s, &backends[0])
         })
         .await;
         calls_grow(&backends[2], 100).await;
         let (calls, failures) = traffic.stop().await;
-        assert!(failures.is_empty(), "{} of {calls} failed: {failures:?}", failures.len());
+        assert!(
+            failures.is_empty(),
+            "{} of {calls} failed: {failures:?}",
+            failures.len()
+        );
         // The registration outlived the restart (etcd renews leases when a leader starts).
         assert!(a.lease_id().is_some());
         eprintln!(
@@ -793,14 +812,20 @@ async fn members_fail_over_in_a_three_member_cluster_without_failed_calls() {
             etcd.kill(member);
             let extra = &backends[2 + member % 2];
             if member % 2 == 0 {
-                etcd.put(&format!("/cluster/extra-{member}"), &extra.addr().to_string())
-                    .await;
+                etcd.put(
+                    &format!("/cluster/extra-{member}"),
+                    &extra.addr().to_string(),
+                )
+                .await;
                 wait_for(&balance, "the extra endpoint ready", |s| ready(s, extra)).await;
                 calls_grow(extra, 50).await;
             } else {
                 etcd.del("/cluster/extra-0").await;
-                etcd.put(&format!("/cluster/extra-{member}"), &extra.addr().to_string())
-                    .await;
+                etcd.put(
+                    &format!("/cluster/extra-{member}"),
+                    &extra.addr().to_string(),
+                )
+                .await;
                 wait_for(&balance, "the extra endpoints swapped", |s| {
                     !lists(s, &backends[2]) && ready(s, extra)
                 })
@@ -814,7 +839,11 @@ async fn members_fail_over_in_a_three_member_cluster_without_failed_calls() {
         let snapshot = balance.snapshot();
         assert!(lists(&snapshot, &backends[0]) && lists(&snapshot, &backends[1]));
         let (calls, failures) = traffic.stop().await;
-        assert!(failures.is_empty(), "{} of {calls} failed: {failures:?}", failures.len());
+        assert!(
+            failures.is_empty(),
+            "{} of {calls} failed: {failures:?}",
+            failures.len()
+        );
         eprintln!("rolling kill of 3 members: {calls} calls, none failed");
         for registration in registrations {
             registration.deregister().await.unwrap();

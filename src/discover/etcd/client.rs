@@ -259,9 +259,10 @@ where
     T: Stream + Send + 'static,
 {
     let mut request = tonic::Request::new(stream);
-    request
-        .metadata_mut()
-        .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+    request.metadata_mut().insert(
+        "hasleader",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     request
 }
 
@@ -281,6 +282,12 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// A failed etcd call: what was attempted, on which member, and why.
 #[derive(Debug)]
 pub struct EtcdError {
+    // Boxed: errors travel in `Result`s that are otherwise small.
+    inner: Box<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     what: String,
     member: Option<Uri>,
     source: BoxError,
@@ -289,33 +296,37 @@ pub struct EtcdError {
 impl EtcdError {
     pub(crate) fn new(what: impl Into<String>, member: &Uri, source: impl Into<BoxError>) -> Self {
         EtcdError {
-            what: what.into(),
-            member: Some(member.clone()),
-            source: source.into(),
+            inner: Box::new(Inner {
+                what: what.into(),
+                member: Some(member.clone()),
+                source: source.into(),
+            }),
         }
     }
 
     pub(crate) fn other(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
         EtcdError {
-            what: what.into(),
-            member: None,
-            source: source.into(),
+            inner: Box::new(Inner {
+                what: what.into(),
+                member: None,
+                source: source.into(),
+            }),
         }
     }
 
     /// The member the call went to, if it got that far.
     pub fn member(&self) -> Option<&Uri> {
-        self.member.as_ref()
+        self.inner.member.as_ref()
     }
 }
 
 impl fmt::Display for EtcdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "etcd {}", self.what)?;
-        if let Some(member) = &self.member {
+        write!(f, "etcd {}", self.inner.what)?;
+        if let Some(member) = &self.inner.member {
             write!(f, " on {member}")?;
         }
-        write!(f, ": {}", describe_error(&*self.source))
+        write!(f, ": {}", describe_error(&*self.inner.source))
     }
 }
 
@@ -339,7 +350,13 @@ mod tests {
             .unwrap();
         assert_eq!(cluster.member().to_string(), "http://127.0.0.1:2379/");
         let field = |e: &str| ClusterConfig::new(vec![e.into()]).build().unwrap_err();
-        for bad in ["", "127.0.0.1", "https://etcd:2379", "ftp://etcd:1", "a b:1"] {
+        for bad in [
+            "",
+            "127.0.0.1",
+            "https://etcd:2379",
+            "ftp://etcd:1",
+            "a b:1",
+        ] {
             assert_eq!(field(bad).field(), "etcd.endpoints", "{bad}");
         }
         let none = ClusterConfig::new(vec![]).build().unwrap_err();

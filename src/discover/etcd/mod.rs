@@ -470,7 +470,8 @@ impl Watcher {
             )),
         };
         // The request stream stays open: the watch lives as long as it does.
-        let requests = futures::stream::once(async move { create }).chain(futures::stream::pending());
+        let requests =
+            futures::stream::once(async move { create }).chain(futures::stream::pending());
         let mut stream = conn
             .call("watch", conn.watch().watch(require_leader(requests)))
             .await?
@@ -614,10 +615,7 @@ mod tests {
             named("127.0.0.1:50051"),
             Ok(("http://127.0.0.1:50051/".into(), 1))
         );
-        assert_eq!(
-            named(" [::1]:7\n"),
-            Ok(("http://[::1]:7/".into(), 1))
-        );
+        assert_eq!(named(" [::1]:7\n"), Ok(("http://[::1]:7/".into(), 1)));
         assert_eq!(
             named(r#"{"addr":"10.0.0.1:80","weight":3,"metadata":{"zone":"a"},"extra":true}"#),
             Ok(("http://10.0.0.1:80/".into(), 3))
@@ -648,13 +646,22 @@ mod tests {
             let err = named(value).unwrap_err();
             assert!(err.contains(why), "{value:?}: {err}");
         }
-        assert!(parse_value(b"\xff:1", &http()).unwrap_err().contains("UTF-8"));
+        assert!(
+            parse_value(b"\xff:1", &http())
+                .unwrap_err()
+                .contains("UTF-8")
+        );
     }
 
     fn keys(entries: &[(&str, &str)]) -> BTreeMap<Vec<u8>, Named> {
         entries
             .iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), parse_value(v.as_bytes(), &http()).unwrap()))
+            .map(|(k, v)| {
+                (
+                    k.as_bytes().to_vec(),
+                    parse_value(v.as_bytes(), &http()).unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -695,14 +702,20 @@ mod tests {
         assert_eq!(both.len(), 1);
         assert_eq!(both.values().next().unwrap().1.weight, 4);
         let one = endpoints_of(&keys(&[("new", r#"{"addr":"10.0.0.1:1","weight":4}"#)]));
-        assert!(diff(&both, &one).is_empty(), "the old key going must not flap it");
+        assert!(
+            diff(&both, &one).is_empty(),
+            "the old key going must not flap it"
+        );
     }
 
     #[test]
     fn builder_rejects_bad_config_naming_the_field() {
         let field = |b: EtcdBuilder| b.build().unwrap_err().field().to_owned();
         assert_eq!(field(Etcd::builder(["127.0.0.1:2379"], "")), "etcd.prefix");
-        assert_eq!(field(Etcd::builder(Vec::<String>::new(), "/p/")), "etcd.endpoints");
+        assert_eq!(
+            field(Etcd::builder(Vec::<String>::new(), "/p/")),
+            "etcd.endpoints"
+        );
         assert_eq!(
             field(Etcd::builder(["127.0.0.1:2379"], "/p/").scheme("a b")),
             "etcd.scheme"

@@ -381,7 +381,8 @@ impl Registrar {
                 let conn = self.cluster.connect().await?;
                 conn.call(
                     "lease revoke",
-                    conn.lease().lease_revoke(pb::LeaseRevokeRequest { id: lease }),
+                    conn.lease()
+                        .lease_revoke(pb::LeaseRevokeRequest { id: lease }),
                 )
                 .await
             };
@@ -521,7 +522,11 @@ mod tests {
         assert_eq!(field(b().weight(0)), "etcd.weight");
         assert_eq!(field(b().name("")), "etcd.name");
         assert_eq!(
-            field(Registration::builder(["127.0.0.1:2379"], "/svc/", "no-port")),
+            field(Registration::builder(
+                ["127.0.0.1:2379"],
+                "/svc/",
+                "no-port"
+            )),
             "etcd.addr"
         );
         assert_eq!(
