@@ -92,7 +92,7 @@
 //! Connection and call failures are not yielded: they are logged (`tracing` warnings naming the
 //! member) and retried, since the set must stay and the balancer could do nothing else with
 //! them. Configuration errors are found by [`EtcdBuilder::build`], as a
-//! [`ConfigError`](crate::ConfigError) naming the field.
+//! [`crate::ConfigError`] naming the field.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
