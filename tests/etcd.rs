@@ -905,3 +905,36 @@ async fn a_resume_from_a_compacted_revision_emits_only_the_difference() {
     .await
     .expect("test within its time limit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_whose_lease_is_lost_registers_again() {
+    if !require_etcd("a_registration_whose_lease_is_lost_registers_again") {
+        return;
+    }
+    timeout(TEST_LIMIT, async {
+        let etcd = EtcdCluster::start(1).await;
+        let urls = etcd.urls();
+        let backend = Backend::start().await.unwrap();
+        let ttl = Duration::from_secs(3);
+        let registration = register(&urls, "/lost/", &backend, ttl).await;
+        let mut discovery = discovery(&urls, "/lost/");
+        let addr = backend.addr();
+        assert_eq!(next_change(&mut discovery).await, format!("+{addr} w1"));
+        let lease = registration.lease_id().expect("a lease");
+        // Someone revokes the lease: the key goes, and the next keepalive (within TTL/3)
+        // finds the lease gone and registers again on a new one.
+        etcd.ctl(&["lease", "revoke", &format!("{lease:x}")]).await;
+        assert_eq!(next_change(&mut discovery).await, format!("-{addr}"));
+        let t0 = Instant::now();
+        assert_eq!(next_change(&mut discovery).await, format!("+{addr} w1"));
+        eprintln!(
+            "re-registered {:?} after the lease was revoked",
+            t0.elapsed()
+        );
+        assert_ne!(registration.lease_id(), Some(lease));
+        registration.deregister().await.unwrap();
+        assert_eq!(next_change(&mut discovery).await, format!("-{addr}"));
+    })
+    .await
+    .expect("test within its time limit");
+}
