@@ -182,7 +182,8 @@ pub(crate) enum Verdict {
 /// the caller reconnects.
 ///
 /// A service that keeps its own connections (a [`Pool`](crate::pool::Pool)) answers a lost
-/// connection with its own `UNAVAILABLE` status: that is no health verdict. `trouble` is called so
+/// connection with its own status, marked [`PoolConnectionError`](crate::pool::PoolConnectionError):
+/// that is no health verdict. `trouble` is called so
 /// the caller can look at the service's readiness, the last verdict stands, and the check goes on
 /// over the service's other (or next) connection. Likewise a `Watch` stream that had delivered a
 /// status and then ended (its connection's GOAWAY at a server's max connection age, a graceful
@@ -200,8 +201,7 @@ where
     RB: http_body::Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError> + Send,
 {
-    use tower::ServiceExt as _;
-    let mut client = HealthClient::new(service.map_err(mark_own_connection_errors));
+    let mut client = HealthClient::new(service);
     let mut last: Option<Verdict> = None;
     let mut report = move |verdict: Option<Verdict>| match verdict {
         // A new stream or connection: whatever it says next is reported, even if unchanged,
@@ -325,7 +325,7 @@ where
 
 /// Why a health call or stream failed.
 enum Failure {
-    /// A connection the service does not manage broke (tonic `Channel`): reconnect.
+    /// A bare connection broke (tonic `Channel`): only a new connection helps.
     OwnConnection(BoxError),
     /// The service answered `UNAVAILABLE` itself (a pool whose connection broke or is not back
     /// yet): a matter of its readiness, not of health.
@@ -336,45 +336,21 @@ enum Failure {
 
 fn classify(status: tonic::Status, what: &str) -> Failure {
     let source = std::error::Error::source(&status);
-    let own_connection =
-        std::iter::successors(source, |e| e.source()).any(|e| e.is::<OwnConnectionError>());
-    if own_connection && status.code() == Code::Unavailable {
+    let chain = || std::iter::successors(source, |e| e.source());
+    let reason = || format!("{what}: {}", crate::status::describe_error(&status));
+    // A pool's status about one of its connections: the pool replaces it by itself.
+    if chain().any(|e| e.is::<crate::pool::PoolConnectionError>()) {
+        return Failure::ServiceUnavailable(reason());
+    }
+    // A bare connection (tonic `Channel`) failed: under the call (the service's own error), or
+    // under the stream (tonic reports that as `UNKNOWN` over the transport error). Only a new
+    // connection helps: a `Channel` stays "ready" while it reconnects lazily.
+    let transport_failed =
+        source.is_some_and(|s| crate::status::code_from_error(s) == Code::Unavailable);
+    if transport_failed {
         return Failure::OwnConnection(Box::new(status));
     }
-    let reason = format!("{what}: {}", crate::status::describe_error(&status));
-    // A status with a source was made on this side, by the service: not the health server's.
-    if status.code() == Code::Unavailable && source.is_some() {
-        Failure::ServiceUnavailable(reason)
-    } else {
-        Failure::Other(reason)
-    }
-}
-
-/// An error of the endpoint service that is not a [`tonic::Status`]: a bare transport error of
-/// a connection the balancer owns, as opposed to the verdict of a service that keeps its own
-/// connections. Marked before tonic's client turns it into a status.
-#[derive(Debug)]
-struct OwnConnectionError(BoxError);
-
-impl std::fmt::Display for OwnConnectionError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("endpoint connection failed")
-    }
-}
-
-impl std::error::Error for OwnConnectionError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.0)
-    }
-}
-
-fn mark_own_connection_errors(err: impl Into<BoxError>) -> BoxError {
-    let err = err.into();
-    if err.is::<tonic::Status>() {
-        err
-    } else {
-        Box::new(OwnConnectionError(err))
-    }
+    Failure::Other(reason())
 }
 
 fn verdict(response: &HealthCheckResponse) -> Verdict {

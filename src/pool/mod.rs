@@ -82,4 +82,5 @@ pub use config::{
 };
 pub use layer::{MakeFuture, MakePool, PoolLayer};
 pub use service::{Pool, PoolBody, ResponseFuture};
+pub use shared::PoolConnectionError;
 pub use stats::PoolStats;

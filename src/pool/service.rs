@@ -15,7 +15,9 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::shared::{ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection};
+use super::shared::{
+    ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection, status_with_source,
+};
 use super::stats::PoolStats;
 use crate::BoxError;
 
@@ -281,16 +283,15 @@ fn connection_broke(err: BoxError, guard: &InFlight, when: &str) -> Status {
     let err = SharedError::from(err);
     let conn = guard.conn();
     conn.mark_broken(err.clone());
-    let mut status = Status::new(
+    status_with_source(
         Code::Unavailable,
         format!(
             "connection to {} broke{when}: {}",
             conn.target(),
             crate::status::describe_error(&*err)
         ),
-    );
-    status.set_source(err);
-    status
+        Some(&err),
+    )
 }
 
 pin_project! {

@@ -204,12 +204,49 @@ pub(crate) fn breaks_connection(err: &(dyn Error + 'static)) -> bool {
     !refused_stream && crate::status::code_from_error(err) == Code::Unavailable
 }
 
-fn status_with_source(code: Code, message: String, source: Option<&SharedError>) -> Status {
+/// A status the pool makes about its own connections, with `source` under a marker that says so
+/// (see [`PoolConnectionError`]).
+pub(crate) fn status_with_source(
+    code: Code,
+    message: String,
+    source: Option<&SharedError>,
+) -> Status {
     let mut status = Status::new(code, message);
     if let Some(source) = source {
-        status.set_source(source.clone());
+        status.set_source(Arc::new(PoolConnectionError(source.clone())));
     }
     status
+}
+
+/// The source of every status a pool makes about one of its connections (broken, not up, the
+/// pool closed): what happened to that connection is the pool's business, which it handles by
+/// itself (replacing it, with backoff). Layers above tell such a status from a bare connection's
+/// failure by this marker: the balancer takes neither a pool's `UNAVAILABLE` nor its health
+/// check's failure through the pool as a reason to rebuild the endpoint.
+///
+/// A service of your own that keeps its own connections can mark its statuses the same way
+/// ([`PoolConnectionError::new`]), and the balancer treats it as it treats a pool.
+#[derive(Debug)]
+pub struct PoolConnectionError(pub(crate) SharedError);
+
+impl PoolConnectionError {
+    /// Marks `cause` as a connection failure its service handles by itself.
+    pub fn new(cause: impl Into<BoxError>) -> Self {
+        PoolConnectionError(Arc::from(cause.into()))
+    }
+}
+
+impl fmt::Display for PoolConnectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The status above says it in words; the source below names the cause.
+        f.write_str("")
+    }
+}
+
+impl Error for PoolConnectionError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 impl<S> Shared<S> {
