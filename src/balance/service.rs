@@ -345,7 +345,14 @@ pin_project! {
             expires: Option<Pin<Box<tokio::time::Sleep>>>,
         },
         // The call is running on the chosen endpoint.
-        Calling { #[pin] future: S::Future, guard: Option<CallGuard> },
+        // Bounded by the call's deadline: below, a tonic `Channel` that is reconnecting holds a
+        // request in its buffer, where its own `grpc-timeout` timer has not started yet.
+        Calling {
+            #[pin] future: S::Future,
+            guard: Option<CallGuard>,
+            // Armed only once the response is pending, so a call without a deadline sets none.
+            expires: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
         // The call cannot be served; the status says why.
         Failed { status: Option<Status> },
     }
@@ -451,6 +458,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                                     State::Calling {
                                         future: service.call(request),
                                         guard: Some(guard.sent()),
+                                        expires: None,
                                     }
                                 }
                                 None => State::Failed {
@@ -463,6 +471,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             None => State::Calling {
                                 future: service.call(request),
                                 guard: Some(guard.sent()),
+                                expires: None,
                             },
                         }
                     }
@@ -485,8 +494,34 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         }
                     }
                 },
-                StateProj::Calling { future, guard } => {
-                    let result = ready!(future.poll(cx));
+                StateProj::Calling {
+                    future,
+                    guard,
+                    expires,
+                } => {
+                    let result = match future.poll(cx) {
+                        Poll::Ready(result) => result,
+                        Poll::Pending => {
+                            let Some(deadline) = *this.call_deadline else {
+                                return Poll::Pending;
+                            };
+                            let expires = expires.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep_until(deadline.at))
+                            });
+                            if expires.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            // Dropping the inner future cancels the call wherever it is.
+                            let mut guard = guard.take().expect("polled after completion");
+                            guard.finish(Code::DeadlineExceeded);
+                            let uri = guard.load.uri.clone();
+                            drop(guard);
+                            return Poll::Ready(Err(Box::new(deadline.exceeded(format_args!(
+                                "waiting for {}'s response",
+                                authority(&uri)
+                            )))));
+                        }
+                    };
                     let mut guard = guard.take().expect("polled after completion");
                     return Poll::Ready(match result {
                         Ok(response) => {
