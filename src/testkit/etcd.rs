@@ -304,7 +304,7 @@ impl EtcdCluster {
     /// The store's current revision.
     pub async fn revision(&self) -> io::Result<i64> {
         let out = self
-            .ctl(&["get", "-w", "json", "--count-only", "/"])
+            .ctl(&["get", "-w", "json", "--keys-only", "--limit", "1", "/"])
             .await?;
         header_revision(&out)
     }
