@@ -5,11 +5,8 @@
 //! Without `etcd` and `etcdctl` each test says so loudly and passes; under `CI=true` it fails.
 #![cfg(feature = "etcd")]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,8 +21,8 @@ use towline::connect::Connect;
 use towline::discover::etcd::{Etcd, INVALID_VALUES, Registration};
 use towline::discover::{Change, Update};
 use towline::retry::{RetryLayer, RetryPolicy};
-use towline::testkit::Backend;
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+use towline::testkit::{Backend, EtcdCluster, require_etcd};
 
 /// Long enough for a loaded machine; every wait is for a signal, bounded by this.
 const WAIT: Duration = Duration::from_secs(20);
@@ -36,256 +33,6 @@ type Channel = tonic::transport::Channel;
 
 // ---------------------------------------------------------------------------------------------
 // etcd as child processes
-
-/// `true` when `etcd` and `etcdctl` run. Otherwise a loud notice and `false` (skip), or a panic
-/// under `CI=true`: in CI a test that cannot run is a failure.
-fn require_etcd(test: &str) -> bool {
-    let missing: Vec<String> = [("etcd", "--version"), ("etcdctl", "version")]
-        .into_iter()
-        .filter_map(|(bin, arg)| match Command::new(bin).arg(arg).output() {
-            Ok(out) if out.status.success() => None,
-            Ok(out) => Some(format!("`{bin} {arg}` exited with {}", out.status)),
-            Err(err) => Some(format!("`{bin}` cannot run ({err})")),
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    let notice = format!(
-        "{test}: ETCD TEST NOT RUN: {} (apt-get install etcd-server etcd-client)",
-        missing.join("; ")
-    );
-    assert!(!in_ci, "{notice} (CI=true, so this is a failure)");
-    // Straight to stderr, not eprintln!: the harness captures that for passing tests.
-    let _ = std::io::Write::write_all(
-        &mut std::io::stderr().lock(),
-        format!("\n!!!!!!!! {notice} !!!!!!!!\n\n").as_bytes(),
-    );
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-struct Member {
-    name: String,
-    client: u16,
-    peer: u16,
-    data_dir: PathBuf,
-    child: Option<Child>,
-    /// Set when this run of the process logged that it serves clients.
-    ready: Arc<(Mutex<bool>, std::sync::Condvar)>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Member {
-    fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
-    }
-}
-
-/// etcd members on loopback, each with its data dir under one temporary directory; killed and
-/// removed on drop.
-struct EtcdCluster {
-    dir: PathBuf,
-    members: Vec<Member>,
-    initial_cluster: String,
-    token: String,
-}
-
-impl EtcdCluster {
-    async fn start(size: usize) -> EtcdCluster {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let token = format!(
-            "towline-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir().join(&token);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let members: Vec<Member> = (0..size)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
-                data_dir: dir.join(format!("m{i}")),
-                child: None,
-                ready: Arc::default(),
-                log: Arc::default(),
-            })
-            .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = EtcdCluster {
-            dir,
-            members,
-            initial_cluster,
-            token,
-        };
-        for i in 0..size {
-            cluster.spawn(i);
-        }
-        for i in 0..size {
-            cluster.wait_ready(i).await;
-        }
-        cluster
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let m = &mut self.members[i];
-        let mut child = Command::new("etcd")
-            .args(["--name", &m.name, "--data-dir"])
-            .arg(&m.data_dir)
-            .args(["--listen-client-urls", &m.client_url()])
-            .args(["--advertise-client-urls", &m.client_url()])
-            .args([
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{}", m.peer),
-            ])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{}", m.peer),
-            ])
-            .args(["--initial-cluster", &self.initial_cluster])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", &self.token])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("etcd starts");
-        let stderr = child.stderr.take().expect("piped");
-        let ready = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        m.ready = ready.clone();
-        let log = m.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                // Logged once the member has joined its cluster (a leader exists) and serves.
-                if line.contains("serving client traffic")
-                    || line.contains("ready to serve client requests")
-                {
-                    *ready.0.lock().unwrap() = true;
-                    ready.1.notify_all();
-                }
-                let mut log = log.lock().unwrap();
-                if log.len() < 2000 {
-                    log.push(line);
-                }
-            }
-        });
-        m.child = Some(child);
-    }
-
-    async fn wait_ready(&self, i: usize) {
-        let ready = self.members[i].ready.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            let guard = ready.0.lock().unwrap();
-            let (guard, _) = ready
-                .1
-                .wait_timeout_while(guard, WAIT, |ready| !*ready)
-                .unwrap();
-            *guard
-        })
-        .await
-        .unwrap();
-        assert!(
-            ok,
-            "etcd member {i} not ready within {WAIT:?}; its log:\n{}",
-            self.members[i].log.lock().unwrap().join("\n")
-        );
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The same member again: same ports, same data dir.
-    async fn restart(&mut self, i: usize) {
-        self.kill(i);
-        self.spawn(i);
-        self.wait_ready(i).await;
-    }
-
-    fn urls(&self) -> Vec<String> {
-        self.members.iter().map(Member::client_url).collect()
-    }
-
-    fn running_urls(&self) -> String {
-        self.members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(Member::client_url)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// `etcdctl` against the running members; panics (with its output) if it keeps failing.
-    /// Retried a few times: right after a member is killed, a request may time out while the
-    /// cluster elects a leader. Every command used here is idempotent.
-    async fn ctl(&self, args: &[&str]) -> String {
-        let mut last = String::new();
-        for attempt in 0..5 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            let out = tokio::process::Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", self.running_urls()))
-                .arg("--command-timeout=5s")
-                .args(args)
-                .output()
-                .await
-                .expect("etcdctl runs");
-            if out.status.success() {
-                return String::from_utf8_lossy(&out.stdout).into_owned();
-            }
-            last = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        panic!("etcdctl {args:?} failed 5 times; last: {last}");
-    }
-
-    /// Puts `key`; returns the store's revision after it.
-    async fn put(&self, key: &str, value: &str) -> i64 {
-        let out = self.ctl(&["put", "-w", "json", key, value]).await;
-        let json: serde_json::Value = serde_json::from_str(&out).expect("etcdctl JSON");
-        json["header"]["revision"].as_i64().expect("a revision")
-    }
-
-    async fn del(&self, key: &str) {
-        self.ctl(&["del", key]).await;
-    }
-
-    async fn compact(&self, revision: i64) {
-        self.ctl(&["compact", &revision.to_string(), "--physical"])
-            .await;
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A TCP proxy in front of an etcd member that the test can cut (every connection dropped, new
 /// ones closed at once) and restore: etcd unreachable for the client while it keeps working
@@ -550,35 +297,39 @@ async fn the_first_read_inserts_everything_then_only_changes_arrive() {
         return;
     }
     timeout(TEST_LIMIT, async {
-        let etcd = EtcdCluster::start(1).await;
-        etcd.put("/svc/a", "127.0.0.1:1001").await;
+        let etcd = EtcdCluster::start(1).await.expect("etcd starts");
+        etcd.put("/svc/a", "127.0.0.1:1001").await.expect("etcdctl");
         etcd.put("/svc/b", r#"{"addr":"127.0.0.1:1002","weight":2}"#)
-            .await;
+            .await
+            .expect("etcdctl");
         // Outside the prefix: never seen.
-        etcd.put("/svc0", "127.0.0.1:9").await;
-        etcd.put("/sv", "127.0.0.1:9").await;
+        etcd.put("/svc0", "127.0.0.1:9").await.expect("etcdctl");
+        etcd.put("/sv", "127.0.0.1:9").await.expect("etcdctl");
         let mut discovery = discovery(&etcd.urls(), "/svc/");
         assert_eq!(
             next_changes(&mut discovery, 2).await,
             ["+127.0.0.1:1001 w1", "+127.0.0.1:1002 w2"]
         );
         // The same value again: nothing. A weight change: a re-insert.
-        etcd.put("/svc/a", "127.0.0.1:1001").await;
+        etcd.put("/svc/a", "127.0.0.1:1001").await.expect("etcdctl");
         etcd.put("/svc/b", r#"{"addr":"127.0.0.1:1002","weight":5}"#)
-            .await;
+            .await
+            .expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:1002 w5");
         // A new address for a key: the new one in, then the old one out.
-        etcd.put("/svc/a", "127.0.0.1:1003").await;
+        etcd.put("/svc/a", "127.0.0.1:1003").await.expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:1003 w1");
         assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:1001");
         // The same address under a second key: one endpoint, no change until both are gone.
-        etcd.put("/svc/a2", "127.0.0.1:1003").await;
-        etcd.del("/svc/a").await;
-        etcd.put("/svc0", "127.0.0.1:9").await;
+        etcd.put("/svc/a2", "127.0.0.1:1003")
+            .await
+            .expect("etcdctl");
+        etcd.del("/svc/a").await.expect("etcdctl");
+        etcd.put("/svc0", "127.0.0.1:9").await.expect("etcdctl");
         assert_quiet(&mut discovery, Duration::from_millis(300)).await;
-        etcd.del("/svc/a2").await;
+        etcd.del("/svc/a2").await.expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:1003");
-        etcd.del("/svc/b").await;
+        etcd.del("/svc/b").await.expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:1002");
     })
     .await
@@ -593,9 +344,13 @@ async fn values_that_do_not_parse_are_skipped_counted_and_the_watch_goes_on() {
     timeout(TEST_LIMIT, async {
         let prefix = "/garbage/";
         let before = invalid_values(prefix);
-        let etcd = EtcdCluster::start(1).await;
-        etcd.put("/garbage/a", "127.0.0.1:2001").await;
-        etcd.put("/garbage/bad-at-start", "not an address").await;
+        let etcd = EtcdCluster::start(1).await.expect("etcd starts");
+        etcd.put("/garbage/a", "127.0.0.1:2001")
+            .await
+            .expect("etcdctl");
+        etcd.put("/garbage/bad-at-start", "not an address")
+            .await
+            .expect("etcdctl");
         let mut discovery = discovery(&etcd.urls(), prefix);
         assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:2001 w1");
         for bad in [
@@ -605,16 +360,22 @@ async fn values_that_do_not_parse_are_skipped_counted_and_the_watch_goes_on() {
             "127.0.0.1",
             "[1, 2]",
         ] {
-            etcd.put("/garbage/g", bad).await;
+            etcd.put("/garbage/g", bad).await.expect("etcdctl");
         }
         // The watch goes on: the next good value arrives, and nothing came before it.
-        etcd.put("/garbage/b", "127.0.0.1:2003").await;
+        etcd.put("/garbage/b", "127.0.0.1:2003")
+            .await
+            .expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:2003 w1");
         assert_eq!(invalid_values(prefix) - before, 6);
         // A key that named an endpoint and then holds garbage names none.
-        etcd.put("/garbage/g", "127.0.0.1:2004").await;
+        etcd.put("/garbage/g", "127.0.0.1:2004")
+            .await
+            .expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:2004 w1");
-        etcd.put("/garbage/g", "127.0.0.1:99999").await;
+        etcd.put("/garbage/g", "127.0.0.1:99999")
+            .await
+            .expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "-127.0.0.1:2004");
         assert_eq!(invalid_values(prefix) - before, 7);
     })
@@ -628,7 +389,7 @@ async fn endpoints_added_and_removed_under_traffic_no_call_fails_none_reaches_a_
         return;
     }
     timeout(TEST_LIMIT, async {
-        let etcd = EtcdCluster::start(1).await;
+        let etcd = EtcdCluster::start(1).await.expect("etcd starts");
         let urls = etcd.urls();
         let backends = Backend::start_many(3).await.unwrap();
         let ttl = Duration::from_secs(5);
@@ -689,7 +450,7 @@ async fn a_crashed_registration_disappears_within_its_ttl() {
         return;
     }
     timeout(TEST_LIMIT, async {
-        let etcd = EtcdCluster::start(1).await;
+        let etcd = EtcdCluster::start(1).await.expect("etcd starts");
         let urls = etcd.urls();
         let backends = Backend::start_many(2).await.unwrap();
         let ttl = Duration::from_secs(2);
@@ -735,14 +496,15 @@ async fn an_etcd_restart_keeps_the_set_and_resyncs_without_failed_calls() {
         return;
     }
     timeout(TEST_LIMIT, async {
-        let mut etcd = EtcdCluster::start(1).await;
+        let mut etcd = EtcdCluster::start(1).await.expect("etcd starts");
         let urls = etcd.urls();
         let backends = Backend::start_many(3).await.unwrap();
         let ttl = Duration::from_secs(5);
         let a = register(&urls, "/restart/", &backends[0], ttl).await;
         let lease = a.lease_id();
         etcd.put("/restart/b", &backends[1].addr().to_string())
-            .await;
+            .await
+            .expect("etcdctl");
         let balance = balance(discovery(&urls, "/restart/"));
         wait_for(&balance, "a and b ready", |s| {
             ready(s, &backends[0]) && ready(s, &backends[1])
@@ -757,11 +519,12 @@ async fn an_etcd_restart_keeps_the_set_and_resyncs_without_failed_calls() {
         let snapshot = balance.snapshot();
         assert!(lists(&snapshot, &backends[0]) && lists(&snapshot, &backends[1]));
 
-        etcd.restart(0).await;
+        etcd.restart(0).await.expect("etcd restarts");
         // Changes as soon as etcd is back, while the client may still be reconnecting.
-        etcd.del("/restart/b").await;
+        etcd.del("/restart/b").await.expect("etcdctl");
         etcd.put("/restart/c", &backends[2].addr().to_string())
-            .await;
+            .await
+            .expect("etcdctl");
         wait_for(&balance, "b gone and c ready", |s| {
             !lists(s, &backends[1]) && ready(s, &backends[2]) && ready(s, &backends[0])
         })
@@ -792,7 +555,7 @@ async fn members_fail_over_in_a_three_member_cluster_without_failed_calls() {
         return;
     }
     timeout(TEST_LIMIT, async {
-        let mut etcd = EtcdCluster::start(3).await;
+        let mut etcd = EtcdCluster::start(3).await.expect("etcd starts");
         let urls = etcd.urls();
         let backends = Backend::start_many(4).await.unwrap();
         let ttl = Duration::from_secs(5);
@@ -816,22 +579,24 @@ async fn members_fail_over_in_a_three_member_cluster_without_failed_calls() {
                     &format!("/cluster/extra-{member}"),
                     &extra.addr().to_string(),
                 )
-                .await;
+                .await
+                .expect("etcdctl");
                 wait_for(&balance, "the extra endpoint ready", |s| ready(s, extra)).await;
                 calls_grow(extra, 50).await;
             } else {
-                etcd.del("/cluster/extra-0").await;
+                etcd.del("/cluster/extra-0").await.expect("etcdctl");
                 etcd.put(
                     &format!("/cluster/extra-{member}"),
                     &extra.addr().to_string(),
                 )
-                .await;
+                .await
+                .expect("etcdctl");
                 wait_for(&balance, "the extra endpoints swapped", |s| {
                     !lists(s, &backends[2]) && ready(s, extra)
                 })
                 .await;
             }
-            etcd.restart(member).await;
+            etcd.restart(member).await.expect("etcd restarts");
         }
         // The registrations' keepalives failed over too: still listed after every member
         // restarted, and more than a TTL later.
@@ -863,25 +628,34 @@ async fn a_resume_from_a_compacted_revision_emits_only_the_difference() {
         return;
     }
     timeout(TEST_LIMIT, async {
-        let etcd = EtcdCluster::start(1).await;
+        let etcd = EtcdCluster::start(1).await.expect("etcd starts");
         for (key, port) in [("a", 3001), ("b", 3002), ("c", 3003)] {
             etcd.put(&format!("/compact/{key}"), &format!("127.0.0.1:{port}"))
-                .await;
+                .await
+                .expect("etcdctl");
         }
         // The client reaches etcd through a proxy the test cuts.
-        let proxy = Proxy::start(etcd.members[0].client).await;
+        let proxy = Proxy::start(etcd.client_port(0)).await;
         let mut discovery = discovery(&[proxy.url()], "/compact/");
         assert_eq!(next_changes(&mut discovery, 3).await.len(), 3);
 
         proxy.cut();
         // While the client is cut off: add, remove, re-weight, then compact every revision.
-        etcd.put("/compact/d", "127.0.0.1:3004").await;
-        etcd.del("/compact/a").await;
+        etcd.put("/compact/d", "127.0.0.1:3004")
+            .await
+            .expect("etcdctl");
+        etcd.del("/compact/a").await.expect("etcdctl");
         etcd.put("/compact/b", r#"{"addr":"127.0.0.1:3002","weight":4}"#)
-            .await;
-        etcd.put("/compact/e", "127.0.0.1:3005").await;
-        let revision = etcd.put("/compact/e", "127.0.0.1:3006").await;
-        etcd.compact(revision).await;
+            .await
+            .expect("etcdctl");
+        etcd.put("/compact/e", "127.0.0.1:3005")
+            .await
+            .expect("etcdctl");
+        let revision = etcd
+            .put("/compact/e", "127.0.0.1:3006")
+            .await
+            .expect("etcdctl");
+        etcd.compact(revision).await.expect("etcdctl");
         // Cut off, it emits nothing.
         assert_quiet(&mut discovery, Duration::from_millis(300)).await;
         proxy.restore();
@@ -899,7 +673,9 @@ async fn a_resume_from_a_compacted_revision_emits_only_the_difference() {
         );
         assert_quiet(&mut discovery, Duration::from_millis(300)).await;
         // And the watch goes on from the fresh read.
-        etcd.put("/compact/f", "127.0.0.1:3007").await;
+        etcd.put("/compact/f", "127.0.0.1:3007")
+            .await
+            .expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, "+127.0.0.1:3007 w1");
     })
     .await
@@ -912,7 +688,7 @@ async fn a_registration_whose_lease_is_lost_registers_again() {
         return;
     }
     timeout(TEST_LIMIT, async {
-        let etcd = EtcdCluster::start(1).await;
+        let etcd = EtcdCluster::start(1).await.expect("etcd starts");
         let urls = etcd.urls();
         let backend = Backend::start().await.unwrap();
         let ttl = Duration::from_secs(3);
@@ -923,7 +699,9 @@ async fn a_registration_whose_lease_is_lost_registers_again() {
         let lease = registration.lease_id().expect("a lease");
         // Someone revokes the lease: the key goes, and the next keepalive (within TTL/3)
         // finds the lease gone and registers again on a new one.
-        etcd.ctl(&["lease", "revoke", &format!("{lease:x}")]).await;
+        etcd.ctl(&["lease", "revoke", &format!("{lease:x}")])
+            .await
+            .expect("etcdctl");
         assert_eq!(next_change(&mut discovery).await, format!("-{addr}"));
         let t0 = Instant::now();
         assert_eq!(next_change(&mut discovery).await, format!("+{addr} w1"));

@@ -11,9 +11,10 @@
 //! Each scenario prints a table and writes `target/scenarios/<name>.json`; `summary` also writes
 //! `target/scenarios/summary.json` (every scenario's figures and the machine's load) and
 //! `summary.md` (the printed tables in markdown, copied to `docs/scenarios.md`).
-//! `blackhole` needs root and iproute2, and `foreign-kill` the grpc-core and grpc-js servers
-//! (`bash tests/peers/install.sh`); without them each says so loudly and is skipped (under
-//! `CI=true` that is a failure). The machine is noisy:
+//! `blackhole` needs root and iproute2, `foreign-kill` the grpc-core and grpc-js servers
+//! (`bash tests/peers/install.sh`), and `registry` `etcd` and `etcdctl` (Debian `etcd-server`,
+//! `etcd-client`); without them each says so loudly and is skipped (under `CI=true` that is a
+//! failure). The machine is noisy:
 //! a scenario always runs the variants it compares in one process, interleaved round by round,
 //! and reports their ratios.
 
@@ -25,6 +26,7 @@ mod foreign_kill;
 mod hedging;
 mod overhead;
 mod pool;
+mod registry;
 mod retry_storm;
 mod summary;
 mod support;
@@ -86,6 +88,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "4 grpc-core or 4 grpc-js servers, one SIGKILLed mid-run: failed calls, time to route around it, deadlines kept, for tonic balance_list and towline's defaults with and without retry",
         foreign_kill::run,
     ),
+    (
+        "registry",
+        "4 backends registered in a real etcd on 2 s leases, discovered under load: one crashes, etcd is SIGKILLed and restarted, history churned and compacted",
+        registry::run,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -129,11 +136,17 @@ fn main() -> ExitCode {
         let outcome = runtime.block_on(run(settings));
         let took = started.elapsed();
         let printed = support::take_printed();
+        let details = support::take_details();
         let result = match outcome {
-            Ok(figures) => match support::write_json(name, quick, figures.clone()) {
+            Ok(figures) => match support::write_json(name, quick, figures.clone(), details.clone())
+            {
                 Ok(path) => {
                     println!("wrote {} ({:.1} s)", path.display(), took.as_secs_f64());
-                    SectionResult::Ran { figures, printed }
+                    SectionResult::Ran {
+                        figures,
+                        details,
+                        printed,
+                    }
                 }
                 Err(err) => {
                     eprintln!("{name}: could not write its figures: {err}");

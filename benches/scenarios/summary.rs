@@ -21,6 +21,7 @@ pub struct Section {
 pub enum SectionResult {
     Ran {
         figures: serde_json::Value,
+        details: Option<serde_json::Value>,
         printed: Vec<Printed>,
     },
     Skipped(String),
@@ -121,7 +122,14 @@ pub fn write(
                 "took_s": round1(s.took),
             });
             match &s.result {
-                SectionResult::Ran { figures, .. } => entry["figures"] = figures.clone(),
+                SectionResult::Ran {
+                    figures, details, ..
+                } => {
+                    entry["figures"] = figures.clone();
+                    if let Some(details) = details {
+                        entry["details"] = details.clone();
+                    }
+                }
                 SectionResult::Skipped(why) => entry["skipped"] = why.as_str().into(),
             }
             entry

@@ -152,6 +152,22 @@ pub fn note(text: impl Into<String>) {
     keep(Printed::Note(text));
 }
 
+static DETAILS: Mutex<Option<serde_json::Value>> = Mutex::new(None);
+
+/// Sets the scenario's `details`: figures beside its contract, written next to `figures` in its
+/// JSON document (and in the summary's).
+pub fn details(value: serde_json::Value) {
+    *DETAILS.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+}
+
+/// The details set through [`details`] since the last call.
+pub fn take_details() -> Option<serde_json::Value> {
+    DETAILS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+}
+
 /// A scenario that could not run here (missing privileges); `main` reports it and writes no
 /// figures for it.
 #[derive(Debug)]
@@ -190,14 +206,22 @@ pub fn scenarios_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Writes `target/scenarios/<name>.json`.
-pub fn write_json(name: &str, quick: bool, figures: serde_json::Value) -> std::io::Result<PathBuf> {
+/// Writes `target/scenarios/<name>.json`: `figures`, and `details` when the scenario set any.
+pub fn write_json(
+    name: &str,
+    quick: bool,
+    figures: serde_json::Value,
+    details: Option<serde_json::Value>,
+) -> std::io::Result<PathBuf> {
     let path = scenarios_dir()?.join(format!("{name}.json"));
-    let document = serde_json::json!({
+    let mut document = serde_json::json!({
         "scenario": name,
         "quick": quick,
         "figures": figures,
     });
+    if let Some(details) = details {
+        document["details"] = details;
+    }
     std::fs::write(&path, serde_json::to_string_pretty(&document)?)?;
     Ok(path)
 }

@@ -5,6 +5,7 @@
 //! cargo run --release --example tour -- --strategy round-robin --phase-seconds 4 --concurrency 32
 //! cargo run --release --example tour -- --json                 # also write target/tour/tour.json
 //! cargo run --release --example tour -- --json figures.json    # … or to a path of your choice
+//! cargo run --release --example tour -- --discovery etcd       # backends registered in etcd
 //! ```
 //!
 //! The stack is what a production client would run, outer to inner: `MetricsLayer` (gRFC A66,
@@ -37,14 +38,21 @@
 //! Flags: `--strategy round-robin|p2c|peak-ewma|hash` swaps the balancing strategy and nothing
 //! else (`hash` keys on the calls' `tenant` header); `--phase-seconds N` (default 7, so the tour
 //! takes about a minute) and `--concurrency N` (calls in flight, default 32) size the load.
+//! `--discovery etcd` (default `static`) starts a single-member etcd in a temporary directory
+//! (needs `etcd` and `etcdctl` on the PATH: Debian `etcd-server`, `etcd-client`), has the four
+//! backends register themselves in it on 2 s leases, and balances over what it discovers there:
+//! the backend the `stopped` phase stops leaves its lease to expire (it leaves the balancer about
+//! 2 s later, as after a crash), and registers again when `not-serving` restarts it.
 
 mod chart;
 mod counts;
+mod registry;
 mod report;
 mod timeline;
 
 use chart::draw_chart;
 use counts::LayerCounts;
+use registry::Registry;
 use report::{print_table, write_json};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,7 +75,7 @@ use towline::balance::{
     PowerOfTwoChoices, RoundRobin,
 };
 use towline::batch::{BatchConfig, BatchLayer, Batcher};
-use towline::discover::Static;
+use towline::discover::{Discover, Static};
 use towline::health::HealthCheck;
 use towline::metrics::MetricsLayer;
 use towline::outlier::OutlierDetection;
@@ -98,7 +106,8 @@ const WARM_UP: Duration = Duration::from_secs(1);
 const SLOWDOWN: Duration = Duration::from_millis(20);
 
 const USAGE: &str = "usage: cargo run --release --example tour -- \
-    [--strategy round-robin|p2c|peak-ewma|hash] [--phase-seconds N] [--concurrency N] [--json [PATH]]";
+    [--strategy round-robin|p2c|peak-ewma|hash] [--discovery static|etcd] [--phase-seconds N] \
+    [--concurrency N] [--json [PATH]]";
 
 #[derive(Debug, Clone, Copy)]
 enum StrategyName {
@@ -143,8 +152,37 @@ impl StrategyName {
     }
 }
 
+/// Where the balancer learns the backends from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiscoveryName {
+    /// The four addresses, fixed (`discover::Static`).
+    Static,
+    /// A single-member etcd the backends register in (`discover::etcd`); see `registry.rs`.
+    Etcd,
+}
+
+impl DiscoveryName {
+    fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "static" => Ok(DiscoveryName::Static),
+            "etcd" => Ok(DiscoveryName::Etcd),
+            other => Err(format!(
+                "--discovery: unknown discovery {other:?}; use static or etcd"
+            )),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            DiscoveryName::Static => "static",
+            DiscoveryName::Etcd => "etcd",
+        }
+    }
+}
+
 struct Args {
     strategy: StrategyName,
+    discovery: DiscoveryName,
     phase: Duration,
     concurrency: usize,
     /// Where to write the JSON figures, if asked to.
@@ -154,6 +192,7 @@ struct Args {
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
         strategy: StrategyName::PeakEwma,
+        discovery: DiscoveryName::Static,
         phase: Duration::from_secs(7),
         concurrency: 32,
         json: None,
@@ -176,6 +215,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         };
         match flag.as_str() {
             "--strategy" => parsed.strategy = StrategyName::parse(&value("--strategy")?)?,
+            "--discovery" => parsed.discovery = DiscoveryName::parse(&value("--discovery")?)?,
             "--phase-seconds" => {
                 let seconds = number("--phase-seconds", value("--phase-seconds")?, 600)?;
                 parsed.phase = Duration::from_secs(seconds);
@@ -274,17 +314,29 @@ impl Phase {
         }
     }
 
-    /// Applies the phase's faults (or lifts the previous phase's).
-    async fn enter(self, backends: &[Backend]) -> Result<(), BoxError> {
+    /// Applies the phase's faults (or lifts the previous phase's). With etcd discovery, the
+    /// stopped backend's registration is abandoned (its key expires, as after a crash) and the
+    /// restarted one registers again.
+    async fn enter(
+        self,
+        backends: &[Backend],
+        registry: Option<&Registry>,
+    ) -> Result<(), BoxError> {
         match self {
             Phase::Steady | Phase::Batching => {}
             Phase::Slow => backends[1].set_latency(SLOWDOWN),
             Phase::Stopped => {
                 backends[1].clear_faults();
+                if let Some(registry) = registry {
+                    registry.crashed(2);
+                }
                 backends[2].stop().await;
             }
             Phase::NotServing => {
                 backends[2].restart().await?;
+                if let Some(registry) = registry {
+                    registry.restarted(2, &backends[2]).await?;
+                }
                 backends[3].set_health(ServingStatus::NotServing).await;
             }
             Phase::Recovered => backends[3].set_health(ServingStatus::Serving).await,
@@ -342,14 +394,38 @@ async fn main() -> Result<(), BoxError> {
         .map_err(|_| "another metrics recorder is already installed")?;
 
     let backends = Backend::start_many(BACKENDS).await?;
+    let registry = match args.discovery {
+        DiscoveryName::Static => None,
+        DiscoveryName::Etcd => match Registry::start(&backends).await {
+            Ok(registry) => Some(registry),
+            Err(err) => {
+                eprintln!("tour: {err}");
+                std::process::exit(1);
+            }
+        },
+    };
     println!(
         "towline tour: {BACKENDS} backends on loopback, strategy {}, {} calls in flight, {:?} per phase",
         args.strategy.as_str(),
         args.concurrency,
         args.phase
     );
+    if let Some(registry) = &registry {
+        println!(
+            "discovery: etcd at {}, backends registered under {} with {:?} leases",
+            registry.url(),
+            registry::PREFIX,
+            registry::TTL
+        );
+    }
 
-    let (stack, balance) = build_stack(args.strategy, &backends)?;
+    let (stack, balance) = match &registry {
+        None => build_stack(
+            args.strategy,
+            Static::new(backends.iter().map(Backend::uri)),
+        )?,
+        Some(registry) => build_stack(args.strategy, registry.discovery()?)?,
+    };
     tokio::time::timeout(
         Duration::from_secs(10),
         balance.wait_until(|s| {
@@ -381,7 +457,7 @@ async fn main() -> Result<(), BoxError> {
     for phase in Phase::ALL {
         let fault_delay = phase.fault_delay();
         if fault_delay.is_none() {
-            phase.enter(&backends).await?;
+            phase.enter(&backends, registry.as_ref()).await?;
         }
         let length = phase.length(args.phase);
         let progress = PhaseProgress::start(phase, length);
@@ -396,7 +472,7 @@ async fn main() -> Result<(), BoxError> {
             match fault_delay {
                 Some(delay) => {
                     tokio::time::sleep(delay).await;
-                    phase.enter(&backends).await
+                    phase.enter(&backends, registry.as_ref()).await
                 }
                 None => Ok(()),
             }
@@ -444,6 +520,9 @@ async fn main() -> Result<(), BoxError> {
         write_json(path, &args, &results, &buckets, &timeline.backend_ids)?;
         println!("figures: {}", path.display());
     }
+    if let Some(registry) = &registry {
+        registry.deregister_all().await;
+    }
     Ok(())
 }
 
@@ -462,11 +541,11 @@ fn endpoint_states(balance: &Balanced, backends: &[Backend]) -> Vec<(EndpointSta
         .collect()
 }
 
-/// Assembles metrics → retry → health-gated balance → pool over the backends; returns the stack
-/// and the balancer (for its snapshot).
+/// Assembles metrics → retry → health-gated balance → pool over what `discovery` names; returns
+/// the stack and the balancer (for its snapshot).
 fn build_stack(
     strategy: StrategyName,
-    backends: &[Backend],
+    discovery: impl Discover,
 ) -> Result<(Stack, Balanced), BoxError> {
     let reconnect = Backoff::new(
         Jitter::Grpc,
@@ -495,10 +574,7 @@ fn build_stack(
         .target("tour")
         .build()?;
     let balance = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            Static::new(backends.iter().map(Backend::uri)),
-            balance_config,
-        ))
+        .layer(BalanceLayer::new(discovery, balance_config))
         .layer(PoolLayer::new(pool.clone()))
         .service(pool.connector());
     // gRFC A6 retry throttling: a failure takes a token, a success gives 0.1 back, and at or

@@ -144,6 +144,7 @@ pub(crate) fn write_json(
         .collect();
     let document = serde_json::json!({
         "strategy": args.strategy.as_str(),
+        "discovery": args.discovery.as_str(),
         "concurrency": args.concurrency,
         "phase_seconds": args.phase.as_secs_f64(),
         "backends": backend_ids,

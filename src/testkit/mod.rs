@@ -1,6 +1,7 @@
 //! Test parts made of real tonic: an in-process gRPC [`Backend`] with fault controls, and a
 //! bounded [`Load`] driver. Enabled by the `testkit` feature. [`peer`] runs foreign gRPC servers
-//! (grpc-core, grpc-js) as child processes with the same kind of controls.
+//! (grpc-core, grpc-js) as child processes with the same kind of controls, and, with the `etcd`
+//! feature, `EtcdCluster` runs real etcd members.
 //!
 //! towline's own tests, benchmarks and examples run on these, and they are public so that you can
 //! test your own stack the same way: real HTTP/2 on loopback, real `grpc.health.v1`, faults you
@@ -22,6 +23,8 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod load;
 #[cfg(target_os = "linux")]
 mod netns;
@@ -31,6 +34,8 @@ mod produce;
 pub use backend::{
     BACKEND_HEADER, Backend, BackendBuilder, CONNECTION_HEADER, ECHO_SERVICE, LATENCY_HEADER,
 };
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdCluster, etcd_support, require_etcd};
 pub use load::{Load, LoadReport, nearest_rank, text_table};
 #[cfg(target_os = "linux")]
 pub use netns::{CI_ENV, NetNs, netns_support, require_netns};
