@@ -920,6 +920,18 @@ impl<B> fmt::Debug for TrackedBody<B> {
     }
 }
 
+/// An empty body that tracks no call. tonic's generated `with_interceptor` requires the
+/// response body to be `Default`: an interceptor that rejects a request answers with a default
+/// body, which has no call on any endpoint to account for.
+impl<B: Default> Default for TrackedBody<B> {
+    fn default() -> Self {
+        TrackedBody {
+            inner: B::default(),
+            guard: None,
+        }
+    }
+}
+
 impl<B> http_body::Body for TrackedBody<B>
 where
     B: http_body::Body,
