@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use http::Uri;
 use pin_project_lite::pin_project;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Error};
 
 use crate::BoxError;
 
@@ -293,8 +293,9 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Why [`Connect`] could not make a target's [`Endpoint`]: its [`configure`](Connect::configure)
 /// function panicked, or its [`try_configure`](Connect::try_configure) function returned an
-/// error (its message follows, its source is this error's source). The connect fails with it; a balancer
-/// shows it as the endpoint's reason and retries with its reconnect backoff.
+/// error (its message follows, its source is this error's source). The connect fails with a
+/// `tonic::transport::Error` whose source chain holds it; a balancer shows it in the endpoint's
+/// reason and retries with its reconnect backoff.
 #[derive(Debug)]
 pub struct ConfigureError(ConfigureFailure);
 
@@ -351,22 +352,30 @@ impl fmt::Debug for Connect {
 
 impl tower_service::Service<Uri> for Connect {
     type Response = Channel;
-    /// A [`tonic::transport::Error`] when the connection fails, a [`ConfigureError`] when the
-    /// configure function panicked or failed.
-    type Error = BoxError;
+    /// When the configure function panicked or failed, the source chain holds a
+    /// [`ConfigureError`] saying so.
+    type Error = Error;
     type Future = ConnectFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, target: Uri) -> ConnectFuture {
-        let endpoint = match self.try_endpoint(target) {
+        let endpoint = match self.try_endpoint(target.clone()) {
             Ok(endpoint) => endpoint,
             Err(err) => {
+                // tonic's `Error` has no public constructor: a connect through a connector that
+                // refuses with the configure failure is how it gets one carrying that failure
+                // as its source. Eager even for a lazy connector, so the failure is not hidden
+                // until the first call.
+                let endpoint = Endpoint::from(target);
+                let refuse = Refuse(Some(err));
                 return ConnectFuture {
-                    state: ConnectState::Failed {
-                        error: Some(err.into()),
+                    state: ConnectState::Connecting {
+                        future: Box::pin(
+                            async move { endpoint.connect_with_connector(refuse).await },
+                        ),
                     },
                 };
             }
@@ -379,14 +388,67 @@ impl tower_service::Service<Uri> for Connect {
             // Boxed: `Endpoint::connect` is an `async fn` whose future has no nameable type, and a
             // connection attempt is rare enough that one allocation does not matter.
             ConnectState::Connecting {
-                future: Box::pin(async move { endpoint.connect().await.map_err(Into::into) }),
+                future: Box::pin(async move { endpoint.connect().await }),
             }
         };
         ConnectFuture { state }
     }
 }
 
-type BoxConnect = Pin<Box<dyn Future<Output = Result<Channel, BoxError>> + Send>>;
+/// A connector that opens nothing: it fails with why the endpoint could not be configured.
+struct Refuse(Option<ConfigureError>);
+
+impl tower_service::Service<Uri> for Refuse {
+    type Response = NoIo;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<NoIo, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        // tonic calls it once per eager connect; a second call still fails.
+        let err: BoxError = match self.0.take() {
+            Some(err) => Box::new(err),
+            None => "the endpoint could not be configured".into(),
+        };
+        std::future::ready(Err(err))
+    }
+}
+
+/// The connection [`Refuse`] never makes.
+enum NoIo {}
+
+impl hyper::rt::Read for NoIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match *self {}
+    }
+}
+
+impl hyper::rt::Write for NoIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match *self {}
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match *self {}
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match *self {}
+    }
+}
+
+type BoxConnect = Pin<Box<dyn Future<Output = Result<Channel, Error>> + Send>>;
 
 pin_project! {
     /// The response future of [`Connect`].
@@ -401,7 +463,6 @@ pin_project! {
     enum ConnectState {
         Lazy { channel: Option<Channel> },
         Connecting { future: BoxConnect },
-        Failed { error: Option<BoxError> },
     }
 }
 
@@ -412,7 +473,7 @@ impl fmt::Debug for ConnectFuture {
 }
 
 impl Future for ConnectFuture {
-    type Output = Result<Channel, BoxError>;
+    type Output = Result<Channel, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
@@ -420,9 +481,6 @@ impl Future for ConnectFuture {
                 .take()
                 .expect("ConnectFuture polled after completion"))),
             ConnectStateProj::Connecting { future } => future.as_mut().poll(cx),
-            ConnectStateProj::Failed { error } => Poll::Ready(Err(error
-                .take()
-                .expect("ConnectFuture polled after completion"))),
         }
     }
 }
@@ -457,7 +515,7 @@ mod tests {
         backend.stop().await;
         let err = Connect::new().oneshot(backend.uri()).await.unwrap_err();
         assert_eq!(
-            crate::status::code_from_error(&*err),
+            crate::status::code_from_error(&err),
             tonic::Code::Unavailable
         );
 
@@ -469,15 +527,25 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 
+    /// The `ConfigureError` in `err`'s source chain.
+    fn configure_error(err: &Error) -> &ConfigureError {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(err) = next {
+            if let Some(found) = err.downcast_ref::<ConfigureError>() {
+                return found;
+            }
+            next = err.source();
+        }
+        panic!("no ConfigureError in {err:?}")
+    }
+
     #[tokio::test]
     async fn a_panicking_configure_fails_the_connect_saying_so() {
         let backend = Backend::start().await.unwrap();
         let connect = Connect::new().configure(|_| panic!("no endpoint for you"));
         for connect in [connect.clone(), connect.lazy()] {
             let err = connect.oneshot(backend.uri()).await.unwrap_err();
-            let err = err
-                .downcast_ref::<ConfigureError>()
-                .expect("a ConfigureError");
+            let err = configure_error(&err);
             assert!(err.is_panic());
             assert_eq!(
                 err.to_string(),
@@ -492,9 +560,7 @@ mod tests {
         let backend = Backend::start().await.unwrap();
         let failing = Connect::new().try_configure(|_| Err::<Endpoint, _>("no TLS roots"));
         let err = failing.oneshot(backend.uri()).await.unwrap_err();
-        let err = err
-            .downcast_ref::<ConfigureError>()
-            .expect("a ConfigureError");
+        let err = configure_error(&err);
         assert!(!err.is_panic());
         assert_eq!(
             crate::status::describe_error(err),
