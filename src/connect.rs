@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
@@ -33,10 +34,12 @@ use http::Uri;
 use pin_project_lite::pin_project;
 use tonic::transport::{Channel, Endpoint, Error};
 
+use crate::BoxError;
+
 /// gRPC's minimum connect timeout (grpc/doc/connection-backoff.md).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-type Configure = dyn Fn(Endpoint) -> Endpoint + Send + Sync;
+type Configure = dyn Fn(Endpoint) -> Result<Endpoint, BoxError> + Send + Sync;
 
 /// Keepalive intervals below this draw a warning: grpc-go refuses them outright, and no gRPC
 /// server accepts pings this often by default while it sends no data (see [`Connect::keepalive`]).
@@ -202,9 +205,32 @@ impl Connect {
     }
 
     /// Applies `f` to each target's [`Endpoint`], after the defaults: keepalive, window sizes,
-    /// timeouts, TLS, user agent. Replaces any earlier `configure`.
-    pub fn configure(mut self, f: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static) -> Self {
-        self.configure = Some(Arc::new(f));
+    /// timeouts, TLS, user agent. Replaces any earlier `configure` or `try_configure`.
+    ///
+    /// A panic in `f` fails that connect with a [`ConfigureError`] ("Connect::configure
+    /// panicked: …") instead of unwinding through the layer that connects (a balancer's endpoint
+    /// task, a pool's), which retries it with its backoff and shows the reason. Settings that
+    /// can fail (`tls_config`, `user_agent`) are better set with
+    /// [`try_configure`](Self::try_configure).
+    pub fn configure(self, f: impl Fn(Endpoint) -> Endpoint + Send + Sync + 'static) -> Self {
+        self.try_configure(move |endpoint| Ok::<_, BoxError>(f(endpoint)))
+    }
+
+    /// Like [`configure`](Self::configure), for settings that can fail: an `Err` from `f` fails
+    /// that connect with a [`ConfigureError`] whose source is that error, so `f` can use `?`.
+    ///
+    /// ```
+    /// # use towline::connect::Connect;
+    /// let connect = Connect::new().try_configure(|endpoint| endpoint.user_agent("my-app/1.0"));
+    /// ```
+    pub fn try_configure<E>(
+        mut self,
+        f: impl Fn(Endpoint) -> Result<Endpoint, E> + Send + Sync + 'static,
+    ) -> Self
+    where
+        E: Into<BoxError>,
+    {
+        self.configure = Some(Arc::new(move |endpoint| f(endpoint).map_err(Into::into)));
         self
     }
 
@@ -215,16 +241,95 @@ impl Connect {
     }
 
     /// The endpoint this connector would use for `target`.
+    ///
+    /// # Panics
+    ///
+    /// When the [`configure`](Self::configure) function panics or the
+    /// [`try_configure`](Self::try_configure) function fails; [`try_endpoint`](Self::try_endpoint)
+    /// returns the error instead, as connecting does.
     pub fn endpoint(&self, target: Uri) -> Endpoint {
+        match self.try_endpoint(target) {
+            Ok(endpoint) => endpoint,
+            Err(err) => panic!("{}", crate::status::describe_error(&err)),
+        }
+    }
+
+    /// The endpoint this connector would use for `target`, or why the configure function could
+    /// not make it (it panicked, or returned an error).
+    pub fn try_endpoint(&self, target: Uri) -> Result<Endpoint, ConfigureError> {
         let mut endpoint = Endpoint::from(target.clone())
             .tcp_nodelay(true)
             .connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         if let Some(keepalive) = &self.keepalive {
             endpoint = keepalive.apply(&target, endpoint);
         }
-        match &self.configure {
-            Some(configure) => configure(endpoint),
-            None => endpoint,
+        let Some(configure) = &self.configure else {
+            return Ok(endpoint);
+        };
+        // The closure is the user's: a panic in it must fail this connect, not unwind through
+        // the task that connects (a balancer's endpoint task, a pool's). Unwind safety: the
+        // closure sees only the endpoint it is handed and returns a new one; a panic leaves
+        // nothing of ours half-updated.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| configure(endpoint))) {
+            Ok(Ok(endpoint)) => Ok(endpoint),
+            Ok(Err(err)) => Err(ConfigureError(ConfigureFailure::Failed(err))),
+            Err(panic) => Err(ConfigureError(ConfigureFailure::Panicked(panic_message(
+                &*panic,
+            )))),
+        }
+    }
+}
+
+/// The message a panic was raised with, if it was a string (as `panic!` and `expect` make it).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "(a panic with no message)".to_owned()
+    }
+}
+
+/// Why [`Connect`] could not make a target's [`Endpoint`]: its [`configure`](Connect::configure)
+/// function panicked, or its [`try_configure`](Connect::try_configure) function returned an
+/// error (its message follows, its source is this error's source). The connect fails with a
+/// `tonic::transport::Error` whose source chain holds it; a balancer shows it in the endpoint's
+/// reason and retries with its reconnect backoff.
+#[derive(Debug)]
+pub struct ConfigureError(ConfigureFailure);
+
+#[derive(Debug)]
+enum ConfigureFailure {
+    Panicked(String),
+    Failed(BoxError),
+}
+
+impl ConfigureError {
+    /// Whether the configure function panicked (rather than returned an error).
+    pub fn is_panic(&self) -> bool {
+        matches!(self.0, ConfigureFailure::Panicked(_))
+    }
+}
+
+impl fmt::Display for ConfigureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            ConfigureFailure::Panicked(message) => {
+                write!(f, "Connect::configure panicked: {message}")
+            }
+            // Its words here and its own source below: a reason shown as one line (a balancer
+            // endpoint's) says what failed even when the user's error has no source.
+            ConfigureFailure::Failed(err) => write!(f, "Connect::try_configure failed: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigureError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            ConfigureFailure::Panicked(_) => None,
+            ConfigureFailure::Failed(err) => err.source(),
         }
     }
 }
@@ -247,6 +352,8 @@ impl fmt::Debug for Connect {
 
 impl tower_service::Service<Uri> for Connect {
     type Response = Channel;
+    /// When the configure function panicked or failed, the source chain holds a
+    /// [`ConfigureError`] saying so.
     type Error = Error;
     type Future = ConnectFuture;
 
@@ -255,7 +362,24 @@ impl tower_service::Service<Uri> for Connect {
     }
 
     fn call(&mut self, target: Uri) -> ConnectFuture {
-        let endpoint = self.endpoint(target);
+        let endpoint = match self.try_endpoint(target.clone()) {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                // tonic's `Error` has no public constructor: a connect through a connector that
+                // refuses with the configure failure is how it gets one carrying that failure
+                // as its source. Eager even for a lazy connector, so the failure is not hidden
+                // until the first call.
+                let endpoint = Endpoint::from(target);
+                let refuse = Refuse(Some(err));
+                return ConnectFuture {
+                    state: ConnectState::Connecting {
+                        future: Box::pin(
+                            async move { endpoint.connect_with_connector(refuse).await },
+                        ),
+                    },
+                };
+            }
+        };
         let state = if self.lazy {
             ConnectState::Lazy {
                 channel: Some(endpoint.connect_lazy()),
@@ -268,6 +392,59 @@ impl tower_service::Service<Uri> for Connect {
             }
         };
         ConnectFuture { state }
+    }
+}
+
+/// A connector that opens nothing: it fails with why the endpoint could not be configured.
+struct Refuse(Option<ConfigureError>);
+
+impl tower_service::Service<Uri> for Refuse {
+    type Response = NoIo;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<NoIo, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        // tonic calls it once per eager connect; a second call still fails.
+        let err: BoxError = match self.0.take() {
+            Some(err) => Box::new(err),
+            None => "the endpoint could not be configured".into(),
+        };
+        std::future::ready(Err(err))
+    }
+}
+
+/// The connection [`Refuse`] never makes.
+enum NoIo {}
+
+impl hyper::rt::Read for NoIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match *self {}
+    }
+}
+
+impl hyper::rt::Write for NoIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match *self {}
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match *self {}
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match *self {}
     }
 }
 
@@ -348,5 +525,56 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    /// The `ConfigureError` in `err`'s source chain.
+    fn configure_error(err: &Error) -> &ConfigureError {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(err) = next {
+            if let Some(found) = err.downcast_ref::<ConfigureError>() {
+                return found;
+            }
+            next = err.source();
+        }
+        panic!("no ConfigureError in {err:?}")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_configure_fails_the_connect_saying_so() {
+        let backend = Backend::start().await.unwrap();
+        let connect = Connect::new().configure(|_| panic!("no endpoint for you"));
+        for connect in [connect.clone(), connect.lazy()] {
+            let err = connect.oneshot(backend.uri()).await.unwrap_err();
+            let err = configure_error(&err);
+            assert!(err.is_panic());
+            assert_eq!(
+                err.to_string(),
+                "Connect::configure panicked: no endpoint for you"
+            );
+        }
+        assert_eq!(backend.connections_accepted(), 0);
+    }
+
+    #[tokio::test]
+    async fn try_configure_fails_the_connect_with_its_error_and_succeeds_without_one() {
+        let backend = Backend::start().await.unwrap();
+        let failing = Connect::new().try_configure(|_| Err::<Endpoint, _>("no TLS roots"));
+        let err = failing.oneshot(backend.uri()).await.unwrap_err();
+        let err = configure_error(&err);
+        assert!(!err.is_panic());
+        assert_eq!(
+            crate::status::describe_error(err),
+            "Connect::try_configure failed: no TLS roots"
+        );
+        assert_eq!(backend.connections_accepted(), 0);
+
+        let fine = Connect::new().try_configure(|e| e.user_agent("towline-test/2"));
+        let channel = fine.oneshot(backend.uri()).await.unwrap();
+        let reply = EchoClient::new(channel)
+            .unary(EchoRequest::default())
+            .await
+            .unwrap();
+        let agent = &reply.get_ref().request_headers["user-agent"];
+        assert!(agent.starts_with("towline-test/2"), "{agent}");
     }
 }

@@ -517,6 +517,46 @@ async fn layering_twice_or_outside_a_runtime_fails_calls_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_failed_balancer_says_so_at_construction() {
+    let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
+    let first: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
+    assert_eq!(first.failure(), None);
+    assert!(!first.is_failed());
+    let second: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
+    assert!(second.is_failed());
+    let reason = second.failure().expect("the second balancer is failed");
+    assert!(reason.contains("already layered once"), "{reason}");
+    // Clones share the verdict, and every call states it.
+    assert_eq!(second.clone().failure(), Some(reason));
+    assert!(second.snapshot().is_empty());
+    let status = call(&mut EchoClient::new(second.clone()))
+        .await
+        .unwrap_err();
+    assert_unavailable(&status, reason);
+
+    let outside = std::thread::spawn(|| balance(Static::new([]), BalanceConfig::default()))
+        .join()
+        .unwrap();
+    assert!(
+        outside
+            .failure()
+            .is_some_and(|r| r.contains("outside a Tokio runtime")),
+        "{outside:?}"
+    );
+
+    // The one-shot use, checked by the compiler.
+    let backends = Backend::start_many(2).await.unwrap();
+    let once: Balance<Channel> = BalanceLayer::new(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().build().unwrap(),
+    )
+    .into_balance(Connect::new());
+    assert_eq!(once.failure(), None);
+    all_ready(&once, 2).await;
+    assert_eq!(spread(&once, 4).await.values().sum::<usize>(), 4);
+}
+
+#[tokio::test]
 async fn without_health_checks_a_restarted_backend_is_reconnected_with_backoff() {
     let (backends, b) = ready_stack(2, config().strategy(RoundRobin::new())).await;
     backends[1].stop().await;

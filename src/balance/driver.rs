@@ -147,6 +147,10 @@ impl<M, S> Driver<M, S> {
 struct Known {
     id: EndpointId,
     task: AbortHandle,
+    /// The endpoint's shared state, kept to restart its task.
+    load: Arc<Load>,
+    /// How many times in a row its task ended (panicked) before it connected: the backoff step.
+    restarts: u32,
 }
 
 impl<M, S> Driver<M, S>
@@ -195,12 +199,12 @@ where
                             id,
                             uri.clone(),
                             self.make.clone(),
-                            load,
+                            load.clone(),
                             self.health_check.clone(),
                             self.reconnect,
                             endpoint_tx.clone(),
                         ));
-                        known.insert(uri, Known { id, task });
+                        known.insert(uri, Known { id, task, load, restarts: 0 });
                     }
                     Some(Ok(Change::Remove(uri))) => {
                         if let Some(old) = known.remove(&uri) {
@@ -212,7 +216,14 @@ where
                     }
                     None => tracing::debug!("discovery ended; keeping the last endpoint set"),
                 },
-                Some(event) = endpoint_rx.recv() => self.apply(event),
+                Some(event) = endpoint_rx.recv() => {
+                    if let EndpointEvent::Connected(id, ..) = &event
+                        && let Some(endpoint) = known.values_mut().find(|k| k.id == *id)
+                    {
+                        endpoint.restarts = 0;
+                    }
+                    self.apply(event);
+                }
                 Some(event) = calls.recv() => match event {
                     CallEvent::FailureStreak(id) => self.eject_for_failures(id),
                     CallEvent::Drained(id) => self.shared.update(|t| {
@@ -225,9 +236,72 @@ where
                     let now = Instant::now();
                     self.with_hosts(|hosts| detection.uneject_expired(hosts, now));
                 }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(ended) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    self.restart_ended(ended, &mut known, &mut tasks, &endpoint_tx);
+                }
             }
         }
+    }
+
+    /// An endpoint task never ends on its own: one that did panicked (in the user's
+    /// `MakeService`, a health check, …). If its endpoint is still known, the endpoint must not
+    /// stay "connecting" forever: it is down, saying why, and its task starts again after the
+    /// reconnect backoff. A task that was aborted (its endpoint was removed) is done with.
+    fn restart_ended(
+        &self,
+        ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+        known: &mut HashMap<Uri, Known>,
+        tasks: &mut JoinSet<()>,
+        endpoint_tx: &mpsc::UnboundedSender<EndpointEvent<S>>,
+    ) {
+        let (task_id, why) = match ended {
+            Ok((task_id, ())) => (task_id, "its connection task ended".to_owned()),
+            Err(err) if err.is_cancelled() => return,
+            Err(err) => {
+                let task_id = err.id();
+                let why = match err.try_into_panic() {
+                    Ok(panic) => format!(
+                        "its connection task panicked: {}",
+                        crate::connect::panic_message(&*panic)
+                    ),
+                    Err(err) => format!("its connection task failed: {err}"),
+                };
+                (task_id, why)
+            }
+        };
+        // Aborted tasks of removed endpoints may still end here: only a known endpoint's current
+        // task is restarted.
+        let Some((uri, endpoint)) = known.iter_mut().find(|(_, k)| k.task.id() == task_id) else {
+            return;
+        };
+        endpoint.restarts = endpoint.restarts.saturating_add(1);
+        let delay = self.reconnect.delay(endpoint.restarts, Duration::ZERO);
+        tracing::error!(
+            endpoint = %authority(uri),
+            reason = %why,
+            "balancer endpoint task ended; restarting it after the reconnect backoff"
+        );
+        self.apply(EndpointEvent::Down(
+            endpoint.id,
+            format!(
+                "{}: {why} (restarting in {:.1} s)",
+                authority(uri),
+                delay.as_secs_f64()
+            ),
+        ));
+        let task = endpoint_task(
+            endpoint.id,
+            uri.clone(),
+            self.make.clone(),
+            endpoint.load.clone(),
+            self.health_check.clone(),
+            self.reconnect,
+            endpoint_tx.clone(),
+        );
+        endpoint.task = tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            task.await;
+        });
     }
 
     /// Stops new calls to an endpoint; it leaves the table once its last call finishes.

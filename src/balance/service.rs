@@ -105,6 +105,21 @@ where
 
 /// Balances calls over the endpoints a [`Discover`] names, connecting to each through a
 /// `MakeService`. See the [module docs](super).
+///
+/// **One balancer per layer.** A discovery is a stream with one consumer, so a `BalanceLayer`
+/// makes one [`Balance`]: the first [`layer`](Layer::layer) call takes the discovery, and every
+/// later one has nothing to balance over. Such a balancer is built failed, and says so at once:
+/// an error is logged (`tracing::error!`), [`Balance::failure`] returns the reason, and every call
+/// fails with `UNAVAILABLE` and that reason. To share one balancer among clients, layer once and
+/// clone the [`Balance`] (clones share its endpoints). Where a one-shot use should be checked by
+/// the compiler, [`into_balance`](Self::into_balance) consumes the layer, and [`Balance::new`]
+/// takes the discovery directly.
+///
+/// (A `Clone` layer that cloned its discovery for each balancer would give each its own stream
+/// only for discoveries that can be copied; a fed channel cannot, and towline would have to
+/// start a discovery per balancer rather than share one, as tower's `MakeBalanceLayer` does with
+/// a discovery *factory*. The one-shot layer keeps `ServiceBuilder` stacks working for any
+/// discovery.)
 pub struct BalanceLayer<D> {
     inner: Mutex<Option<(D, BalanceConfig)>>,
 }
@@ -116,7 +131,42 @@ impl<D> BalanceLayer<D> {
             inner: Mutex::new(Some((discovery, config))),
         }
     }
+
+    /// Starts the balancer over `make`, consuming the layer: the one-shot use
+    /// [`layer`](Layer::layer) allows, checked by the compiler. Same as [`Balance::new`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use towline::balance::{BalanceConfig, BalanceLayer};
+    /// use towline::connect::Connect;
+    /// use towline::discover::Static;
+    ///
+    /// let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
+    /// let balance = layer.into_balance(Connect::new());
+    /// assert!(balance.failure().is_none());
+    /// # }
+    /// ```
+    pub fn into_balance<M>(self, make: M) -> Balance<M::Endpoint>
+    where
+        D: Discover,
+        M: MakeEndpoint,
+    {
+        match self
+            .inner
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some((discovery, config)) => Balance::new(discovery, make, config),
+            // Only `layer` takes the discovery, and it borrows the layer: unreachable from an
+            // owned one, but a failed balancer rather than a panic all the same.
+            None => Balance::failed(ALREADY_LAYERED),
+        }
+    }
 }
+
+const ALREADY_LAYERED: &str =
+    "this BalanceLayer was already layered once; its discovery feeds only the first balancer";
 
 impl<D> fmt::Debug for BalanceLayer<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -132,7 +182,8 @@ where
     type Service = Balance<M::Endpoint>;
 
     /// Starts the balancer. A `BalanceLayer` owns its discovery stream, so it makes one balancer:
-    /// layering it a second time gives a balancer whose calls fail with a status saying so.
+    /// layering it a second time gives a failed balancer, logged as an error at once, whose
+    /// [`failure`](Balance::failure) and calls say why (see the [type docs](BalanceLayer)).
     fn layer(&self, make: M) -> Balance<M::Endpoint> {
         let taken = self
             .inner
@@ -141,9 +192,7 @@ where
             .take();
         match taken {
             Some((discovery, config)) => Balance::new(discovery, make, config),
-            None => Balance::failed(
-                "this BalanceLayer was already layered once; its discovery feeds only the first balancer",
-            ),
+            None => Balance::failed(ALREADY_LAYERED),
         }
     }
 }
@@ -166,6 +215,8 @@ pub struct Balance<S> {
     shared: Arc<Shared<S>>,
     feedback: Arc<Feedback>,
     endpoint_wait: Duration,
+    /// Why this balancer could not start, if it could not.
+    failure: Option<&'static str>,
     _driver: Arc<DriverGuard>,
 }
 
@@ -175,6 +226,7 @@ impl<S> Clone for Balance<S> {
             shared: self.shared.clone(),
             feedback: self.feedback.clone(),
             endpoint_wait: self.endpoint_wait,
+            failure: self.failure,
             _driver: self._driver.clone(),
         }
     }
@@ -184,6 +236,7 @@ impl<S> fmt::Debug for Balance<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balance")
             .field("endpoint_wait", &self.endpoint_wait)
+            .field("failure", &self.failure)
             .finish_non_exhaustive()
     }
 }
@@ -191,7 +244,7 @@ impl<S> fmt::Debug for Balance<S> {
 impl<S: Clone + Send + Sync + 'static> Balance<S> {
     /// Starts a balancer over `discovery`, connecting through `make`. Must run inside a Tokio
     /// runtime (it spawns the task that follows discovery and keeps connections); outside one,
-    /// every call fails with a status saying so.
+    /// it is built failed: [`failure`](Self::failure) and every call say so.
     pub fn new<D, M>(discovery: D, make: M, config: BalanceConfig) -> Self
     where
         D: Discover,
@@ -233,11 +286,18 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             shared,
             feedback,
             endpoint_wait,
+            failure: None,
             _driver: Arc::new(DriverGuard(Some(task.abort_handle()))),
         }
     }
 
+    /// A balancer that could not start: said at once in the log and by [`failure`](Self::failure),
+    /// and by every call.
     fn failed(reason: &'static str) -> Self {
+        tracing::error!(
+            reason,
+            "towline balancer failed at construction; every call will fail"
+        );
         let (events, _) = tokio::sync::mpsc::unbounded_channel::<CallEvent>();
         Balance {
             shared: Arc::new(Shared::failed(
@@ -250,8 +310,22 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
                 events,
             }),
             endpoint_wait: Duration::ZERO,
+            failure: Some(reason),
             _driver: Arc::new(DriverGuard(None)),
         }
+    }
+
+    /// Why this balancer could not start, if it could not: its [`BalanceLayer`] was already
+    /// layered once, or it was built outside a Tokio runtime. Such a balancer knows no endpoint
+    /// and fails every call with `UNAVAILABLE` and this reason; check it where the stack is
+    /// built to fail there instead.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure
+    }
+
+    /// Whether this balancer could not start (see [`failure`](Self::failure)).
+    pub fn is_failed(&self) -> bool {
+        self.failure.is_some()
     }
 
     /// Every known endpoint: its state, in-flight calls, latency estimate and why it is not ready.
@@ -917,6 +991,18 @@ impl<B> fmt::Debug for TrackedBody<B> {
         f.debug_struct("TrackedBody")
             .field("finished", &self.guard.is_none())
             .finish_non_exhaustive()
+    }
+}
+
+/// An empty body that tracks no call. tonic's generated `with_interceptor` requires the
+/// response body to be `Default`: an interceptor that rejects a request answers with a default
+/// body, which has no call on any endpoint to account for.
+impl<B: Default> Default for TrackedBody<B> {
+    fn default() -> Self {
+        TrackedBody {
+            inner: B::default(),
+            guard: None,
+        }
     }
 }
 

@@ -106,6 +106,18 @@ impl<B> fmt::Debug for MetricsBody<B> {
     }
 }
 
+/// An empty body that records nothing. tonic's generated `with_interceptor` requires the
+/// response body to be `Default`: an interceptor that rejects a request answers with a default
+/// body, and that call was never sent through this layer to be counted.
+impl<B: Default> Default for MetricsBody<B> {
+    fn default() -> Self {
+        MetricsBody {
+            inner: B::default(),
+            recording: None,
+        }
+    }
+}
+
 impl<B> Body for MetricsBody<B>
 where
     B: Body<Data = Bytes>,

@@ -319,6 +319,18 @@ impl<B> PoolBody<B> {
     }
 }
 
+/// An empty body that holds no connection's in-flight count. tonic's generated
+/// `with_interceptor` requires the response body to be `Default`: an interceptor that rejects a
+/// request answers with a default body, which no pooled connection carries.
+impl<B: Default> Default for PoolBody<B> {
+    fn default() -> Self {
+        PoolBody {
+            inner: B::default(),
+            guard: None,
+        }
+    }
+}
+
 impl<B> Body for PoolBody<B>
 where
     B: Body,

@@ -103,6 +103,18 @@ impl<B> fmt::Debug for ResponseBody<B> {
     }
 }
 
+/// An empty body that reports no outcome, as the other towline response bodies have: a retry
+/// stack's body type stays `Default` whatever is wrapped in it (tonic's generated
+/// `with_interceptor` requires that).
+impl<B: Default> Default for ResponseBody<B> {
+    fn default() -> Self {
+        ResponseBody {
+            inner: B::default(),
+            outcome: None,
+        }
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,

@@ -25,6 +25,9 @@
 //! never clash with a real network. Faults act on the namespace's side where they can, because
 //! the host side has a default route: a host-side link taken down would send the backend's
 //! traffic to the default gateway instead of dropping it.
+// The crate denies unsafe code; this module alone needs it, for `geteuid(2)` and `setns(2)`,
+// which have no safe wrapper in std or tokio.
+#![allow(unsafe_code)]
 
 use std::fmt;
 use std::fs::File;
