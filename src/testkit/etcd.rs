@@ -95,7 +95,7 @@ impl Member {
 }
 
 /// etcd members on loopback, each with its data dir under one temporary directory; killed and
-/// the directory removed on drop. See the [module docs](self).
+/// the directory removed on drop.
 pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
