@@ -1009,7 +1009,10 @@ async fn one_broken_connection_of_a_pool_is_the_pools_business() {
     assert_eq!(report.failed(), 0, "{:?}", report.failures());
     let flaps = flaps.lock().unwrap_or_else(PoisonError::into_inner).clone();
     assert!(flaps.is_empty(), "the endpoint left rotation: {flaps:#?}");
-    // Two replacements, one per broken connection; a rebuilt pool would have opened two each.
+    // One replacement per broken connection (the pool's own), and connection 2 outlived the
+    // first break (asserted above): a pool rebuilt at each break would have closed it and opened
+    // two each time, six in all. tonic's `Channel` may reconnect once by itself when a call
+    // reaches the dead connection before the pool has dropped it: at most five.
     timeout(Duration::from_secs(5), async {
         while backend.open_connections() < 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1017,5 +1020,6 @@ async fn one_broken_connection_of_a_pool_is_the_pools_business() {
     })
     .await
     .expect("the pool is back to two connections");
-    assert_eq!(backend.connections_accepted(), 4);
+    let accepted = backend.connections_accepted();
+    assert!((4..=5).contains(&accepted), "{accepted} connections");
 }
