@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -14,13 +14,12 @@ use futures::future::poll_fn;
 use futures::stream::FusedStream;
 use http::Uri;
 use tokio::sync::futures::Notified;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::endpoint::{EndpointId, EwmaConfig, Load};
-use super::service::{EndpointService, MakeEndpoint};
+use super::endpoint::{EndpointId, EndpointService, EwmaConfig, Load, MakeEndpoint, authority};
 use super::table::{Connection, Health, Shared, Slot};
 use crate::BoxError;
 use crate::backoff::Backoff;
@@ -37,56 +36,6 @@ pub(crate) enum CallEvent {
     FailureStreak(EndpointId),
     /// A draining endpoint's last call finished.
     Drained(EndpointId),
-}
-
-/// The per-endpoint signals calls raise without going through the driver.
-#[derive(Debug, Default)]
-pub(crate) struct Signals {
-    /// A call saw the connection fail: the endpoint task should reconnect.
-    pub(crate) broken: Notify,
-    /// A call found the endpoint's service not ready, or failed with the service's own
-    /// `UNAVAILABLE` (a pool whose connection broke): the endpoint task should check the
-    /// service's readiness, and take the endpoint out of rotation until it is ready again.
-    pub(crate) not_ready: Notify,
-    /// Why, as the call saw it, for the endpoint's snapshot.
-    not_ready_reason: Mutex<Option<String>>,
-    /// The generation of the connection calls currently use.
-    pub(crate) generation: AtomicU64,
-    /// The last connection generation whose `too_many_pings` GOAWAY was counted.
-    ping_strike_generation: AtomicU64,
-    pub(crate) draining: AtomicBool,
-}
-
-impl Signals {
-    /// Asks the endpoint task to check its service's readiness.
-    pub(crate) fn check_readiness(&self, reason: impl FnOnce() -> String) {
-        *self
-            .not_ready_reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(reason());
-        // `notify_one` keeps a permit: a task busy elsewhere checks as soon as it can.
-        self.not_ready.notify_one();
-    }
-
-    /// A bare connection (one the balancer owns) was closed by the server for our keepalive
-    /// pings: later connections ping half as often (gRFC A8). Counted once per connection
-    /// `generation`, however many calls it fails.
-    pub(crate) fn note_ping_strike(&self, target: &Uri, generation: u64) {
-        if self
-            .ping_strike_generation
-            .swap(generation, Ordering::AcqRel)
-            != generation
-        {
-            crate::connect::note_too_many_pings(target);
-        }
-    }
-
-    fn take_not_ready_reason(&self) -> Option<String> {
-        self.not_ready_reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
 }
 
 /// What an endpoint's connection task tells the driver.
@@ -676,12 +625,6 @@ async fn wait_for(readiness: &mut Option<Readiness>) -> Result<(), BoxError> {
         Some(readiness) => readiness.await,
         None => std::future::pending().await,
     }
-}
-
-/// `host:port` of an endpoint URI, for messages.
-pub(crate) fn authority(uri: &Uri) -> String {
-    uri.authority()
-        .map_or_else(|| uri.to_string(), ToString::to_string)
 }
 
 /// Aborts the driver when the last balancer handle is dropped.

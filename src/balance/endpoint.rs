@@ -2,15 +2,124 @@
 //! condition (connection, health, ejection, draining) the driver owns.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::Uri;
 use tokio::time::Instant;
 
-use super::driver::Signals;
-use crate::discover;
+use bytes::Bytes;
+use http::{Request, Response};
+use tokio::sync::Notify;
+use tonic::body::Body;
+use tower_service::Service;
+
+use crate::{BoxError, discover};
+
+/// What the balancer needs of each endpoint's service: tonic's `Channel`, a
+/// [`Pool`](crate::pool::Pool), or anything else that serves gRPC over
+/// `http::Request<tonic::body::Body>`, can be cloned per call and shared across tasks.
+/// Implemented for every such service.
+pub trait EndpointService:
+    Service<Request<Body>, Response = Response<Self::Body>, Error: Into<BoxError>, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The response body.
+    type Body: http_body::Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static;
+}
+
+impl<S, B> EndpointService for S
+where
+    S: Service<Request<Body>, Response = Response<B>, Error: Into<BoxError>, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static,
+{
+    type Body = B;
+}
+
+/// What the balancer needs of the `MakeService` that connects it to an endpoint
+/// ([`Connect`](crate::connect::Connect), a [`PoolLayer`](crate::pool::PoolLayer) over it, …).
+/// Implemented for every such service.
+pub trait MakeEndpoint:
+    Service<Uri, Response = Self::Endpoint, Error: Into<BoxError>, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+    /// The service it makes for each endpoint.
+    type Endpoint: EndpointService;
+}
+
+impl<M> MakeEndpoint for M
+where
+    M: Service<Uri, Error: Into<BoxError>, Future: Send> + Clone + Send + 'static,
+    M::Response: EndpointService,
+{
+    type Endpoint = M::Response;
+}
+
+/// The per-endpoint signals calls raise without going through the driver.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// A call saw the connection fail: the endpoint task should reconnect.
+    pub(crate) broken: Notify,
+    /// A call found the endpoint's service not ready, or failed with the service's own
+    /// `UNAVAILABLE` (a pool whose connection broke): the endpoint task should check the
+    /// service's readiness, and take the endpoint out of rotation until it is ready again.
+    pub(crate) not_ready: Notify,
+    /// Why, as the call saw it, for the endpoint's snapshot.
+    not_ready_reason: Mutex<Option<String>>,
+    /// The generation of the connection calls currently use.
+    pub(crate) generation: AtomicU64,
+    /// The last connection generation whose `too_many_pings` GOAWAY was counted.
+    ping_strike_generation: AtomicU64,
+    pub(crate) draining: AtomicBool,
+}
+
+impl Signals {
+    /// Asks the endpoint task to check its service's readiness.
+    pub(crate) fn check_readiness(&self, reason: impl FnOnce() -> String) {
+        *self
+            .not_ready_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason());
+        // `notify_one` keeps a permit: a task busy elsewhere checks as soon as it can.
+        self.not_ready.notify_one();
+    }
+
+    /// A bare connection (one the balancer owns) was closed by the server for our keepalive
+    /// pings: later connections ping half as often (gRFC A8). Counted once per connection
+    /// `generation`, however many calls it fails.
+    pub(crate) fn note_ping_strike(&self, target: &Uri, generation: u64) {
+        if self
+            .ping_strike_generation
+            .swap(generation, Ordering::AcqRel)
+            != generation
+        {
+            crate::connect::note_too_many_pings(target);
+        }
+    }
+
+    pub(crate) fn take_not_ready_reason(&self) -> Option<String> {
+        self.not_ready_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// `host:port` of an endpoint URI, for messages.
+pub(crate) fn authority(uri: &Uri) -> String {
+    uri.authority()
+        .map_or_else(|| uri.to_string(), ToString::to_string)
+}
 
 /// A stable id for one discovered endpoint (a re-inserted address gets a new one).
 pub(crate) type EndpointId = u64;

@@ -54,19 +54,24 @@
 //! # Ok(()) }
 //! ```
 
+mod body;
 mod config;
 mod driver;
 mod endpoint;
+mod future;
+mod guard;
+mod layer;
 pub mod metrics;
 mod service;
 mod strategy;
 mod table;
 
+pub use body::TrackedBody;
 pub use config::{BalanceConfig, BalanceConfigBuilder};
-pub use endpoint::{EndpointSnapshot, EndpointState};
-pub use service::{
-    Balance, BalanceLayer, EndpointService, MakeEndpoint, ResponseFuture, TrackedBody, WaitForReady,
-};
+pub use endpoint::{EndpointService, EndpointSnapshot, EndpointState, MakeEndpoint};
+pub use future::{ResponseFuture, WaitForReady};
+pub use layer::BalanceLayer;
+pub use service::Balance;
 pub use strategy::{
     Candidate, ConsistentHash, MAX_POINTS_PER_ENDPOINT, PeakEwma, PowerOfTwoChoices, RoundRobin,
     Strategy, WeightedRoundRobin,

@@ -1,0 +1,152 @@
+//! [`CallGuard`]: what one call owes the endpoint it was sent to (its in-flight slot, its
+//! outcome, its round trip), settled however the call ends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use super::driver::{CallEvent, Feedback};
+use super::endpoint::Load;
+use crate::status::{CallEnd, code_from_error};
+
+/// Tracks one call on one endpoint: its in-flight count, its outcome for outlier detection and
+/// its round-trip time, until the end of the response body (or until it is dropped).
+pub(crate) struct CallGuard {
+    pub(crate) load: Arc<Load>,
+    generation: u64,
+    feedback: Arc<Feedback>,
+    /// A layer above that wants the call's final code (the retry layer's token bucket).
+    end: Option<CallEnd>,
+    started: Instant,
+    recorded: bool,
+    /// Whether the call's time is a round trip to feed the endpoint's RTT estimate: only once
+    /// the request went out, and not when the connection failed under it. A wait for the
+    /// endpoint's readiness or a dead connection's timeout is no measure of the endpoint, and a
+    /// peak estimator would keep that one outlier for many decay periods.
+    measures_rtt: bool,
+}
+
+impl CallGuard {
+    pub(crate) fn new(
+        load: Arc<Load>,
+        generation: u64,
+        feedback: Arc<Feedback>,
+        end: Option<CallEnd>,
+    ) -> Self {
+        CallGuard {
+            load,
+            generation,
+            feedback,
+            end,
+            started: Instant::now(),
+            recorded: false,
+            measures_rtt: false,
+        }
+    }
+
+    /// The request went out on the endpoint.
+    pub(crate) fn sent(mut self) -> Self {
+        self.measures_rtt = true;
+        self
+    }
+
+    /// Records the call's final code, once.
+    pub(crate) fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        if let Some(end) = self.end.take() {
+            end.report(code);
+        }
+        let Some(detection) = &self.feedback.detection else {
+            return;
+        };
+        let streak = self.load.record_outcome(!detection.is_failure(code));
+        // At the threshold and beyond: once an ejection ends, the next failure (the probe) shuts
+        // the endpoint again, as linkerd's failure accrual does.
+        if detection
+            .consecutive_failures
+            .is_some_and(|threshold| streak >= threshold)
+        {
+            let _ = self
+                .feedback
+                .events
+                .send(CallEvent::FailureStreak(self.load.id));
+        }
+    }
+
+    /// The inner service failed the call (servers answer with a response, so this is about the
+    /// connection, or the inner service's own verdict).
+    pub(crate) fn failed(&mut self, err: &(dyn std::error::Error + 'static)) {
+        let code = code_from_error(err);
+        // UNAVAILABLE as an error (servers answer with responses, so it is never theirs) means
+        // a connection broke. A raw transport error: the connection this endpoint holds, which
+        // its connection task replaces. A `Status`: the inner service's own verdict, e.g. a
+        // pool that already dropped the broken connection and keeps its others, so the endpoint
+        // stays. Either way outlier detection, which judges answers, does not count it: it
+        // would keep a backend that is back up ejected for a whole ejection time.
+        if code == Code::Unavailable {
+            self.recorded = true;
+            self.measures_rtt = false;
+            match err.downcast_ref::<Status>() {
+                // The service keeps its own connections (a pool): it may have others, or none
+                // left; the endpoint task looks at its readiness.
+                Some(status) => self
+                    .load
+                    .signals
+                    .check_readiness(|| status.message().to_owned()),
+                None => {
+                    if crate::status::is_too_many_pings(err) {
+                        self.too_many_pings();
+                    }
+                    self.connection_broken();
+                }
+            }
+        } else {
+            self.finish(code);
+        }
+    }
+
+    /// The call is over: its outcome is known, or it never will be.
+    pub(crate) fn end(guard: &mut Option<CallGuard>, code: Code) {
+        if let Some(mut guard) = guard.take() {
+            guard.finish(code);
+        }
+    }
+
+    /// The server ended this call for our keepalive pings and is closing the connection
+    /// (grpc-core): later connections ping half as often (gRFC A8). A pool notes it itself;
+    /// a bare connection the balancer owns is noted here, once per connection.
+    pub(crate) fn too_many_pings(&self) {
+        self.load
+            .signals
+            .note_ping_strike(&self.load.uri, self.generation);
+    }
+
+    /// Tells the endpoint's connection task that its connection failed, unless it has already
+    /// been replaced since this call began.
+    pub(crate) fn connection_broken(&self) {
+        let signals = &self.load.signals;
+        if signals.generation.load(Ordering::Acquire) == self.generation {
+            // `notify_waiters` stores no permit: the many calls that fail together when a
+            // connection dies must not leave one behind to tear down its replacement.
+            signals.broken.notify_waiters();
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if self.measures_rtt {
+            self.load.observe_rtt(self.started.elapsed());
+        }
+        // SeqCst pairs with the driver's store of `draining` then load of `in_flight`: one of
+        // the two sides must see the other's write, or a drained endpoint would never leave.
+        let before = self.load.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.load.signals.draining.load(Ordering::SeqCst) {
+            let _ = self.feedback.events.send(CallEvent::Drained(self.load.id));
+        }
+    }
+}
