@@ -14,7 +14,8 @@ use tower_service::Service;
 
 use super::config::PoolConfig;
 use super::service::Pool;
-use super::shared::{Shared, run};
+use super::shared::Shared;
+use super::worker::run;
 use crate::BoxError;
 
 /// Layers a `MakeService` (`Service<Uri>`, such as [`Connect`](crate::connect::Connect)) into

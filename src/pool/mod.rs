@@ -71,16 +71,18 @@
 //!   the connection is gone from the next call on it.
 
 mod config;
+mod conn;
 mod layer;
 mod service;
 mod shared;
 mod stats;
+mod worker;
 
 pub use config::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
     DEFAULT_MIN_CONNECTIONS, DEFAULT_WAIT_TIMEOUT, PoolConfig, PoolConfigBuilder,
 };
+pub use conn::PoolConnectionError;
 pub use layer::{MakeFuture, MakePool, PoolLayer};
 pub use service::{Pool, PoolBody, ResponseFuture};
-pub use shared::PoolConnectionError;
 pub use stats::PoolStats;

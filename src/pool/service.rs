@@ -15,9 +15,8 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::shared::{
-    ConnLoad, InFlight, Pick, Shared, SharedError, breaks_connection, status_with_source,
-};
+use super::conn::{ConnLoad, InFlight, SharedError, breaks_connection, status_with_source};
+use super::shared::{Pick, Shared};
 use super::stats::PoolStats;
 use crate::BoxError;
 

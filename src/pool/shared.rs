@@ -1,149 +1,27 @@
-//! The state one pool's handles and its background worker share, and the worker itself.
+//! The state one pool's handles and its background worker share.
 //!
-//! Handles pick a connection under one short lock; the worker opens, replaces and reaps
-//! connections. Per-call bookkeeping (in-flight counts, a connection breaking) is atomics on the
-//! connection's [`ConnLoad`], so the hot path takes the lock once per call and never waits on I/O.
+//! Handles pick a connection under one short lock; the worker ([`super::worker`]) opens,
+//! replaces and reaps connections. Per-call bookkeeping (in-flight counts, a connection
+//! breaking) is atomics on the connection's [`ConnLoad`], so the hot path takes the lock once per
+//! call and never waits on I/O.
 
 use std::collections::HashMap;
-use std::error::Error;
-use std::fmt;
-use std::future::Future;
-use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures::StreamExt as _;
-use futures::future::poll_fn;
-use futures::stream::FuturesUnordered;
 use http::Uri;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use tower_service::Service;
 
 use super::config::PoolConfig;
+use super::conn::{ConnLoad, Core, SharedError, lock, status_with_source};
 use super::stats::{Metrics, PoolStats};
-use crate::BoxError;
 use crate::deadline::instant_after;
 
-pub(crate) type SharedError = Arc<dyn Error + Send + Sync>;
-
-/// What every connection of a pool shares, free of the connection's service type.
-pub(crate) struct Core {
-    pub(crate) target: Uri,
-    pub(crate) config: Arc<PoolConfig>,
-    epoch: Instant,
-    wake_worker: Notify,
-    /// A connection served a call since the worker last looked: the backoff starts over.
-    proven: AtomicBool,
-    metrics: Metrics,
-}
-
-impl Core {
-    fn nanos(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_nanos() as u64
-    }
-}
-
-/// One connection's load and health, updated by calls without the pool's lock.
-pub(crate) struct ConnLoad {
-    core: Arc<Core>,
-    in_flight: AtomicUsize,
-    /// When the last call on it finished (or it opened), in nanoseconds since the epoch.
-    last_active: AtomicU64,
-    broken: AtomicBool,
-    /// Has completed a call: the connection works, not just its handshake.
-    proven: AtomicBool,
-    error: Mutex<Option<SharedError>>,
-}
-
-impl ConnLoad {
-    fn new(core: Arc<Core>, now: Instant) -> Self {
-        ConnLoad {
-            last_active: AtomicU64::new(core.nanos(now)),
-            core,
-            in_flight: AtomicUsize::new(0),
-            broken: AtomicBool::new(false),
-            proven: AtomicBool::new(false),
-            error: Mutex::new(None),
-        }
-    }
-
-    pub(crate) fn target(&self) -> &Uri {
-        &self.core.target
-    }
-
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
-    }
-
-    /// Takes the connection out of rotation at once; the worker removes and replaces it.
-    pub(crate) fn mark_broken(&self, error: SharedError) {
-        if !self.broken.swap(true, Ordering::AcqRel) {
-            // Once per connection, however many calls its GOAWAY fails.
-            if crate::status::is_too_many_pings(&*error) {
-                crate::connect::note_too_many_pings(&self.core.target);
-            }
-            *lock(&self.error) = Some(error);
-            self.core.wake_worker.notify_one();
-        }
-    }
-
-    /// The server ended a call on this connection for our keepalive pings (grpc-core's
-    /// "Too many pings"): it is closing the connection; replace it, pinging less (gRFC A8).
-    pub(crate) fn too_many_pings(&self) {
-        if !self.broken.load(Ordering::Acquire) {
-            crate::connect::note_too_many_pings(&self.core.target);
-            self.mark_broken(Arc::new(TooManyPings));
-        }
-    }
-
-    pub(crate) fn mark_proven(&self) {
-        if !self.proven.load(Ordering::Relaxed) && !self.proven.swap(true, Ordering::AcqRel) {
-            self.core.proven.store(true, Ordering::Release);
-        }
-    }
-}
-
-/// Counts a call in flight on a connection from `call` until its response (body included) is
-/// done or dropped.
-pub(crate) struct InFlight(Arc<ConnLoad>);
-
-impl InFlight {
-    pub(crate) fn new(conn: Arc<ConnLoad>) -> Self {
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(conn)
-    }
-
-    pub(crate) fn conn(&self) -> &ConnLoad {
-        &self.0
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        // Stamp first, so whoever sees the count drop to zero sees a fresh stamp.
-        let now = self.0.core.nanos(Instant::now());
-        self.0.last_active.store(now, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl fmt::Debug for InFlight {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InFlight")
-            .field("in_flight", &self.0.in_flight())
-            .finish()
-    }
-}
-
-struct Conn<S> {
+pub(crate) struct Conn<S> {
     service: S,
     load: Arc<ConnLoad>,
 }
@@ -184,69 +62,8 @@ pub(crate) enum Pick<S> {
     Closed(Status),
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn near_full(in_flight: usize, max_streams: usize) -> bool {
     in_flight.saturating_mul(10) >= max_streams.saturating_mul(9)
-}
-
-/// Whether a call's error means its connection is gone (so the pool must drop it), as opposed
-/// to one stream failing: any `UNAVAILABLE` transport error except a refused stream.
-pub(crate) fn breaks_connection(err: &(dyn Error + 'static)) -> bool {
-    let refused_stream = std::iter::successors(Some(err), |&e: &&(dyn Error + 'static)| e.source())
-        .any(|e| {
-            e.downcast_ref::<h2::Error>().is_some_and(|h2| {
-                h2.reason() == Some(h2::Reason::REFUSED_STREAM) && !h2.is_go_away()
-            })
-        });
-    !refused_stream && crate::status::code_from_error(err) == Code::Unavailable
-}
-
-/// A status the pool makes about its own connections, with `source` under a marker that says so
-/// (see [`PoolConnectionError`]).
-pub(crate) fn status_with_source(
-    code: Code,
-    message: String,
-    source: Option<&SharedError>,
-) -> Status {
-    let mut status = Status::new(code, message);
-    if let Some(source) = source {
-        status.set_source(Arc::new(PoolConnectionError(source.clone())));
-    }
-    status
-}
-
-/// The source of every status a pool makes about one of its connections (broken, not up, the
-/// pool closed): what happened to that connection is the pool's business, which it handles by
-/// itself (replacing it, with backoff). Layers above tell such a status from a bare connection's
-/// failure by this marker: the balancer takes neither a pool's `UNAVAILABLE` nor its health
-/// check's failure through the pool as a reason to rebuild the endpoint.
-///
-/// A service of your own that keeps its own connections can mark its statuses the same way
-/// ([`PoolConnectionError::new`]), and the balancer treats it as it treats a pool.
-#[derive(Debug)]
-pub struct PoolConnectionError(pub(crate) SharedError);
-
-impl PoolConnectionError {
-    /// Marks `cause` as a connection failure its service handles by itself.
-    pub fn new(cause: impl Into<BoxError>) -> Self {
-        PoolConnectionError(Arc::from(cause.into()))
-    }
-}
-
-impl fmt::Display for PoolConnectionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The status above says it in words; the source below names the cause.
-        f.write_str("")
-    }
-}
-
-impl Error for PoolConnectionError {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&*self.0)
-    }
 }
 
 impl<S> Shared<S> {
@@ -427,7 +244,7 @@ impl<S> Shared<S> {
 
     /// Removes broken and idle connections, and decides how many to open now and when to look
     /// again.
-    fn plan(&self, now: Instant) -> Plan<S> {
+    pub(crate) fn plan(&self, now: Instant) -> Plan<S> {
         let config = &self.core.config;
         let metrics = &self.core.metrics;
         let mut st = self.state();
@@ -535,7 +352,7 @@ impl<S> Shared<S> {
         }
     }
 
-    fn attempt_done(&self, result: Result<S, SharedError>, now: Instant) {
+    pub(crate) fn attempt_done(&self, result: Result<S, SharedError>, now: Instant) {
         let metrics = &self.core.metrics;
         let mut st = self.state();
         st.connecting = st.connecting.saturating_sub(1);
@@ -570,7 +387,7 @@ impl<S> Shared<S> {
 
     /// The worker is gone: with `reason`, for good (handles fail); without, because every
     /// handle was dropped.
-    fn shut_down(&self, reason: Option<Status>) {
+    pub(crate) fn shut_down(&self, reason: Option<Status>) {
         let mut st = self.state();
         let conns = std::mem::take(&mut st.conns);
         self.core.metrics.open.decrement(conns.len() as f64);
@@ -584,150 +401,21 @@ impl<S> Shared<S> {
     }
 }
 
-struct Plan<S> {
-    start: usize,
-    wake_at: Option<Instant>,
-    dropped: Vec<Conn<S>>,
-    wake: Vec<Waker>,
-}
-
-/// Why a connection whose server objected to our keepalive pings was replaced.
-#[derive(Debug)]
-pub(crate) struct TooManyPings;
-
-impl fmt::Display for TooManyPings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the server closed the connection for too many keepalive pings")
-    }
-}
-
-impl Error for TooManyPings {}
-
-/// A connection attempt that took longer than the configured connect timeout.
-#[derive(Debug)]
-pub(crate) struct ConnectTimeout(pub(crate) Duration);
-
-impl fmt::Display for ConnectTimeout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "connect timed out after {:?}", self.0)
-    }
-}
-
-impl Error for ConnectTimeout {}
-
-enum Event<S> {
-    Shutdown,
-    Attempt(Result<S, SharedError>),
-    Wake,
-}
-
-/// The pool's background task: opens connections as [`Shared::plan`] says, records how each
-/// attempt went, and sleeps until it is woken or a backoff or idle deadline passes. Ends when
-/// every handle is dropped (`alive` closes) or the connector fails.
-pub(crate) async fn run<M, S>(shared: Arc<Shared<S>>, mut make: M, mut alive: oneshot::Receiver<()>)
-where
-    M: Service<Uri, Response = S>,
-    M::Error: Into<BoxError>,
-{
-    let timeout = shared.core.config.connect_timeout;
-    let mut attempts = FuturesUnordered::new();
-    loop {
-        let plan = shared.plan(Instant::now());
-        drop(plan.dropped);
-        plan.wake.into_iter().for_each(Waker::wake);
-        for _ in 0..plan.start {
-            if let Err(err) = poll_fn(|cx| make.poll_ready(cx)).await {
-                let err: BoxError = err.into();
-                let message = format!(
-                    "the pool for {} closed: its connector failed: {err}",
-                    shared.core.target
-                );
-                let source: SharedError = Arc::from(err);
-                shared.shut_down(Some(status_with_source(
-                    Code::Unavailable,
-                    message,
-                    Some(&source),
-                )));
-                return;
-            }
-            let connecting = make.call(shared.core.target.clone());
-            attempts.push(async move {
-                match tokio::time::timeout(timeout, connecting).await {
-                    Ok(Ok(service)) => Ok(service),
-                    Ok(Err(err)) => Err(SharedError::from(err.into())),
-                    Err(_) => Err(Arc::new(ConnectTimeout(timeout)) as SharedError),
-                }
-            });
-        }
-        let mut notified = pin!(shared.core.wake_worker.notified());
-        let mut sleep = plan
-            .wake_at
-            .map(|at| Box::pin(tokio::time::sleep_until(at)));
-        let event = poll_fn(|cx| {
-            if Pin::new(&mut alive).poll(cx).is_ready() {
-                return Poll::Ready(Event::Shutdown);
-            }
-            if !attempts.is_empty()
-                && let Poll::Ready(Some(result)) = attempts.poll_next_unpin(cx)
-            {
-                return Poll::Ready(Event::Attempt(result));
-            }
-            if notified.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Wake);
-            }
-            if let Some(sleep) = &mut sleep
-                && sleep.as_mut().poll(cx).is_ready()
-            {
-                return Poll::Ready(Event::Wake);
-            }
-            Poll::Pending
-        })
-        .await;
-        match event {
-            Event::Shutdown => break,
-            Event::Attempt(result) => shared.attempt_done(result, Instant::now()),
-            Event::Wake => {}
-        }
-    }
-    shared.shut_down(None);
+/// What the worker does next, decided under the lock by [`Shared::plan`].
+pub(crate) struct Plan<S> {
+    /// Connection attempts to start now.
+    pub(crate) start: usize,
+    /// When to look again (a backoff or an idle deadline), if nothing wakes the worker first.
+    pub(crate) wake_at: Option<Instant>,
+    /// Connections taken out of the pool, dropped outside the lock.
+    pub(crate) dropped: Vec<Conn<S>>,
+    /// Handles to wake, outside the lock.
+    pub(crate) wake: Vec<Waker>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug)]
-    struct Wrapped(BoxError);
-    impl fmt::Display for Wrapped {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("transport error")
-        }
-    }
-    impl Error for Wrapped {
-        fn source(&self) -> Option<&(dyn Error + 'static)> {
-            Some(&*self.0)
-        }
-    }
-
-    #[test]
-    fn connection_level_errors_break_the_connection_and_stream_level_ones_do_not() {
-        let io = |kind| Wrapped(Box::new(std::io::Error::from(kind)));
-        assert!(breaks_connection(&io(std::io::ErrorKind::ConnectionReset)));
-        assert!(breaks_connection(&io(
-            std::io::ErrorKind::ConnectionRefused
-        )));
-        let refused = Wrapped(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
-        assert!(
-            !breaks_connection(&refused),
-            "one refused stream, not a dead connection"
-        );
-        let cancelled = Wrapped(Box::new(h2::Error::from(h2::Reason::CANCEL)));
-        assert!(!breaks_connection(&cancelled));
-        let deadline = Wrapped(Box::new(tower::timeout::error::Elapsed::new()));
-        assert!(!breaks_connection(&deadline));
-        let internal = Wrapped(Box::new(Status::internal("not a transport failure")));
-        assert!(!breaks_connection(&internal));
-    }
 
     #[test]
     fn near_full_is_ninety_percent() {

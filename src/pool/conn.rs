@@ -1,0 +1,242 @@
+//! One connection of a pool: its load and health, which calls update without the pool's lock,
+//! and what a call's error says about it.
+
+use std::error::Error;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use http::Uri;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use super::config::PoolConfig;
+use super::stats::Metrics;
+use crate::BoxError;
+
+pub(crate) type SharedError = Arc<dyn Error + Send + Sync>;
+
+/// What every connection of a pool shares, free of the connection's service type.
+pub(crate) struct Core {
+    pub(crate) target: Uri,
+    pub(crate) config: Arc<PoolConfig>,
+    pub(crate) epoch: Instant,
+    pub(crate) wake_worker: Notify,
+    /// A connection served a call since the worker last looked: the backoff starts over.
+    pub(crate) proven: AtomicBool,
+    pub(crate) metrics: Metrics,
+}
+
+impl Core {
+    pub(crate) fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// One connection's load and health, updated by calls without the pool's lock.
+pub(crate) struct ConnLoad {
+    pub(crate) core: Arc<Core>,
+    pub(crate) in_flight: AtomicUsize,
+    /// When the last call on it finished (or it opened), in nanoseconds since the epoch.
+    pub(crate) last_active: AtomicU64,
+    pub(crate) broken: AtomicBool,
+    /// Has completed a call: the connection works, not just its handshake.
+    pub(crate) proven: AtomicBool,
+    pub(crate) error: Mutex<Option<SharedError>>,
+}
+
+impl ConnLoad {
+    pub(crate) fn new(core: Arc<Core>, now: Instant) -> Self {
+        ConnLoad {
+            last_active: AtomicU64::new(core.nanos(now)),
+            core,
+            in_flight: AtomicUsize::new(0),
+            broken: AtomicBool::new(false),
+            proven: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn target(&self) -> &Uri {
+        &self.core.target
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Takes the connection out of rotation at once; the worker removes and replaces it.
+    pub(crate) fn mark_broken(&self, error: SharedError) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            // Once per connection, however many calls its GOAWAY fails.
+            if crate::status::is_too_many_pings(&*error) {
+                crate::connect::note_too_many_pings(&self.core.target);
+            }
+            *lock(&self.error) = Some(error);
+            self.core.wake_worker.notify_one();
+        }
+    }
+
+    /// The server ended a call on this connection for our keepalive pings (grpc-core's
+    /// "Too many pings"): it is closing the connection; replace it, pinging less (gRFC A8).
+    pub(crate) fn too_many_pings(&self) {
+        if !self.broken.load(Ordering::Acquire) {
+            crate::connect::note_too_many_pings(&self.core.target);
+            self.mark_broken(Arc::new(TooManyPings));
+        }
+    }
+
+    pub(crate) fn mark_proven(&self) {
+        if !self.proven.load(Ordering::Relaxed) && !self.proven.swap(true, Ordering::AcqRel) {
+            self.core.proven.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Counts a call in flight on a connection from `call` until its response (body included) is
+/// done or dropped.
+pub(crate) struct InFlight(Arc<ConnLoad>);
+
+impl InFlight {
+    pub(crate) fn new(conn: Arc<ConnLoad>) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(conn)
+    }
+
+    pub(crate) fn conn(&self) -> &ConnLoad {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Stamp first, so whoever sees the count drop to zero sees a fresh stamp.
+        let now = self.0.core.nanos(Instant::now());
+        self.0.last_active.store(now, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("in_flight", &self.0.in_flight())
+            .finish()
+    }
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether a call's error means its connection is gone (so the pool must drop it), as opposed
+/// to one stream failing: any `UNAVAILABLE` transport error except a refused stream.
+pub(crate) fn breaks_connection(err: &(dyn Error + 'static)) -> bool {
+    let refused_stream = std::iter::successors(Some(err), |&e: &&(dyn Error + 'static)| e.source())
+        .any(|e| {
+            e.downcast_ref::<h2::Error>().is_some_and(|h2| {
+                h2.reason() == Some(h2::Reason::REFUSED_STREAM) && !h2.is_go_away()
+            })
+        });
+    !refused_stream && crate::status::code_from_error(err) == Code::Unavailable
+}
+
+/// A status the pool makes about its own connections, with `source` under a marker that says so
+/// (see [`PoolConnectionError`]).
+pub(crate) fn status_with_source(
+    code: Code,
+    message: String,
+    source: Option<&SharedError>,
+) -> Status {
+    let mut status = Status::new(code, message);
+    if let Some(source) = source {
+        status.set_source(Arc::new(PoolConnectionError(source.clone())));
+    }
+    status
+}
+
+/// The source of every status a pool makes about one of its connections (broken, not up, the
+/// pool closed): what happened to that connection is the pool's business, which it handles by
+/// itself (replacing it, with backoff). Layers above tell such a status from a bare connection's
+/// failure by this marker: the balancer takes neither a pool's `UNAVAILABLE` nor its health
+/// check's failure through the pool as a reason to rebuild the endpoint.
+///
+/// A service of your own that keeps its own connections can mark its statuses the same way
+/// ([`PoolConnectionError::new`]), and the balancer treats it as it treats a pool.
+#[derive(Debug)]
+pub struct PoolConnectionError(pub(crate) SharedError);
+
+impl PoolConnectionError {
+    /// Marks `cause` as a connection failure its service handles by itself.
+    pub fn new(cause: impl Into<BoxError>) -> Self {
+        PoolConnectionError(Arc::from(cause.into()))
+    }
+}
+
+impl fmt::Display for PoolConnectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The status above says it in words; the source below names the cause.
+        f.write_str("")
+    }
+}
+
+impl Error for PoolConnectionError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// Why a connection whose server objected to our keepalive pings was replaced.
+#[derive(Debug)]
+pub(crate) struct TooManyPings;
+
+impl fmt::Display for TooManyPings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the server closed the connection for too many keepalive pings")
+    }
+}
+
+impl Error for TooManyPings {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(BoxError);
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+    impl Error for Wrapped {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn connection_level_errors_break_the_connection_and_stream_level_ones_do_not() {
+        let io = |kind| Wrapped(Box::new(std::io::Error::from(kind)));
+        assert!(breaks_connection(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(breaks_connection(&io(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+        let refused = Wrapped(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(
+            !breaks_connection(&refused),
+            "one refused stream, not a dead connection"
+        );
+        let cancelled = Wrapped(Box::new(h2::Error::from(h2::Reason::CANCEL)));
+        assert!(!breaks_connection(&cancelled));
+        let deadline = Wrapped(Box::new(tower::timeout::error::Elapsed::new()));
+        assert!(!breaks_connection(&deadline));
+        let internal = Wrapped(Box::new(Status::internal("not a transport failure")));
+        assert!(!breaks_connection(&internal));
+    }
+}
