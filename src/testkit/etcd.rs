@@ -69,10 +69,17 @@ pub fn require_etcd(test: &str) -> bool {
     false
 }
 
-fn free_port() -> io::Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()
-        .map(|a| a.port())
+/// `n` distinct free loopback ports. The listeners are held until all are bound: a port freed
+/// and asked for again at once can come back from the kernel twice (a member once got the same
+/// port for its client and peer URLs, and could not start).
+fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
 }
 
 /// Set once the member's current process logs that it serves clients.
@@ -124,19 +131,19 @@ impl EtcdCluster {
         let dir = std::env::temp_dir().join(&token);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let members = (0..size.max(1))
-            .map(|i| {
-                Ok(Member {
-                    name: format!("m{i}"),
-                    client: free_port()?,
-                    peer: free_port()?,
-                    data_dir: dir.join(format!("m{i}")),
-                    child: None,
-                    ready: Arc::default(),
-                    log: Arc::default(),
-                })
+        let size = size.max(1);
+        let ports = free_ports(2 * size)?;
+        let members = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: ports[2 * i],
+                peer: ports[2 * i + 1],
+                data_dir: dir.join(format!("m{i}")),
+                child: None,
+                ready: Arc::default(),
+                log: Arc::default(),
             })
-            .collect::<io::Result<Vec<_>>>()?;
+            .collect::<Vec<_>>();
         let initial_cluster = members
             .iter()
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
