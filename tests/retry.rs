@@ -21,6 +21,18 @@ use towline::testkit::pb::{EchoRequest, EchoResponse, echo_client::EchoClient};
 
 const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
+/// Quick retries, three attempts, over a token bucket of 10 tokens refilled 0.5 per success
+/// (gRFC A6 throttling), and the bucket, to read its tokens.
+fn throttled() -> (RetryBudget, RetryPolicy) {
+    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
+    let policy = quick()
+        .max_attempts(3)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    (budget, policy)
+}
+
 /// Quick retries and no budget, so tests are about the one thing they check.
 fn quick() -> towline::retry::RetryPolicyBuilder {
     RetryPolicy::builder()
@@ -927,12 +939,7 @@ async fn more_than_one_pushback_value_stops_retries_and_is_a_failure_for_throttl
 
 #[tokio::test(start_paused = true)]
 async fn a_pushback_that_says_stop_is_a_failure_for_throttling_whatever_the_code() {
-    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
-    let policy = quick()
-        .max_attempts(3)
-        .budget(budget.clone())
-        .build()
-        .unwrap();
+    let (budget, policy) = throttled();
     for reply in [
         Reply::Fail(Code::Internal, Some("-1")),
         Reply::Fail(Code::NotFound, Some("soon")),
@@ -958,12 +965,7 @@ async fn a_pushback_that_says_stop_is_a_failure_for_throttling_whatever_the_code
 #[tokio::test(start_paused = true)]
 async fn a_committed_call_that_ends_with_a_retryable_code_is_a_failure_for_throttling() {
     use http_body_util::BodyExt;
-    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
-    let policy = quick()
-        .max_attempts(3)
-        .budget(budget.clone())
-        .build()
-        .unwrap();
+    let (budget, policy) = throttled();
     let call = |reply| {
         let policy = policy.clone();
         async move {
@@ -997,12 +999,7 @@ async fn a_committed_call_that_fails_in_its_trailers_through_a_balancer_is_a_fai
     use http_body_util::BodyExt;
     use towline::balance::{BalanceConfig, BalanceLayer};
     use towline::discover::Static;
-    let budget = RetryBudget::token_bucket(10.0, 0.5).unwrap();
-    let policy = quick()
-        .max_attempts(3)
-        .budget(budget.clone())
-        .build()
-        .unwrap();
+    let (budget, policy) = throttled();
     let inner = Scripted::new([
         Reply::Committed(Code::Unavailable),
         Reply::Committed(Code::Ok),

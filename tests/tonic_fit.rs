@@ -18,8 +18,8 @@ use towline::balance::{
 use towline::connect::Connect;
 use towline::discover::Static;
 use towline::metrics::MetricsLayer;
-use towline::pool::{PoolConfig, PoolLayer};
-use towline::retry::{RetryLayer, RetryPolicy};
+use towline::pool::{Pool, PoolConfig, PoolLayer};
+use towline::retry::{Retry, RetryLayer, RetryPolicy};
 use towline::testkit::Backend;
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 
@@ -50,6 +50,22 @@ async fn wait_for<S: EndpointService>(
     timeout(Duration::from_secs(10), balance.wait_until(done))
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:#?}", balance.snapshot()));
+}
+
+/// The usual stack over `backends`: retry over a balancer over pools of two connections.
+fn retry_over_balance_over_pool(
+    backends: &[Backend],
+) -> Retry<Balance<Pool<tonic::transport::Channel>>> {
+    ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryPolicy::builder().build().unwrap()))
+        .layer(BalanceLayer::new(
+            Static::new(backends.iter().map(Backend::uri)),
+            config(),
+        ))
+        .layer(PoolLayer::new(
+            PoolConfig::builder().size(2).build().unwrap(),
+        ))
+        .service(Connect::new())
 }
 
 /// Adds `x-tenant: acme` to every request, as an auth interceptor adds a token.
@@ -98,16 +114,7 @@ async fn with_interceptor_over_balance_over_connect() {
 #[tokio::test]
 async fn with_interceptor_over_retry_over_balance_over_pool() {
     let backends = Backend::start_many(2).await.unwrap();
-    let stack = ServiceBuilder::new()
-        .layer(RetryLayer::new(RetryPolicy::builder().build().unwrap()))
-        .layer(BalanceLayer::new(
-            Static::new(backends.iter().map(Backend::uri)),
-            config(),
-        ))
-        .layer(PoolLayer::new(
-            PoolConfig::builder().size(2).build().unwrap(),
-        ))
-        .service(Connect::new());
+    let stack = retry_over_balance_over_pool(&backends);
     let mut client = EchoClient::with_interceptor(stack, tenant());
     assert_eq!(seen_tenant(&mut client).await, "acme");
 }
@@ -117,15 +124,7 @@ async fn with_interceptor_over_metrics_over_retry_over_balance_over_pool() {
     let backends = Backend::start_many(2).await.unwrap();
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new("tonic_fit"))
-        .layer(RetryLayer::new(RetryPolicy::builder().build().unwrap()))
-        .layer(BalanceLayer::new(
-            Static::new(backends.iter().map(Backend::uri)),
-            config(),
-        ))
-        .layer(PoolLayer::new(
-            PoolConfig::builder().size(2).build().unwrap(),
-        ))
-        .service(Connect::new());
+        .service(retry_over_balance_over_pool(&backends));
     let mut client = EchoClient::with_interceptor(stack, tenant());
     assert_eq!(seen_tenant(&mut client).await, "acme");
 }
@@ -137,15 +136,7 @@ async fn a_rejecting_interceptor_answers_without_reaching_a_backend() {
     let backends = Backend::start_many(2).await.unwrap();
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new("tonic_fit_rejected"))
-        .layer(RetryLayer::new(RetryPolicy::builder().build().unwrap()))
-        .layer(BalanceLayer::new(
-            Static::new(backends.iter().map(Backend::uri)),
-            config(),
-        ))
-        .layer(PoolLayer::new(
-            PoolConfig::builder().size(2).build().unwrap(),
-        ))
-        .service(Connect::new());
+        .service(retry_over_balance_over_pool(&backends));
     let mut client = EchoClient::with_interceptor(stack, |_: tonic::Request<()>| {
         Err(tonic::Status::permission_denied("no tenant"))
     });
