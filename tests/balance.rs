@@ -1023,3 +1023,111 @@ async fn one_broken_connection_of_a_pool_is_the_pools_business() {
     let accepted = backend.connections_accepted();
     assert!((4..=5).contains(&accepted), "{accepted} connections");
 }
+
+/// An endpoint service that is not ready until its gate opens, then answers every call at once
+/// (Trailers-Only `OK`): the shape of a pool waiting for a free stream.
+#[derive(Clone, Default)]
+struct Gated {
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    waker: std::sync::Arc<futures::task::AtomicWaker>,
+}
+
+impl Gated {
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.waker.wake();
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Gated {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = towline::BoxError;
+    type Future = std::future::Ready<Result<Self::Response, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), towline::BoxError>> {
+        self.waker.register(cx.waker());
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) {
+            std::task::Poll::Ready(Ok(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let mut response = http::Response::new(tonic::body::Body::empty());
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("0"));
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_measures_from_the_send_not_from_the_pick() {
+    use tower::ServiceExt;
+    let gated = Gated::default();
+    let service = gated.clone();
+    let make = tower::service_fn(move |_: Uri| {
+        let service = service.clone();
+        async move { Ok::<_, towline::BoxError>(service) }
+    });
+    let b: Balance<Gated> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new([Uri::from_static("http://a:1")]),
+            config().strategy(PeakEwma::new()).build().unwrap(),
+        ))
+        .service(make);
+    b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
+        .await;
+
+    let call = tokio::spawn(
+        b.clone()
+            .oneshot(http::Request::new(tonic::body::Body::empty())),
+    );
+    // The call waits 150 ms for the endpoint's readiness (a busy pool), then is answered at once.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gated.open();
+    let response = timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call ends once the endpoint is ready")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "0");
+    // The round trip took no time at all: the wait before the send is not the endpoint's latency.
+    let rtt = b.snapshot()[0].rtt_estimate;
+    assert!(rtt < Duration::from_millis(10), "{rtt:?}");
+}
+
+#[tokio::test]
+async fn a_long_stream_is_one_round_trip_to_its_first_message() {
+    use futures::StreamExt;
+    let (_backends, b) = ready_stack(1, config().strategy(PeakEwma::new())).await;
+    let mut client = EchoClient::new(b.clone());
+    // Ten messages 100 ms apart: the first arrives after ~100 ms, the stream lasts ~1 s.
+    let started = std::time::Instant::now();
+    let mut stream = client
+        .server_stream(EchoRequest {
+            count: 10,
+            interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    while let Some(message) = stream.next().await {
+        message.unwrap();
+        received += 1;
+    }
+    assert_eq!(received, 10);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The estimate is the time to the first message, not the stream's second.
+    let rtt = b.snapshot()[0].rtt_estimate;
+    assert!(
+        rtt >= Duration::from_millis(90) && rtt < Duration::from_millis(500),
+        "{rtt:?}"
+    );
+}

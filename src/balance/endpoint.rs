@@ -278,7 +278,8 @@ impl Candidate {
         self.load.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Its peak-EWMA round-trip estimate, measured to the end of each response.
+    /// Its peak-EWMA round-trip estimate, measured from each request's send to the first data of
+    /// its response.
     pub fn rtt_estimate(&self) -> Duration {
         self.load.rtt_estimate()
     }

@@ -19,13 +19,17 @@ pub(crate) struct CallGuard {
     feedback: Arc<Feedback>,
     /// A layer above that wants the call's final code (the retry layer's token bucket).
     end: Option<CallEnd>,
-    started: Instant,
     recorded: bool,
-    /// Whether the call's time is a round trip to feed the endpoint's RTT estimate: only once
-    /// the request went out, and not when the connection failed under it. A wait for the
-    /// endpoint's readiness or a dead connection's timeout is no measure of the endpoint, and a
-    /// peak estimator would keep that one outlier for many decay periods.
-    measures_rtt: bool,
+    /// When the request went out, while its round trip is still to be measured. The round trip
+    /// runs from the send (a wait for the endpoint's readiness is no measure of the endpoint)
+    /// to the first data of the response (as linkerd measures it: a stream's length is the
+    /// stream's, not the endpoint's), or to the call's end when no data comes. A call whose
+    /// connection failed under it measures nothing: a peak estimator would keep that one
+    /// outlier for many decay periods.
+    rtt_from: Option<Instant>,
+    /// The response head arrived: from then on, a body dropped before its first data measures
+    /// nothing (the caller lost interest; the endpoint was not slow).
+    responded: bool,
 }
 
 impl CallGuard {
@@ -40,16 +44,28 @@ impl CallGuard {
             generation,
             feedback,
             end,
-            started: Instant::now(),
             recorded: false,
-            measures_rtt: false,
+            rtt_from: None,
+            responded: false,
         }
     }
 
-    /// The request went out on the endpoint.
+    /// The request goes out on the endpoint now: its round trip starts.
     pub(crate) fn sent(mut self) -> Self {
-        self.measures_rtt = true;
+        self.rtt_from = Some(Instant::now());
         self
+    }
+
+    /// The response head arrived; the round trip ends at its first data, or at its end.
+    pub(crate) fn responded(&mut self) {
+        self.responded = true;
+    }
+
+    /// The response's first data arrived (or the call ended): the round trip is over.
+    pub(crate) fn end_round_trip(&mut self) {
+        if let Some(sent) = self.rtt_from.take() {
+            self.load.observe_rtt(sent.elapsed());
+        }
     }
 
     /// Records the call's final code, once.
@@ -57,6 +73,7 @@ impl CallGuard {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
+        self.end_round_trip();
         if let Some(end) = self.end.take() {
             end.report(code);
         }
@@ -89,7 +106,7 @@ impl CallGuard {
         // would keep a backend that is back up ejected for a whole ejection time.
         if code == Code::Unavailable {
             self.recorded = true;
-            self.measures_rtt = false;
+            self.rtt_from = None;
             match err.downcast_ref::<Status>() {
                 // The service keeps its own connections (a pool): it may have others, or none
                 // left; the endpoint task looks at its readiness.
@@ -139,8 +156,10 @@ impl CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        if self.measures_rtt {
-            self.load.observe_rtt(self.started.elapsed());
+        // Dropped while waiting for the response (a caller's timeout above): the wait is a lower
+        // bound of the round trip. Dropped after the head: nothing to say about the endpoint.
+        if !self.responded {
+            self.end_round_trip();
         }
         // SeqCst pairs with the driver's store of `draining` then load of `in_flight`: one of
         // the two sides must see the other's write, or a drained endpoint would never leave.

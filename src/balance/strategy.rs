@@ -90,8 +90,9 @@ impl Strategy for PowerOfTwoChoices {
 }
 
 /// Power of two choices on peak-EWMA cost: `rtt_estimate × (in_flight + 1)`, with the RTT measured
-/// to the end of each response (linkerd's and Finagle's balancer). Routes around a slow endpoint
-/// within a few calls, and tries it again as its estimate decays.
+/// from the send of each request to the first data of its response, or to its end when no data
+/// comes (linkerd's and Finagle's balancer: a long stream is not one long round trip). Routes
+/// around a slow endpoint within a few calls, and tries it again as its estimate decays.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PeakEwma;
 
