@@ -137,6 +137,10 @@ pub(crate) struct Load {
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) consecutive_failures: AtomicU32,
+    /// The current failure streak reached the failure-accrual threshold and was reported: the
+    /// driver hears of a streak once, not of every failing call past the threshold. Cleared by
+    /// a success (a new streak) and when an ejection ends (its probe may report again).
+    streak_reported: AtomicBool,
     pub(crate) signals: Signals,
 }
 
@@ -156,6 +160,7 @@ impl Load {
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
+            streak_reported: AtomicBool::new(false),
             signals: Signals::default(),
         }
     }
@@ -183,11 +188,35 @@ impl Load {
         if success {
             self.successes.fetch_add(1, Ordering::Relaxed);
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            if self.streak_reported.load(Ordering::Relaxed) {
+                self.streak_reported.store(false, Ordering::Relaxed);
+            }
             0
         } else {
             self.failures.fetch_add(1, Ordering::Relaxed);
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
         }
+    }
+
+    /// Whether a failure streak at the threshold is news for the driver: true once per streak
+    /// (and once more after each ejection ends, see [`rearm_streak`](Self::rearm_streak)).
+    pub(crate) fn report_streak(&self) -> bool {
+        !self.streak_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// An ejection ended: the next failure of a streak that goes on (the probe) is news again,
+    /// as linkerd's failure accrual shuts the endpoint again after a failed probe.
+    pub(crate) fn rearm_streak(&self) {
+        self.streak_reported.store(false, Ordering::Release);
+    }
+
+    /// This interval's outcomes, and a fresh count for the next: taken in one step per counter,
+    /// so that a call completing meanwhile counts in one interval or the next, never in none.
+    pub(crate) fn take_outcomes(&self) -> (u64, u64) {
+        (
+            self.successes.swap(0, Ordering::Relaxed),
+            self.failures.swap(0, Ordering::Relaxed),
+        )
     }
 }
 

@@ -81,11 +81,13 @@ impl CallGuard {
             return;
         };
         let streak = self.load.record_outcome(!detection.is_failure(code));
-        // At the threshold and beyond: once an ejection ends, the next failure (the probe) shuts
-        // the endpoint again, as linkerd's failure accrual does.
+        // At the threshold, once per streak: every failing call past it would flood the driver
+        // with the same news. Once an ejection ends the streak is news again, so the next
+        // failure (the probe) shuts the endpoint again, as linkerd's failure accrual does.
         if detection
             .consecutive_failures
             .is_some_and(|threshold| streak >= threshold)
+            && self.load.report_streak()
         {
             let _ = self
                 .feedback
@@ -167,5 +169,73 @@ impl Drop for CallGuard {
         if before == 1 && self.load.signals.draining.load(Ordering::SeqCst) {
             let _ = self.feedback.events.send(CallEvent::Drained(self.load.id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::endpoint::EwmaConfig;
+    use crate::outlier::OutlierDetection;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    fn load() -> Arc<Load> {
+        Arc::new(Load::new(
+            7,
+            http::Uri::from_static("http://a:1"),
+            crate::discover::Endpoint::default(),
+            EwmaConfig {
+                default_rtt: Duration::from_millis(1),
+                decay: Duration::from_secs(1),
+            },
+        ))
+    }
+
+    fn calls(load: &Arc<Load>, feedback: &Arc<Feedback>, code: Code, n: usize) {
+        for _ in 0..n {
+            load.in_flight.fetch_add(1, Ordering::Relaxed);
+            CallGuard::new(load.clone(), 1, feedback.clone(), None)
+                .sent()
+                .finish(code);
+        }
+    }
+
+    fn streaks(events: &mut mpsc::UnboundedReceiver<CallEvent>) -> usize {
+        std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|e| matches!(e, CallEvent::FailureStreak(7)))
+            .count()
+    }
+
+    #[test]
+    fn a_failure_streak_is_reported_once_not_once_per_failing_call() {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let feedback = Arc::new(Feedback {
+            detection: Some(
+                OutlierDetection::builder()
+                    .consecutive_failures(Some(3))
+                    .build()
+                    .unwrap(),
+            ),
+            events: tx,
+        });
+        let load = load();
+        calls(&load, &feedback, Code::Internal, 2);
+        assert_eq!(streaks(&mut events), 0, "below the threshold");
+        calls(&load, &feedback, Code::Internal, 100);
+        assert_eq!(streaks(&mut events), 1, "one streak, one report");
+
+        // The ejection ended: the probe's failure is news again, once.
+        load.rearm_streak();
+        calls(&load, &feedback, Code::Internal, 10);
+        assert_eq!(streaks(&mut events), 1);
+
+        // A success ends the streak; the next one is reported when it reaches the threshold.
+        calls(&load, &feedback, Code::Ok, 1);
+        calls(&load, &feedback, Code::Internal, 2);
+        assert_eq!(streaks(&mut events), 0);
+        calls(&load, &feedback, Code::Internal, 50);
+        assert_eq!(streaks(&mut events), 1);
+        assert_eq!(load.in_flight.load(Ordering::Relaxed), 0);
     }
 }

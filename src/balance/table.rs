@@ -96,6 +96,15 @@ pub(crate) struct Table<S> {
     pub(crate) metrics: BalanceMetrics,
 }
 
+/// Whether reading the outcome counts for outlier detection ends their interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counts {
+    /// Read them and start the next interval from zero, in one step.
+    Take,
+    /// Read them only.
+    Peek,
+}
+
 /// Why no endpoint can take a call right now.
 #[derive(Debug, Clone)]
 pub(crate) struct Unavailable {
@@ -301,17 +310,31 @@ impl<S: Clone> Table<S> {
         self.slots.iter_mut().find(|s| s.load.id == id)
     }
 
-    /// The live (not draining) endpoints as outlier detection sees them, in table order.
-    pub(crate) fn outlier_hosts(&self) -> Vec<Host> {
-        self.slots
+    /// The live (not draining) endpoints as outlier detection sees them, in table order, with
+    /// their indices in `slots`.
+    pub(crate) fn outlier_hosts(&self, counts: Counts) -> (Vec<usize>, Vec<Host>) {
+        let live: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].draining)
+            .collect();
+        let hosts = live
             .iter()
-            .filter(|s| !s.draining)
-            .map(|s| Host {
-                successes: s.load.successes.load(Ordering::Relaxed),
-                failures: s.load.failures.load(Ordering::Relaxed),
-                ejection: s.ejection,
+            .map(|&i| {
+                let slot = &self.slots[i];
+                let (successes, failures) = match counts {
+                    Counts::Take => slot.load.take_outcomes(),
+                    Counts::Peek => (
+                        slot.load.successes.load(Ordering::Relaxed),
+                        slot.load.failures.load(Ordering::Relaxed),
+                    ),
+                };
+                Host {
+                    successes,
+                    failures,
+                    ejection: slot.ejection,
+                }
             })
-            .collect()
+            .collect();
+        (live, hosts)
     }
 
     fn why_unavailable(&self) -> Unavailable {
@@ -404,5 +427,81 @@ impl<S: Clone> Table<S> {
             why.push(')');
         }
         why
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::endpoint::EwmaConfig;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    #[test]
+    fn taking_an_intervals_counts_loses_no_completion() {
+        let shared: Shared<()> = Shared::new(
+            Box::new(super::super::strategy::RoundRobin::new()),
+            0.0,
+            BalanceMetrics::new("test"),
+        );
+        let load = Arc::new(Load::new(
+            1,
+            http::Uri::from_static("http://a:1"),
+            crate::discover::Endpoint::default(),
+            EwmaConfig {
+                default_rtt: Duration::from_millis(1),
+                decay: Duration::from_secs(1),
+            },
+        ));
+        shared.update(|t| t.slots.push(Slot::new(load.clone())));
+        const PER_THREAD: u64 = 1_000_000;
+        let done = Arc::new(AtomicBool::new(false));
+        // Callers and the driver start together, so that intervals end while calls complete.
+        let start = Arc::new(std::sync::Barrier::new(3));
+        let callers: Vec<_> = (0..2)
+            .map(|n| {
+                let load = load.clone();
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    for i in 0..PER_THREAD {
+                        load.record_outcome((i + n) % 2 == 0);
+                    }
+                })
+            })
+            .collect();
+        // The driver ends intervals while calls complete: every completion lands in one.
+        let (mut successes, mut failures) = (0, 0);
+        let evaluator = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let mut intervals = 0u64;
+                while !done.load(Ordering::Acquire) || intervals == 0 {
+                    let (_, hosts) = shared.update(|t| t.outlier_hosts(Counts::Take));
+                    successes += hosts[0].successes;
+                    failures += hosts[0].failures;
+                    intervals += 1;
+                }
+                let (_, hosts) = shared.update(|t| t.outlier_hosts(Counts::Take));
+                (
+                    successes + hosts[0].successes,
+                    failures + hosts[0].failures,
+                    intervals,
+                )
+            })
+        };
+        for caller in callers {
+            caller.join().unwrap();
+        }
+        done.store(true, Ordering::Release);
+        let (successes, failures, intervals) = evaluator.join().unwrap();
+        assert!(intervals > 1, "{intervals}");
+        assert_eq!(
+            successes + failures,
+            2 * PER_THREAD,
+            "{successes} + {failures}"
+        );
+        assert_eq!(successes, PER_THREAD);
     }
 }
