@@ -1131,3 +1131,51 @@ async fn a_long_stream_is_one_round_trip_to_its_first_message() {
         "{rtt:?}"
     );
 }
+
+#[tokio::test]
+async fn a_weight_change_from_discovery_keeps_the_connection_and_moves_the_traffic() {
+    let backends = Backend::start_many(2).await.unwrap();
+    let (updates, discovery) = discover::channel(4);
+    for backend in &backends {
+        updates
+            .send(Change::Insert(
+                backend.uri(),
+                discover::Endpoint::weighted(1),
+            ))
+            .await
+            .unwrap();
+    }
+    let b = balance(
+        discovery,
+        config()
+            .strategy(WeightedRoundRobin::new())
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 2).await;
+    let tally = spread(&b, 100).await;
+    assert_eq!(tally["backend-0"], 50, "{tally:?}");
+    let connections: Vec<u64> = backends.iter().map(Backend::connections_accepted).collect();
+
+    // Discovery (a DNS SRV record) gives backend-0 weight 3: the same endpoint, weighed anew.
+    updates
+        .send(Change::Insert(
+            backends[0].uri(),
+            discover::Endpoint::weighted(3),
+        ))
+        .await
+        .unwrap();
+    wait_for(&b, "the new weight", |s| {
+        s.iter()
+            .any(|e| e.uri == backends[0].uri() && e.weight == 3)
+    })
+    .await;
+    let snapshot = b.snapshot();
+    assert_eq!(snapshot.len(), 2, "no endpoint drained: {snapshot:#?}");
+    assert_eq!(count(&snapshot, EndpointState::Ready), 2, "{snapshot:#?}");
+    let tally = spread(&b, 100).await;
+    assert_eq!(tally["backend-0"], 75, "{tally:?}");
+    assert_eq!(tally["backend-1"], 25, "{tally:?}");
+    let after: Vec<u64> = backends.iter().map(Backend::connections_accepted).collect();
+    assert_eq!(after, connections, "no endpoint reconnected");
+}

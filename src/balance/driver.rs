@@ -24,7 +24,7 @@ use super::table::{Connection, Counts, Health, Shared, Slot};
 use crate::BoxError;
 use crate::backoff::Backoff;
 use crate::deadline::instant_after;
-use crate::discover::{Change, Discover};
+use crate::discover::{self, Change, Discover};
 use crate::health::{HealthCheck, Verdict};
 use crate::outlier::{Host, OutlierDetection};
 use crate::status::describe_error;
@@ -132,13 +132,16 @@ where
                 change = discovery.next(), if !discovery.is_terminated() => match change {
                     Some(Ok(Change::Insert(uri, meta))) => {
                         if let Some(old) = known.get(&uri) {
-                            let same = self.shared.inspect(|t| {
-                                t.slots.iter().any(|s| s.load.id == old.id && s.load.meta == meta)
-                            });
-                            if same {
-                                continue;
+                            // Besides its address, discovery says only an endpoint's weight: a
+                            // new one (a DNS SRV update) applies in place, keeping the connection
+                            // and the calls on it. (Destructured so that a new field must be
+                            // decided on here.)
+                            let discover::Endpoint { weight } = meta;
+                            if old.load.weight() != weight.max(1) {
+                                let id = old.id;
+                                self.shared.update(|t| t.reweigh(id, weight));
                             }
-                            self.drain(known.remove(&uri).expect("just seen"));
+                            continue;
                         }
                         next_id += 1;
                         let id = next_id;

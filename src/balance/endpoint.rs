@@ -130,7 +130,9 @@ pub(crate) type EndpointId = u64;
 pub(crate) struct Load {
     pub(crate) id: EndpointId,
     pub(crate) uri: Uri,
-    pub(crate) meta: discover::Endpoint,
+    /// Discovery's weight for it: changed in place when only the weight changes (a DNS SRV
+    /// update), without reconnecting.
+    weight: AtomicU32,
     pub(crate) in_flight: AtomicUsize,
     rtt: Mutex<PeakEwma>,
     // Outcomes since the last outlier-detection interval, and the current failure streak.
@@ -154,7 +156,7 @@ impl Load {
         Load {
             id,
             uri,
-            meta,
+            weight: AtomicU32::new(meta.weight),
             in_flight: AtomicUsize::new(0),
             rtt: Mutex::new(PeakEwma::new(ewma)),
             successes: AtomicU64::new(0),
@@ -163,6 +165,16 @@ impl Load {
             streak_reported: AtomicBool::new(false),
             signals: Signals::default(),
         }
+    }
+
+    /// Its static weight from discovery (at least 1).
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Applies a new weight from discovery; true if it changed.
+    pub(crate) fn set_weight(&self, weight: u32) -> bool {
+        self.weight.swap(weight.max(1), Ordering::Relaxed) != weight.max(1)
     }
 
     pub(crate) fn observe_rtt(&self, rtt: Duration) {
@@ -299,7 +311,7 @@ impl Candidate {
 
     /// Its static weight from discovery (at least 1).
     pub fn weight(&self) -> u32 {
-        self.load.meta.weight
+        self.load.weight()
     }
 
     /// Calls sent to it that have not finished (to the end of the response body).

@@ -89,6 +89,8 @@ pub(crate) struct Table<S> {
     candidates: Vec<Candidate>,
     services: Vec<(S, u64)>,
     panic: bool,
+    /// A candidate's weight changed in place: the strategy must see the set again.
+    reweighed: bool,
     unavailable: Arc<str>,
     /// Some endpoint may still become ready on its own: it is connecting (or awaiting its first
     /// health report), or nothing has been discovered yet.
@@ -140,6 +142,7 @@ impl<S: Clone> Shared<S> {
                 candidates: Vec::new(),
                 services: Vec::new(),
                 panic: false,
+                reweighed: false,
                 unavailable: "no endpoints discovered yet".into(),
                 settling: true,
                 metrics,
@@ -280,7 +283,7 @@ impl<S: Clone> Shared<S> {
                 receiving: table.candidates.iter().any(|c| c.load.id == slot.load.id),
                 in_flight: slot.load.in_flight.load(Ordering::Relaxed),
                 rtt_estimate: slot.load.rtt_estimate(),
-                weight: slot.load.meta.weight,
+                weight: slot.load.weight(),
                 ejections: slot.ejection.count,
                 reason: slot.reason.clone(),
             })
@@ -306,6 +309,16 @@ pub(crate) fn unavailable_status(reason: &str) -> Status {
 }
 
 impl<S: Clone> Table<S> {
+    /// Discovery gave endpoint `id` a new weight: applied in place, keeping its connection and
+    /// its calls; weighted strategies rebuild with it.
+    pub(crate) fn reweigh(&mut self, id: EndpointId, weight: u32) {
+        if let Some(slot) = self.slot_mut(id)
+            && slot.load.set_weight(weight)
+        {
+            self.reweighed = true;
+        }
+    }
+
     pub(crate) fn slot_mut(&mut self, id: EndpointId) -> Option<&mut Slot<S>> {
         self.slots.iter_mut().find(|s| s.load.id == id)
     }
@@ -380,7 +393,7 @@ impl<S: Clone> Table<S> {
                 (service, slot.generation)
             })
             .collect();
-        if !unchanged {
+        if !unchanged || std::mem::take(&mut self.reweighed) {
             self.candidates = chosen
                 .iter()
                 .map(|&i| Candidate {
