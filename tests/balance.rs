@@ -1179,3 +1179,57 @@ async fn a_weight_change_from_discovery_keeps_the_connection_and_moves_the_traff
     let after: Vec<u64> = backends.iter().map(Backend::connections_accepted).collect();
     assert_eq!(after, connections, "no endpoint reconnected");
 }
+
+/// `n` in-memory endpoints that answer at once, every one ready.
+async fn many_ready(n: usize) -> Balance<Gated> {
+    let gated = Gated::default();
+    gated.open();
+    let make = tower::service_fn(move |_: Uri| {
+        let service = gated.clone();
+        async move { Ok::<_, towline::BoxError>(service) }
+    });
+    let uris = (0..n).map(|i| -> Uri {
+        format!("http://10.{}.{}.{}:1", i >> 16, (i >> 8) & 255, i & 255)
+            .parse()
+            .unwrap()
+    });
+    let b: Balance<Gated> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new(uris),
+            config().build().unwrap(),
+        ))
+        .service(make);
+    // Polled rather than woken per change: this test is about the cost of one look at the table.
+    timeout(Duration::from_secs(60), async {
+        while count(&b.snapshot(), EndpointState::Ready) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every endpoint ready");
+    b
+}
+
+/// The quickest of a few snapshots.
+fn snapshot_time(b: &Balance<Gated>) -> Duration {
+    (0..5)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            assert!(b.snapshot().iter().all(|e| e.receiving));
+            started.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_snapshot_costs_in_proportion_to_the_endpoints() {
+    let small = snapshot_time(&many_ready(200).await);
+    let large = snapshot_time(&many_ready(2000).await);
+    // Ten times the endpoints: about ten times the time (a search per endpoint made it 100×).
+    let ratio = large.as_secs_f64() / small.as_secs_f64();
+    assert!(
+        ratio < 30.0,
+        "{small:?} for 200, {large:?} for 2000: {ratio:.1}×"
+    );
+}

@@ -16,7 +16,7 @@ use super::endpoint::{EndpointService, EndpointSnapshot, MakeEndpoint};
 use super::future::ResponseFuture;
 use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
-use super::table::Shared;
+use super::table::{Condition, Shared};
 use crate::BoxError;
 use crate::discover::Discover;
 
@@ -164,6 +164,19 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
     /// [`EndpointState`]: super::EndpointState
     pub async fn wait_until(&self, done: impl FnMut(&[EndpointSnapshot]) -> bool) {
         self.shared.wait_until(done).await;
+    }
+
+    /// Reads every endpoint's condition and their version (see `Shared::with_conditions`).
+    pub(crate) fn with_conditions<T>(
+        &self,
+        look: impl FnOnce(u64, &mut dyn Iterator<Item = Condition<'_>>) -> T,
+    ) -> T {
+        self.shared.with_conditions(look)
+    }
+
+    /// Waits until the endpoints' conditions differ from version `seen`.
+    pub(crate) async fn conditions_changed(&self, seen: u64) {
+        self.shared.conditions_changed(seen).await;
     }
 
     /// Whether fewer endpoints are ready than the panic threshold allows, so calls are spread

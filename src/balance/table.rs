@@ -44,6 +44,11 @@ pub(crate) struct Slot<S> {
     pub(crate) ejection: Ejection,
     pub(crate) draining: bool,
     pub(crate) reason: Option<String>,
+    /// Whether it is a candidate, as of the last rebuild (for snapshots, without a search).
+    receiving: bool,
+    /// Its state and reason as of the last rebuild: a rebuild that changes either is a change
+    /// of the table's conditions (see `Table::conditions`).
+    shown: (EndpointState, Option<String>),
 }
 
 impl<S> Slot<S> {
@@ -58,6 +63,8 @@ impl<S> Slot<S> {
             ejection: Ejection::default(),
             draining: false,
             reason: None,
+            receiving: false,
+            shown: (EndpointState::Connecting, None),
         }
     }
 
@@ -91,6 +98,11 @@ pub(crate) struct Table<S> {
     panic: bool,
     /// A candidate's weight changed in place: the strategy must see the set again.
     reweighed: bool,
+    /// Counts changes of any endpoint's state or reason, or of the set of endpoints: what a
+    /// readiness check reads. Other updates (an outlier interval that ejects no one, a
+    /// reconnect attempt of an endpoint already down for the same reason) leave it.
+    conditions: u64,
+    shown_slots: usize,
     unavailable: Arc<str>,
     /// Some endpoint may still become ready on its own: it is connecting (or awaiting its first
     /// health report), or nothing has been discovered yet.
@@ -143,6 +155,8 @@ impl<S: Clone> Shared<S> {
                 services: Vec::new(),
                 panic: false,
                 reweighed: false,
+                conditions: 0,
+                shown_slots: 0,
                 unavailable: "no endpoints discovered yet".into(),
                 settling: true,
                 metrics,
@@ -272,6 +286,36 @@ impl<S: Clone> Shared<S> {
         }
     }
 
+    /// Reads every endpoint's address, state and reason, as of the last rebuild, with the
+    /// version of those conditions (see [`conditions_changed`](Self::conditions_changed)):
+    /// what a readiness check needs, without a snapshot's copies.
+    pub(crate) fn with_conditions<T>(
+        &self,
+        look: impl FnOnce(u64, &mut dyn Iterator<Item = Condition<'_>>) -> T,
+    ) -> T {
+        let table = self.read();
+        let mut conditions = table.slots.iter().map(|slot| Condition {
+            uri: &slot.load.uri,
+            state: slot.shown.0,
+            reason: slot.shown.1.as_deref(),
+        });
+        look(table.conditions, &mut conditions)
+    }
+
+    /// Waits until some endpoint's state or reason, or the set of endpoints, differs from what
+    /// version `seen` of the conditions had.
+    pub(crate) async fn conditions_changed(&self, seen: u64) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.read().conditions != seen {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Vec<EndpointSnapshot> {
         let table = self.read();
         table
@@ -280,7 +324,7 @@ impl<S: Clone> Shared<S> {
             .map(|slot| EndpointSnapshot {
                 uri: slot.load.uri.clone(),
                 state: slot.state(),
-                receiving: table.candidates.iter().any(|c| c.load.id == slot.load.id),
+                receiving: slot.receiving,
                 in_flight: slot.load.in_flight.load(Ordering::Relaxed),
                 rtt_estimate: slot.load.rtt_estimate(),
                 weight: slot.load.weight(),
@@ -293,6 +337,13 @@ impl<S: Clone> Shared<S> {
     pub(crate) fn in_panic(&self) -> bool {
         self.read().panic
     }
+}
+
+/// One endpoint's condition, as a readiness check reads it.
+pub(crate) struct Condition<'a> {
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) state: EndpointState,
+    pub(crate) reason: Option<&'a str>,
 }
 
 /// Why [`Shared::wait_for_candidates`] gave up, with the reason no endpoint can take calls.
@@ -402,10 +453,28 @@ impl<S: Clone> Table<S> {
                 .collect();
             self.strategy.update(&self.candidates);
         }
+        for slot in &mut self.slots {
+            slot.receiving = false;
+        }
+        for &i in &chosen {
+            self.slots[i].receiving = true;
+        }
+        let mut changed = self.slots.len() != self.shown_slots;
+        self.shown_slots = self.slots.len();
+        for slot in &mut self.slots {
+            let state = slot.state();
+            if slot.shown.0 != state || slot.shown.1 != slot.reason {
+                slot.shown = (state, slot.reason.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.conditions += 1;
+        }
         self.settling = self
             .slots
             .iter()
-            .any(|s| !s.draining && s.state() == EndpointState::Connecting);
+            .any(|s| !s.draining && s.shown.0 == EndpointState::Connecting);
         if self.candidates.is_empty() {
             self.unavailable = self.describe_unavailable(live).into();
         }
