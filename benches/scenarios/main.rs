@@ -24,6 +24,7 @@ mod blackhole;
 mod fault;
 mod foreign_kill;
 mod hedging;
+mod output;
 mod overhead;
 mod pool;
 mod registry;
