@@ -12,13 +12,9 @@
 //! sequence, and knows nothing of allocations.
 //!
 //! # What one call is
-//! What a tonic client does per unary call, minus the codec: build an `http::Request<Body>` with
-//! the head tonic sends (`POST`, the method's path, `te: trailers`,
-//! `content-type: application/grpc`, the `tonic::GrpcMethod` extension) and a 21-byte body (a
-//! gRPC frame), wait for `poll_ready`, `call`, await the response, check it says
-//! `grpc-status: 0`, and read its body to the end. The inner service reads the request body to
-//! its end (as a connection would send it) and answers Trailers-Only: `grpc-status: 0` in the
-//! headers, an empty body. Every future is ready at once, on a current-thread Tokio runtime.
+//! What a tonic client does per unary call, minus the codec, through a trivial service that
+//! answers Trailers-Only `grpc-status: 0` at once (`benches/scenarios/trivial.rs` says exactly
+//! what), on a current-thread Tokio runtime.
 //!
 //! # The variants
 //! - `metrics`: `MetricsLayer::new` with no `metrics` recorder installed.
@@ -37,9 +33,9 @@
 //! per variant, timed as a whole. Per variant and round, `added` is its ns per call minus the
 //! mean of the bare batches just before and after it. Figures are medians over rounds:
 //! - `ns_per_call`: the variant's time per call, in CPU time of the (only) thread running it
-//!   (`CLOCK_THREAD_CPUTIME_ID`): every call is ready at once, so wall-clock time is the same
-//!   except for the time other processes hold the core, which on a shared machine is most of
-//!   the noise;
+//!   (`CLOCK_THREAD_CPUTIME_ID`): every call is ready at once, so it differs from wall-clock
+//!   time only by the time other processes hold the core, most of the noise on a shared
+//!   machine;
 //! - `added_ns`: what it adds over the bare service (the layer's own cost);
 //! - `allocs_per_call`: heap allocations (and reallocations) per call it adds over the bare
 //!   service (which makes its own, for the request and response heads and the boxed bodies:
@@ -58,20 +54,14 @@ mod alloc;
 mod cpu;
 #[path = "scenarios/output.rs"]
 mod output;
+#[path = "scenarios/trivial.rs"]
+mod trivial;
 
-use std::convert::Infallible;
-use std::future::{Future, Ready, poll_fn, ready};
-use std::pin::{Pin, pin};
 use std::process::ExitCode;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, Uri, header};
-use http_body::Body as _;
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response};
 use tokio::runtime::Runtime;
-use tonic::GrpcMethod;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use towline::BoxError;
@@ -83,6 +73,8 @@ use towline::metrics::MetricsLayer;
 use towline::pool::{PoolConfig, PoolLayer};
 use towline::retry::{RetryLayer, RetryPolicy};
 
+use trivial::{Connector, Immediate, Sample, endpoint_uri, median};
+
 #[global_allocator]
 static ALLOCATOR: alloc::Counting = alloc::Counting;
 
@@ -90,17 +82,6 @@ static ALLOCATOR: alloc::Counting = alloc::Counting;
 const GOAL_ADDED_NS: f64 = 150.0;
 const GOAL_ALLOCS: f64 = 0.0;
 const GOAL_RETRY_ALLOCS: f64 = 3.0;
-
-/// The longest one batch may run, whatever its call count: a regression that makes calls slow
-/// must not make the bench run for hours.
-const BATCH_TIME_LIMIT: Duration = Duration::from_secs(3);
-
-/// The method every call names.
-const SERVICE: &str = "towline.testkit.v1.Echo";
-const METHOD: &str = "Unary";
-const PATH: &str = "http://bench.test/towline.testkit.v1.Echo/Unary";
-/// A gRPC frame: uncompressed, 16 bytes of message.
-const FRAME: &[u8] = b"\0\0\0\0\x10payload-16-bytes";
 
 #[derive(Debug, Clone, Copy)]
 struct Settings {
@@ -285,26 +266,6 @@ fn run(settings: Settings, quick: bool) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// One measured batch.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    calls: u64,
-    /// The thread's CPU time: on a shared machine, time another process holds the core would
-    /// otherwise land on whichever variant was running.
-    cpu: Duration,
-    allocations: u64,
-}
-
-impl Sample {
-    fn ns_per_call(&self) -> f64 {
-        self.cpu.as_nanos() as f64 / self.calls as f64
-    }
-
-    fn allocs_per_call(&self) -> f64 {
-        self.allocations as f64 / self.calls as f64
-    }
-}
-
 type Batch<'a> = Box<dyn FnMut(u64) -> Result<Sample, BoxError> + 'a>;
 
 /// A named service under measurement; `measure` runs a batch of calls through it.
@@ -321,156 +282,15 @@ impl<'a> Variant<'a> {
         B: http_body::Body,
         B::Error: Into<BoxError>,
     {
-        let batch = Box::new(move |calls| runtime.block_on(batch(&mut service, calls)));
+        let batch = Box::new(move |calls| {
+            runtime.block_on(trivial::batch(&mut service, calls, trivial::request))
+        });
         Variant { name, batch }
     }
 
     fn measure(&mut self, calls: u64) -> Result<Sample, BoxError> {
         (self.batch)(calls)
     }
-}
-
-/// `calls` calls in sequence (or as many as fit in [`BATCH_TIME_LIMIT`]), timed as a whole.
-async fn batch<S, B>(service: &mut S, calls: u64) -> Result<Sample, BoxError>
-where
-    S: Service<Request<Body>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
-{
-    let allocations = alloc::allocations();
-    let started = Instant::now();
-    let cpu = cpu::thread();
-    let mut done = 0;
-    while done < calls {
-        one_call(service).await?;
-        done += 1;
-        if done % 1024 == 0 && started.elapsed() > BATCH_TIME_LIMIT {
-            break;
-        }
-    }
-    let cpu = cpu::thread() - cpu;
-    Ok(Sample {
-        calls: done,
-        cpu,
-        allocations: alloc::allocations() - allocations,
-    })
-}
-
-/// One call, as a tonic client makes it (see the module docs).
-async fn one_call<S, B>(service: &mut S) -> Result<(), BoxError>
-where
-    S: Service<Request<Body>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
-{
-    poll_fn(|cx| service.poll_ready(cx))
-        .await
-        .map_err(Into::into)?;
-    let response = service.call(request()).await.map_err(Into::into)?;
-    let status = response.headers().get("grpc-status");
-    if status.map(HeaderValue::as_bytes) != Some(b"0") {
-        return Err(format!(
-            "a call answered {status:?} ({:?}), not grpc-status 0",
-            response.headers().get("grpc-message")
-        )
-        .into());
-    }
-    let mut body = pin!(response.into_body());
-    while let Some(frame) = body.frame().await {
-        frame.map_err(Into::into)?;
-    }
-    Ok(())
-}
-
-/// The request a tonic client sends for a unary call (codec aside).
-fn request() -> Request<Body> {
-    let mut request = Request::new(Body::new(Full::new(Bytes::from_static(FRAME))));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = Uri::from_static(PATH);
-    let headers = request.headers_mut();
-    headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    request
-        .extensions_mut()
-        .insert(GrpcMethod::new(SERVICE, METHOD));
-    request
-}
-
-/// The trivial inner service: reads the request body to its end, answers Trailers-Only OK.
-#[derive(Debug, Clone, Copy)]
-struct Immediate;
-
-impl Service<Request<Body>> for Immediate {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Answer {
-        Answer {
-            body: Some(request.into_body()),
-        }
-    }
-}
-
-/// [`Immediate`]'s response future: the request body read, then the answer.
-struct Answer {
-    body: Option<Body>,
-}
-
-impl Future for Answer {
-    type Output = Result<Response<Body>, Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        while let Some(body) = &mut self.body {
-            match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(_)) => {}
-                Poll::Ready(None) => self.body = None,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        let mut response = Response::new(Body::empty());
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from_static("0"));
-        Poll::Ready(Ok(response))
-    }
-}
-
-/// The trivial connector (`MakeEndpoint`): every endpoint is an [`Immediate`], at once.
-#[derive(Debug, Clone, Copy)]
-struct Connector;
-
-impl Service<Uri> for Connector {
-    type Response = Immediate;
-    type Error = Infallible;
-    type Future = Ready<Result<Immediate, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        ready(Ok(Immediate))
-    }
-}
-
-/// A distinct address per endpoint (never dialled: the connector is trivial).
-fn endpoint_uri(i: usize) -> Uri {
-    format!("http://10.0.{}.{}:50051", i / 250, i % 250 + 1)
-        .parse()
-        .expect("a valid URI")
 }
 
 /// A balancer over `endpoints` trivial endpoints, once every one is ready.
@@ -525,12 +345,6 @@ fn full_stack(
             .layer(RetryLayer::new(RetryPolicy::default()))
             .service(balance))
     })
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn round1(x: f64) -> f64 {
