@@ -19,7 +19,9 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::endpoint::{EndpointId, EndpointService, EwmaConfig, Load, MakeEndpoint, authority};
+use super::endpoint::{
+    CallEvent, EndpointId, EndpointService, EwmaConfig, Feedback, Load, MakeEndpoint, authority,
+};
 use super::table::{Connection, Counts, Health, Shared, Slot};
 use crate::BoxError;
 use crate::backoff::Backoff;
@@ -28,15 +30,6 @@ use crate::discover::{self, Change, Discover};
 use crate::health::{HealthCheck, Verdict};
 use crate::outlier::{Host, OutlierDetection};
 use crate::status::describe_error;
-
-/// What calls tell the driver (rarely: only at thresholds).
-#[derive(Debug)]
-pub(crate) enum CallEvent {
-    /// The endpoint's failure streak reached the failure-accrual threshold.
-    FailureStreak(EndpointId),
-    /// A draining endpoint's last call finished.
-    Drained(EndpointId),
-}
 
 /// What an endpoint's connection task tells the driver.
 enum EndpointEvent<S> {
@@ -48,13 +41,6 @@ enum EndpointEvent<S> {
     /// with the reason, until `ServiceReady`.
     NotReady(EndpointId, String),
     ServiceReady(EndpointId),
-}
-
-/// What calls need to report back: the outlier settings and the driver's mailbox.
-#[derive(Debug)]
-pub(crate) struct Feedback {
-    pub(crate) detection: Option<OutlierDetection>,
-    pub(crate) events: mpsc::UnboundedSender<CallEvent>,
 }
 
 pub(crate) struct Driver<M, S> {
@@ -75,6 +61,7 @@ impl<M, S> Driver<M, S> {
         detection: Option<OutlierDetection>,
         reconnect: Backoff,
         ewma: EwmaConfig,
+        measures_rtt: bool,
     ) -> (Self, mpsc::UnboundedReceiver<CallEvent>) {
         let (events, calls) = mpsc::unbounded_channel();
         let driver = Driver {
@@ -84,6 +71,7 @@ impl<M, S> Driver<M, S> {
             feedback: Arc::new(Feedback {
                 detection: detection.clone(),
                 events,
+                measures_rtt,
             }),
             detection,
             reconnect,
@@ -145,7 +133,13 @@ where
                         }
                         next_id += 1;
                         let id = next_id;
-                        let load = Arc::new(Load::new(id, uri.clone(), meta, self.ewma));
+                        let load = Arc::new(Load::new(
+                            id,
+                            uri.clone(),
+                            meta,
+                            self.ewma,
+                            self.feedback.clone(),
+                        ));
                         self.shared.update(|t| t.slots.push(Slot::new(load.clone())));
                         let task = tasks.spawn(endpoint_task(
                             id,

@@ -11,10 +11,11 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tonic::body::Body;
 use tower_service::Service;
 
+use crate::outlier::OutlierDetection;
 use crate::{BoxError, discover};
 
 /// What the balancer needs of each endpoint's service: tonic's `Channel`, a
@@ -115,6 +116,38 @@ impl Signals {
     }
 }
 
+/// What calls tell the driver (rarely: only at thresholds).
+#[derive(Debug)]
+pub(crate) enum CallEvent {
+    /// The endpoint's failure streak reached the failure-accrual threshold.
+    FailureStreak(EndpointId),
+    /// A draining endpoint's last call finished.
+    Drained(EndpointId),
+}
+
+/// What calls need to report back, shared by every endpoint of a balancer: the outlier
+/// settings, the driver's mailbox, and whether round trips are timed at all.
+#[derive(Debug)]
+pub(crate) struct Feedback {
+    pub(crate) detection: Option<OutlierDetection>,
+    pub(crate) events: mpsc::UnboundedSender<CallEvent>,
+    /// The strategy reads RTT estimates (see `Strategy::uses_rtt`): only then does each call
+    /// read the clock twice to time its round trip.
+    pub(crate) measures_rtt: bool,
+}
+
+#[cfg(test)]
+impl Feedback {
+    /// Feedback that no driver reads, for tests of one endpoint's figures.
+    pub(crate) fn unread(detection: Option<OutlierDetection>) -> Arc<Self> {
+        Arc::new(Feedback {
+            detection,
+            events: mpsc::unbounded_channel().0,
+            measures_rtt: true,
+        })
+    }
+}
+
 /// `host:port` of an endpoint URI, for messages.
 pub(crate) fn authority(uri: &Uri) -> String {
     uri.authority()
@@ -134,7 +167,9 @@ pub(crate) struct Load {
     /// update), without reconnecting.
     weight: AtomicU32,
     pub(crate) in_flight: AtomicUsize,
+    /// The estimate, changed under the lock (once per call), read without it (`rtt_published`).
     rtt: Mutex<PeakEwma>,
+    rtt_published: PublishedEwma,
     // Outcomes since the last outlier-detection interval, and the current failure streak.
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -144,6 +179,8 @@ pub(crate) struct Load {
     /// a success (a new streak) and when an ejection ends (its probe may report again).
     streak_reported: AtomicBool,
     pub(crate) signals: Signals,
+    /// Where its calls report back (shared by every endpoint of the balancer).
+    pub(crate) feedback: Arc<Feedback>,
 }
 
 impl Load {
@@ -152,18 +189,22 @@ impl Load {
         uri: Uri,
         meta: discover::Endpoint,
         ewma: EwmaConfig,
+        feedback: Arc<Feedback>,
     ) -> Self {
+        let rtt = PeakEwma::new(ewma);
         Load {
             id,
             uri,
             weight: AtomicU32::new(meta.weight),
             in_flight: AtomicUsize::new(0),
-            rtt: Mutex::new(PeakEwma::new(ewma)),
+            rtt_published: PublishedEwma::new(&rtt),
+            rtt: Mutex::new(rtt),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             streak_reported: AtomicBool::new(false),
             signals: Signals::default(),
+            feedback,
         }
     }
 
@@ -177,18 +218,28 @@ impl Load {
         self.weight.swap(weight.max(1), Ordering::Relaxed) != weight.max(1)
     }
 
-    pub(crate) fn observe_rtt(&self, rtt: Duration) {
-        self.rtt().observe(rtt, Instant::now());
+    /// Feeds one round trip, which ended at `now`, to the estimate.
+    pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        let mut ewma = self.rtt();
+        ewma.observe(rtt, now);
+        self.rtt_published.publish(&ewma);
     }
 
     /// Forgets the old connection's round trips (see `PeakEwma::forget`).
     pub(crate) fn forget_rtt(&self) {
-        self.rtt().forget(Instant::now());
+        let mut ewma = self.rtt();
+        ewma.forget(Instant::now());
+        self.rtt_published.publish(&ewma);
     }
 
     /// The decayed peak-EWMA round-trip estimate.
     pub(crate) fn rtt_estimate(&self) -> Duration {
-        self.rtt().estimate(Instant::now())
+        self.rtt_estimate_at(Instant::now())
+    }
+
+    /// The estimate at `now`, without a lock: what picks read, many times per call.
+    pub(crate) fn rtt_estimate_at(&self, now: Instant) -> Duration {
+        Duration::from_nanos(self.rtt_published.estimate_ns(now) as u64)
     }
 
     fn rtt(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
@@ -296,6 +347,48 @@ impl PeakEwma {
     }
 }
 
+/// The last written peak-EWMA estimate, for readers that must not take a lock: its value and
+/// when it was written, each in an atomic. A reader that sees one half of a concurrent write
+/// decays the new value from the old time or the reverse: an estimate off by one call's decay,
+/// which a choice among endpoints does not notice.
+#[derive(Debug)]
+struct PublishedEwma {
+    epoch: Instant,
+    decay_ns: f64,
+    estimate_ns: AtomicU64,
+    updated_ns: AtomicU64,
+}
+
+impl PublishedEwma {
+    fn new(ewma: &PeakEwma) -> Self {
+        let published = PublishedEwma {
+            epoch: ewma.updated,
+            decay_ns: ewma.decay_ns,
+            estimate_ns: AtomicU64::new(0),
+            updated_ns: AtomicU64::new(0),
+        };
+        published.publish(ewma);
+        published
+    }
+
+    fn publish(&self, ewma: &PeakEwma) {
+        let updated = ewma
+            .updated
+            .saturating_duration_since(self.epoch)
+            .as_nanos() as u64;
+        self.estimate_ns
+            .store(ewma.estimate_ns.to_bits(), Ordering::Relaxed);
+        self.updated_ns.store(updated, Ordering::Relaxed);
+    }
+
+    fn estimate_ns(&self, now: Instant) -> f64 {
+        let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let elapsed = now.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        estimate * (-elapsed / self.decay_ns).exp()
+    }
+}
+
 /// What a strategy may look at when it picks: the endpoint's address, weight and current load.
 /// Cheap to clone.
 #[derive(Clone)]
@@ -387,7 +480,9 @@ pub struct EndpointSnapshot {
     pub receiving: bool,
     /// Calls in flight.
     pub in_flight: usize,
-    /// Peak-EWMA round-trip estimate.
+    /// Peak-EWMA round-trip estimate: measured under strategies that read it
+    /// ([`PeakEwma`](super::PeakEwma), see [`Strategy::uses_rtt`](super::Strategy::uses_rtt));
+    /// under the others, the configured default RTT, decaying.
     pub rtt_estimate: Duration,
     /// Static weight from discovery.
     pub weight: u32,
@@ -470,6 +565,7 @@ mod tests {
                 default_rtt: Duration::from_millis(1),
                 decay: Duration::from_secs(1),
             },
+            Feedback::unread(None),
         );
         assert_eq!(load.record_outcome(false), 1);
         assert_eq!(load.record_outcome(false), 2);

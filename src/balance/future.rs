@@ -16,7 +16,6 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::body::TrackedBody;
-use super::driver::Feedback;
 use super::endpoint::{EndpointId, EndpointService, authority};
 use super::guard::CallGuard;
 use super::table::{Picked, Shared, Unavailable, WaitFailed, unavailable_status};
@@ -54,7 +53,6 @@ pin_project! {
     /// chosen endpoint's readiness, then runs the call.
     pub struct ResponseFuture<S: Service<Request<Body>>> {
         shared: Arc<Shared<S>>,
-        feedback: Arc<Feedback>,
         endpoint_wait: Duration,
         deadline: Option<WaitDeadline>,
         // The caller's `grpc-timeout`, from when the call reached the balancer.
@@ -103,7 +101,6 @@ where
     /// Picks an endpoint for `request` (or decides to wait for one, or fails saying why).
     pub(crate) fn new(
         shared: &Arc<Shared<S>>,
-        feedback: &Arc<Feedback>,
         endpoint_wait: Duration,
         request: Request<Body>,
     ) -> Self {
@@ -112,7 +109,6 @@ where
             .map(|timeout| CallDeadline::new(Instant::now(), timeout));
         let state = Picker {
             shared,
-            feedback,
             endpoint_wait,
             deadline: &mut deadline,
             call_deadline,
@@ -121,7 +117,6 @@ where
         .pick(request);
         ResponseFuture {
             shared: shared.clone(),
-            feedback: feedback.clone(),
             endpoint_wait,
             deadline,
             call_deadline,
@@ -340,7 +335,6 @@ where
         let this = self.project();
         let picker = Picker {
             shared: this.shared,
-            feedback: this.feedback,
             endpoint_wait: *this.endpoint_wait,
             deadline: this.deadline,
             call_deadline: *this.call_deadline,
@@ -462,7 +456,6 @@ impl WaitDeadline {
 /// The unpinned fields a pick needs, borrowed from the future.
 struct Picker<'a, S> {
     shared: &'a Arc<Shared<S>>,
-    feedback: &'a Arc<Feedback>,
     endpoint_wait: Duration,
     deadline: &'a mut Option<WaitDeadline>,
     call_deadline: Option<CallDeadline>,
@@ -474,12 +467,14 @@ where
     S: Service<Request<Body>> + Clone + Send + Sync + 'static,
 {
     /// Chooses an endpoint for `request`, or decides to wait for one, or fails saying why.
-    fn pick(self, request: Request<Body>) -> State<S> {
-        let (parts, body) = request.into_parts();
-        let picked = self.shared.pick(&parts, self.tried);
-        let wait_for_ready = parts.extensions.get::<WaitForReady>().map(|w| w.0);
-        let call_deadline = self.call_deadline;
-        let request = Some(Request::from_parts(parts, body));
+    fn pick(self, mut request: Request<Body>) -> State<S> {
+        // The strategy sees the request's head; the request itself is not moved for it.
+        let picked = {
+            let (parts, body) = request.into_parts();
+            let picked = self.shared.pick(&parts, self.tried);
+            request = Request::from_parts(parts, body);
+            picked
+        };
         match picked {
             Ok(Picked {
                 load,
@@ -489,16 +484,16 @@ where
                 guard: Some(CallGuard::new(
                     load,
                     generation,
-                    self.feedback.clone(),
-                    request
-                        .as_ref()
-                        .and_then(|r| r.extensions().get::<CallEnd>().cloned()),
+                    request.extensions().get::<CallEnd>().cloned(),
                 )),
-                request,
+                request: Some(request),
                 service,
                 expires: None,
             },
             Err(Unavailable { reason, settling }) => {
+                let wait_for_ready = request.extensions().get::<WaitForReady>().map(|w| w.0);
+                let call_deadline = self.call_deadline;
+                let request = Some(request);
                 let now = Instant::now();
                 let deadline = *self.deadline.get_or_insert_with(|| {
                     WaitDeadline::new(now, self.endpoint_wait, call_deadline, wait_for_ready)

@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
-use super::driver::{CallEvent, Feedback};
-use super::endpoint::Load;
+use super::endpoint::{CallEvent, Load};
 use crate::status::{CallEnd, code_from_error};
 
 /// Tracks one call on one endpoint: its in-flight count, its outcome for outlier detection and
@@ -16,7 +15,6 @@ use crate::status::{CallEnd, code_from_error};
 pub(crate) struct CallGuard {
     pub(crate) load: Arc<Load>,
     generation: u64,
-    feedback: Arc<Feedback>,
     /// A layer above that wants the call's final code (the retry layer's token bucket).
     end: Option<CallEnd>,
     recorded: bool,
@@ -33,16 +31,10 @@ pub(crate) struct CallGuard {
 }
 
 impl CallGuard {
-    pub(crate) fn new(
-        load: Arc<Load>,
-        generation: u64,
-        feedback: Arc<Feedback>,
-        end: Option<CallEnd>,
-    ) -> Self {
+    pub(crate) fn new(load: Arc<Load>, generation: u64, end: Option<CallEnd>) -> Self {
         CallGuard {
             load,
             generation,
-            feedback,
             end,
             recorded: false,
             rtt_from: None,
@@ -52,7 +44,9 @@ impl CallGuard {
 
     /// The request goes out on the endpoint now: its round trip starts.
     pub(crate) fn sent(mut self) -> Self {
-        self.rtt_from = Some(Instant::now());
+        if self.load.feedback.measures_rtt {
+            self.rtt_from = Some(Instant::now());
+        }
         self
     }
 
@@ -64,7 +58,9 @@ impl CallGuard {
     /// The response's first data arrived (or the call ended): the round trip is over.
     pub(crate) fn end_round_trip(&mut self) {
         if let Some(sent) = self.rtt_from.take() {
-            self.load.observe_rtt(sent.elapsed());
+            let now = Instant::now();
+            self.load
+                .observe_rtt(now.saturating_duration_since(sent), now);
         }
     }
 
@@ -77,7 +73,8 @@ impl CallGuard {
         if let Some(end) = self.end.take() {
             end.report(code);
         }
-        let Some(detection) = &self.feedback.detection else {
+        let feedback = &self.load.feedback;
+        let Some(detection) = &feedback.detection else {
             return;
         };
         let streak = self.load.record_outcome(!detection.is_failure(code));
@@ -89,10 +86,7 @@ impl CallGuard {
             .is_some_and(|threshold| streak >= threshold)
             && self.load.report_streak()
         {
-            let _ = self
-                .feedback
-                .events
-                .send(CallEvent::FailureStreak(self.load.id));
+            let _ = feedback.events.send(CallEvent::FailureStreak(self.load.id));
         }
     }
 
@@ -167,7 +161,7 @@ impl Drop for CallGuard {
         // the two sides must see the other's write, or a drained endpoint would never leave.
         let before = self.load.in_flight.fetch_sub(1, Ordering::SeqCst);
         if before == 1 && self.load.signals.draining.load(Ordering::SeqCst) {
-            let _ = self.feedback.events.send(CallEvent::Drained(self.load.id));
+            let _ = (self.load.feedback.events).send(CallEvent::Drained(self.load.id));
         }
     }
 }
@@ -175,12 +169,12 @@ impl Drop for CallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::EwmaConfig;
+    use crate::balance::endpoint::{EwmaConfig, Feedback};
     use crate::outlier::OutlierDetection;
     use std::time::Duration;
     use tokio::sync::mpsc;
 
-    fn load() -> Arc<Load> {
+    fn load(feedback: &Arc<Feedback>) -> Arc<Load> {
         Arc::new(Load::new(
             7,
             http::Uri::from_static("http://a:1"),
@@ -189,15 +183,14 @@ mod tests {
                 default_rtt: Duration::from_millis(1),
                 decay: Duration::from_secs(1),
             },
+            feedback.clone(),
         ))
     }
 
-    fn calls(load: &Arc<Load>, feedback: &Arc<Feedback>, code: Code, n: usize) {
+    fn calls(load: &Arc<Load>, code: Code, n: usize) {
         for _ in 0..n {
             load.in_flight.fetch_add(1, Ordering::Relaxed);
-            CallGuard::new(load.clone(), 1, feedback.clone(), None)
-                .sent()
-                .finish(code);
+            CallGuard::new(load.clone(), 1, None).sent().finish(code);
         }
     }
 
@@ -218,23 +211,24 @@ mod tests {
                     .unwrap(),
             ),
             events: tx,
+            measures_rtt: true,
         });
-        let load = load();
-        calls(&load, &feedback, Code::Internal, 2);
+        let load = load(&feedback);
+        calls(&load, Code::Internal, 2);
         assert_eq!(streaks(&mut events), 0, "below the threshold");
-        calls(&load, &feedback, Code::Internal, 100);
+        calls(&load, Code::Internal, 100);
         assert_eq!(streaks(&mut events), 1, "one streak, one report");
 
         // The ejection ended: the probe's failure is news again, once.
         load.rearm_streak();
-        calls(&load, &feedback, Code::Internal, 10);
+        calls(&load, Code::Internal, 10);
         assert_eq!(streaks(&mut events), 1);
 
         // A success ends the streak; the next one is reported when it reaches the threshold.
-        calls(&load, &feedback, Code::Ok, 1);
-        calls(&load, &feedback, Code::Internal, 2);
+        calls(&load, Code::Ok, 1);
+        calls(&load, Code::Internal, 2);
         assert_eq!(streaks(&mut events), 0);
-        calls(&load, &feedback, Code::Internal, 50);
+        calls(&load, Code::Internal, 50);
         assert_eq!(streaks(&mut events), 1);
         assert_eq!(load.in_flight.load(Ordering::Relaxed), 0);
     }

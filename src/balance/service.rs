@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::body::TrackedBody;
 use super::config::BalanceConfig;
-use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
+use super::driver::{Driver, DriverGuard};
 use super::endpoint::{EndpointService, EndpointSnapshot, MakeEndpoint};
 use super::future::ResponseFuture;
 use super::metrics::BalanceMetrics;
@@ -36,7 +36,6 @@ use crate::discover::Discover;
 /// [`Strategy`]: super::Strategy
 pub struct Balance<S> {
     shared: Arc<Shared<S>>,
-    feedback: Arc<Feedback>,
     endpoint_wait: Duration,
     /// Why this balancer could not start, if it could not.
     failure: Option<&'static str>,
@@ -47,7 +46,6 @@ impl<S> Clone for Balance<S> {
     fn clone(&self) -> Self {
         Balance {
             shared: self.shared.clone(),
-            feedback: self.feedback.clone(),
             endpoint_wait: self.endpoint_wait,
             failure: self.failure,
             _driver: self._driver.clone(),
@@ -89,6 +87,7 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             ewma,
             target,
         } = config;
+        let measures_rtt = strategy.uses_rtt();
         // The strategy lives in the endpoint table, where picks read it and updates rebuild it.
         let shared = Arc::new(Shared::new(
             strategy,
@@ -102,12 +101,11 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             outlier_detection,
             reconnect,
             ewma,
+            measures_rtt,
         );
-        let feedback = driver.feedback.clone();
         let task = runtime.spawn(driver.run(discovery, calls));
         Balance {
             shared,
-            feedback,
             endpoint_wait,
             failure: None,
             _driver: Arc::new(DriverGuard(Some(task.abort_handle()))),
@@ -121,17 +119,12 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             reason,
             "towline balancer failed at construction; every call will fail"
         );
-        let (events, _) = tokio::sync::mpsc::unbounded_channel::<CallEvent>();
         Balance {
             shared: Arc::new(Shared::failed(
                 Box::new(RoundRobin::new()),
                 reason,
                 BalanceMetrics::new("towline"),
             )),
-            feedback: Arc::new(Feedback {
-                detection: None,
-                events,
-            }),
             endpoint_wait: Duration::ZERO,
             failure: Some(reason),
             _driver: Arc::new(DriverGuard(None)),
@@ -196,6 +189,6 @@ impl<S: EndpointService> Service<Request<Body>> for Balance<S> {
     }
 
     fn call(&mut self, request: Request<Body>) -> ResponseFuture<S> {
-        ResponseFuture::new(&self.shared, &self.feedback, self.endpoint_wait, request)
+        ResponseFuture::new(&self.shared, self.endpoint_wait, request)
     }
 }

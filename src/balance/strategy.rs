@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::request::Parts;
+use tokio::time::Instant;
 
 pub use super::endpoint::Candidate;
 
@@ -28,6 +29,14 @@ pub trait Strategy: Send + Sync + 'static {
     /// Returns the index in `candidates` (never empty) of the endpoint to use for `request`.
     /// An index out of range is taken modulo the length.
     fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize;
+
+    /// Whether `pick` reads the candidates' [RTT estimates](Candidate::rtt_estimate). Only
+    /// then does the balancer time each call's round trip (two clock reads per call), so a
+    /// strategy that never reads them says `false`, and snapshots show the default RTT. The
+    /// default, `true`, is right for any strategy.
+    fn uses_rtt(&self) -> bool {
+        true
+    }
 }
 
 impl fmt::Debug for dyn Strategy {
@@ -52,6 +61,10 @@ impl RoundRobin {
 }
 
 impl Strategy for RoundRobin {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()
     }
@@ -79,6 +92,10 @@ fn two_random(len: usize) -> (usize, usize) {
 }
 
 impl Strategy for PowerOfTwoChoices {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         let (a, b) = two_random(candidates.len());
         if candidates[b].in_flight() < candidates[a].in_flight() {
@@ -104,14 +121,19 @@ impl PeakEwma {
     }
 }
 
-fn ewma_cost(candidate: &Candidate) -> f64 {
-    candidate.rtt_estimate().as_nanos() as f64 * (candidate.in_flight() + 1) as f64
+fn ewma_cost(candidate: &Candidate, now: Instant) -> f64 {
+    candidate.load.rtt_estimate_at(now).as_nanos() as f64 * (candidate.in_flight() + 1) as f64
 }
 
 impl Strategy for PeakEwma {
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         let (a, b) = two_random(candidates.len());
-        if ewma_cost(&candidates[b]) < ewma_cost(&candidates[a]) {
+        if a == b {
+            return a;
+        }
+        // One clock read for both estimates, and no lock: this runs on every call.
+        let now = Instant::now();
+        if ewma_cost(&candidates[b], now) < ewma_cost(&candidates[a], now) {
             b
         } else {
             a
@@ -139,6 +161,10 @@ impl WeightedRoundRobin {
 const MAX_SCHEDULE: u64 = 10_000;
 
 impl Strategy for WeightedRoundRobin {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
     fn update(&mut self, candidates: &[Candidate]) {
         let total: u64 = candidates.iter().map(|c| u64::from(c.weight())).sum();
         let scale = total.div_ceil(MAX_SCHEDULE).max(1);
@@ -222,6 +248,10 @@ impl ConsistentHash {
 }
 
 impl Strategy for ConsistentHash {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
     fn update(&mut self, candidates: &[Candidate]) {
         self.ring.clear();
         for (index, candidate) in candidates.iter().enumerate() {
@@ -258,7 +288,7 @@ impl Strategy for ConsistentHash {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::{EwmaConfig, Load};
+    use crate::balance::endpoint::{EwmaConfig, Feedback, Load};
     use crate::discover;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -276,6 +306,7 @@ mod tests {
                         default_rtt: Duration::from_millis(10),
                         decay: Duration::from_secs(10),
                     },
+                    Feedback::unread(None),
                 )),
             })
             .collect()
@@ -318,7 +349,8 @@ mod tests {
     #[test]
     fn peak_ewma_avoids_the_slow_endpoint() {
         let c = candidates(&[1, 1, 1, 1]);
-        c[3].load.observe_rtt(Duration::from_millis(200));
+        c[3].load
+            .observe_rtt(Duration::from_millis(200), Instant::now());
         let n = counts(&PeakEwma, &c, 1000);
         assert_eq!(n[3], 0, "{n:?}");
     }

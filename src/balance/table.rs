@@ -515,7 +515,7 @@ impl<S: Clone> Table<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::EwmaConfig;
+    use crate::balance::endpoint::{EwmaConfig, Feedback};
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
@@ -534,6 +534,7 @@ mod tests {
                 default_rtt: Duration::from_millis(1),
                 decay: Duration::from_secs(1),
             },
+            Feedback::unread(None),
         ));
         shared.update(|t| t.slots.push(Slot::new(load.clone())));
         const PER_THREAD: u64 = 1_000_000;
