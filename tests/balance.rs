@@ -1233,3 +1233,68 @@ async fn a_snapshot_costs_in_proportion_to_the_endpoints() {
         "{small:?} for 200, {large:?} for 2000: {ratio:.1}×"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
+    use tower::ServiceExt;
+    const ENDPOINTS: usize = 30;
+    let gated = Gated::default();
+    gated.open();
+    let make = tower::service_fn(move |_: Uri| {
+        let service = gated.clone();
+        async move { Ok::<_, towline::BoxError>(service) }
+    });
+    let (updates, discovery) = discover::channel(ENDPOINTS);
+    let uri = |i: usize| -> Uri { format!("http://10.0.0.{i}:1").parse().unwrap() };
+    for i in 0..ENDPOINTS {
+        updates
+            .send(Change::Insert(uri(i), Default::default()))
+            .await
+            .unwrap();
+    }
+    // The most points per endpoint: every rebuild hashes ~500,000 points and sorts them.
+    let ring =
+        ConsistentHash::by(|_| None).points_per_weight(towline::balance::MAX_POINTS_PER_ENDPOINT);
+    let b: Balance<Gated> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            discovery,
+            config().strategy(ring).build().unwrap(),
+        ))
+        .service(make);
+    timeout(Duration::from_secs(120), async {
+        while count(&b.snapshot(), EndpointState::Ready) < ENDPOINTS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every endpoint ready");
+
+    // Calls in a loop on another task, each timed, while one endpoint leaves (a rebuild).
+    let caller = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let mut slowest = Duration::ZERO;
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(2) {
+                let call = std::time::Instant::now();
+                let response = b
+                    .clone()
+                    .oneshot(http::Request::new(tonic::body::Body::empty()))
+                    .await
+                    .unwrap();
+                assert_eq!(response.headers()["grpc-status"], "0");
+                slowest = slowest.max(call.elapsed());
+                tokio::task::yield_now().await;
+            }
+            slowest
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    updates.send(Change::Remove(uri(0))).await.unwrap();
+    let slowest = caller.await.unwrap();
+    wait_for(&b, "the endpoint to leave", |s| s.len() == ENDPOINTS - 1).await;
+    assert!(
+        slowest < Duration::from_millis(25),
+        "a call waited {slowest:?}"
+    );
+}

@@ -17,9 +17,10 @@ pub use super::endpoint::Candidate;
 /// Chooses which candidate takes a call.
 ///
 /// `pick` runs on every call, concurrently from many tasks, under the balancer's read lock: keep
-/// it short and lock-free. `update` runs whenever the candidate set changes (an endpoint
-/// becomes ready or unhealthy, is added or removed), under the write lock, so strategies that
-/// precompute (a hash ring, a weighted schedule) do it there.
+/// it short and lock-free. When the candidate set changes (an endpoint becomes ready or
+/// unhealthy, is added or removed), the balancer asks for a [`prepare`](Self::prepare)d copy
+/// built off the lock, or else calls `update` under the write lock: strategies that precompute
+/// much (a hash ring, a weighted schedule) implement `prepare`, so that no call waits for it.
 pub trait Strategy: Send + Sync + 'static {
     /// Called with the new candidate set whenever it changes.
     fn update(&mut self, candidates: &[Candidate]) {
@@ -29,6 +30,16 @@ pub trait Strategy: Send + Sync + 'static {
     /// Returns the index in `candidates` (never empty) of the endpoint to use for `request`.
     /// An index out of range is taken modulo the length.
     fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize;
+
+    /// A copy of this strategy made ready for `candidates`, built without holding the
+    /// balancer's lock: picks go on over the old set meanwhile, and the copy is swapped in with
+    /// the new set. Strategies whose `update` is costly (a hash ring, a weighted schedule)
+    /// implement it; `None` (the default) has `update` run under the lock instead, which is
+    /// right for a strategy with little or nothing to precompute.
+    fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
+        let _ = candidates;
+        None
+    }
 
     /// Whether `pick` reads the candidates' [RTT estimates](Candidate::rtt_estimate). Only
     /// then does the balancer time each call's round trip (two clock reads per call), so a
@@ -160,12 +171,9 @@ impl WeightedRoundRobin {
 /// A schedule longer than this is scaled down (weights keep their proportions within 1%).
 const MAX_SCHEDULE: u64 = 10_000;
 
-impl Strategy for WeightedRoundRobin {
-    fn uses_rtt(&self) -> bool {
-        false
-    }
-
-    fn update(&mut self, candidates: &[Candidate]) {
+impl WeightedRoundRobin {
+    /// The smooth schedule for these candidates' weights.
+    fn schedule(candidates: &[Candidate]) -> Vec<usize> {
         let total: u64 = candidates.iter().map(|c| u64::from(c.weight())).sum();
         let scale = total.div_ceil(MAX_SCHEDULE).max(1);
         let weights: Vec<i64> = candidates
@@ -174,7 +182,7 @@ impl Strategy for WeightedRoundRobin {
             .collect();
         let total: i64 = weights.iter().sum();
         let mut current = vec![0i64; weights.len()];
-        self.schedule.clear();
+        let mut schedule = Vec::with_capacity(total as usize);
         for _ in 0..total {
             for (c, w) in current.iter_mut().zip(&weights) {
                 *c += w;
@@ -185,8 +193,26 @@ impl Strategy for WeightedRoundRobin {
                 .max_by_key(|&(i, c)| (*c, std::cmp::Reverse(i)))
                 .expect("candidates are not empty when weights are");
             current[best] -= total;
-            self.schedule.push(best);
+            schedule.push(best);
         }
+        schedule
+    }
+}
+
+impl Strategy for WeightedRoundRobin {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
+    fn update(&mut self, candidates: &[Candidate]) {
+        self.schedule = WeightedRoundRobin::schedule(candidates);
+    }
+
+    fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
+        Some(Box::new(WeightedRoundRobin {
+            schedule: WeightedRoundRobin::schedule(candidates),
+            next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
+        }))
     }
 
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
@@ -247,13 +273,10 @@ impl ConsistentHash {
     }
 }
 
-impl Strategy for ConsistentHash {
-    fn uses_rtt(&self) -> bool {
-        false
-    }
-
-    fn update(&mut self, candidates: &[Candidate]) {
-        self.ring.clear();
+impl ConsistentHash {
+    /// The ring for these candidates: each one's points, from its address and weight only.
+    fn ring(&self, candidates: &[Candidate]) -> Vec<(u64, usize)> {
+        let mut ring = Vec::new();
         for (index, candidate) in candidates.iter().enumerate() {
             let points = candidate
                 .weight()
@@ -266,10 +289,29 @@ impl Strategy for ConsistentHash {
                 key.extend_from_slice(address.as_bytes());
                 key.push(b'_');
                 key.extend_from_slice(replica.to_string().as_bytes());
-                self.ring.push((xxhash_rust::xxh64::xxh64(&key, 0), index));
+                ring.push((xxhash_rust::xxh64::xxh64(&key, 0), index));
             }
         }
-        self.ring.sort_unstable();
+        ring.sort_unstable();
+        ring
+    }
+}
+
+impl Strategy for ConsistentHash {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
+    fn update(&mut self, candidates: &[Candidate]) {
+        self.ring = self.ring(candidates);
+    }
+
+    fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
+        Some(Box::new(ConsistentHash {
+            key: self.key.clone(),
+            ring: self.ring(candidates),
+            points_per_weight: self.points_per_weight,
+        }))
     }
 
     fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize {

@@ -110,6 +110,12 @@ pub(crate) struct Table<S> {
     pub(crate) metrics: BalanceMetrics,
 }
 
+/// A new candidate set, with the slots it was taken from, waiting for its strategy.
+struct NextCandidates {
+    candidates: Vec<Candidate>,
+    chosen: Vec<usize>,
+}
+
 /// Whether reading the outcome counts for outlier detection ends their interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Counts {
@@ -185,13 +191,21 @@ impl<S: Clone> Shared<S> {
     }
 
     /// Changes endpoints' conditions, then recomputes the candidates and wakes waiting calls.
+    ///
+    /// When the candidate set changes, the strategy's new state (a hash ring, a weighted
+    /// schedule) is built off the write lock ([`Strategy::prepare`]), while calls go on picking
+    /// from the old set, and swapped in with the new set at once. Only the driver writes the
+    /// table, so nothing else changes it in between.
     pub(crate) fn update<T>(&self, change: impl FnOnce(&mut Table<S>) -> T) -> T {
-        let result = {
+        let (result, next) = {
             let mut table = self.write();
             let result = change(&mut table);
-            table.rebuild();
-            result
+            (result, table.rebuild())
         };
+        if let Some(next) = next {
+            let prepared = self.read().strategy.prepare(&next.candidates);
+            self.write().install(next, prepared);
+        }
         self.changed.notify_waiters();
         result
     }
@@ -412,8 +426,9 @@ impl<S: Clone> Table<S> {
         format!("all {tried} ready endpoints failed this call before it was sent").into()
     }
 
-    /// Recomputes which endpoints take calls. Runs under the write lock after every change.
-    fn rebuild(&mut self) {
+    /// Recomputes which endpoints take calls. Runs under the write lock after every change;
+    /// a new candidate set is returned to be installed with its strategy (see `Shared::update`).
+    fn rebuild(&mut self) -> Option<NextCandidates> {
         let live = self.slots.iter().filter(|s| !s.draining).count();
         let ready: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].connected() && self.slots[i].state() == EndpointState::Ready)
@@ -433,26 +448,21 @@ impl<S: Clone> Table<S> {
                 .iter()
                 .zip(&self.candidates)
                 .all(|(&i, c)| self.slots[i].load.id == c.load.id);
-        self.services = chosen
-            .iter()
-            .map(|&i| {
-                let slot = &self.slots[i];
-                let service = slot
-                    .service
-                    .clone()
-                    .expect("connected slots have a service");
-                (service, slot.generation)
+        let next = if unchanged && !std::mem::take(&mut self.reweighed) {
+            // The same endpoints, perhaps on new connections.
+            self.services = self.services_of(&chosen);
+            None
+        } else {
+            Some(NextCandidates {
+                candidates: chosen
+                    .iter()
+                    .map(|&i| Candidate {
+                        load: self.slots[i].load.clone(),
+                    })
+                    .collect(),
+                chosen: chosen.clone(),
             })
-            .collect();
-        if !unchanged || std::mem::take(&mut self.reweighed) {
-            self.candidates = chosen
-                .iter()
-                .map(|&i| Candidate {
-                    load: self.slots[i].load.clone(),
-                })
-                .collect();
-            self.strategy.update(&self.candidates);
-        }
+        };
         for slot in &mut self.slots {
             slot.receiving = false;
         }
@@ -475,11 +485,38 @@ impl<S: Clone> Table<S> {
             .slots
             .iter()
             .any(|s| !s.draining && s.shown.0 == EndpointState::Connecting);
-        if self.candidates.is_empty() {
+        if chosen.is_empty() {
             self.unavailable = self.describe_unavailable(live).into();
         }
         self.metrics
             .set_endpoints(self.slots.iter().map(Slot::state));
+        next
+    }
+
+    /// The services of the slots at `chosen`, with their connection generations.
+    fn services_of(&self, chosen: &[usize]) -> Vec<(S, u64)> {
+        chosen
+            .iter()
+            .map(|&i| {
+                let slot = &self.slots[i];
+                let service = slot
+                    .service
+                    .clone()
+                    .expect("connected slots have a service");
+                (service, slot.generation)
+            })
+            .collect()
+    }
+
+    /// Swaps in a new candidate set and the strategy prepared for it (or, for a strategy that
+    /// prepares nothing off the lock, updates it here).
+    fn install(&mut self, next: NextCandidates, prepared: Option<Box<dyn Strategy>>) {
+        self.services = self.services_of(&next.chosen);
+        self.candidates = next.candidates;
+        match prepared {
+            Some(strategy) => self.strategy = strategy,
+            None => self.strategy.update(&self.candidates),
+        }
     }
 
     fn describe_unavailable(&self, live: usize) -> String {
