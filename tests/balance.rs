@@ -150,9 +150,7 @@ async fn consistent_hash_is_sticky_and_stable_when_an_unrelated_endpoint_leaves(
     let b = balance(
         discovery,
         config()
-            .strategy(ConsistentHash::header(http::HeaderName::from_static(
-                "x-tenant",
-            )))
+            .strategy(ConsistentHash::header("x-tenant"))
             .build()
             .unwrap(),
     );
@@ -498,40 +496,59 @@ async fn discovery_adds_and_removes_under_load_without_a_failed_call() {
 }
 
 #[tokio::test]
-async fn layering_twice_or_outside_a_runtime_fails_calls_with_a_reason() {
-    let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
-    let _first = tower::Layer::layer(&layer, Connect::new());
-    let second: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
-    let status = call(&mut EchoClient::new(second)).await.unwrap_err();
+async fn layering_twice_gives_the_same_balancer_and_both_serve() {
+    let backends = Backend::start_many(2).await.unwrap();
+    let stack = ServiceBuilder::new().layer(BalanceLayer::new(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().build().unwrap(),
+    ));
+    let first: Balance<Channel> = stack.service(Connect::new());
+    let second: Balance<Channel> = stack.service(Connect::new());
+    assert_eq!(first.failure(), None);
+    assert_eq!(second.failure(), None);
+    assert!(first.same_balancer(&second));
+    all_ready(&second, 2).await;
+    assert_eq!(spread(&first, 4).await.values().sum::<usize>(), 4);
+    assert_eq!(spread(&second, 4).await.values().sum::<usize>(), 4);
+    // One balancer: one connection per backend, not one per layering.
     assert!(
-        status.message().contains("already layered"),
-        "{}",
-        status.message()
+        backends.iter().all(|b| b.connections_accepted() == 1),
+        "{:?}",
+        backends
+            .iter()
+            .map(Backend::connections_accepted)
+            .collect::<Vec<_>>()
     );
-
-    let outside = std::thread::spawn(|| balance(Static::new([]), BalanceConfig::default()))
-        .join()
-        .unwrap();
-    let status = call(&mut EchoClient::new(outside)).await.unwrap_err();
-    assert_unavailable(&status, "outside a Tokio runtime");
 }
 
 #[tokio::test]
 async fn a_failed_balancer_says_so_at_construction() {
+    use tower::Layer;
+    // Layered over a `MakeService` of another endpoint type: that handle cannot be the
+    // balancer already started, and says so at once.
     let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
-    let first: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
+    let first: Balance<Channel> = layer.layer(Connect::new());
     assert_eq!(first.failure(), None);
     assert!(!first.is_failed());
-    let second: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
-    assert!(second.is_failed());
-    let reason = second.failure().expect("the second balancer is failed");
-    assert!(reason.contains("already layered once"), "{reason}");
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
+    let other: Balance<NeverReady> = layer.layer(make);
+    assert!(other.is_failed());
+    let reason = other.failure().expect("the other balancer is failed");
+    assert!(
+        reason.contains("another kind of endpoint service"),
+        "{reason}"
+    );
+    assert!(other.snapshot().is_empty());
     // Clones share the verdict, and every call states it.
-    assert_eq!(second.clone().failure(), Some(reason));
-    assert!(second.snapshot().is_empty());
-    let status = call(&mut EchoClient::new(second.clone()))
-        .await
-        .unwrap_err();
+    assert_eq!(other.clone().failure(), Some(reason));
+    let status = tower::ServiceExt::oneshot(
+        other.clone(),
+        http::Request::new(tonic::body::Body::empty()),
+    )
+    .await
+    .unwrap_err()
+    .downcast::<tonic::Status>()
+    .unwrap();
     assert_unavailable(&status, reason);
 
     let outside = std::thread::spawn(|| balance(Static::new([]), BalanceConfig::default()))
@@ -543,6 +560,8 @@ async fn a_failed_balancer_says_so_at_construction() {
             .is_some_and(|r| r.contains("outside a Tokio runtime")),
         "{outside:?}"
     );
+    let status = call(&mut EchoClient::new(outside)).await.unwrap_err();
+    assert_unavailable(&status, "outside a Tokio runtime");
 
     // The one-shot use, checked by the compiler.
     let backends = Backend::start_many(2).await.unwrap();

@@ -86,6 +86,7 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             reconnect,
             ewma,
             target,
+            ..
         } = config;
         let measures_rtt = strategy.uses_rtt();
         // The strategy lives in the endpoint table, where picks read it and updates rebuild it.
@@ -131,12 +132,18 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
         }
     }
 
-    /// Why this balancer could not start, if it could not: its
-    /// [`BalanceLayer`](super::BalanceLayer) was already layered once, or it was built outside
-    /// a Tokio runtime. Such a balancer knows no endpoint and fails every call with
+    /// Why this balancer could not start, if it could not: it was built outside a Tokio
+    /// runtime, or its [`BalanceLayer`](super::BalanceLayer) had already started a balancer
+    /// over another kind of endpoint service. Such a balancer knows no endpoint and fails every call with
     /// `UNAVAILABLE` and this reason; check it where the stack is built to fail there instead.
     pub fn failure(&self) -> Option<&str> {
         self.failure
+    }
+
+    /// Whether `self` and `other` are handles to one balancer (clones, or layerings of one
+    /// [`BalanceLayer`](super::BalanceLayer)): the same endpoints and connections.
+    pub fn same_balancer(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Whether this balancer could not start (see [`failure`](Self::failure)).

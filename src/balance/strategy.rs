@@ -239,6 +239,8 @@ pub struct ConsistentHash {
     key: Arc<KeyFn>,
     ring: Vec<(u64, usize)>,
     points_per_weight: u32,
+    /// Set when the key cannot be read (a bad header name): the config build fails with it.
+    invalid: Option<String>,
 }
 
 impl fmt::Debug for ConsistentHash {
@@ -250,10 +252,38 @@ impl fmt::Debug for ConsistentHash {
 }
 
 impl ConsistentHash {
-    /// Hashes the value of this request header (e.g. a user or tenant id).
-    pub fn header(name: impl Into<http::HeaderName>) -> Self {
-        let name = name.into();
-        ConsistentHash::by(move |parts| parts.headers.get(&name).map(|v| v.as_bytes().to_vec()))
+    /// Hashes the value of this request header (e.g. a user or tenant id): a name as `&str`
+    /// or `String`, or a `HeaderName`. A name that is not a valid header name fails
+    /// [`BalanceConfigBuilder::build`](super::BalanceConfigBuilder::build) with a
+    /// [`ConfigError`](crate::ConfigError) for `balance.strategy.header`.
+    ///
+    /// ```
+    /// use towline::balance::{BalanceConfig, ConsistentHash};
+    ///
+    /// let config = BalanceConfig::builder().strategy(ConsistentHash::header("x-user")).build();
+    /// assert!(config.is_ok());
+    /// let err = BalanceConfig::builder().strategy(ConsistentHash::header("x user")).build();
+    /// assert_eq!(err.unwrap_err().field(), "balance.strategy.header");
+    /// ```
+    pub fn header<N>(name: N) -> Self
+    where
+        N: TryInto<http::HeaderName>,
+        N::Error: fmt::Display,
+    {
+        match name.try_into() {
+            Ok(name) => ConsistentHash::by(move |parts| {
+                parts.headers.get(&name).map(|v| v.as_bytes().to_vec())
+            }),
+            Err(err) => ConsistentHash {
+                invalid: Some(format!("not a valid header name: {err}")),
+                ..ConsistentHash::by(|_| None)
+            },
+        }
+    }
+
+    /// Why this strategy cannot be used, if it cannot (a header name that is not one).
+    pub(crate) fn invalid(&self) -> Option<&str> {
+        self.invalid.as_deref()
     }
 
     /// Hashes whatever key the function derives from the request head.
@@ -262,6 +292,7 @@ impl ConsistentHash {
             key: Arc::new(key),
             ring: Vec::new(),
             points_per_weight: 256,
+            invalid: None,
         }
     }
 
@@ -311,6 +342,7 @@ impl Strategy for ConsistentHash {
             key: self.key.clone(),
             ring: self.ring(candidates),
             points_per_weight: self.points_per_weight,
+            invalid: None,
         }))
     }
 
@@ -420,7 +452,7 @@ mod tests {
     #[test]
     fn consistent_hash_is_sticky_and_stable_when_another_endpoint_leaves() {
         let all = candidates(&[1, 1, 1, 1]);
-        let mut ring = ConsistentHash::header(http::HeaderName::from_static("x-user"));
+        let mut ring = ConsistentHash::header("x-user");
         ring.update(&all);
         let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
         let before: HashMap<&str, String> = keys
@@ -465,7 +497,7 @@ mod tests {
     #[test]
     fn consistent_hash_without_a_key_spreads() {
         let c = candidates(&[1, 1]);
-        let mut ring = ConsistentHash::header(http::HeaderName::from_static("x-user"));
+        let mut ring = ConsistentHash::header("x-user");
         ring.update(&c);
         let n = counts(&ring, &c, 400);
         assert!(n.iter().all(|&n| n > 100), "{n:?}");
