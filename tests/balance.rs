@@ -1312,8 +1312,10 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
     updates.send(Change::Remove(uri(0))).await.unwrap();
     let slowest = caller.await.unwrap();
     wait_for(&b, "the endpoint to leave", |s| s.len() == ENDPOINTS - 1).await;
+    // The rebuild takes ~300 ms in a debug build: a call that waited for it would show it. The
+    // bound leaves room for a busy machine descheduling the caller.
     assert!(
-        slowest < Duration::from_millis(25),
+        slowest < Duration::from_millis(100),
         "a call waited {slowest:?}"
     );
 }

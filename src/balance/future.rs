@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
@@ -52,7 +52,9 @@ pin_project! {
     /// The response future of [`Balance`]: waits for a ready endpoint if none is, waits for the
     /// chosen endpoint's readiness, then runs the call.
     pub struct ResponseFuture<S: Service<Request<Body>>> {
-        shared: Arc<Shared<S>>,
+        // The endpoint table, for a call that may still have to pick again: none once the call
+        // went out at its first pick (the common case, which clones no `Arc` for it).
+        shared: Option<Arc<Shared<S>>>,
         endpoint_wait: Duration,
         deadline: Option<WaitDeadline>,
         // The caller's `grpc-timeout`, from when the call reached the balancer.
@@ -67,19 +69,27 @@ pin_project! {
 
 type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
 
+/// A call whose chosen endpoint was not ready when it was picked.
+struct NotYetReady<S> {
+    request: Option<Request<Body>>,
+    service: S,
+    guard: Option<CallGuard>,
+    // What the endpoint's readiness said at the pick, if it failed: a service that failed is
+    // not asked again.
+    failed: Option<BoxError>,
+    // Armed only once readiness is pending.
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
 pin_project! {
     #[project = StateProj]
     enum State<S: Service<Request<Body>>> {
         // No endpoint may take calls yet; wait for one until the deadline.
         Waiting { request: Option<Request<Body>>, wait: WaitForEndpoint },
-        // An endpoint is chosen; wait for its readiness, but not past the call's deadline.
-        Ready {
-            request: Option<Request<Body>>,
-            service: S,
-            guard: Option<CallGuard>,
-            // Armed only once readiness is pending, so the common path sets no timer.
-            expires: Option<Pin<Box<tokio::time::Sleep>>>,
-        },
+        // An endpoint is chosen but was not ready at once; wait for its readiness, but not past
+        // the call's deadline. Boxed: the common path, an endpoint ready at once, goes straight
+        // to `Calling`, and a future that need not hold the request is a small one to move.
+        Ready { ready: Box<NotYetReady<S>> },
         // The call is running on the chosen endpoint.
         // Bounded by the call's deadline: below, a tonic `Channel` that is reconnecting holds a
         // request in its buffer, where its own `grpc-timeout` timer has not started yet.
@@ -96,7 +106,7 @@ pin_project! {
 
 impl<S> ResponseFuture<S>
 where
-    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    S: EndpointService,
 {
     /// Picks an endpoint for `request` (or decides to wait for one, or fails saying why).
     pub(crate) fn new(
@@ -115,8 +125,12 @@ where
             tried: &[],
         }
         .pick(request);
+        let shared = match state {
+            State::Calling { .. } => None,
+            _ => Some(shared.clone()),
+        };
         ResponseFuture {
-            shared: shared.clone(),
+            shared,
             endpoint_wait,
             deadline,
             call_deadline,
@@ -158,13 +172,14 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         status: Some(status),
                     },
                 },
-                StateProj::Ready {
-                    request,
-                    service,
-                    guard,
-                    expires,
-                } => match service.poll_ready(cx) {
+                StateProj::Ready { ready } => match ready.poll_ready(cx) {
                     Poll::Pending => {
+                        let NotYetReady {
+                            request,
+                            guard,
+                            expires,
+                            ..
+                        } = &mut **ready;
                         let id = guard.as_ref().expect("guard is kept until sent").load.id;
                         // Not ready at once (a pool with no live connection, or one opening
                         // another): another endpoint takes the call, and this one's task checks
@@ -178,7 +193,10 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         }
                         if first_look
                             && this.tried.len() + 1 < MAX_FAILOVER
-                            && this.shared.has_candidate_besides(this.tried, id)
+                            && this
+                                .shared
+                                .as_ref()
+                                .is_some_and(|shared| shared.has_candidate_besides(this.tried, id))
                         {
                             drop(guard.take());
                             this.tried.push(id);
@@ -214,6 +232,12 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         }
                     }
                     Poll::Ready(Ok(())) => {
+                        let NotYetReady {
+                            request,
+                            service,
+                            guard,
+                            ..
+                        } = &mut **ready;
                         let mut request = request.take().expect("request is kept until sent");
                         let guard = guard.take().expect("guard is kept until sent");
                         match this.call_deadline.filter(|_| *this.waited) {
@@ -246,7 +270,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                     }
                     Poll::Ready(Err(err)) => {
                         // The request was not sent: try another endpoint.
-                        let err: BoxError = err.into();
+                        let NotYetReady { request, guard, .. } = &mut **ready;
                         let request = request.take().expect("request is kept until sent");
                         let guard = guard.take().expect("guard is kept until sent");
                         guard.connection_broken();
@@ -329,18 +353,30 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
 
 impl<S> ResponseFuture<S>
 where
-    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    S: EndpointService,
 {
     fn repick(self: Pin<&mut Self>, request: Request<Body>) -> State<S> {
         let this = self.project();
         let picker = Picker {
-            shared: this.shared,
+            shared: this
+                .shared
+                .as_ref()
+                .expect("a call that may pick again keeps the table"),
             endpoint_wait: *this.endpoint_wait,
             deadline: this.deadline,
             call_deadline: *this.call_deadline,
             tried: this.tried,
         };
         picker.pick(request)
+    }
+}
+
+impl<S: EndpointService> NotYetReady<S> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.failed.take() {
+            Some(err) => Poll::Ready(Err(err)),
+            None => self.service.poll_ready(cx).map_err(Into::into),
+        }
     }
 }
 
@@ -464,7 +500,7 @@ struct Picker<'a, S> {
 
 impl<S> Picker<'_, S>
 where
-    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    S: EndpointService,
 {
     /// Chooses an endpoint for `request`, or decides to wait for one, or fails saying why.
     fn pick(self, mut request: Request<Body>) -> State<S> {
@@ -478,18 +514,39 @@ where
         match picked {
             Ok(Picked {
                 load,
-                service,
+                mut service,
                 generation,
-            }) => State::Ready {
-                guard: Some(CallGuard::new(
+            }) => {
+                let guard = CallGuard::new(
                     load,
                     generation,
                     request.extensions().get::<CallEnd>().cloned(),
-                )),
-                request: Some(request),
-                service,
-                expires: None,
-            },
+                );
+                // Most often the endpoint is ready at once: the call goes out now, and the
+                // future never holds the request. A look that finds it not ready registers no
+                // waker; the call's future asks again with its own.
+                let failed = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                    Poll::Ready(Ok(())) if self.tried.is_empty() => {
+                        return State::Calling {
+                            future: service.call(request),
+                            guard: Some(guard.sent()),
+                            expires: None,
+                        };
+                    }
+                    // After a failover the call has waited: `Ready` cuts its deadline.
+                    Poll::Ready(Ok(())) | Poll::Pending => None,
+                    Poll::Ready(Err(err)) => Some(err.into()),
+                };
+                State::Ready {
+                    ready: Box::new(NotYetReady {
+                        request: Some(request),
+                        service,
+                        guard: Some(guard),
+                        failed,
+                        expires: None,
+                    }),
+                }
+            }
             Err(Unavailable { reason, settling }) => {
                 let wait_for_ready = request.extensions().get::<WaitForReady>().map(|w| w.0);
                 let call_deadline = self.call_deadline;
