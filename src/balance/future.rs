@@ -67,7 +67,7 @@ pin_project! {
     }
 }
 
-type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
+type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<Request<Body>, Status>> + Send>>;
 
 /// A call whose chosen endpoint was not ready when it was picked.
 struct NotYetReady<S> {
@@ -85,7 +85,8 @@ pin_project! {
     #[project = StateProj]
     enum State<S: Service<Request<Body>>> {
         // No endpoint may take calls yet; wait for one until the deadline.
-        Waiting { request: Option<Request<Body>>, wait: WaitForEndpoint },
+        // The wait holds the request, and gives it back once an endpoint may take it.
+        Waiting { wait: WaitForEndpoint },
         // An endpoint is chosen but was not ready at once; wait for its readiness, but not past
         // the call's deadline. Boxed: the common path, an endpoint ready at once, goes straight
         // to `Calling`, and a future that need not hold the request is a small one to move.
@@ -162,10 +163,9 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
         loop {
             let this = self.as_mut().project();
             let next = match this.state.project() {
-                StateProj::Waiting { request, wait } => match ready!(wait.as_mut().poll(cx)) {
-                    Ok(()) => {
+                StateProj::Waiting { wait } => match ready!(wait.as_mut().poll(cx)) {
+                    Ok(request) => {
                         *this.waited = true;
-                        let request = request.take().expect("request is kept until sent");
                         self.as_mut().repick(request)
                     }
                     Err(status) => State::Failed {
@@ -550,7 +550,6 @@ where
             Err(Unavailable { reason, settling }) => {
                 let wait_for_ready = request.extensions().get::<WaitForReady>().map(|w| w.0);
                 let call_deadline = self.call_deadline;
-                let request = Some(request);
                 let now = Instant::now();
                 let deadline = *self.deadline.get_or_insert_with(|| {
                     WaitDeadline::new(now, self.endpoint_wait, call_deadline, wait_for_ready)
@@ -569,15 +568,12 @@ where
                 }
                 let shared = self.shared.clone();
                 State::Waiting {
-                    request,
                     wait: Box::pin(async move {
-                        shared
-                            .wait_for_candidates(deadline.at, fail_fast)
-                            .await
-                            .map_err(|unavailable| match unavailable {
-                                WaitFailed::Settled(reason) => unavailable_status(&reason),
-                                WaitFailed::TimedOut(reason) => deadline.expired(&reason),
-                            })
+                        match shared.wait_for_candidates(deadline.at, fail_fast).await {
+                            Ok(()) => Ok(request),
+                            Err(WaitFailed::Settled(reason)) => Err(unavailable_status(&reason)),
+                            Err(WaitFailed::TimedOut(reason)) => Err(deadline.expired(&reason)),
+                        }
                     }),
                 }
             }
