@@ -47,6 +47,10 @@ pub struct BalanceLayer<D> {
 }
 
 /// What a [`BalanceLayer`] holds: its discovery until the first `layer`, then the balancer.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per layer, built once and never moved on a call path"
+)]
 enum Started<D> {
     Not(D, BalanceConfig),
     /// The balancer the first `layer` started (a `Balance<S>` for that call's endpoint type).
