@@ -530,8 +530,8 @@ async fn a_failed_balancer_says_so_at_construction() {
     let first: Balance<Channel> = layer.layer(Connect::new());
     assert_eq!(first.failure(), None);
     assert!(!first.is_failed());
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
-    let other: Balance<NeverReady> = layer.layer(make);
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(never_ready()) });
+    let other: Balance<Gated> = layer.layer(make);
     assert!(other.is_failed());
     let reason = other.failure().expect("the other balancer is failed");
     assert!(
@@ -838,32 +838,16 @@ async fn no_call_waits_for_an_endpoint_past_its_own_deadline() {
 }
 
 /// An endpoint that never has room for another call, like a pool whose connections are all busy
-/// or reconnecting: its `poll_ready` stays pending.
-#[derive(Clone)]
-struct NeverReady;
-
-impl tower::Service<http::Request<tonic::body::Body>> for NeverReady {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = towline::BoxError;
-    type Future = std::future::Ready<Result<Self::Response, towline::BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), towline::BoxError>> {
-        std::task::Poll::Pending
-    }
-
-    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
-        unreachable!("never ready, so never called")
-    }
+/// or reconnecting: its `poll_ready` stays pending (a [`Gated`] whose gate never opens).
+fn never_ready() -> Gated {
+    Gated::default()
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
     use tower::ServiceExt;
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
-    let b: Balance<NeverReady> = ServiceBuilder::new()
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(never_ready()) });
+    let b: Balance<Gated> = ServiceBuilder::new()
         .layer(BalanceLayer::new(
             Static::new([Uri::from_static("http://a:1")]),
             config().build().unwrap(),
@@ -905,8 +889,8 @@ async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
 async fn a_call_that_waited_for_an_endpoint_has_only_the_rest_of_its_deadline_left() {
     use tower::ServiceExt;
     let (updates, discovery) = discover::channel(1);
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
-    let b: Balance<NeverReady> = ServiceBuilder::new()
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(never_ready()) });
+    let b: Balance<Gated> = ServiceBuilder::new()
         .layer(BalanceLayer::new(discovery, config().build().unwrap()))
         .service(make);
     let mut request = http::Request::new(tonic::body::Body::empty());
