@@ -1033,6 +1033,8 @@ async fn one_broken_connection_of_a_pool_is_the_pools_business() {
 struct Gated {
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
     waker: std::sync::Arc<futures::task::AtomicWaker>,
+    /// The `grpc-timeout` of the last call it answered.
+    last_timeout: std::sync::Arc<std::sync::Mutex<Option<http::HeaderValue>>>,
 }
 
 impl Gated {
@@ -1059,7 +1061,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Gated {
         }
     }
 
-    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        *self.last_timeout.lock().unwrap() = request.headers().get("grpc-timeout").cloned();
         let mut response = http::Response::new(tonic::body::Body::empty());
         response
             .headers_mut()
@@ -1301,5 +1304,51 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
     assert!(
         slowest < Duration::from_millis(100),
         "a call waited {slowest:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_waited_for_a_ready_endpoint_is_sent_with_the_rest_of_its_deadline() {
+    use tower::ServiceExt;
+    let (updates, discovery) = discover::channel(1);
+    let gated = Gated::default();
+    gated.open();
+    let service = gated.clone();
+    let make = tower::service_fn(move |_: Uri| {
+        let service = service.clone();
+        async move { Ok::<_, towline::BoxError>(service) }
+    });
+    let b: Balance<Gated> = ServiceBuilder::new()
+        .layer(BalanceLayer::new(discovery, config().build().unwrap()))
+        .service(make);
+    let mut request = http::Request::new(tonic::body::Body::empty());
+    request
+        .headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+    let call = tokio::spawn(b.clone().oneshot(request));
+    // No endpoint for the first 100 ms; then one that is ready at once takes the call.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    updates
+        .send(Change::Insert(
+            Uri::from_static("http://a:1"),
+            Default::default(),
+        ))
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call ends")
+        .unwrap()
+        .unwrap();
+    let sent = gated
+        .last_timeout
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("sent with a deadline");
+    let left = towline::deadline::parse(sent.as_bytes()).unwrap();
+    assert!(
+        left <= Duration::from_millis(150),
+        "sent with {left:?} of 250 ms left"
     );
 }

@@ -124,6 +124,7 @@ where
             deadline: &mut deadline,
             call_deadline,
             tried: &[],
+            waited: false,
         }
         .pick(request);
         let shared = match state {
@@ -366,6 +367,7 @@ where
             deadline: this.deadline,
             call_deadline: *this.call_deadline,
             tried: this.tried,
+            waited: *this.waited,
         };
         picker.pick(request)
     }
@@ -496,6 +498,8 @@ struct Picker<'a, S> {
     deadline: &'a mut Option<WaitDeadline>,
     call_deadline: Option<CallDeadline>,
     tried: &'a [EndpointId],
+    /// The call waited (for an endpoint, or a failover): its deadline must be cut on sending.
+    waited: bool,
 }
 
 impl<S> Picker<'_, S>
@@ -526,14 +530,14 @@ where
                 // future never holds the request. A look that finds it not ready registers no
                 // waker; the call's future asks again with its own.
                 let failed = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
-                    Poll::Ready(Ok(())) if self.tried.is_empty() => {
+                    Poll::Ready(Ok(())) if !self.waited => {
                         return State::Calling {
                             future: service.call(request),
                             guard: Some(guard.sent()),
                             expires: None,
                         };
                     }
-                    // After a failover the call has waited: `Ready` cuts its deadline.
+                    // A call that waited is sent by `Ready`, which cuts its deadline to what is left.
                     Poll::Ready(Ok(())) | Poll::Pending => None,
                     Poll::Ready(Err(err)) => Some(err.into()),
                 };
