@@ -52,20 +52,28 @@ pin_project! {
     /// The response future of [`Balance`]: waits for a ready endpoint if none is, waits for the
     /// chosen endpoint's readiness, then runs the call.
     pub struct ResponseFuture<S: Service<Request<Body>>> {
-        // The endpoint table, for a call that may still have to pick again: none once the call
-        // went out at its first pick (the common case, which clones no `Arc` for it).
-        shared: Option<Arc<Shared<S>>>,
-        endpoint_wait: Duration,
-        deadline: Option<WaitDeadline>,
+        // What a call that may still pick again needs: none once the call went out at its
+        // first pick (the common case, which neither allocates it nor clones the table's `Arc`,
+        // and moves a smaller future).
+        slow: Option<Box<SlowPath<S>>>,
         // The caller's `grpc-timeout`, from when the call reached the balancer.
         call_deadline: Option<CallDeadline>,
-        // The call waited before it was sent: its `grpc-timeout` must be cut to what is left.
-        waited: bool,
-        tried: Vec<EndpointId>,
         #[pin]
         state: State<S>,
     }
 }
+
+/// The state of a call that waits (for an endpoint, or for one's readiness) or fails over.
+struct SlowPath<S> {
+    shared: Arc<Shared<S>>,
+    endpoint_wait: Duration,
+    deadline: Option<WaitDeadline>,
+    // The call waited before it was sent: its `grpc-timeout` must be cut to what is left.
+    waited: bool,
+    tried: Vec<EndpointId>,
+}
+
+const SLOW: &str = "a call that may pick again keeps its slow-path state";
 
 type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<Request<Body>, Status>> + Send>>;
 
@@ -127,17 +135,19 @@ where
             waited: false,
         }
         .pick(request);
-        let shared = match state {
+        let slow = match state {
             State::Calling { .. } => None,
-            _ => Some(shared.clone()),
+            _ => Some(Box::new(SlowPath {
+                shared: shared.clone(),
+                endpoint_wait,
+                deadline,
+                waited: false,
+                tried: Vec::new(),
+            })),
         };
         ResponseFuture {
-            shared,
-            endpoint_wait,
-            deadline,
+            slow,
             call_deadline,
-            waited: false,
-            tried: Vec::new(),
             state,
         }
     }
@@ -166,7 +176,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
             let next = match this.state.project() {
                 StateProj::Waiting { wait } => match ready!(wait.as_mut().poll(cx)) {
                     Ok(request) => {
-                        *this.waited = true;
+                        this.slow.as_deref_mut().expect(SLOW).waited = true;
                         self.as_mut().repick(request)
                     }
                     Err(status) => State::Failed {
@@ -175,6 +185,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                 },
                 StateProj::Ready { ready } => match ready.poll_ready(cx) {
                     Poll::Pending => {
+                        let slow = this.slow.as_deref_mut().expect(SLOW);
                         let NotYetReady {
                             request,
                             guard,
@@ -193,29 +204,26 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             });
                         }
                         if first_look
-                            && this.tried.len() + 1 < MAX_FAILOVER
-                            && this
-                                .shared
-                                .as_ref()
-                                .is_some_and(|shared| shared.has_candidate_besides(this.tried, id))
+                            && slow.tried.len() + 1 < MAX_FAILOVER
+                            && slow.shared.has_candidate_besides(&slow.tried, id)
                         {
                             drop(guard.take());
-                            this.tried.push(id);
-                            *this.waited = true;
+                            slow.tried.push(id);
+                            slow.waited = true;
                             let request = request.take().expect("request is kept until sent");
                             self.as_mut().repick(request)
                         } else {
-                            *this.waited = true;
+                            slow.waited = true;
                             // No other endpoint: wait for this one, as long as a call may wait
                             // for an endpoint (its deadline, or `endpoint_wait`).
-                            let wait = *this.deadline.get_or_insert_with(|| {
+                            let wait = *slow.deadline.get_or_insert_with(|| {
                                 let wait_for_ready = request
                                     .as_ref()
                                     .and_then(|r| r.extensions().get::<WaitForReady>())
                                     .map(|w| w.0);
                                 WaitDeadline::new(
                                     Instant::now(),
-                                    *this.endpoint_wait,
+                                    slow.endpoint_wait,
                                     *this.call_deadline,
                                     wait_for_ready,
                                 )
@@ -228,11 +236,12 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             // Never sent: dropping the guard releases the endpoint's in-flight slot.
                             let guard = guard.take().expect("guard is kept until sent");
                             State::Failed {
-                                status: Some(wait.not_ready(&guard.load.uri, *this.endpoint_wait)),
+                                status: Some(wait.not_ready(&guard.load.uri, slow.endpoint_wait)),
                             }
                         }
                     }
                     Poll::Ready(Ok(())) => {
+                        let waited = this.slow.as_deref().is_some_and(|slow| slow.waited);
                         let NotYetReady {
                             request,
                             service,
@@ -241,7 +250,7 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                         } = &mut **ready;
                         let mut request = request.take().expect("request is kept until sent");
                         let guard = guard.take().expect("guard is kept until sent");
-                        match this.call_deadline.filter(|_| *this.waited) {
+                        match this.call_deadline.filter(|_| waited) {
                             // Sent with what is left of the deadline, not all of it again.
                             Some(call_deadline) => match call_deadline.remaining() {
                                 Some(left) => {
@@ -271,15 +280,16 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                     }
                     Poll::Ready(Err(err)) => {
                         // The request was not sent: try another endpoint.
+                        let slow = this.slow.as_deref_mut().expect(SLOW);
                         let NotYetReady { request, guard, .. } = &mut **ready;
                         let request = request.take().expect("request is kept until sent");
                         let guard = guard.take().expect("guard is kept until sent");
                         guard.connection_broken();
                         let id = guard.load.id;
                         drop(guard);
-                        this.tried.push(id);
-                        *this.waited = true;
-                        if this.tried.len() < MAX_FAILOVER {
+                        slow.tried.push(id);
+                        slow.waited = true;
+                        if slow.tried.len() < MAX_FAILOVER {
                             self.as_mut().repick(request)
                         } else {
                             State::Failed {
@@ -358,16 +368,14 @@ where
 {
     fn repick(self: Pin<&mut Self>, request: Request<Body>) -> State<S> {
         let this = self.project();
+        let slow = this.slow.as_deref_mut().expect(SLOW);
         let picker = Picker {
-            shared: this
-                .shared
-                .as_ref()
-                .expect("a call that may pick again keeps the table"),
-            endpoint_wait: *this.endpoint_wait,
-            deadline: this.deadline,
+            shared: &slow.shared,
+            endpoint_wait: slow.endpoint_wait,
+            deadline: &mut slow.deadline,
             call_deadline: *this.call_deadline,
-            tried: this.tried,
-            waited: *this.waited,
+            tried: &slow.tried,
+            waited: slow.waited,
         };
         picker.pick(request)
     }
