@@ -382,10 +382,35 @@ impl PublishedEwma {
     }
 
     fn estimate_ns(&self, now: Instant) -> f64 {
-        let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
-        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let elapsed = now.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        let (estimate, updated) = self.read();
+        let elapsed = now.saturating_duration_since(updated).as_nanos() as f64;
         estimate * (-elapsed / self.decay_ns).exp()
+    }
+
+    /// The estimate, and when it was written.
+    fn read(&self) -> (f64, Instant) {
+        let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
+        let updated = Duration::from_nanos(self.updated_ns.load(Ordering::Relaxed));
+        (estimate, self.epoch + updated)
+    }
+}
+
+/// Whether `b`'s RTT estimate times `b_factor` is below `a`'s times `a_factor`, both decayed to
+/// the same moment. Every estimate decays by the same factor per unit of time, so that moment
+/// cancels out: the comparison reads no clock, and computes one `exp` of the time between the
+/// two estimates' updates (toward zero, so that it never overflows).
+pub(crate) fn rtt_cost_below(b: &Load, b_factor: f64, a: &Load, a_factor: f64) -> bool {
+    let (a_estimate, a_updated) = a.rtt_published.read();
+    let (b_estimate, b_updated) = b.rtt_published.read();
+    let (a_cost, b_cost) = (a_estimate * a_factor, b_estimate * b_factor);
+    let decay_ns = a.rtt_published.decay_ns;
+    if b_updated >= a_updated {
+        // `a` was written earlier: it has decayed for longer since.
+        let between = b_updated.duration_since(a_updated).as_nanos() as f64;
+        b_cost < a_cost * (-between / decay_ns).exp()
+    } else {
+        let between = a_updated.duration_since(b_updated).as_nanos() as f64;
+        b_cost * (-between / decay_ns).exp() < a_cost
     }
 }
 
@@ -553,6 +578,44 @@ mod tests {
             Duration::from_millis(2),
             "a low estimate is kept"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn costs_compare_without_a_clock_as_they_would_with_one() {
+        let load = || {
+            Load::new(
+                1,
+                Uri::from_static("http://a:1"),
+                discover::Endpoint::default(),
+                EwmaConfig {
+                    default_rtt: Duration::from_millis(30),
+                    decay: Duration::from_secs(10),
+                },
+                Feedback::unread(None),
+            )
+        };
+        let (a, b) = (load(), load());
+        let t0 = Instant::now();
+        a.observe_rtt(Duration::from_millis(40), t0);
+        // `b` is faster but was measured 5 s later, and `a` has decayed meanwhile.
+        let t1 = t0 + Duration::from_secs(5);
+        b.observe_rtt(Duration::from_millis(20), t1);
+        for now in [
+            t1,
+            t1 + Duration::from_secs(30),
+            t1 + Duration::from_secs(3600),
+        ] {
+            for (fa, fb) in [(1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (1.0, 5.0), (3.0, 1.0)] {
+                let (ea, eb) = (
+                    a.rtt_published.estimate_ns(now),
+                    b.rtt_published.estimate_ns(now),
+                );
+                let direct = eb * fb < ea * fa;
+                assert_eq!(rtt_cost_below(&b, fb, &a, fa), direct, "{fa} {fb}");
+                let direct = ea * fa < eb * fb;
+                assert_eq!(rtt_cost_below(&a, fa, &b, fb), direct, "{fa} {fb}");
+            }
+        }
     }
 
     #[test]

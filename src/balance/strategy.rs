@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::request::Parts;
-use tokio::time::Instant;
 
 pub use super::endpoint::Candidate;
+use super::endpoint::rtt_cost_below;
 
 /// Chooses which candidate takes a call.
 ///
@@ -132,19 +132,17 @@ impl PeakEwma {
     }
 }
 
-fn ewma_cost(candidate: &Candidate, now: Instant) -> f64 {
-    candidate.load.rtt_estimate_at(now).as_nanos() as f64 * (candidate.in_flight() + 1) as f64
-}
-
 impl Strategy for PeakEwma {
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         let (a, b) = two_random(candidates.len());
         if a == b {
             return a;
         }
-        // One clock read for both estimates, and no lock: this runs on every call.
-        let now = Instant::now();
-        if ewma_cost(&candidates[b], now) < ewma_cost(&candidates[a], now) {
+        // Cost `rtt_estimate × (in_flight + 1)`, compared without a lock or a clock read: this
+        // runs on every call.
+        let load = |c: &Candidate| (c.in_flight() + 1) as f64;
+        let (ca, cb) = (&candidates[a], &candidates[b]);
+        if rtt_cost_below(&cb.load, load(cb), &ca.load, load(ca)) {
             b
         } else {
             a
@@ -366,6 +364,7 @@ mod tests {
     use crate::discover;
     use std::collections::HashMap;
     use std::time::Duration;
+    use tokio::time::Instant;
 
     fn candidates(weights: &[u32]) -> Vec<Candidate> {
         weights
