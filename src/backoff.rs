@@ -12,6 +12,7 @@ use crate::ConfigError;
 /// The randomisation applied to the exponential delay `base(n) = min(initial · multiplier^(n-1), max)`
 /// of retry `n` (1 for the first retry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Jitter {
     /// gRFC A6: `base(n) · random(0.8, 1.2)`. The only one that may exceed `max` (by up to 20 %),
     /// as the spec says.
