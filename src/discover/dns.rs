@@ -93,11 +93,13 @@ use http::uri::Scheme;
 use tokio::time::Sleep;
 
 use super::{Change, Endpoint, Update};
-use crate::{BoxError, ConfigError};
+use crate::BoxError;
 
 /// The hickory-resolver crate this module is built on, to build a resolver for
 /// [`DnsBuilder::resolver`] without depending on a matching version yourself.
 pub use hickory_resolver;
+
+use crate::ConfigError;
 
 /// The default time between resolutions.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
