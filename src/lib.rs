@@ -39,6 +39,8 @@
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 //! - [`batch`]: many small calls into one batch RPC, flushed on count, bytes or linger time.
+//! - [`ServiceBuilderExt`]: the layers as `ServiceBuilder` methods (`.grpc_retry(policy)`,
+//!   `.balance(discovery, config)`, `.pool(config)`, …), as `tower_http::ServiceBuilderExt` does.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 //! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
 //! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
@@ -62,6 +64,7 @@
 pub mod backoff;
 pub mod balance;
 pub mod batch;
+mod builder_ext;
 pub mod config;
 pub mod connect;
 pub mod deadline;
@@ -75,6 +78,7 @@ pub mod readiness;
 pub mod retry;
 pub mod status;
 
+pub use builder_ext::ServiceBuilderExt;
 pub use error::ConfigError;
 
 #[cfg(feature = "testkit")]
