@@ -564,6 +564,13 @@ fn every_builder_names_the_bad_field_in_one_error_type() {
             ),
             "dns.timeout",
         ),
+        (
+            field(Static::try_new([
+                "http://127.0.0.1:1",
+                "http://no such host",
+            ])),
+            "static.endpoints[1]",
+        ),
     ];
     for (got, expected) in cases {
         assert_eq!(got, expected);
