@@ -39,11 +39,11 @@
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
 //! - [`batch`]: many small calls into one batch RPC, flushed on count, bytes or linger time.
-//! - [`ServiceBuilderExt`]: the layers as `ServiceBuilder` methods (`.grpc_retry(policy)`,
-//!   `.balance(discovery, config)`, `.pool(config)`, …), as `tower_http::ServiceBuilderExt` does.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 //! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
 //! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
+//! - [`ServiceBuilderExt`]: the layers as `ServiceBuilder` methods (`.grpc_retry(policy)`,
+//!   `.balance(discovery, config)`, `.pool(config)`, …), as `tower_http::ServiceBuilderExt` does.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -64,7 +64,6 @@
 pub mod backoff;
 pub mod balance;
 pub mod batch;
-mod builder_ext;
 pub mod config;
 pub mod connect;
 pub mod deadline;
@@ -78,8 +77,11 @@ pub mod readiness;
 pub mod retry;
 pub mod status;
 
-pub use builder_ext::ServiceBuilderExt;
 pub use error::ConfigError;
+
+// Exported at the root, as tower-http exports its `ServiceBuilderExt`.
+mod builder_ext;
+pub use builder_ext::ServiceBuilderExt;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
