@@ -76,6 +76,40 @@ impl Static {
         Static::weighted(uris.into_iter().map(|uri| (uri, 1)))
     }
 
+    /// Endpoints of weight 1 from anything that converts to a [`Uri`] (`&str`, `String`,
+    /// `Uri`), as tonic's `Endpoint::try_from` takes them; an address that does not parse is an
+    /// error naming its place in the list (`static.endpoints[1]`), before anything connects.
+    ///
+    /// ```
+    /// use towline::discover::Static;
+    ///
+    /// let endpoints = Static::try_new(["http://10.0.0.1:50051", "http://10.0.0.2:50051"])?;
+    /// # drop(endpoints);
+    /// let err = Static::try_new(["http://10.0.0.1:50051", "http://bad host"]).unwrap_err();
+    /// assert_eq!(err.field(), "static.endpoints[1]");
+    /// # Ok::<(), towline::ConfigError>(())
+    /// ```
+    pub fn try_new<T>(uris: impl IntoIterator<Item = T>) -> Result<Self, crate::ConfigError>
+    where
+        T: TryInto<Uri> + std::fmt::Debug,
+        T::Error: std::fmt::Display,
+    {
+        let uris = uris
+            .into_iter()
+            .enumerate()
+            .map(|(i, uri)| {
+                let shown = format!("{uri:?}");
+                uri.try_into().map_err(|e| {
+                    crate::ConfigError::new(
+                        format!("static.endpoints[{i}]"),
+                        format!("{shown} is not a URI: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<Uri>, _>>()?;
+        Ok(Static::new(uris))
+    }
+
     /// Endpoints with a static weight each.
     pub fn weighted(endpoints: impl IntoIterator<Item = (Uri, u32)>) -> Self {
         let pending: Vec<_> = endpoints
