@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 use greeter::proto::{HelloRequest, greeter_client::GreeterClient};
 use tokio::net::TcpListener;
 use tonic::Code;
+use tonic::transport::{Channel, Uri};
 use tower::ServiceBuilder;
-use towline::balance::{BalanceConfig, BalanceLayer};
+use towline::balance::{Balance, BalanceConfig, BalanceLayer};
 use towline::config::ServiceConfig;
 use towline::connect::Connect;
 use towline::discover::Static;
-use towline::pool::{PoolConfig, PoolLayer};
+use towline::pool::{Pool, PoolConfig, PoolLayer};
 use towline::retry::{RetryLayer, RetryPolicy};
 
 const DEADLINE: Duration = Duration::from_millis(200);
@@ -20,7 +21,7 @@ const DEADLINE: Duration = Duration::from_millis(200);
 const WITHIN: Duration = Duration::from_millis(1500);
 
 /// A server that accepts every connection and holds it open without a byte of HTTP/2.
-async fn silent_server() -> tonic::transport::Uri {
+async fn silent_server() -> Uri {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("http://{}", listener.local_addr().unwrap())
         .parse()
@@ -32,6 +33,17 @@ async fn silent_server() -> tonic::transport::Uri {
         }
     });
     uri
+}
+
+/// The bottom of every stack here: a balancer over a pool, towline's defaults.
+fn balanced(server: Uri) -> Balance<Pool<Channel>> {
+    ServiceBuilder::new()
+        .layer(BalanceLayer::new(
+            Static::new([server]),
+            BalanceConfig::default(),
+        ))
+        .layer(PoolLayer::new(PoolConfig::default()))
+        .service(Connect::new())
 }
 
 fn request() -> tonic::Request<HelloRequest> {
@@ -56,12 +68,7 @@ async fn a_deadline_on_the_call_ends_it_deadline_exceeded_saying_why() {
     let server = silent_server().await;
     let stack = ServiceBuilder::new()
         .layer(RetryLayer::new(RetryPolicy::default()))
-        .layer(BalanceLayer::new(
-            Static::new([server]),
-            BalanceConfig::default(),
-        ))
-        .layer(PoolLayer::new(PoolConfig::default()))
-        .service(Connect::new());
+        .service(balanced(server));
     let mut client = GreeterClient::new(stack);
 
     let mut call = request();
@@ -85,12 +92,7 @@ async fn a_service_config_timeout_does_the_same_for_every_call() {
     let stack = ServiceBuilder::new()
         .option_layer(config.per_method_layer())
         .layer(RetryLayer::new(RetryPolicy::default()))
-        .layer(BalanceLayer::new(
-            Static::new([server]),
-            BalanceConfig::default(),
-        ))
-        .layer(PoolLayer::new(PoolConfig::default()))
-        .service(Connect::new());
+        .service(balanced(server));
     let mut client = GreeterClient::new(stack);
 
     let (status, took) = timed(client.say_hello(request())).await;
@@ -104,12 +106,7 @@ async fn tower_timeout_above_the_stack_ends_the_call_unknown() {
     let stack = ServiceBuilder::new()
         .timeout(DEADLINE)
         .layer(RetryLayer::new(RetryPolicy::default()))
-        .layer(BalanceLayer::new(
-            Static::new([server]),
-            BalanceConfig::default(),
-        ))
-        .layer(PoolLayer::new(PoolConfig::default()))
-        .service(Connect::new());
+        .service(balanced(server));
     let mut client = GreeterClient::new(stack);
 
     let (status, took) = timed(client.say_hello(request())).await;
@@ -124,12 +121,7 @@ async fn tower_timeout_under_retry_ends_an_attempt_deadline_exceeded_not_retried
     let stack = ServiceBuilder::new()
         .layer(RetryLayer::new(RetryPolicy::default()))
         .timeout(DEADLINE)
-        .layer(BalanceLayer::new(
-            Static::new([server]),
-            BalanceConfig::default(),
-        ))
-        .layer(PoolLayer::new(PoolConfig::default()))
-        .service(Connect::new());
+        .service(balanced(server));
     let mut client = GreeterClient::new(stack);
 
     let (status, took) = timed(client.say_hello(request())).await;
