@@ -70,6 +70,9 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! [`Change::Insert`]: super::Change::Insert
+//! [`Change::Remove`]: super::Change::Remove
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -92,7 +95,7 @@ use http::Uri;
 use http::uri::Scheme;
 use tokio::time::Sleep;
 
-use super::{Change, Endpoint, Update};
+use super::{Endpoint, Update, full_set};
 use crate::BoxError;
 
 /// The hickory-resolver crate this module is built on, to build a resolver for
@@ -251,15 +254,13 @@ impl Stream for Dns {
 
 /// Changes that take `old` to `new`: inserts (new addresses, changed weights) first, then removes.
 fn diff(old: &Resolved, new: &Resolved, scheme: &Scheme) -> Vec<Update> {
-    let inserts = new
-        .iter()
-        .filter(|(addr, weight)| old.get(addr) != Some(weight))
-        .map(|(addr, weight)| Change::Insert(uri(scheme, *addr), Endpoint::weighted(*weight)));
-    let removes = old
-        .keys()
-        .filter(|addr| !new.contains_key(addr))
-        .map(|addr| Change::Remove(uri(scheme, *addr)));
-    inserts.chain(removes).collect()
+    let endpoints = |set: &Resolved| {
+        full_set::set_of(
+            set.iter()
+                .map(|(addr, weight)| (uri(scheme, *addr), Endpoint::weighted(*weight))),
+        )
+    };
+    full_set::diff(&endpoints(old), &endpoints(new))
 }
 
 fn uri(scheme: &Scheme, addr: SocketAddr) -> Uri {
@@ -703,6 +704,7 @@ pub type BuildError = ConfigError;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discover::Change;
     use futures::StreamExt;
     use std::sync::Mutex;
     use tokio::time::Instant;

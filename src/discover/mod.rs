@@ -2,7 +2,8 @@
 //!
 //! The balancer consumes any [`Discover`]: a `Stream` of `Result<Change<Uri, Endpoint>, BoxError>`.
 //! towline ships a fixed list ([`Static`]), a channel you feed from your own watch (Consul,
-//! etcd, Kubernetes: [`channel`]) and, with the `dns` feature (on by default), DNS A/AAAA and SRV
+//! etcd, Kubernetes: [`channel`]), [`FullSet`] for a registry that only tells you the whole set
+//! (it yields what changed) and, with the `dns` feature (on by default), DNS A/AAAA and SRV
 //! records re-resolved on an interval ([`dns::Dns`]). With the `etcd` feature, `discover::etcd`
 //! follows a key prefix in etcd (`Etcd`) and registers servers under it on a lease
 //! (`Registration`).
@@ -32,6 +33,9 @@ use crate::BoxError;
 pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod full_set;
+
+pub use full_set::FullSet;
 
 /// What discovery knows about an endpoint besides its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
