@@ -1,0 +1,208 @@
+//! The one-call client: `Channel::builder(target)?.service_config(json)?.build()?` against real
+//! tonic servers on loopback, through generated clients.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use tonic::metadata::MetadataValue;
+use towline::Channel;
+use towline::balance::{EndpointState, RoundRobin};
+use towline::pool::PoolConfig;
+use towline::testkit::Backend;
+use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+
+/// `ipv4:127.0.0.1:a,127.0.0.1:b,…` for `backends`.
+fn ipv4_target(backends: &[Backend]) -> String {
+    let addrs: Vec<String> = backends.iter().map(|b| b.addr().to_string()).collect();
+    format!("ipv4:{}", addrs.join(","))
+}
+
+async fn all_ready(channel: &Channel, n: usize) {
+    timeout(
+        Duration::from_secs(10),
+        channel.balance().wait_until(|endpoints| {
+            endpoints.len() == n && endpoints.iter().all(|e| e.state == EndpointState::Ready)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("endpoints not ready: {:#?}", channel.snapshot()));
+}
+
+const ROUND_ROBIN: &str = r#"{
+  "loadBalancingConfig": [{"round_robin": {}}],
+  "methodConfig": [{
+    "name": [{"service": "towline.testkit.v1.Echo"}],
+    "retryPolicy": {
+      "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]
+    }
+  }],
+  "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}
+}"#;
+
+#[tokio::test]
+async fn three_endpoints_from_an_ipv4_target_share_the_calls() {
+    let backends = Backend::start_many(3).await.unwrap();
+    let channel = Channel::builder(&ipv4_target(&backends))
+        .unwrap()
+        .service_config(ROUND_ROBIN)
+        .unwrap()
+        .build()
+        .unwrap();
+    all_ready(&channel, 3).await;
+    let mut client = EchoClient::new(channel.clone());
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let reply = client.unary(EchoRequest::default()).await.unwrap();
+        *per_backend.entry(reply.into_inner().backend).or_default() += 1;
+    }
+    // round_robin from the service config: ten each.
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    assert!(per_backend.values().all(|&n| n == 10), "{per_backend:?}");
+
+    // The pieces are exposed: one pool per endpoint, keyed by the endpoint's URI.
+    let mut pools: Vec<String> = channel
+        .pool_stats()
+        .iter()
+        .map(|(uri, stats)| {
+            assert!(stats.open >= 1, "{uri}: {stats:?}");
+            uri.to_string()
+        })
+        .collect();
+    pools.sort();
+    let mut expected: Vec<String> = backends.iter().map(|b| b.uri().to_string()).collect();
+    expected.sort();
+    assert_eq!(pools, expected);
+}
+
+#[tokio::test]
+async fn the_service_config_retry_policy_retries_on_another_call() {
+    let backend = Backend::start().await.unwrap();
+    let channel = Channel::builder(&format!("ipv4:{}", backend.addr()))
+        .unwrap()
+        .service_config(ROUND_ROBIN)
+        .unwrap()
+        .build()
+        .unwrap();
+    backend.fail_next(2, tonic::Code::Unavailable);
+    let reply = EchoClient::new(channel)
+        .unary(EchoRequest {
+            message: "again".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.get_ref().message, "again");
+    assert_eq!(
+        backend.calls(),
+        3,
+        "two failures, then the retry that succeeded"
+    );
+}
+
+#[tokio::test]
+async fn the_default_stack_retries_unavailable_without_a_service_config() {
+    let backend = Backend::start().await.unwrap();
+    let channel = Channel::builder(&backend.addr().to_string())
+        .unwrap()
+        .build()
+        .unwrap();
+    backend.fail_next(1, tonic::Code::Unavailable);
+    EchoClient::new(channel)
+        .unary(EchoRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(backend.calls(), 2);
+}
+
+#[tokio::test]
+async fn with_interceptor_and_metrics_off_through_a_generated_client() {
+    let backends = Backend::start_many(2).await.unwrap();
+    for metrics in [true, false] {
+        let channel = Channel::builder(&ipv4_target(&backends))
+            .unwrap()
+            .metrics(metrics)
+            .strategy(RoundRobin::new())
+            .pool(PoolConfig::builder().size(2).build().unwrap())
+            .build()
+            .unwrap();
+        let mut client =
+            EchoClient::with_interceptor(channel.clone(), |mut request: tonic::Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("x-tenant", MetadataValue::from_static("acme"));
+                Ok(request)
+            });
+        let reply = client.unary(EchoRequest::default()).await.unwrap();
+        assert_eq!(reply.get_ref().request_headers["x-tenant"], "acme");
+        all_ready(&channel, 2).await;
+        // The pool setting reached every endpoint: two connections each.
+        for (uri, stats) in channel.pool_stats() {
+            assert_eq!(stats.open, 2, "{uri}: {stats:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_ip_literal_dns_target_needs_no_resolver() {
+    let backend = Backend::start().await.unwrap();
+    let channel = Channel::builder(&format!("dns:///{}", backend.addr()))
+        .unwrap()
+        .build()
+        .unwrap();
+    EchoClient::new(channel.clone())
+        .unary(EchoRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(channel.snapshot()[0].uri, backend.uri());
+}
+
+#[tokio::test]
+async fn a_dead_target_fails_calls_with_unavailable_saying_why() {
+    let backend = Backend::start().await.unwrap();
+    backend.stop().await;
+    let channel = Channel::builder(&format!("ipv4:{}", backend.addr()))
+        .unwrap()
+        .balance(|b| b.endpoint_wait(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    assert!(!channel.ready_within(Duration::from_millis(300)).await);
+    let status = timeout(
+        Duration::from_secs(10),
+        EchoClient::new(channel).unary(EchoRequest::default()),
+    )
+    .await
+    .expect("fails fast, never hangs")
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn settings_that_cannot_work_fail_at_build_naming_the_field() {
+    let err = Channel::builder("ipv4:127.0.0.1:1")
+        .unwrap()
+        .balance(|b| b.panic_threshold(2.0))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "balance.panic_threshold");
+
+    let err = Channel::builder("ipv4:127.0.0.1:1")
+        .unwrap()
+        .service_config(r#"{"methodConfig": [{"name": [{}], "timeout": "0s"}]}"#)
+        .unwrap_err();
+    assert_eq!(err.field(), "methodConfig[0].timeout");
+
+    let err = Channel::builder("consul://x/y").unwrap_err();
+    assert_eq!(err.field(), "target");
+    assert!(err.problem().contains("unknown scheme `consul`"), "{err}");
+}
+
+#[test]
+fn building_outside_a_runtime_is_a_config_error() {
+    let err = Channel::builder("ipv4:127.0.0.1:1")
+        .unwrap()
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "runtime");
+}
