@@ -206,3 +206,72 @@ fn building_outside_a_runtime_is_a_config_error() {
         .unwrap_err();
     assert_eq!(err.field(), "runtime");
 }
+
+#[tokio::test]
+async fn a_dns_target_resolves_through_the_system_resolver() {
+    // `localhost` from the hosts file: 127.0.0.1 (and ::1 where the hosts file says so, served
+    // too when this machine has IPv6), all on one port, as DNS gives one port for every address.
+    let v4 = Backend::builder().id("v4").start().await.unwrap();
+    let port = v4.addr().port();
+    let v6 = Backend::builder()
+        .id("v6")
+        .addr(std::net::SocketAddr::from((
+            std::net::Ipv6Addr::LOCALHOST,
+            port,
+        )))
+        .start()
+        .await
+        .ok();
+    let channel = Channel::builder(&format!("dns:///localhost:{port}"))
+        .unwrap()
+        .build()
+        .unwrap();
+    let reply = EchoClient::new(channel.clone())
+        .unary(EchoRequest::default())
+        .await
+        .unwrap();
+    assert!(["v4", "v6"].contains(&reply.get_ref().backend.as_str()));
+    let snapshot = channel.snapshot();
+    assert!(!snapshot.is_empty());
+    for endpoint in &snapshot {
+        let authority = endpoint.uri.authority().unwrap();
+        assert_eq!(authority.port_u16(), Some(port), "{snapshot:#?}");
+        let ip: std::net::IpAddr = authority
+            .host()
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .unwrap();
+        assert!(ip.is_loopback(), "{snapshot:#?}");
+    }
+    drop(v6);
+}
+
+#[tokio::test]
+async fn a_panicking_configure_marks_the_endpoint_down_with_the_reason() {
+    let backend = Backend::start().await.unwrap();
+    let channel = Channel::builder(&format!("ipv4:{}", backend.addr()))
+        .unwrap()
+        .connect(|c| c.configure(|_| panic!("bad TLS file")))
+        .balance(|b| b.endpoint_wait(Duration::from_millis(200)))
+        .build()
+        .unwrap();
+    timeout(
+        Duration::from_secs(10),
+        channel.balance().wait_until(|e| {
+            e.len() == 1
+                && e[0].state == EndpointState::Down
+                && e[0]
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("Connect::configure panicked: bad TLS file"))
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reason: {:#?}", channel.snapshot()));
+    let status = EchoClient::new(channel)
+        .unary(EchoRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(backend.connections_accepted(), 0);
+}
