@@ -275,3 +275,61 @@ async fn a_panicking_configure_marks_the_endpoint_down_with_the_reason() {
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(backend.connections_accepted(), 0);
 }
+
+#[tokio::test]
+async fn a_dns_server_in_the_target_is_the_one_asked() {
+    // A UDP socket standing in for the DNS server: the query reaching it is the proof.
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let channel = Channel::builder(&format!("dns://{addr}/greeter.test:50051"))
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut query = [0u8; 512];
+    let (len, _) = timeout(Duration::from_secs(10), server.recv_from(&mut query))
+        .await
+        .expect("a DNS query reaches the server named in the target")
+        .unwrap();
+    // The question carries the name as DNS labels: 8 "greeter" 4 "test" 0.
+    let wire = b"\x07greeter\x04test\x00";
+    assert!(
+        query[..len].windows(wire.len()).any(|w| w == wire),
+        "{:?}",
+        &query[..len]
+    );
+    drop(channel);
+}
+
+#[tokio::test]
+async fn into_parts_takes_a_layer_of_your_own_between_balance_and_pool() {
+    use tower::{Layer, ServiceBuilder};
+    use towline::balance::Balance;
+
+    let backends = Backend::start_many(2).await.unwrap();
+    let parts = Channel::builder(&ipv4_target(&backends))
+        .unwrap()
+        .into_parts()
+        .unwrap();
+    // Per-endpoint middleware: every call through an endpoint's pool is stamped.
+    let stamp =
+        tower::util::MapRequestLayer::new(|mut request: http::Request<tonic::body::Body>| {
+            request
+                .headers_mut()
+                .insert("x-per-endpoint", http::HeaderValue::from_static("yes"));
+            request
+        });
+    let make_endpoint = ServiceBuilder::new()
+        .map_response(move |pool| stamp.layer(pool))
+        .layer(parts.pool)
+        .service(parts.connect);
+    let balance = Balance::new(parts.discovery, make_endpoint, parts.balance);
+    let stack = ServiceBuilder::new()
+        .layer(parts.metrics.expect("metrics are on by default"))
+        .layer(parts.retry)
+        .service(balance);
+    let reply = EchoClient::new(stack)
+        .unary(EchoRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.get_ref().request_headers["x-per-endpoint"], "yes");
+}

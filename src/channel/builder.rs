@@ -179,6 +179,31 @@ impl ChannelBuilder {
     /// Checks everything and returns the pieces the default stack is made of, to compose
     /// yourself (say, with your own layer between the balancer and the pool, or in place of
     /// one of towline's). [`build`](Self::build) is these pieces, stacked.
+    ///
+    /// Per-endpoint middleware, a layer on each endpoint's pool under the balancer:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), towline::ConfigError> {
+    /// use std::time::Duration;
+    /// use tower::{ServiceBuilder, Layer};
+    /// use towline::balance::Balance;
+    ///
+    /// let parts = towline::Channel::builder("ipv4:10.0.0.1:50051,10.0.0.2:50051")?.into_parts()?;
+    /// let per_endpoint = tower::limit::ConcurrencyLimitLayer::new(64);
+    /// let make_endpoint = ServiceBuilder::new()
+    ///     .map_response(move |pool| per_endpoint.layer(pool)) // each endpoint's pool, limited
+    ///     .layer(parts.pool)
+    ///     .service(parts.connect);
+    /// let balance = Balance::new(parts.discovery, make_endpoint, parts.balance);
+    /// let stack = ServiceBuilder::new()
+    ///     .layer(parts.metrics.expect("metrics are on by default"))
+    ///     .layer(parts.retry)
+    ///     .service(balance);
+    /// // `GreeterClient::new(stack)`
+    /// # let _ = stack;
+    /// # Ok(()) }
+    /// ```
     pub fn into_parts(self) -> Result<ChannelParts, ConfigError> {
         let tls = self.tls_enabled();
         if tls && self.target.is_unix() && self.discovery.is_none() {

@@ -82,8 +82,8 @@ impl Channel {
 
     /// The balancer: [`snapshot`](Balance::snapshot) of every endpoint (state, calls in flight,
     /// latency, why it is not ready), [`wait_until`](Balance::wait_until) a condition holds,
-    /// [`in_panic`](Balance::in_panic). For a readiness probe, hand it to
-    /// [`readiness::balance_check`](crate::readiness::balance_check).
+    /// [`in_panic`](Balance::in_panic). It is a readiness [`Source`](crate::readiness::Source):
+    /// `Readiness::new().source("greeter", channel.balance().clone())`.
     pub fn balance(&self) -> &Balanced {
         &self.balance
     }
