@@ -333,3 +333,55 @@ async fn into_parts_takes_a_layer_of_your_own_between_balance_and_pool() {
         .unwrap();
     assert_eq!(reply.get_ref().request_headers["x-per-endpoint"], "yes");
 }
+
+/// Side by side in one run (these machines vary ±20–30 % between runs): the one-call client
+/// and tonic's `Channel::balance_list` over the same three backends, 32 calls in flight,
+/// each bounded at 20,000 calls or 5 s, twice in alternation. Prints the figures; fails only
+/// on failed calls. `cargo test --release --all-features --test channel -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run it on purpose"]
+async fn side_by_side_with_tonic_balance_list() {
+    use towline::testkit::Load;
+    let backends = Backend::start_many(3).await.unwrap();
+    let towline = Channel::builder(&ipv4_target(&backends))
+        .unwrap()
+        .strategy(RoundRobin::new())
+        .build()
+        .unwrap();
+    all_ready(&towline, 3).await;
+    let tonic = tonic::transport::Channel::balance_list(
+        backends
+            .iter()
+            .map(|b| tonic::transport::Endpoint::from(b.uri())),
+    );
+    let load = Load::new(32).calls(20_000).duration(Duration::from_secs(5));
+    for round in 0..2 {
+        for name in ["towline::Channel", "tonic balance_list"] {
+            let (towline, tonic) = (towline.clone(), tonic.clone());
+            let report = load
+                .run(move |_| {
+                    let (towline, tonic) = (towline.clone(), tonic.clone());
+                    async move {
+                        let reply = if name == "towline::Channel" {
+                            EchoClient::new(towline)
+                                .unary(EchoRequest::default())
+                                .await?
+                        } else {
+                            EchoClient::new(tonic).unary(EchoRequest::default()).await?
+                        };
+                        Ok(reply.into_inner().backend)
+                    }
+                })
+                .await;
+            assert_eq!(report.failed(), 0, "{:?}", report.failures());
+            println!(
+                "round {round} {name:20} {:>8.0} calls/s  p50 {:>7.0?}  p99 {:>7.0?}  ({} calls, {:?})",
+                report.throughput(),
+                report.p50(),
+                report.p99(),
+                report.calls(),
+                report.tally()
+            );
+        }
+    }
+}

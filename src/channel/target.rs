@@ -89,7 +89,7 @@ impl Target {
                 "`{scheme}://` is a URL, not a gRPC target: write `dns:///host:port` or \
                  `ipv4:address:port`{}",
                 if scheme == "https" {
-                    ", and set TLS with `.tls(..)`"
+                    ", and set TLS with `.tls(..)` (feature `tls`)"
                 } else {
                     ""
                 }
