@@ -142,6 +142,9 @@ async fn an_abstract_socket_target_goes_through_balance_and_pool() {
         .unwrap();
     let status = check(&missing).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // The reason names the socket.
+    let key = format!("unix-abstract://localhost/{name}-missing");
+    assert!(status.message().contains(&key), "{status:?}");
     server.abort();
 }
 
