@@ -105,8 +105,9 @@ pin_project! {
         Calling {
             #[pin] future: S::Future,
             guard: Option<CallGuard>,
-            // Armed only once the response is pending, so a call without a deadline sets none.
-            expires: Option<Pin<Box<tokio::time::Sleep>>>,
+            // Armed only once the response is pending, so a call without a deadline sets none;
+            // kept in the future itself, so that a call with one allocates nothing for it.
+            #[pin] expires: Option<tokio::time::Sleep>,
         },
         // The call cannot be served; the status says why.
         Failed { status: Option<Status> },
@@ -309,10 +310,13 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             let Some(deadline) = *this.call_deadline else {
                                 return Poll::Pending;
                             };
-                            let expires = expires.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep_until(deadline.at))
-                            });
-                            if expires.as_mut().poll(cx).is_pending() {
+                            let mut expires = expires;
+                            if expires.is_none() {
+                                expires.set(Some(tokio::time::sleep_until(deadline.at)));
+                            }
+                            if let Some(expires) = expires.as_pin_mut()
+                                && expires.poll(cx).is_pending()
+                            {
                                 return Poll::Pending;
                             }
                             // Dropping the inner future cancels the call wherever it is.
