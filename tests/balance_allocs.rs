@@ -132,6 +132,7 @@ async fn a_call_with_a_deadline_allocates_nothing_in_the_balancer() {
     allocations_of(&mut balance, 10).await;
     let bare = allocations_of(&mut Later, CALLS).await;
     let balanced = allocations_of(&mut balance, CALLS).await;
+    eprintln!("{bare} allocations for {CALLS} bare calls, {balanced} through the balancer");
     // What the request and response make themselves is in both; the balancer adds nothing
     // (a little slack for the balancer's own task, which may run on this thread meanwhile).
     assert!(
