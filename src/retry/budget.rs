@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tower::retry::budget::{Budget as _, TpsBudget};
-
+use super::percent::PercentBudget;
 use crate::ConfigError;
 
 /// A retry budget shared by every call that uses it. Cheap to clone: clones share one budget.
@@ -19,7 +18,7 @@ use crate::ConfigError;
 ///   (`max_tokens`); every failure with a retryable code takes one token, every success puts back
 ///   `token_ratio`; no retry while the tokens are at or below half of `max_tokens`. An outage is
 ///   throttled after `max_tokens / 2` failures, however much healthy traffic came before.
-/// - [`percent`](Self::percent): the Finagle design (tower's `TpsBudget`, wrapped): each call
+/// - [`percent`](Self::percent): the Finagle design (tower's `TpsBudget`, lock-free): each call
 ///   deposits, each retry withdraws; retries may be at most `ratio` of the calls made in the last
 ///   `ttl`, plus `min_per_sec` retries per second so that a quiet client can still retry. The
 ///   deposits of the healthy calls before an outage stay for `ttl`: at 10,000 calls/s, a
@@ -53,7 +52,7 @@ pub struct RetryBudget(Arc<Kind>);
 
 enum Kind {
     TokenBucket(TokenBucket),
-    Percent(TpsBudget),
+    Percent(PercentBudget),
 }
 
 impl RetryBudget {
@@ -85,9 +84,9 @@ impl RetryBudget {
         }))))
     }
 
-    /// The Finagle percentage budget (tower's `TpsBudget`): retries may be `ratio` (0.0 to 10.0)
-    /// of the calls made in the last `ttl` (1 to 60 s), plus `min_per_sec` retries per second.
-    /// Finagle's and tower's defaults are 10 s, 10 per second and 0.2.
+    /// The Finagle percentage budget (tower's `TpsBudget`, without its lock): retries may be
+    /// `ratio` (0.0 to 10.0) of the calls made in the last `ttl` (1 to 60 s), plus `min_per_sec`
+    /// retries per second. Finagle's and tower's defaults are 10 s, 10 per second and 0.2.
     pub fn percent(ttl: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, ConfigError> {
         if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(60) {
             return Err(ConfigError::new(
@@ -104,8 +103,7 @@ impl RetryBudget {
                 "must be between 0.0 and 10.0",
             ));
         }
-        // tower takes a percentage-like f32 where 1.0 means 100 %.
-        let budget = TpsBudget::new(ttl, min_per_sec, ratio as f32);
+        let budget = PercentBudget::new(ttl, min_per_sec, ratio);
         Ok(RetryBudget(Arc::new(Kind::Percent(budget))))
     }
 
@@ -243,6 +241,43 @@ mod tests {
         }
         let allowed = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(allowed, 10);
+    }
+
+    /// Many threads at once: every token-bucket update lands, and a percentage budget grants
+    /// exactly the retries its deposits pay for, never one more.
+    #[test]
+    fn concurrent_accounting_is_exact() {
+        const THREADS: usize = 8;
+        let bucket = RetryBudget::token_bucket(1000.0, 0.5).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        bucket.on_failure();
+                        bucket.on_success();
+                    }
+                });
+            }
+        });
+        // 800 failures (-800) and 800 successes (+400), never clamped at either end.
+        assert_eq!(bucket.tokens(), Some(600.0));
+
+        let percent = RetryBudget::percent(Duration::from_secs(60), 0, 0.1).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| (0..1000).for_each(|_| percent.on_call()));
+            }
+        });
+        let granted = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    let mine = (0..200).filter(|_| percent.try_retry()).count() as u32;
+                    granted.fetch_add(mine, Ordering::Relaxed);
+                });
+            }
+        });
+        assert_eq!(granted.into_inner(), 800, "10% of 8,000 calls");
     }
 
     #[test]

@@ -85,6 +85,7 @@ mod future;
 mod hedge;
 mod layer;
 pub mod metrics;
+mod percent;
 mod policy;
 mod response_body;
 mod service;
