@@ -15,7 +15,7 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::body::ReplayBody;
+use super::body::Source;
 use super::budget::RetryBudget;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
@@ -58,8 +58,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<S, F> {
         Passthrough { #[pin] future: F },
-        // Boxed, so that a pass-through future is the size of the inner one.
-        Retrying { #[pin] state: State<F>, retry: Box<RetryState<S>> },
+        // Not boxed: an allocation per call costs more than moving the state a few times.
+        Retrying { #[pin] state: State<F>, retry: RetryState<S> },
     }
 }
 
@@ -87,11 +87,11 @@ pub(crate) struct RetryState<S> {
     service: S,
     /// The request's head, copied into every attempt.
     parts: Parts,
-    /// The template every attempt's body is cloned from.
-    body: ReplayBody,
-    /// The next attempt's body, cloned as soon as an attempt fails: it supersedes the failed
+    /// Where every attempt's body comes from.
+    body: Source,
+    /// The next attempt's body, decided as soon as an attempt fails: it supersedes the failed
     /// attempt's body, which stops reading from the caller's.
-    next_body: Option<ReplayBody>,
+    next_body: Option<u64>,
     policy: RetryPolicy,
     retries: Retries,
     shared: Arc<Shared>,
@@ -162,7 +162,7 @@ impl<S, F> ResponseFuture<S, F> {
         ResponseFuture {
             kind: Kind::Retrying {
                 state: State::Calling { future },
-                retry: Box::new(retry),
+                retry,
             },
         }
     }
@@ -173,7 +173,7 @@ impl<S> RetryState<S> {
     pub(crate) fn new(
         service: S,
         parts: Parts,
-        body: ReplayBody,
+        body: Source,
         policy: RetryPolicy,
         retries: Retries,
         shared: Arc<Shared>,
@@ -216,7 +216,7 @@ impl<S> RetryState<S> {
         match result {
             Ok(res) => match classify_response(&res) {
                 ResponseStatus::TrailersOnly(code) if code != Code::Ok => {
-                    self.next_body = Some(self.body.clone());
+                    self.next_body = Some(self.body.supersede());
                     match self.after_failure(code, pushback(res.headers())) {
                         Some(delay) => Decision::Retry(delay),
                         None => Decision::Done(Ok(res)),
@@ -251,7 +251,7 @@ impl<S> RetryState<S> {
                 }
             },
             Err(err) => {
-                self.next_body = Some(self.body.clone());
+                self.next_body = Some(self.body.supersede());
                 let err = err.into();
                 if is_unprocessed(&*err)
                     && self.transparent < self.policy.max_transparent_retries()
@@ -365,8 +365,14 @@ impl<S> RetryState<S> {
             }
             Pending::Transparent => self.transparent += 1,
         }
-        let body = self.next_body.take().unwrap_or_else(|| self.body.clone());
-        Ok(Request::from_parts(parts, Body::new(body)))
+        let generation = self
+            .next_body
+            .take()
+            .unwrap_or_else(|| self.body.supersede());
+        Ok(Request::from_parts(
+            parts,
+            Body::new(self.body.attempt(generation)),
+        ))
     }
 
     fn finish(&self) {
@@ -460,15 +466,17 @@ mod tests {
     }
 
     #[test]
-    fn a_pass_through_future_is_the_size_of_the_inner_one() {
+    fn the_retry_state_is_held_inline_and_stays_small() {
         type Inner = std::future::Ready<Result<Response<Body>, BoxError>>;
         type Svc = tower::util::BoxCloneService<Request<Body>, Response<Body>, BoxError>;
         let inner = std::mem::size_of::<Inner>();
+        let state = std::mem::size_of::<RetryState<Svc>>();
         let ours = std::mem::size_of::<ResponseFuture<Svc, Inner>>();
         assert!(
-            ours <= inner + 2 * std::mem::size_of::<usize>(),
-            "{ours} vs {inner}"
+            ours <= inner + state + 2 * std::mem::size_of::<usize>(),
+            "{ours} vs {inner} + {state}"
         );
+        assert!(state <= 400, "{state}");
     }
 
     #[test]

@@ -63,11 +63,12 @@
 //! inner future with no allocation.
 //!
 //! What transparent retries cost a call the policy does not retry: the request head is cloned
-//! (its headers and extensions), the body is wrapped in a [`ReplayBody`] (one shared buffer;
-//! each data frame kept is a reference-counted `Bytes`, a lock per frame), the inner service is
-//! cloned and the retry state boxed: a few small allocations per call, and the request's bytes
-//! held until the response arrives. No budget is touched. Set `max_transparent_retries(0)` on
-//! the policy to trade them for the bare pass-through.
+//! (its headers and extensions), the body is wrapped in a [`ReplayBody`] (one shared buffer that
+//! the attempt reading it owns, so no lock per frame; each data frame kept is a
+//! reference-counted `Bytes`) and the inner service is cloned: a few small allocations per call
+//! (listed on [`Retry`]), and the request's bytes held until the response arrives. No budget is
+//! touched. Set `max_transparent_retries(0)` on the policy to trade them for the bare
+//! pass-through.
 //!
 //! ## Metrics
 //! Through the [`metrics`](https://docs.rs/metrics) facade, with gRFC A96 names and no labels
@@ -91,7 +92,7 @@ mod response_body;
 mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
-pub use body::ReplayBody;
+pub use body::{Capped, ReplayBody};
 pub use budget::RetryBudget;
 pub use future::{
     GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, MAX_PUSHBACK, ResponseFuture,

@@ -11,7 +11,7 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use super::NoRetry;
-use super::body::ReplayBody;
+use super::body::Source;
 use super::budget::RetryBudget;
 use super::future::{ResponseFuture, Retries, RetryState};
 use super::layer::Shared;
@@ -118,8 +118,8 @@ where
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
             parts.extensions.insert(CallEnd::new());
         }
-        let body = ReplayBody::new(body, max_bytes);
-        let first = Request::from_parts(parts.clone(), Body::new(body.clone()));
+        let body = Source::new(body, max_bytes);
+        let first = Request::from_parts(parts.clone(), Body::new(body.attempt(body.supersede())));
         let future = self.inner.call(first);
         // The clone drives its own poll_ready before every later attempt.
         let service = self.inner.clone();
