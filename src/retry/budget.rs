@@ -107,6 +107,26 @@ impl RetryBudget {
         Ok(RetryBudget(Arc::new(Kind::Percent(budget))))
     }
 
+    /// A builder for [`percent`](Self::percent) that starts from Finagle's and tower's defaults
+    /// (10 s, 10 per second, 0.2), so that one setting can be changed alone:
+    ///
+    /// ```
+    /// use towline::retry::RetryBudget;
+    ///
+    /// let budget = RetryBudget::percent_builder().ratio(0.1).build()?;
+    /// let err = RetryBudget::percent_builder().ratio(11.0).build().unwrap_err();
+    /// assert_eq!(err.field(), "retry_budget.ratio");
+    /// # let _ = budget;
+    /// # Ok::<(), towline::ConfigError>(())
+    /// ```
+    pub fn percent_builder() -> PercentBuilder {
+        PercentBuilder {
+            ttl: Duration::from_secs(10),
+            min_per_sec: 10,
+            ratio: 0.2,
+        }
+    }
+
     /// A new logical call starts (its first attempt).
     pub(crate) fn on_call(&self) {
         if let Kind::Percent(budget) = &*self.0 {
@@ -151,6 +171,40 @@ impl RetryBudget {
             }
             Kind::Percent(_) => None,
         }
+    }
+}
+
+/// Builds a [`RetryBudget::percent`]; [`build`](Self::build) checks every setting and names the
+/// first bad one.
+#[derive(Debug, Clone)]
+pub struct PercentBuilder {
+    ttl: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+}
+
+impl PercentBuilder {
+    /// How long a call's deposit counts (1 to 60 s; default 10 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Retries per second allowed whatever the traffic (default 10).
+    pub fn min_per_sec(mut self, min_per_sec: u32) -> Self {
+        self.min_per_sec = min_per_sec;
+        self
+    }
+
+    /// Retries per call (0.0 to 10.0; default 0.2).
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = ratio;
+        self
+    }
+
+    /// The budget, or the first bad setting.
+    pub fn build(self) -> Result<RetryBudget, ConfigError> {
+        RetryBudget::percent(self.ttl, self.min_per_sec, self.ratio)
     }
 }
 

@@ -93,11 +93,11 @@ mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use body::{Capped, ReplayBody};
-pub use budget::RetryBudget;
+pub use budget::{PercentBuilder, RetryBudget};
 pub use future::{
     GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, MAX_PUSHBACK, ResponseFuture,
 };
-pub use hedge::{Hedge, HedgeLayer, HedgePolicy};
+pub use hedge::{Hedge, HedgeFuture, HedgeLayer, HedgePolicy, HedgePolicyBuilder};
 pub use layer::RetryLayer;
 pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
 pub use service::Retry;
