@@ -105,45 +105,14 @@ impl ReplayBody {
     pub fn new(body: Body, max_bytes: usize) -> Self {
         let size_hint = body.size_hint();
         let was_empty = body.is_end_stream();
-        let kept = if size_hint.lower() <= max_bytes as u64 {
-            KEPT
-        } else {
-            CAPPED
-        };
-        let state = State {
-            rest: (!was_empty).then_some(body),
-            frames: Vec::new(),
-            read: 0,
-            buffered: 0,
-            trailers: None,
-        };
-        ReplayBody {
-            shared: Arc::new(Shared {
-                idle: Mutex::new(Some(state)),
-                latest: AtomicU64::new(0),
-                kept: AtomicU8::new(kept),
-                holder: AtomicWaker::new(),
-                waiting: AtomicWaker::new(),
-                max_bytes,
-                size_hint,
-                was_empty,
-            }),
-            state: None,
-            position: 0,
-            trailers_sent: false,
-            generation: 0,
-        }
+        let rest = (!was_empty).then_some(body);
+        Replay::new(rest, Vec::new(), None, size_hint, was_empty, max_bytes).attempt(0)
     }
 
     /// Whether a new attempt could be sent in full: nothing read so far was lost to the cap or
     /// to an error of the caller's body.
     pub fn is_replayable(&self) -> bool {
         self.shared.kept.load(Ordering::Acquire) == KEPT
-    }
-
-    fn into_source(mut self) -> Source {
-        self.release();
-        Source(self.shared.clone())
     }
 
     fn superseded(&self) -> bool {
@@ -192,18 +161,49 @@ impl Clone for ReplayBody {
     /// attempt that is still being sent (its response came back first) ends with `CANCELLED` at
     /// its next poll and gives the buffer back, rather than compete for the caller's body.
     fn clone(&self) -> Self {
-        let source = Source(self.shared.clone());
-        source.attempt(source.supersede())
+        let replay = Replay(self.shared.clone());
+        replay.attempt(replay.supersede())
     }
 }
 
 /// What the retry layer keeps of a [`ReplayBody`] between attempts: the shared part alone, one
 /// pointer (the body's own fields would only make every retrying future bigger).
-pub(crate) struct Source(Arc<Shared>);
+pub(crate) struct Replay(Arc<Shared>);
 
-impl Source {
-    pub(crate) fn new(body: Body, max_bytes: usize) -> Self {
-        ReplayBody::new(body, max_bytes).into_source()
+impl Replay {
+    /// A body of which `prefix` (with `trailers`, if it ended) was read already, at most
+    /// `max_bytes` of it; `size_hint` and `was_empty` are the caller's body's before any read.
+    pub(crate) fn new(
+        rest: Option<Body>,
+        prefix: Vec<Bytes>,
+        trailers: Option<HeaderMap>,
+        size_hint: SizeHint,
+        was_empty: bool,
+        max_bytes: usize,
+    ) -> Self {
+        let buffered = prefix.iter().map(Bytes::len).sum::<usize>();
+        let kept = if size_hint.lower() <= max_bytes as u64 && buffered <= max_bytes {
+            KEPT
+        } else {
+            CAPPED
+        };
+        let state = State {
+            rest,
+            read: prefix.len(),
+            frames: prefix,
+            buffered,
+            trailers,
+        };
+        Replay(Arc::new(Shared {
+            idle: Mutex::new(Some(state)),
+            latest: AtomicU64::new(0),
+            kept: AtomicU8::new(kept),
+            holder: AtomicWaker::new(),
+            waiting: AtomicWaker::new(),
+            max_bytes,
+            size_hint,
+            was_empty,
+        }))
     }
 
     /// Ends every attempt made so far, at its next poll; returns the next attempt's generation.

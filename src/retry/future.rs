@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -15,11 +14,12 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::body::Source;
 use super::budget::RetryBudget;
+use super::head::Head;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use super::response_body::Outcome;
+use super::source::Source;
 use crate::BoxError;
 use crate::status::CallEnd;
 use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
@@ -85,8 +85,8 @@ pub(crate) enum Retries {
 /// What a retrying call keeps between attempts.
 pub(crate) struct RetryState<S> {
     service: S,
-    /// The request's head, copied into every attempt.
-    parts: Parts,
+    /// The request's head, copied into every attempt after the first.
+    head: Head,
     /// Where every attempt's body comes from.
     body: Source,
     /// The next attempt's body, decided as soon as an attempt fails: it supersedes the failed
@@ -172,7 +172,7 @@ impl<S> RetryState<S> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         service: S,
-        parts: Parts,
+        head: Head,
         body: Source,
         policy: RetryPolicy,
         retries: Retries,
@@ -181,7 +181,7 @@ impl<S> RetryState<S> {
     ) -> Self {
         RetryState {
             service,
-            parts,
+            head,
             body,
             next_body: None,
             policy,
@@ -233,7 +233,7 @@ impl<S> RetryState<S> {
                 ResponseStatus::InTrailers => {
                     match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
                         Some(outcome) => {
-                            let end = self.parts.extensions.get::<CallEnd>();
+                            let end = self.head.extensions().get::<CallEnd>();
                             Decision::Done(Ok(res.map(|body| outcome.watch(body, end))))
                         }
                         None => Decision::Done(Ok(res)),
@@ -333,30 +333,24 @@ impl<S> RetryState<S> {
     /// the deadline at this moment, and the replayed body. Counts the retry as made: the caller
     /// sends it at once.
     fn next_request(&mut self) -> Result<Request<Body>, Status> {
-        let mut parts = self.parts.clone();
         let pending = self.pending.unwrap_or(Pending::Transparent);
         let previous = match pending {
             Pending::Policy(_) => self.attempts,
             // It replaces an attempt the server never saw, and carries that attempt's count.
             Pending::Transparent => self.attempts - 1,
         };
-        if previous > 0 {
-            parts
-                .headers
-                .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
-        }
-        if let Some(deadline) = self.deadline {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(Status::deadline_exceeded(
-                    "towline retry: the call's deadline passed before the next attempt",
-                ));
+        let remaining = match self.deadline {
+            Some(deadline) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(Status::deadline_exceeded(
+                        "towline retry: the call's deadline passed before the next attempt",
+                    ));
+                }
+                Some(remaining)
             }
-            parts.headers.insert(
-                crate::deadline::GRPC_TIMEOUT,
-                crate::deadline::to_header_value(remaining),
-            );
-        }
+            None => None,
+        };
         self.pending = None;
         match pending {
             Pending::Policy(delay) => {
@@ -369,10 +363,18 @@ impl<S> RetryState<S> {
             .next_body
             .take()
             .unwrap_or_else(|| self.body.supersede());
-        Ok(Request::from_parts(
-            parts,
-            Body::new(self.body.attempt(generation)),
-        ))
+        let body = self.body.attempt(generation);
+        Ok(self.head.request(body, |headers| {
+            if previous > 0 {
+                headers.insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
+            }
+            if let Some(remaining) = remaining {
+                headers.insert(
+                    crate::deadline::GRPC_TIMEOUT,
+                    crate::deadline::to_header_value(remaining),
+                );
+            }
+        }))
     }
 
     fn finish(&self) {

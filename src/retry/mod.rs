@@ -83,6 +83,7 @@
 mod body;
 mod budget;
 mod future;
+mod head;
 mod hedge;
 mod layer;
 pub mod metrics;
@@ -90,6 +91,7 @@ mod percent;
 mod policy;
 mod response_body;
 mod service;
+mod source;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use body::{Capped, ReplayBody};

@@ -11,11 +11,12 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use super::NoRetry;
-use super::body::Source;
 use super::budget::RetryBudget;
 use super::future::{ResponseFuture, Retries, RetryState};
+use super::head::Head;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
+use super::source::Source;
 use crate::BoxError;
 use crate::status::CallEnd;
 
@@ -104,22 +105,32 @@ where
         {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
+        let (mut parts, body) = req.into_parts();
+        let body = match Source::new(body, max_bytes) {
+            Ok(body) => body,
+            // Over the cap (or failed) as it was read: sent once, as above.
+            Err(body) => {
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                );
+            }
+        };
         let policy = policy.clone();
         if retries == Retries::Policy
             && let Some(budget) = policy.budget()
         {
             budget.on_call();
         }
-        let deadline = crate::deadline::from_headers(req.headers())
+        let deadline = crate::deadline::from_headers(&parts.headers)
             .and_then(|timeout| Instant::now().checked_add(timeout));
-        let (mut parts, body) = req.into_parts();
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`).
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
             parts.extensions.insert(CallEnd::new());
         }
-        let body = Source::new(body, max_bytes);
-        let first = Request::from_parts(parts.clone(), Body::new(body.attempt(body.supersede())));
+        // The first attempt sends the caller's own head; later ones a copy.
+        let head = Head::keep(&parts);
+        let first = Request::from_parts(parts, body.attempt(body.supersede()));
         let future = self.inner.call(first);
         // The clone drives its own poll_ready before every later attempt.
         let service = self.inner.clone();
@@ -127,7 +138,7 @@ where
             future,
             RetryState::new(
                 service,
-                parts,
+                head,
                 body,
                 policy,
                 retries,
