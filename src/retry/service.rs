@@ -39,8 +39,9 @@ use crate::status::CallEnd;
 ///
 /// A streaming request body (one not ready in a single frame when the call is made) is kept by a
 /// [`ReplayBody`](super::ReplayBody) instead: one shared buffer more, and its list of frames.
-/// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map). The inner service is cloned per call, for the
-/// `poll_ready` of later attempts (as tower's `Retry` does): that costs what its `Clone` costs.
+/// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map). The
+/// inner service is cloned per call, for the `poll_ready` of later attempts (as tower's `Retry`
+/// does): that costs what its `Clone` costs.
 ///
 /// A call that cannot be retried at all (a policy of one attempt, or [`NoRetry`], with
 /// `max_transparent_retries(0)`; or a body over `max_replay_bytes`) is the inner future, nothing
