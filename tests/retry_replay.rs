@@ -10,7 +10,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use towline::connect::Connect;
 use towline::retry::{Retry, RetryLayer, RetryPolicy};
 use towline::testkit::Backend;
-use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
+use towline::testkit::pb::{EchoRequest, EchoResponse, echo_client::EchoClient};
 
 async fn client(
     backend: &Backend,
@@ -48,19 +48,25 @@ fn expected(n: u8, size: usize) -> Vec<u8> {
     (0..n).flat_map(|i| vec![i; size]).collect()
 }
 
-#[tokio::test]
-async fn a_body_streamed_in_several_frames_is_replayed_in_full_after_each_failure() {
-    let backend = Backend::start().await.unwrap();
-    let mut client = client(&backend, 64 * 1024).await;
-    backend.fail_next(2, Code::Unavailable);
-    let reply = tokio::time::timeout(
+/// Streams 20 slow messages of 100 bytes in one client-streaming call, bounded in time.
+async fn stream_20x100(
+    client: &mut EchoClient<Retry<tonic::transport::Channel>>,
+) -> Result<EchoResponse, tonic::Status> {
+    tokio::time::timeout(
         Duration::from_secs(10),
         client.client_stream(slow_messages(20, 100)),
     )
     .await
     .expect("bounded")
-    .unwrap()
-    .into_inner();
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_body_streamed_in_several_frames_is_replayed_in_full_after_each_failure() {
+    let backend = Backend::start().await.unwrap();
+    let mut client = client(&backend, 64 * 1024).await;
+    backend.fail_next(2, Code::Unavailable);
+    let reply = stream_20x100(&mut client).await.unwrap();
     assert_eq!(backend.calls(), 3, "two failures, retried");
     assert_eq!(
         reply.payload,
@@ -75,14 +81,7 @@ async fn beyond_the_cap_a_streamed_body_is_sent_once_in_full_and_not_retried() {
     let backend = Backend::start().await.unwrap();
     let mut client = client(&backend, 1000).await;
     // 20 x 100 bytes (plus framing) streams past the 1000-byte cap while it is sent.
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.client_stream(slow_messages(20, 100)),
-    )
-    .await
-    .expect("bounded")
-    .unwrap()
-    .into_inner();
+    let reply = stream_20x100(&mut client).await.unwrap();
     assert_eq!(reply.payload, expected(20, 100), "never truncated");
     assert_eq!(backend.calls(), 1);
 
@@ -90,13 +89,7 @@ async fn beyond_the_cap_a_streamed_body_is_sent_once_in_full_and_not_retried() {
     // past the cap: by then the body was not kept.
     backend.set_latency(Duration::from_millis(500));
     backend.fail_next(1, Code::Unavailable);
-    let status = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.client_stream(slow_messages(20, 100)),
-    )
-    .await
-    .expect("bounded")
-    .unwrap_err();
+    let status = stream_20x100(&mut client).await.unwrap_err();
     assert_eq!(
         status.code(),
         Code::Unavailable,
