@@ -21,7 +21,6 @@ use super::policy::RetryPolicy;
 use super::response_body::Outcome;
 use super::source::Source;
 use crate::BoxError;
-use crate::status::CallEnd;
 use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
 
 /// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
@@ -233,7 +232,7 @@ impl<S> RetryState<S> {
                 ResponseStatus::InTrailers => {
                     match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
                         Some(outcome) => {
-                            let end = self.head.extensions().get::<CallEnd>();
+                            let end = self.head.call_end();
                             Decision::Done(Ok(res.map(|body| outcome.watch(body, end))))
                         }
                         None => Decision::Done(Ok(res)),

@@ -2,17 +2,23 @@
 
 use http::request::Parts;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use tonic::GrpcMethod;
 use tonic::body::Body;
+
+use super::NoRetry;
+use crate::balance::WaitForReady;
+use crate::status::CallEnd;
 
 /// A copy of a request's head, taken before the first attempt consumes the original.
 ///
 /// What it costs a call, in allocations (the first attempt sends the original head):
 /// - the header list: one `Vec` of name/value pairs. A `HeaderMap` clone would be two (its
 ///   entries and its index table); the map is rebuilt only for an attempt that is sent.
-/// - the extensions, when the request has any (tonic's client always adds `GrpcMethod`):
-///   `http::Extensions` can only be copied by its `Clone`, which allocates its map, the map's
-///   table and one box per value. The layers below read them (the balancer's `WaitForReady`
-///   and hash keys, a token bucket's `CallEnd`, the caller's own), so a retry must carry them.
+/// - the extensions: none when they are all of the types tonic and towline put there (tonic's
+///   `GrpcMethod`, [`WaitForReady`], [`CallEnd`], [`NoRetry`]), which are kept as values and put
+///   back in a new map for a retry. Any other extension (the caller's own) makes it copy the
+///   whole map: `http::Extensions::clone` allocates the map, its table and one box per value.
+///   The layers below read them, so a retry must carry every one.
 ///
 /// Names, values and the URI are reference-counted: cloning them allocates nothing.
 pub(crate) struct Head {
@@ -20,7 +26,77 @@ pub(crate) struct Head {
     uri: Uri,
     version: Version,
     headers: Vec<(HeaderName, HeaderValue)>,
-    extensions: Extensions,
+    extensions: Kept,
+}
+
+/// A request's extensions, as kept for a retry.
+enum Kept {
+    /// Every extension was one of these.
+    Known {
+        method: Option<GrpcMethod<'static>>,
+        wait_for_ready: Option<WaitForReady>,
+        call_end: Option<CallEnd>,
+        no_retry: bool,
+    },
+    /// A copy of the map.
+    Copied(Extensions),
+}
+
+impl Kept {
+    fn new(extensions: &Extensions) -> Self {
+        let method = extensions.get::<GrpcMethod<'static>>().cloned();
+        let wait_for_ready = extensions.get::<WaitForReady>().copied();
+        let call_end = extensions.get::<CallEnd>().cloned();
+        let no_retry = extensions.get::<NoRetry>().is_some();
+        let known = usize::from(method.is_some())
+            + usize::from(wait_for_ready.is_some())
+            + usize::from(call_end.is_some())
+            + usize::from(no_retry);
+        if known == extensions.len() {
+            Kept::Known {
+                method,
+                wait_for_ready,
+                call_end,
+                no_retry,
+            }
+        } else {
+            Kept::Copied(extensions.clone())
+        }
+    }
+
+    fn get(&self) -> Extensions {
+        match self {
+            Kept::Known {
+                method,
+                wait_for_ready,
+                call_end,
+                no_retry,
+            } => {
+                let mut extensions = Extensions::new();
+                if let Some(method) = method {
+                    extensions.insert(method.clone());
+                }
+                if let Some(wait) = wait_for_ready {
+                    extensions.insert(*wait);
+                }
+                if let Some(end) = call_end {
+                    extensions.insert(end.clone());
+                }
+                if *no_retry {
+                    extensions.insert(NoRetry);
+                }
+                extensions
+            }
+            Kept::Copied(extensions) => extensions.clone(),
+        }
+    }
+
+    fn call_end(&self) -> Option<&CallEnd> {
+        match self {
+            Kept::Known { call_end, .. } => call_end.as_ref(),
+            Kept::Copied(extensions) => extensions.get::<CallEnd>(),
+        }
+    }
 }
 
 impl Head {
@@ -37,12 +113,13 @@ impl Head {
             uri: parts.uri.clone(),
             version: parts.version,
             headers,
-            extensions: parts.extensions.clone(),
+            extensions: Kept::new(&parts.extensions),
         }
     }
 
-    pub(crate) fn extensions(&self) -> &Extensions {
-        &self.extensions
+    /// The call's [`CallEnd`], if it carries one.
+    pub(crate) fn call_end(&self) -> Option<&CallEnd> {
+        self.extensions.call_end()
     }
 
     /// A new request with this head, its headers changed by `edit`.
@@ -57,7 +134,7 @@ impl Head {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = headers;
-        *req.extensions_mut() = self.extensions.clone();
+        *req.extensions_mut() = self.extensions.get();
         req
     }
 }
@@ -65,6 +142,29 @@ impl Head {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_extensions_are_kept_as_values_and_others_as_a_copy() {
+        let mut known = Extensions::new();
+        known.insert(GrpcMethod::new("pkg.Echo", "Unary"));
+        known.insert(WaitForReady(true));
+        known.insert(NoRetry);
+        let kept = Kept::new(&known);
+        assert!(matches!(kept, Kept::Known { .. }));
+        let back = kept.get();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back.get::<GrpcMethod<'static>>().unwrap().method(), "Unary");
+        assert_eq!(back.get::<WaitForReady>(), Some(&WaitForReady(true)));
+        assert_eq!(back.get::<NoRetry>(), Some(&NoRetry));
+
+        let mut mixed = known.clone();
+        mixed.insert("the caller's own");
+        let kept = Kept::new(&mixed);
+        assert!(matches!(kept, Kept::Copied(_)));
+        let back = kept.get();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back.get::<&str>(), Some(&"the caller's own"));
+    }
 
     #[test]
     fn a_kept_head_gives_back_the_same_request_head() {
