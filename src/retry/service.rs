@@ -30,12 +30,15 @@ use crate::status::CallEnd;
 /// A call that can be retried (by its policy, or transparently) keeps what a later attempt
 /// needs, and nothing else; no lock is taken and the retry state is not boxed. Its heap
 /// allocations, for a unary call whose first attempt succeeds:
-/// - one list of the request's headers (`Head`), so that an attempt can be sent again;
-/// - the copy of the request's extensions, if it has any: `http::Extensions` allocates its map,
-///   the map's table and one box per value (tonic's client adds `GrpcMethod`: three);
+/// - one list of the request's headers, so that an attempt can be sent again;
 /// - one box for the first attempt's body (tonic's `Body` boxes any body but an empty one):
 ///   the request body was read when the call was made, since a unary body is ready at once,
 ///   and every attempt gets a reference-counted copy of its bytes.
+///
+/// The request's extensions are kept as values when they are all of the types tonic and towline
+/// put there (tonic's `GrpcMethod`, [`WaitForReady`](crate::balance::WaitForReady),
+/// [`CallEnd`], [`NoRetry`]); a request carrying any other extension pays for a copy of the
+/// map (`http::Extensions::clone`: the map, its table and one box per value).
 ///
 /// A streaming request body (one not ready in a single frame when the call is made) is kept by a
 /// [`ReplayBody`](super::ReplayBody) instead: one shared buffer more, and its list of frames.
