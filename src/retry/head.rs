@@ -44,15 +44,22 @@ enum Kept {
 
 impl Kept {
     fn new(extensions: &Extensions) -> Self {
+        let len = extensions.len();
+        // Looked up most likely first, and only until every extension is accounted for: a tonic
+        // call carries `GrpcMethod` alone, and costs one lookup.
         let method = extensions.get::<GrpcMethod<'static>>().cloned();
-        let wait_for_ready = extensions.get::<WaitForReady>().copied();
-        let call_end = extensions.get::<CallEnd>().cloned();
-        let no_retry = extensions.get::<NoRetry>().is_some();
-        let known = usize::from(method.is_some())
-            + usize::from(wait_for_ready.is_some())
-            + usize::from(call_end.is_some())
-            + usize::from(no_retry);
-        if known == extensions.len() {
+        let mut found = usize::from(method.is_some());
+        let call_end = (found < len)
+            .then(|| extensions.get::<CallEnd>().cloned())
+            .flatten();
+        found += usize::from(call_end.is_some());
+        let wait_for_ready = (found < len)
+            .then(|| extensions.get::<WaitForReady>().copied())
+            .flatten();
+        found += usize::from(wait_for_ready.is_some());
+        let no_retry = found < len && extensions.get::<NoRetry>().is_some();
+        found += usize::from(no_retry);
+        if found == len {
             Kept::Known {
                 method,
                 wait_for_ready,
