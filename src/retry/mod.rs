@@ -49,9 +49,10 @@
 //!   `max_attempts` and the budget. As gRFC A6 says, this applies to every call whatever its
 //!   policy: a policy of `max_attempts(1)` and a request that carries [`NoRetry`] get them too
 //!   (as in grpc-go), since the server provably never saw the request.
-//! - Only while the request body is replayable: it is buffered as the first attempt sends it
-//!   (see [`ReplayBody`]) up to `max_replay_bytes` (default 64 KiB); a bigger request is sent
-//!   once, in full, and never retried.
+//! - Only while the request body is replayable, up to `max_replay_bytes` (default 64 KiB); a
+//!   bigger request is sent once, in full, and never retried. A body ready in one frame when
+//!   the call is made (a unary request) is kept as its bytes; a streaming one is buffered as the
+//!   first attempt sends it (see [`ReplayBody`]). Nothing is waited for to read it.
 //! - Only while the [`RetryBudget`] allows: when it is spent the failure is returned at once.
 //!
 //! ## Tower semantics
@@ -62,11 +63,9 @@
 //! `max_transparent_retries(0)`; or its body is known to exceed the cap) goes straight to the
 //! inner future with no allocation.
 //!
-//! What transparent retries cost a call the policy does not retry: the request head is cloned
-//! (its headers and extensions), the body is wrapped in a [`ReplayBody`] (one shared buffer that
-//! the attempt reading it owns, so no lock per frame; each data frame kept is a
-//! reference-counted `Bytes`) and the inner service is cloned: a few small allocations per call
-//! (listed on [`Retry`]), and the request's bytes held until the response arrives. No budget is
+//! What transparent retries cost a call the policy does not retry: the same as a retryable
+//! call's (listed on [`Retry`]: for a tonic unary call, a list of its headers and a box for its
+//! body, no lock), and the request's bytes held until the response arrives. No budget is
 //! touched. Set `max_transparent_retries(0)` on the policy to trade them for the bare
 //! pass-through.
 //!
