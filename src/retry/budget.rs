@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::percent::PercentBudget;
 use crate::ConfigError;
 
@@ -127,10 +129,10 @@ impl RetryBudget {
         }
     }
 
-    /// A new logical call starts (its first attempt).
-    pub(crate) fn on_call(&self) {
+    /// A new logical call starts (its first attempt), at `now`.
+    pub(crate) fn on_call(&self, now: Instant) {
         if let Kind::Percent(budget) = &*self.0 {
-            budget.deposit();
+            budget.deposit(now);
         }
     }
 
@@ -291,7 +293,7 @@ mod tests {
     fn percent_budget_allows_its_ratio_of_calls() {
         let budget = RetryBudget::percent(Duration::from_secs(1), 0, 0.1).unwrap();
         for _ in 0..100 {
-            budget.on_call();
+            budget.on_call(Instant::now());
         }
         let allowed = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(allowed, 10);
@@ -319,7 +321,7 @@ mod tests {
         let percent = RetryBudget::percent(Duration::from_secs(60), 0, 0.1).unwrap();
         std::thread::scope(|s| {
             for _ in 0..THREADS {
-                s.spawn(|| (0..1000).for_each(|_| percent.on_call()));
+                s.spawn(|| (0..1000).for_each(|_| percent.on_call(Instant::now())));
             }
         });
         let granted = AtomicU32::new(0);

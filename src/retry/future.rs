@@ -94,7 +94,11 @@ pub(crate) struct RetryState<S> {
     policy: RetryPolicy,
     retries: Retries,
     shared: Arc<Shared>,
-    deadline: Option<Instant>,
+    /// When the call was made.
+    started: Instant,
+    /// The call's deadline, from its `grpc-timeout`: worked out at the first failure (`None`
+    /// until then), since a call that succeeds at once never needs it.
+    deadline: Option<Option<Instant>>,
     /// Attempts of the retry policy sent, the first included.
     attempts: u32,
     /// Transparent retries sent.
@@ -176,7 +180,7 @@ impl<S> RetryState<S> {
         policy: RetryPolicy,
         retries: Retries,
         shared: Arc<Shared>,
-        deadline: Option<Instant>,
+        started: Instant,
     ) -> Self {
         RetryState {
             service,
@@ -186,7 +190,8 @@ impl<S> RetryState<S> {
             policy,
             retries,
             shared,
-            deadline,
+            started,
+            deadline: None,
             attempts: 1,
             transparent: 0,
             pending: None,
@@ -194,6 +199,14 @@ impl<S> RetryState<S> {
             previous_delay: Duration::ZERO,
             total_delay: Duration::ZERO,
         }
+    }
+
+    /// The call's deadline: when it was made, plus its `grpc-timeout`.
+    fn deadline(&mut self) -> Option<Instant> {
+        *self.deadline.get_or_insert_with(|| {
+            let timeout = self.head.timeout()?;
+            self.started.checked_add(timeout)
+        })
     }
 
     /// The budget this call reports to: none for a call that makes only transparent retries.
@@ -255,7 +268,7 @@ impl<S> RetryState<S> {
                 if is_unprocessed(&*err)
                     && self.transparent < self.policy.max_transparent_retries()
                     && self.body.is_replayable()
-                    && self.deadline.is_none_or(|d| Instant::now() < d)
+                    && self.deadline().is_none_or(|d| Instant::now() < d)
                 {
                     // gRFC A6: the server never saw it, so retry at once, outside
                     // max_attempts and the budget.
@@ -276,6 +289,7 @@ impl<S> RetryState<S> {
         if self.retries == Retries::TransparentOnly {
             return None;
         }
+        let deadline = self.deadline();
         let policy = self.policy.inner();
         let delay_after = match pushback {
             // gRFC A6 and grpc-go: the server asks not to be retried. A failure for throttling,
@@ -315,7 +329,7 @@ impl<S> RetryState<S> {
                 .checked_add(delay.saturating_add(TIMER_TICK))
                 .is_none_or(|at| at >= deadline)
         };
-        if self.deadline.is_some_and(past_deadline) {
+        if deadline.is_some_and(past_deadline) {
             return None;
         }
         if policy.budget.as_ref().is_some_and(|b| !b.try_retry()) {
@@ -338,7 +352,7 @@ impl<S> RetryState<S> {
             // It replaces an attempt the server never saw, and carries that attempt's count.
             Pending::Transparent => self.attempts - 1,
         };
-        let remaining = match self.deadline {
+        let remaining = match self.deadline() {
             Some(deadline) => {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 if remaining.is_zero() {

@@ -1,5 +1,7 @@
 //! [`Head`]: the request head a retrying call keeps, to send it again.
 
+use std::time::Duration;
+
 use http::request::Parts;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use tonic::GrpcMethod;
@@ -7,6 +9,7 @@ use tonic::body::Body;
 
 use super::NoRetry;
 use crate::balance::WaitForReady;
+use crate::deadline;
 use crate::status::CallEnd;
 
 /// A copy of a request's head, taken before the first attempt consumes the original.
@@ -124,6 +127,15 @@ impl Head {
         }
     }
 
+    /// The call's `grpc-timeout`, if it has a valid one.
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        let (_, value) = self
+            .headers
+            .iter()
+            .find(|(name, _)| name == deadline::GRPC_TIMEOUT)?;
+        deadline::parse(value.as_bytes())
+    }
+
     /// The call's [`CallEnd`], if it carries one.
     pub(crate) fn call_end(&self) -> Option<&CallEnd> {
         self.extensions.call_end()
@@ -198,5 +210,14 @@ mod tests {
         assert_eq!(again.headers()["te"], "trailers");
         assert_eq!(again.headers()["x-added"], "yes");
         assert_eq!(again.extensions().get::<u32>(), Some(&7));
+        assert_eq!(head.timeout(), None);
+        let mut timed = parts.clone();
+        timed
+            .headers
+            .insert(deadline::GRPC_TIMEOUT, HeaderValue::from_static("250m"));
+        assert_eq!(
+            Head::keep(&timed).timeout(),
+            Some(Duration::from_millis(250))
+        );
     }
 }

@@ -61,17 +61,17 @@ impl PercentBudget {
 
     /// The current time slot's number. It wraps after 2^32 slots (over 13 years at the shortest
     /// slot), which only matters to a slot left untouched exactly that long.
-    fn now(&self) -> u32 {
-        let elapsed = Instant::now().saturating_duration_since(self.start);
+    fn slot_at(&self, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.start);
         (elapsed.as_nanos() / u128::from(self.slot_nanos)) as u32
     }
 
-    /// A call was made.
-    pub(crate) fn deposit(&self) {
+    /// A call was made at `now`.
+    pub(crate) fn deposit(&self, now: Instant) {
         if self.deposit == 0 {
             return;
         }
-        let now = self.now();
+        let now = self.slot_at(now);
         let slot = &self.slots[now as usize % SLOTS];
         let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             Some(pack(now, current(word, now).saturating_add(self.deposit)))
@@ -81,7 +81,7 @@ impl PercentBudget {
     /// A retry may be made if the last `ttl`'s deposits and the reserve cover it; it is taken
     /// from the budget when the answer is yes.
     pub(crate) fn withdraw(&self) -> bool {
-        let now = self.now();
+        let now = self.slot_at(Instant::now());
         let index = now as usize % SLOTS;
         let slot = &self.slots[index];
         let mut word = slot.load(Ordering::Acquire);
@@ -104,7 +104,7 @@ impl PercentBudget {
 
     /// The retries' worth in the budget now (in the budget's units).
     fn balance(&self) -> i64 {
-        let now = self.now();
+        let now = self.slot_at(Instant::now());
         let deposits: i64 = self
             .slots
             .iter()
@@ -154,7 +154,7 @@ mod tests {
     async fn deposits_count_for_one_ttl_then_expire() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 0.5);
         for _ in 0..10 {
-            budget.deposit();
+            budget.deposit(Instant::now());
         }
         tokio::time::advance(Duration::from_millis(9_900)).await;
         assert!(budget.withdraw(), "still inside the ttl");
@@ -165,9 +165,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slot_reused_after_a_full_ttl_starts_from_zero() {
         let budget = PercentBudget::new(Duration::from_secs(1), 0, 1.0);
-        budget.deposit();
+        budget.deposit(Instant::now());
         tokio::time::advance(Duration::from_secs(1)).await; // same slot index, ten slots later
-        budget.deposit();
+        budget.deposit(Instant::now());
         assert!(budget.withdraw());
         assert!(!budget.withdraw(), "the old deposit no longer counts");
     }
@@ -183,7 +183,7 @@ mod tests {
     fn a_ratio_above_one_allows_that_many_retries_per_call() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 4.0);
         for _ in 0..5 {
-            budget.deposit();
+            budget.deposit(Instant::now());
         }
         let allowed = (0..100).filter(|_| budget.withdraw()).count();
         assert_eq!(allowed, 20);

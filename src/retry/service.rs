@@ -141,13 +141,14 @@ where
             }
         };
         let policy = policy.clone();
+        // One clock read for both: the budget's time slot, and the start the deadline counts
+        // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
+        let started = Instant::now();
         if retries == Retries::Policy
             && let Some(budget) = policy.budget()
         {
-            budget.on_call();
+            budget.on_call(started);
         }
-        let deadline = crate::deadline::from_headers(&parts.headers)
-            .and_then(|timeout| Instant::now().checked_add(timeout));
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`).
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
@@ -168,7 +169,7 @@ where
                 policy,
                 retries,
                 self.shared.clone(),
-                deadline,
+                started,
             ),
         )
     }
