@@ -91,7 +91,6 @@ pub(crate) struct RetryState<S> {
     /// The next attempt's body, decided as soon as an attempt fails: it supersedes the failed
     /// attempt's body, which stops reading from the caller's.
     next_body: Option<u64>,
-    policy: RetryPolicy,
     retries: Retries,
     shared: Arc<Shared>,
     /// When the call was made.
@@ -177,7 +176,6 @@ impl<S> RetryState<S> {
         service: S,
         head: Head,
         body: Source,
-        policy: RetryPolicy,
         retries: Retries,
         shared: Arc<Shared>,
         started: Instant,
@@ -187,7 +185,6 @@ impl<S> RetryState<S> {
             head,
             body,
             next_body: None,
-            policy,
             retries,
             shared,
             started,
@@ -201,6 +198,12 @@ impl<S> RetryState<S> {
         }
     }
 
+    /// The call's policy, looked up again rather than kept: the layer's routes never change, and
+    /// a kept clone would cost two atomic updates per call.
+    fn policy(&self) -> &RetryPolicy {
+        self.shared.policy_for(self.head.path())
+    }
+
     /// The call's deadline: when it was made, plus its `grpc-timeout`.
     fn deadline(&mut self) -> Option<Instant> {
         *self.deadline.get_or_insert_with(|| {
@@ -212,7 +215,7 @@ impl<S> RetryState<S> {
     /// The budget this call reports to: none for a call that makes only transparent retries.
     fn budget(&self) -> Option<&RetryBudget> {
         match self.retries {
-            Retries::Policy => self.policy.budget(),
+            Retries::Policy => self.policy().budget(),
             Retries::TransparentOnly => None,
         }
     }
@@ -243,7 +246,7 @@ impl<S> RetryState<S> {
                 // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
                 // tells the budget what they say.
                 ResponseStatus::InTrailers => {
-                    match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
+                    match Outcome::for_budget(self.budget(), self.policy().inner().retryable) {
                         Some(outcome) => {
                             let end = self.head.call_end();
                             Decision::Done(Ok(res.map(|body| outcome.watch(body, end))))
@@ -255,7 +258,7 @@ impl<S> RetryState<S> {
                 // the failure its code says for the budget.
                 ResponseStatus::NotGrpc(code) => {
                     if let Some(outcome) =
-                        Outcome::for_budget(self.budget(), self.policy.inner().retryable)
+                        Outcome::for_budget(self.budget(), self.policy().inner().retryable)
                     {
                         outcome.report(code);
                     }
@@ -266,7 +269,7 @@ impl<S> RetryState<S> {
                 self.next_body = Some(self.body.supersede());
                 let err = err.into();
                 if is_unprocessed(&*err)
-                    && self.transparent < self.policy.max_transparent_retries()
+                    && self.transparent < self.policy().max_transparent_retries()
                     && self.body.is_replayable()
                     && self.deadline().is_none_or(|d| Instant::now() < d)
                 {
@@ -290,7 +293,8 @@ impl<S> RetryState<S> {
             return None;
         }
         let deadline = self.deadline();
-        let policy = self.policy.inner();
+        // Not `self.policy()`: the fields below change while it is borrowed.
+        let policy = self.shared.policy_for(self.head.path()).inner();
         let delay_after = match pushback {
             // gRFC A6 and grpc-go: the server asks not to be retried. A failure for throttling,
             // whatever the code.

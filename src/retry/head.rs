@@ -127,6 +127,11 @@ impl Head {
         }
     }
 
+    /// The request's path, `/pkg.Service/Method`.
+    pub(crate) fn path(&self) -> &str {
+        self.uri.path()
+    }
+
     /// The call's `grpc-timeout`, if it has a valid one.
     pub(crate) fn timeout(&self) -> Option<Duration> {
         let (_, value) = self

@@ -140,7 +140,6 @@ where
                 );
             }
         };
-        let policy = policy.clone();
         // One clock read for both: the budget's time slot, and the start the deadline counts
         // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
         let started = Instant::now();
@@ -162,15 +161,7 @@ where
         let service = self.inner.clone();
         ResponseFuture::retrying(
             future,
-            RetryState::new(
-                service,
-                head,
-                body,
-                policy,
-                retries,
-                self.shared.clone(),
-                started,
-            ),
+            RetryState::new(service, head, body, retries, self.shared.clone(), started),
         )
     }
 }
