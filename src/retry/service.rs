@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use http_body::Body as _;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tower_service::Service;
@@ -123,17 +122,15 @@ where
             // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
             Retries::TransparentOnly
         };
-        // Nothing to retry, or a body that cannot be replayed: the inner future as it is, no
-        // allocation.
-        if (retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0)
-            || req.body().size_hint().lower() > max_bytes as u64
-        {
+        // Nothing to retry: the inner future as it is, no allocation.
+        if retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0 {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let (mut parts, body) = req.into_parts();
         let body = match Source::new(body, max_bytes) {
             Ok(body) => body,
-            // Over the cap (or failed) as it was read: sent once, as above.
+            // A body that cannot be replayed (over the cap by its size hint, or as it was read,
+            // or failed): sent once, the inner future as it is.
             Err(body) => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),

@@ -30,9 +30,13 @@ pub(crate) enum Source {
 
 impl Source {
     /// Reads what `body` has ready now, without waiting. `Err` gives back a body to send once,
-    /// as it was, when it went over `max_bytes` or failed while read.
+    /// as it was: one whose size hint is over `max_bytes` (unread), or that went over it or
+    /// failed while read.
     pub(crate) fn new(mut body: Body, max_bytes: usize) -> Result<Source, Body> {
         let size_hint = body.size_hint();
+        if size_hint.lower() > max_bytes as u64 {
+            return Err(body);
+        }
         let was_empty = body.is_end_stream();
         // A poll that returns `Pending` here registers this no-op waker; the attempt's first poll
         // registers its own, as every poll does, so no wake-up is lost.
@@ -171,5 +175,11 @@ mod tests {
             panic!("over the cap");
         };
         assert_eq!(text(body).await, "abcdefgh", "nothing read is lost");
+
+        let known = Body::new(Full::new(Bytes::from_static(b"0123456789")));
+        let Err(body) = Source::new(known, 9) else {
+            panic!("over the cap by its size hint");
+        };
+        assert_eq!(text(body).await, "0123456789", "given back unread");
     }
 }
