@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::timeout;
 use tonic::metadata::MetadataValue;
+use tonic_health::ServingStatus;
 use towline::Channel;
 use towline::balance::{EndpointState, RoundRobin};
 use towline::pool::PoolConfig;
@@ -74,6 +75,55 @@ async fn three_endpoints_from_an_ipv4_target_share_the_calls() {
     let mut expected: Vec<String> = backends.iter().map(|b| b.uri().to_string()).collect();
     expected.sort();
     assert_eq!(pools, expected);
+}
+
+/// A service config that says only a timeout keeps the channel's balancing defaults: the
+/// health check (a NOT_SERVING backend gets nothing) and a balancing strategy (not gRPC's
+/// `pick_first` fallback, which would send every call to one backend).
+#[tokio::test]
+async fn a_service_config_without_balancing_keeps_the_channel_defaults() {
+    let backends = Backend::start_many(3).await.unwrap();
+    backends[0].set_health(ServingStatus::NotServing).await;
+    let channel = Channel::builder(&ipv4_target(&backends))
+        .unwrap()
+        .service_config(r#"{"methodConfig": [{"name": [{}], "timeout": "2s"}]}"#)
+        .unwrap()
+        .build()
+        .unwrap();
+    timeout(
+        Duration::from_secs(10),
+        channel.balance().wait_until(|endpoints| {
+            let state = |b: &Backend| endpoints.iter().find(|e| e.uri == b.uri()).map(|e| e.state);
+            state(&backends[0]) == Some(EndpointState::Unhealthy)
+                && backends[1..]
+                    .iter()
+                    .all(|b| state(b) == Some(EndpointState::Ready))
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("not gated as expected: {:#?}", channel.snapshot()));
+    // 16 calls in flight at a time: peak-EWMA weighs calls in flight, so both healthy backends
+    // take a share (with one call at a time the faster one would rightly take them all);
+    // `pick_first` would send every call to one backend however many were in flight.
+    let client = EchoClient::new(channel.clone());
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for _ in 0..4 {
+        let calls = (0..16).map(|_| {
+            let mut client = client.clone();
+            async move { client.unary(EchoRequest::default()).await }
+        });
+        for reply in futures::future::join_all(calls).await {
+            *per_backend
+                .entry(reply.unwrap().into_inner().backend)
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(backends[0].calls(), 0, "{per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        2,
+        "one backend took every call: {per_backend:?}"
+    );
 }
 
 #[tokio::test]

@@ -89,7 +89,11 @@ impl ChannelBuilder {
     /// it), validated now: the error names the JSON path of the first bad field. It supplies
     /// the retry (and hedging) policies with their `retryThrottling`, per-method timeouts and
     /// `waitForReady`, the load-balancing policy and the health check; see
-    /// [`towline::config`](crate::config).
+    /// [`towline::config`](crate::config). What it does not say keeps the channel's
+    /// defaults: a config with only a `timeout` keeps peak-EWMA, the health check and outlier
+    /// detection, where grpc-go would fall back to `pick_first` without health checks. A
+    /// `loadBalancingConfig` decides the strategy and outlier detection together (gRPC nests
+    /// them); `healthCheckConfig` names the service the health check watches.
     pub fn service_config(self, json: &str) -> Result<Self, ConfigError> {
         Ok(self.with_service_config(ServiceConfig::from_json(json)?))
     }
@@ -218,10 +222,20 @@ impl ChannelBuilder {
         };
         let label = self.target.to_string();
         let config = self.service_config;
-        let mut balance = match &config {
+        // A service config decides what it says and leaves the rest to the channel's defaults:
+        // one that sets only a timeout keeps peak-EWMA, outlier detection and the health
+        // check. (grpc-go would fall back to `pick_first` with no health check, a weaker client
+        // that nobody asked for.) A `loadBalancingConfig` decides the strategy and outlier
+        // detection together, as gRPC nests them; `healthCheckConfig` names the service watched.
+        let mut balance = match config.as_ref().filter(|c| c.load_balancing().is_some()) {
             Some(config) => config.balance_config(),
-            None => BalanceConfig::builder().health_check(HealthCheck::watch("")),
+            None => BalanceConfig::builder(),
         };
+        let watched = config
+            .as_ref()
+            .and_then(ServiceConfig::health_check)
+            .map_or("", |h| h.service_name.as_str());
+        balance = balance.health_check(HealthCheck::watch(watched));
         for f in self.balance {
             balance = f(balance);
         }

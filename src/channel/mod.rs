@@ -26,7 +26,7 @@
 //! | [`PerMethodLayer`](crate::config::PerMethodLayer) | from the service config's `timeout`/`waitForReady` | the service config |
 //! | [`RetryLayer`](crate::retry::RetryLayer) | [`default_retry_policy`]: 3 attempts on `UNAVAILABLE`, A6 token bucket 10 / 0.1; or the service config's `retryPolicy` + `retryThrottling` | [`retry_policy`](ChannelBuilder::retry_policy), [`retry_layer`](ChannelBuilder::retry_layer) |
 //! | [`HedgeLayer`](crate::retry::HedgeLayer) | only with a `hedgingPolicy` | the service config |
-//! | [`Balance`](crate::balance::Balance) | [`PeakEwma`](crate::balance::PeakEwma), `Watch("")` health check, outlier detection; or the service config's policy and `healthCheckConfig` | [`strategy`](ChannelBuilder::strategy), [`health_check`](ChannelBuilder::health_check), [`balance`](ChannelBuilder::balance) |
+//! | [`Balance`](crate::balance::Balance) | [`PeakEwma`](crate::balance::PeakEwma), `Watch("")` health check, outlier detection; the service config's `loadBalancingConfig` replaces the strategy and outlier detection, its `healthCheckConfig` names the watched service | [`strategy`](ChannelBuilder::strategy), [`health_check`](ChannelBuilder::health_check), [`balance`](ChannelBuilder::balance) |
 //! | [`Pool`](crate::pool::Pool) per endpoint | [`PoolConfig::default`](crate::pool::PoolConfig): 1–4 connections | [`pool`](ChannelBuilder::pool) |
 //! | [`Connect`](crate::connect::Connect) | the pool's connect timeout (20 s) and keepalive, `TCP_NODELAY` | [`connect`](ChannelBuilder::connect), [`tls`](ChannelBuilder::tls) (feature `tls`) |
 //!
