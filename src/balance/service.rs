@@ -26,8 +26,10 @@ use crate::discover::Discover;
 /// tonic-generated client.
 ///
 /// `poll_ready` is always ready: the endpoint is chosen in `call` (hash strategies need the
-/// request), and the chosen endpoint's own readiness is checked by the response future. An
-/// endpoint whose service is not ready at once (a pool with no live connection) hands the call
+/// request, and a call's wait for an endpoint is bounded by its own deadline), and the chosen
+/// endpoint's readiness is asked at once: ready, the call goes out from `call` itself, and its
+/// response future holds only the endpoint's future; not ready, the response future waits for
+/// it. An endpoint whose service is not ready at once (a pool with no live connection) hands the call
 /// to another endpoint and leaves rotation until it is ready again, as tower's `ReadyCache`
 /// keeps p2c to ready services; with no other endpoint to go to, the call waits for it, never
 /// past its deadline. A call that waited (for an endpoint, or for one's readiness) is sent with
