@@ -843,23 +843,71 @@ fn never_ready() -> Gated {
     Gated::default()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
-    use tower::ServiceExt;
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(never_ready()) });
-    let b: Balance<Gated> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            Static::new([Uri::from_static("http://a:1")]),
-            config().build().unwrap(),
-        ))
-        .service(make);
-    b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
-        .await;
+/// A balancer whose every endpoint is served by `gated` (clones of one service: one gate).
+fn gated_balance(
+    gated: &Gated,
+    discovery: impl discover::Discover,
+    config: BalanceConfig,
+) -> Balance<Gated> {
+    let gated = gated.clone();
+    let make = tower::service_fn(move |_: Uri| {
+        let service = gated.clone();
+        async move { Ok::<_, towline::BoxError>(service) }
+    });
+    ServiceBuilder::new()
+        .layer(BalanceLayer::new(discovery, config))
+        .service(make)
+}
 
+/// A request with this `grpc-timeout`.
+fn with_timeout(timeout: &'static str) -> http::Request<tonic::body::Body> {
     let mut request = http::Request::new(tonic::body::Body::empty());
     request
         .headers_mut()
-        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+        .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+    request
+}
+
+/// A call with a 250 ms deadline to a balancer over `gated` whose discovery names no endpoint
+/// for the call's first 100 ms, then one: the call's outcome, and how long it took.
+async fn call_before_discovery(
+    gated: &Gated,
+) -> (
+    Result<http::Response<towline::balance::TrackedBody<tonic::body::Body>>, towline::BoxError>,
+    Duration,
+) {
+    use tower::ServiceExt;
+    let (updates, discovery) = discover::channel(1);
+    let b = gated_balance(gated, discovery, config().build().unwrap());
+    let started = tokio::time::Instant::now();
+    let call = tokio::spawn(b.clone().oneshot(with_timeout("250m")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    updates
+        .send(Change::Insert(
+            Uri::from_static("http://a:1"),
+            Default::default(),
+        ))
+        .await
+        .unwrap();
+    let outcome = timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call outlived its deadline")
+        .unwrap();
+    (outcome, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
+    use tower::ServiceExt;
+    let b = gated_balance(
+        &never_ready(),
+        Static::new([Uri::from_static("http://a:1")]),
+        config().build().unwrap(),
+    );
+    b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
+        .await;
+
+    let request = with_timeout("250m");
     let started = tokio::time::Instant::now();
     let err = timeout(Duration::from_secs(5), b.clone().oneshot(request))
         .await
@@ -887,34 +935,10 @@ async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_that_waited_for_an_endpoint_has_only_the_rest_of_its_deadline_left() {
-    use tower::ServiceExt;
-    let (updates, discovery) = discover::channel(1);
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(never_ready()) });
-    let b: Balance<Gated> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(discovery, config().build().unwrap()))
-        .service(make);
-    let mut request = http::Request::new(tonic::body::Body::empty());
-    request
-        .headers_mut()
-        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
-    let started = tokio::time::Instant::now();
-    let call = tokio::spawn(b.clone().oneshot(request));
-    // No endpoint for the first 100 ms: the call waits; then one that is never ready appears.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    updates
-        .send(Change::Insert(
-            Uri::from_static("http://a:1"),
-            Default::default(),
-        ))
-        .await
-        .unwrap();
-    let err = timeout(Duration::from_secs(5), call)
-        .await
-        .expect("the call outlived its deadline")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(started.elapsed(), Duration::from_millis(250));
-    let status = err.downcast::<tonic::Status>().unwrap();
+    // The endpoint that appears after 100 ms is never ready.
+    let (outcome, took) = call_before_discovery(&never_ready()).await;
+    assert_eq!(took, Duration::from_millis(250));
+    let status = outcome.unwrap_err().downcast::<tonic::Status>().unwrap();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
 
@@ -1075,17 +1099,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for Gated {
 async fn peak_ewma_measures_from_the_send_not_from_the_pick() {
     use tower::ServiceExt;
     let gated = Gated::default();
-    let service = gated.clone();
-    let make = tower::service_fn(move |_: Uri| {
-        let service = service.clone();
-        async move { Ok::<_, towline::BoxError>(service) }
-    });
-    let b: Balance<Gated> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            Static::new([Uri::from_static("http://a:1")]),
-            config().strategy(PeakEwma::new()).build().unwrap(),
-        ))
-        .service(make);
+    let b = gated_balance(
+        &gated,
+        Static::new([Uri::from_static("http://a:1")]),
+        config().strategy(PeakEwma::new()).build().unwrap(),
+    );
     b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
         .await;
 
@@ -1190,21 +1208,12 @@ async fn a_weight_change_from_discovery_keeps_the_connection_and_moves_the_traff
 async fn many_ready(n: usize) -> Balance<Gated> {
     let gated = Gated::default();
     gated.open();
-    let make = tower::service_fn(move |_: Uri| {
-        let service = gated.clone();
-        async move { Ok::<_, towline::BoxError>(service) }
-    });
     let uris = (0..n).map(|i| -> Uri {
         format!("http://10.{}.{}.{}:1", i >> 16, (i >> 8) & 255, i & 255)
             .parse()
             .unwrap()
     });
-    let b: Balance<Gated> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            Static::new(uris),
-            config().build().unwrap(),
-        ))
-        .service(make);
+    let b = gated_balance(&gated, Static::new(uris), config().build().unwrap());
     // Polled rather than woken per change: this test is about the cost of one look at the table.
     timeout(Duration::from_secs(60), async {
         while count(&b.snapshot(), EndpointState::Ready) < n {
@@ -1246,10 +1255,6 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
     const ENDPOINTS: usize = 30;
     let gated = Gated::default();
     gated.open();
-    let make = tower::service_fn(move |_: Uri| {
-        let service = gated.clone();
-        async move { Ok::<_, towline::BoxError>(service) }
-    });
     let (updates, discovery) = discover::channel(ENDPOINTS);
     let uri = |i: usize| -> Uri { format!("http://10.0.0.{i}:1").parse().unwrap() };
     for i in 0..ENDPOINTS {
@@ -1261,12 +1266,7 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
     // The most points per endpoint: every rebuild hashes ~500,000 points and sorts them.
     let ring =
         ConsistentHash::by(|_| None).points_per_weight(towline::balance::MAX_POINTS_PER_ENDPOINT);
-    let b: Balance<Gated> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            discovery,
-            config().strategy(ring).build().unwrap(),
-        ))
-        .service(make);
+    let b = gated_balance(&gated, discovery, config().strategy(ring).build().unwrap());
     timeout(Duration::from_secs(120), async {
         while count(&b.snapshot(), EndpointState::Ready) < ENDPOINTS {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1309,37 +1309,11 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_that_waited_for_a_ready_endpoint_is_sent_with_the_rest_of_its_deadline() {
-    use tower::ServiceExt;
-    let (updates, discovery) = discover::channel(1);
+    // The endpoint that appears after 100 ms is ready at once.
     let gated = Gated::default();
     gated.open();
-    let service = gated.clone();
-    let make = tower::service_fn(move |_: Uri| {
-        let service = service.clone();
-        async move { Ok::<_, towline::BoxError>(service) }
-    });
-    let b: Balance<Gated> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(discovery, config().build().unwrap()))
-        .service(make);
-    let mut request = http::Request::new(tonic::body::Body::empty());
-    request
-        .headers_mut()
-        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
-    let call = tokio::spawn(b.clone().oneshot(request));
-    // No endpoint for the first 100 ms; then one that is ready at once takes the call.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    updates
-        .send(Change::Insert(
-            Uri::from_static("http://a:1"),
-            Default::default(),
-        ))
-        .await
-        .unwrap();
-    timeout(Duration::from_secs(5), call)
-        .await
-        .expect("the call ends")
-        .unwrap()
-        .unwrap();
+    let (outcome, _) = call_before_discovery(&gated).await;
+    outcome.unwrap();
     let sent = gated
         .last_timeout
         .lock()

@@ -137,6 +137,20 @@ pub(crate) struct Feedback {
 }
 
 #[cfg(test)]
+impl Load {
+    /// An endpoint no balancer knows, for tests of its figures and of strategies: the default
+    /// RTT 30 ms, decaying over 10 s.
+    pub(crate) fn unattached(id: EndpointId, uri: Uri, weight: u32) -> Self {
+        let ewma = EwmaConfig {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        };
+        let meta = discover::Endpoint::weighted(weight);
+        Load::new(id, uri, meta, ewma, Feedback::unread(None))
+    }
+}
+
+#[cfg(test)]
 impl Feedback {
     /// Feedback that no driver reads, for tests of one endpoint's figures.
     pub(crate) fn unread(detection: Option<OutlierDetection>) -> Arc<Self> {
@@ -594,18 +608,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn costs_compare_without_a_clock_as_they_would_with_one() {
-        let load = || {
-            Load::new(
-                1,
-                Uri::from_static("http://a:1"),
-                discover::Endpoint::default(),
-                EwmaConfig {
-                    default_rtt: Duration::from_millis(30),
-                    decay: Duration::from_secs(10),
-                },
-                Feedback::unread(None),
-            )
-        };
+        let load = || Load::unattached(1, Uri::from_static("http://a:1"), 1);
         let (a, b) = (load(), load());
         let t0 = Instant::now();
         a.observe_rtt(Duration::from_millis(40), t0);
@@ -640,16 +643,7 @@ mod tests {
 
     #[test]
     fn outcomes_track_the_failure_streak() {
-        let load = Load::new(
-            1,
-            Uri::from_static("http://a:1"),
-            discover::Endpoint::default(),
-            EwmaConfig {
-                default_rtt: Duration::from_millis(1),
-                decay: Duration::from_secs(1),
-            },
-            Feedback::unread(None),
-        );
+        let load = Load::unattached(1, Uri::from_static("http://a:1"), 1);
         assert_eq!(load.record_outcome(false), 1);
         assert_eq!(load.record_outcome(false), 2);
         assert_eq!(load.record_outcome(true), 0);

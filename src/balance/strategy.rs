@@ -360,8 +360,7 @@ impl Strategy for ConsistentHash {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::{EwmaConfig, Feedback, Load};
-    use crate::discover;
+    use crate::balance::endpoint::Load;
     use std::collections::HashMap;
     use std::time::Duration;
     use tokio::time::Instant;
@@ -371,15 +370,10 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, w)| Candidate {
-                load: Arc::new(Load::new(
+                load: Arc::new(Load::unattached(
                     i as u64,
                     format!("http://10.0.0.{i}:80").parse().unwrap(),
-                    discover::Endpoint::weighted(*w),
-                    EwmaConfig {
-                        default_rtt: Duration::from_millis(10),
-                        decay: Duration::from_secs(10),
-                    },
-                    Feedback::unread(None),
+                    *w,
                 )),
             })
             .collect()

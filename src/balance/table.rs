@@ -552,9 +552,8 @@ impl<S: Clone> Table<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::{EwmaConfig, Feedback};
+    use crate::balance::endpoint::Load;
     use std::sync::atomic::AtomicBool;
-    use std::time::Duration;
 
     #[test]
     fn taking_an_intervals_counts_loses_no_completion() {
@@ -563,16 +562,7 @@ mod tests {
             0.0,
             BalanceMetrics::new("test"),
         );
-        let load = Arc::new(Load::new(
-            1,
-            http::Uri::from_static("http://a:1"),
-            crate::discover::Endpoint::default(),
-            EwmaConfig {
-                default_rtt: Duration::from_millis(1),
-                decay: Duration::from_secs(1),
-            },
-            Feedback::unread(None),
-        ));
+        let load = Arc::new(Load::unattached(1, http::Uri::from_static("http://a:1"), 1));
         shared.update(|t| t.slots.push(Slot::new(load.clone())));
         const PER_THREAD: u64 = 1_000_000;
         let done = Arc::new(AtomicBool::new(false));
