@@ -98,7 +98,9 @@ fn two_random(len: usize) -> (usize, usize) {
         return (0, 0);
     }
     let a = fastrand::usize(..len);
-    let b = (a + 1 + fastrand::usize(..len - 1)) % len;
+    // `a + 1 + r` is below `2 × len`: one subtraction wraps it, where `%` would divide.
+    let b = a + 1 + fastrand::usize(..len - 1);
+    let b = if b >= len { b - len } else { b };
     (a, b)
 }
 

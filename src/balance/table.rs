@@ -227,7 +227,11 @@ impl<S: Clone> Shared<S> {
         if candidates.is_empty() {
             return Err(table.why_unavailable());
         }
-        let mut index = table.strategy.pick(parts, candidates) % candidates.len();
+        // Strategies return an index in range; the division is for those that do not.
+        let mut index = table.strategy.pick(parts, candidates);
+        if index >= candidates.len() {
+            index %= candidates.len();
+        }
         if exclude.contains(&candidates[index].load.id) {
             index = (0..candidates.len())
                 .find(|&i| !exclude.contains(&candidates[i].load.id))
