@@ -1,10 +1,12 @@
 //! One connection of a pool: its load and health, which calls update without the pool's lock,
 //! and what a call's error says about it.
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
 
 use http::Uri;
 use tokio::sync::Notify;
@@ -26,11 +28,63 @@ pub(crate) struct Core {
     /// A connection served a call since the worker last looked: the backoff starts over.
     pub(crate) proven: AtomicBool,
     pub(crate) metrics: Metrics,
+    /// Handles waiting for a connection, or for a free stream on one.
+    pub(crate) parked: Parked,
 }
 
 impl Core {
     pub(crate) fn nanos(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// The wakers of handles waiting in `poll_ready`, reachable from a call that ends (which knows
+/// its connection, not the pool's service type), so a freed stream wakes them.
+#[derive(Default)]
+pub(crate) struct Parked {
+    wakers: Mutex<HashMap<u64, Waker>>,
+    /// `wakers.len()`, read without the lock by every call that ends.
+    count: AtomicUsize,
+}
+
+impl Parked {
+    /// Registers (or refreshes) a waiter; `true` if it is the only one.
+    pub(crate) fn park(&self, id: u64, waker: &Waker) -> bool {
+        let mut wakers = lock(&self.wakers);
+        match wakers.get_mut(&id) {
+            Some(old) => old.clone_from(waker),
+            None => {
+                wakers.insert(id, waker.clone());
+            }
+        }
+        self.count.store(wakers.len(), Ordering::SeqCst);
+        wakers.len() == 1
+    }
+
+    pub(crate) fn unpark(&self, id: u64) {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut wakers = lock(&self.wakers);
+        wakers.remove(&id);
+        self.count.store(wakers.len(), Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count.load(Ordering::SeqCst) == 0
+    }
+
+    /// Wakes every waiter; each picks again.
+    pub(crate) fn wake_all(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let wakers = {
+            let mut wakers = lock(&self.wakers);
+            self.count.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *wakers)
+        };
+        wakers.into_values().for_each(Waker::wake);
     }
 }
 
@@ -115,10 +169,18 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let conn = &self.0;
         // Stamp first, so whoever sees the count drop to zero sees a fresh stamp.
-        let now = self.0.core.nanos(Instant::now());
-        self.0.last_active.store(now, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let now = conn.core.nanos(Instant::now());
+        conn.last_active.store(now, Ordering::Release);
+        let was = conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // A stream came free: whoever waits for one may take it. Pairs with the fence in
+        // `Shared::pick`, which parks first and looks at the load after, so one of the two
+        // always sees the other.
+        if was <= conn.core.config.max_streams {
+            fence(Ordering::SeqCst);
+            conn.core.parked.wake_all();
+        }
     }
 }
 

@@ -5,8 +5,7 @@
 //! breaking) is atomics on the connection's [`ConnLoad`], so the hot path takes the lock once per
 //! call and never waits on I/O.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::config::PoolConfig;
-use super::conn::{ConnLoad, Core, SharedError, lock, status_with_source};
+use super::conn::{ConnLoad, Core, Parked, SharedError, lock, status_with_source};
 use super::stats::{Metrics, PoolStats};
 use crate::deadline::instant_after;
 
@@ -29,7 +28,6 @@ pub(crate) struct Conn<S> {
 struct State<S> {
     conns: Vec<Conn<S>>,
     connecting: usize,
-    waiters: HashMap<u64, Waker>,
     /// A call has asked for a connection (lazy pools connect from then on).
     activated: bool,
     consecutive_failures: u32,
@@ -77,11 +75,11 @@ impl<S> Shared<S> {
                 wake_worker: Notify::new(),
                 proven: AtomicBool::new(false),
                 metrics,
+                parked: Parked::default(),
             }),
             state: Mutex::new(State {
                 conns: Vec::new(),
                 connecting: 0,
-                waiters: HashMap::new(),
                 activated: false,
                 consecutive_failures: 0,
                 next_attempt: None,
@@ -105,7 +103,7 @@ impl<S> Shared<S> {
     }
 
     pub(crate) fn forget_waiter(&self, id: u64) {
-        self.state().waiters.remove(&id);
+        self.core.parked.unpark(id);
     }
 
     /// Picks the least-loaded usable connection for one call.
@@ -136,12 +134,10 @@ impl<S> Shared<S> {
         let Some((index, load)) = best else {
             st.activated = true;
             if expired {
-                st.waiters.remove(&waiter);
+                self.core.parked.unpark(waiter);
                 return Pick::Fail(self.no_connection(&st, Instant::now()));
             }
-            let first = st.waiters.is_empty();
-            st.waiters.insert(waiter, waker.clone());
-            if first {
+            if self.core.parked.park(waiter, waker) {
                 // A lazy pool, or one whose connections all broke: the worker should connect.
                 self.core.wake_worker.notify_one();
             }
@@ -157,13 +153,16 @@ impl<S> Shared<S> {
             // Full, and another connection is on its way: wait for it rather than pile more
             // streams onto this one (which h2 would queue, or the server refuse).
             if load >= max_streams && (can_grow || st.connecting > 0) && !expired {
-                st.waiters.insert(waiter, waker.clone());
-                return Pick::Wait;
+                self.core.parked.park(waiter, waker);
+                // A call ending now either sees this waiter, or its freed stream is seen here
+                // (the fence pairs with the one in `InFlight::drop`).
+                fence(Ordering::SeqCst);
+                if st.conns[index].load.in_flight() >= max_streams {
+                    return Pick::Wait;
+                }
             }
         }
-        if !st.waiters.is_empty() {
-            st.waiters.remove(&waiter);
-        }
+        self.core.parked.unpark(waiter);
         let conn = &st.conns[index];
         Pick::Ready(conn.service.clone(), conn.load.clone())
     }
@@ -198,21 +197,21 @@ impl<S> Shared<S> {
         waiter: u64,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Status>> {
-        let mut st = self.state();
+        let st = self.state();
         if let Some(status) = &st.closed {
             return Poll::Ready(Err(status.clone()));
         }
         let alive = st.conns.iter().filter(|c| !c.load.is_broken()).count();
         let settled = st.failures > 0 && st.connecting == 0;
         if alive >= self.core.config.min || (settled && alive > 0) {
-            st.waiters.remove(&waiter);
+            self.core.parked.unpark(waiter);
             return Poll::Ready(Ok(()));
         }
         if settled {
-            st.waiters.remove(&waiter);
+            self.core.parked.unpark(waiter);
             return Poll::Ready(Err(self.no_connection(&st, Instant::now())));
         }
-        st.waiters.insert(waiter, cx.waker().clone());
+        self.core.parked.park(waiter, cx.waker());
         Poll::Pending
     }
 
@@ -236,10 +235,6 @@ impl<S> Shared<S> {
             disconnections: st.disconnections,
             retry_in: st.next_attempt.filter(|at| *at > now).map(|at| at - now),
         }
-    }
-
-    fn wake_all(st: &mut State<S>) -> Vec<Waker> {
-        st.waiters.drain().map(|(_, waker)| waker).collect()
     }
 
     /// Removes broken and idle connections, and decides how many to open now and when to look
@@ -312,7 +307,7 @@ impl<S> Shared<S> {
         } else {
             0
         };
-        if alive == 0 && !st.waiters.is_empty() {
+        if alive == 0 && !self.core.parked.is_empty() {
             want = want.max(1);
         }
         if alive > 0
@@ -339,11 +334,7 @@ impl<S> Shared<S> {
         st.connecting += start;
         // Calls wait for growth only while a connection is being opened. If none is (the load
         // fell before the worker looked, or backoff forbids it), let them pick again now.
-        let wake = if alive > 0 && st.connecting == 0 {
-            Self::wake_all(&mut st)
-        } else {
-            Vec::new()
-        };
+        let wake = alive > 0 && st.connecting == 0;
         Plan {
             start,
             wake_at,
@@ -380,9 +371,8 @@ impl<S> Shared<S> {
                 metrics.attempts_failed.increment(1);
             }
         }
-        let wakers = Self::wake_all(&mut st);
         drop(st);
-        wakers.into_iter().for_each(Waker::wake);
+        self.core.parked.wake_all();
     }
 
     /// The worker is gone: with `reason`, for good (handles fail); without, because every
@@ -394,10 +384,9 @@ impl<S> Shared<S> {
         st.closed = Some(reason.unwrap_or_else(|| {
             Status::unavailable(format!("the pool for {} shut down", self.core.target))
         }));
-        let wakers = Self::wake_all(&mut st);
         drop(st);
         drop(conns);
-        wakers.into_iter().for_each(Waker::wake);
+        self.core.parked.wake_all();
     }
 }
 
@@ -409,8 +398,8 @@ pub(crate) struct Plan<S> {
     pub(crate) wake_at: Option<Instant>,
     /// Connections taken out of the pool, dropped outside the lock.
     pub(crate) dropped: Vec<Conn<S>>,
-    /// Handles to wake, outside the lock.
-    pub(crate) wake: Vec<Waker>,
+    /// Wake the parked handles (outside the lock) to pick again.
+    pub(crate) wake: bool,
 }
 
 #[cfg(test)]
