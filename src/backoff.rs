@@ -12,6 +12,7 @@ use crate::ConfigError;
 /// The randomisation applied to the exponential delay `base(n) = min(initial · multiplier^(n-1), max)`
 /// of retry `n` (1 for the first retry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Jitter {
     /// gRFC A6: `base(n) · random(0.8, 1.2)`. The only one that may exceed `max` (by up to 20 %),
     /// as the spec says.
@@ -45,6 +46,9 @@ impl BackoffFields {
 
 /// Exponential backoff with jitter, validated at construction: `initial` and `max` are positive,
 /// `max ≥ initial`, and `multiplier` is finite and positive.
+///
+/// A multiplier below 1 is accepted, as gRFC A6 accepts any `backoffMultiplier` above 0 and a
+/// retry policy's backoff is this type: the delays then shrink from `initial` instead of growing.
 ///
 /// Delays are computed in floating point and saturate at their bounds, so no attempt number,
 /// however large, overflows or panics.
@@ -80,6 +84,39 @@ impl Backoff {
         multiplier: f64,
     ) -> Result<Self, ConfigError> {
         Backoff::validated(jitter, initial, max, multiplier, BackoffFields::PLAIN)
+    }
+
+    /// A builder starting from [`grpc_connection`](Self::grpc_connection), the way every other
+    /// towline configuration is built; [`build`](BackoffBuilder::build) checks it as
+    /// [`new`](Self::new) does.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use towline::backoff::{Backoff, Jitter};
+    ///
+    /// let backoff = Backoff::builder()
+    ///     .jitter(Jitter::Full)
+    ///     .initial(Duration::from_millis(50))
+    ///     .max(Duration::from_secs(5))
+    ///     .build()?;
+    /// assert_eq!(backoff.multiplier(), 1.6); // gRPC's connection backoff, where not set
+    /// let err = Backoff::builder().max(Duration::from_millis(10)).build().unwrap_err();
+    /// assert_eq!(err.to_string(), "backoff.max: must not be less than the initial backoff");
+    /// # Ok::<(), towline::ConfigError>(())
+    /// ```
+    pub fn builder() -> BackoffBuilder {
+        let Backoff {
+            jitter,
+            initial,
+            max,
+            multiplier,
+        } = Backoff::grpc_connection();
+        BackoffBuilder {
+            jitter,
+            initial,
+            max,
+            multiplier,
+        }
     }
 
     /// gRPC's connection backoff: 1 s, × 1.6 per failure, at most 120 s, ±20% jitter.
@@ -199,6 +236,49 @@ impl Backoff {
     }
 }
 
+/// Builds a [`Backoff`]; from [`Backoff::builder`]. Nothing is checked until
+/// [`build`](Self::build).
+#[derive(Debug, Clone, Copy)]
+#[must_use = "call .build() to get the backoff"]
+pub struct BackoffBuilder {
+    jitter: Jitter,
+    initial: Duration,
+    max: Duration,
+    multiplier: f64,
+}
+
+impl BackoffBuilder {
+    /// The randomisation of each delay. Default [`Jitter::Grpc`].
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The first retry's base delay. Default 1 s; must be > 0.
+    pub fn initial(mut self, initial: Duration) -> Self {
+        self.initial = initial;
+        self
+    }
+
+    /// The cap on the base delay. Default 120 s; must be > 0 and at least `initial`.
+    pub fn max(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// The growth factor between retries. Default 1.6; must be finite and > 0.
+    pub fn multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// Checks every field; errors name it: `backoff.initial`, `backoff.max`,
+    /// `backoff.multiplier`.
+    pub fn build(self) -> Result<Backoff, ConfigError> {
+        Backoff::new(self.jitter, self.initial, self.max, self.multiplier)
+    }
+}
+
 /// Seconds to a `Duration`, saturating at `saturate` for anything not representable.
 fn secs_to_duration(secs: f64, saturate: Duration) -> Duration {
     if secs.is_nan() || secs <= 0.0 {
@@ -277,6 +357,44 @@ mod tests {
                 "backoff.multiplier"
             );
         }
+    }
+
+    #[test]
+    fn the_builder_checks_what_new_checks() {
+        let field = |b: BackoffBuilder| b.build().unwrap_err().field().to_owned();
+        assert_eq!(
+            Backoff::builder().build().unwrap(),
+            Backoff::grpc_connection()
+        );
+        assert_eq!(
+            field(Backoff::builder().initial(Duration::ZERO)),
+            "backoff.initial"
+        );
+        assert_eq!(field(Backoff::builder().max(Duration::ZERO)), "backoff.max");
+        let below_initial = Backoff::builder()
+            .initial(Duration::from_secs(2))
+            .max(Duration::from_secs(1));
+        assert_eq!(field(below_initial), "backoff.max");
+        for m in [0.0, -1.6, f64::NAN, f64::NEG_INFINITY] {
+            assert_eq!(
+                field(Backoff::builder().multiplier(m)),
+                "backoff.multiplier"
+            );
+        }
+        let set = Backoff::builder()
+            .jitter(Jitter::Equal)
+            .initial(Duration::from_millis(5))
+            .max(Duration::from_millis(50))
+            .multiplier(3.0)
+            .build()
+            .unwrap();
+        let expected = Backoff::new(
+            Jitter::Equal,
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+            3.0,
+        );
+        assert_eq!(Ok(set), expected);
     }
 
     fn duration() -> impl Strategy<Value = Duration> {

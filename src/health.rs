@@ -24,9 +24,16 @@
 //!     .rise(2)
 //!     .fall(3);
 //! assert!(poll.validate().is_ok());
-//! assert!(HealthCheck::check("").rise(0).validate().unwrap_err().to_string().contains("rise"));
-//! # let _ = watch;
+//! let err = HealthCheck::check("").rise(0).build().unwrap_err();
+//! assert_eq!(err.to_string(), "health_check.rise: must be greater than zero");
+//! // A watch has no interval: a check-mode setting on it is an error, not ignored.
+//! let err = watch.interval(Duration::from_secs(5)).build().unwrap_err();
+//! assert_eq!(err.field(), "health_check.interval");
 //! ```
+//!
+//! A check is validated when the balancer's config is built
+//! ([`BalanceConfigBuilder::build`](crate::balance::BalanceConfigBuilder::build)), or earlier
+//! with [`HealthCheck::build`].
 
 use std::time::Duration;
 
@@ -45,6 +52,9 @@ use crate::{BoxError, ConfigError};
 pub struct HealthCheck {
     service: String,
     mode: Mode,
+    /// The first check-mode setting given to a watch, which has none: an error at build time
+    /// rather than a setting silently ignored.
+    watch_setting: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +78,7 @@ impl HealthCheck {
         HealthCheck {
             service: service.into(),
             mode: Mode::Watch,
+            watch_setting: None,
         }
     }
 
@@ -83,41 +94,46 @@ impl HealthCheck {
                 fall: 3,
                 jitter: 0.1,
             }),
+            watch_setting: None,
         }
     }
 
-    /// Changes a check-mode setting; a watch has none.
-    fn with_policy(mut self, set: impl FnOnce(&mut CheckPolicy)) -> Self {
-        if let Mode::Check(policy) = &mut self.mode {
-            set(policy);
+    /// Changes a check-mode setting; on a watch, which has none, remembers it for the error.
+    fn with_policy(mut self, field: &'static str, set: impl FnOnce(&mut CheckPolicy)) -> Self {
+        match &mut self.mode {
+            Mode::Check(policy) => set(policy),
+            Mode::Watch => {
+                self.watch_setting.get_or_insert(field);
+            }
         }
         self
     }
 
-    /// Time between checks (check mode). Must be > 0.
+    /// Time between checks (check mode). Must be > 0. It runs from the end of one check to the
+    /// start of the next, so it need not exceed the timeout: checks never overlap.
     pub fn interval(self, value: Duration) -> Self {
-        self.with_policy(|p| p.interval = value)
+        self.with_policy("health_check.interval", |p| p.interval = value)
     }
 
     /// How long one check may take before it counts as failed (check mode). Must be > 0.
     pub fn timeout(self, value: Duration) -> Self {
-        self.with_policy(|p| p.timeout = value)
+        self.with_policy("health_check.timeout", |p| p.timeout = value)
     }
 
     /// Successes in a row that make an unhealthy endpoint healthy (check mode). Must be > 0.
     pub fn rise(self, value: u32) -> Self {
-        self.with_policy(|p| p.rise = value)
+        self.with_policy("health_check.rise", |p| p.rise = value)
     }
 
     /// Failures in a row that make a healthy endpoint unhealthy (check mode). Must be > 0.
     pub fn fall(self, value: u32) -> Self {
-        self.with_policy(|p| p.fall = value)
+        self.with_policy("health_check.fall", |p| p.fall = value)
     }
 
     /// Spread each interval by up to ± this fraction, so that many clients do not check in
     /// lockstep (check mode). Between 0 and 1.
     pub fn jitter(self, value: f64) -> Self {
-        self.with_policy(|p| p.jitter = value)
+        self.with_policy("health_check.jitter", |p| p.jitter = value)
     }
 
     /// The health service name checked.
@@ -125,8 +141,23 @@ impl HealthCheck {
         &self.service
     }
 
-    /// Checks every field; the balancer's config builder calls this.
+    /// Checks every field and returns the check, as every towline builder's `build` does. The
+    /// balancer's config builder checks it too: calling this is only needed to fail earlier.
+    pub fn build(self) -> Result<HealthCheck, ConfigError> {
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every field; the balancer's config builder calls this. Errors name the field:
+    /// `health_check.interval`, `.timeout`, `.rise`, `.fall` or `.jitter`.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(field) = self.watch_setting {
+            return Err(ConfigError::new(
+                field,
+                "applies to a periodic Check only; a Watch has no such setting \
+                 (use HealthCheck::check)",
+            ));
+        }
         if let Mode::Check(CheckPolicy {
             interval,
             timeout,
@@ -385,8 +416,39 @@ mod tests {
             ),
         ];
         for (check, field) in cases {
-            assert_eq!(check.validate().unwrap_err().field(), field);
+            assert_eq!(check.clone().validate().unwrap_err().field(), field);
+            assert_eq!(check.build().unwrap_err().field(), field);
         }
         assert!(HealthCheck::watch("x").validate().is_ok());
+        let good = HealthCheck::check("x").rise(1).fall(1).jitter(0.0);
+        assert_eq!(good.clone().build(), Ok(good));
+    }
+
+    #[test]
+    fn a_check_setting_on_a_watch_is_an_error_not_ignored() {
+        let second = Duration::from_secs(1);
+        let cases = [
+            (
+                HealthCheck::watch("").interval(second),
+                "health_check.interval",
+            ),
+            (
+                HealthCheck::watch("").timeout(second),
+                "health_check.timeout",
+            ),
+            (HealthCheck::watch("").rise(1), "health_check.rise"),
+            (HealthCheck::watch("").fall(1), "health_check.fall"),
+            (HealthCheck::watch("").jitter(0.5), "health_check.jitter"),
+            // The first one set is named.
+            (
+                HealthCheck::watch("").fall(1).interval(second),
+                "health_check.fall",
+            ),
+        ];
+        for (check, field) in cases {
+            let err = check.build().unwrap_err();
+            assert_eq!(err.field(), field);
+            assert!(err.problem().contains("Watch"), "{err}");
+        }
     }
 }

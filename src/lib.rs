@@ -42,6 +42,8 @@
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 //! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
 //! - [`retry`]: `RetryLayer`, gRFC A6 retries with jittered backoff, a budget and replayable bodies.
+//! - [`ServiceBuilderExt`]: the layers as `ServiceBuilder` methods (`.grpc_retry(policy)`,
+//!   `.balance(discovery, config)`, `.pool(config)`, …), as `tower_http::ServiceBuilderExt` does.
 #![cfg_attr(
     feature = "testkit",
     doc = "- [`testkit`]: a real tonic backend with fault controls, and a load driver."
@@ -49,10 +51,12 @@
 //!
 //! [tonic]: https://docs.rs/tonic
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
-// No unsafe code, except in the testkit's network-namespace module (`setns(2)`, `geteuid(2)`
-// through libc), which allows it for itself. `deny` rather than `forbid`: a `forbid` could not be
-// relaxed there.
-#![deny(unsafe_code)]
+// No unsafe code. The library proper forbids it: no module can allow it back. The one exception
+// is the testkit's network-namespace module (`setns(2)`, `geteuid(2)` through libc), which allows
+// it for itself; a `forbid` could not be relaxed there, so with the `testkit` feature the crate
+// `deny`s it instead and that module is the only `allow`.
+#![cfg_attr(not(feature = "testkit"), forbid(unsafe_code))]
+#![cfg_attr(feature = "testkit", deny(unsafe_code))]
 // docs.rs builds with `--cfg docsrs` on nightly: `doc_cfg` marks feature-gated items with the
 // features they need (it absorbed `doc_auto_cfg`, which nightly no longer knows).
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -74,6 +78,10 @@ pub mod retry;
 pub mod status;
 
 pub use error::ConfigError;
+
+// Exported at the root, as tower-http exports its `ServiceBuilderExt`.
+mod builder_ext;
+pub use builder_ext::ServiceBuilderExt;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

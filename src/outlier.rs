@@ -50,6 +50,7 @@ pub struct OutlierDetection {
 
 /// Eject endpoints whose success rate is far below the mean (gRFC A50 `successRateEjection`).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct SuccessRateEjection {
     /// Eject below `mean − stdev × stdev_factor / 1000`. Default 1900.
     pub stdev_factor: u32,
@@ -75,6 +76,7 @@ impl Default for SuccessRateEjection {
 /// Eject endpoints whose failure percentage is above a threshold (gRFC A50
 /// `failurePercentageEjection`).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct FailurePercentageEjection {
     /// Eject above this failure percentage. Default 85.
     pub threshold: u32,

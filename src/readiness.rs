@@ -56,6 +56,7 @@ use crate::pool::Pool;
 
 /// How healthy a source, or the whole stack, is. Ordered from best to worst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub enum State {
     /// Everything it depends on is reachable.
     Healthy,
@@ -89,6 +90,7 @@ impl fmt::Display for State {
 
 /// What one source says: a state and, unless healthy with nothing to add, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Check {
     /// Its state.
     pub state: State,
@@ -250,6 +252,7 @@ where
 
 /// One source in a [`Report`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SourceReport {
     /// The name it was added under.
     pub name: Arc<str>,
@@ -263,6 +266,7 @@ pub struct SourceReport {
 /// worst degrades it), and what each said. `Display` gives one line: `"degraded: orders: 1 of 4
 /// endpoints ready (…)"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// The aggregate state.
     pub state: State,

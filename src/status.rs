@@ -39,6 +39,7 @@ pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Where a response's gRPC status is, read from its head alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ResponseStatus {
     /// `grpc-status` is in the headers: a Trailers-Only response. The call has ended with this code
     /// and the body carries no message.

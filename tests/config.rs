@@ -518,3 +518,61 @@ fn a_multi_megabyte_value_is_not_echoed_in_full() {
         "{err}"
     );
 }
+
+/// Every builder fails the same way: a `towline::ConfigError` naming the field, at build time.
+#[test]
+fn every_builder_names_the_bad_field_in_one_error_type() {
+    use towline::ConfigError;
+    use towline::backoff::Backoff;
+    use towline::balance::BalanceConfig;
+    use towline::discover::dns::Dns;
+    use towline::health::HealthCheck;
+
+    fn field<T: std::fmt::Debug>(built: Result<T, ConfigError>) -> String {
+        built.unwrap_err().field().to_owned()
+    }
+    let name_server = "127.0.0.1:53".parse().unwrap();
+    let zero = Duration::ZERO;
+    let cases = [
+        (
+            field(Backoff::builder().initial(zero).build()),
+            "backoff.initial",
+        ),
+        (
+            field(Backoff::builder().multiplier(-2.0).build()),
+            "backoff.multiplier",
+        ),
+        (
+            field(HealthCheck::check("").fall(0).build()),
+            "health_check.fall",
+        ),
+        (
+            // Checked by the balancer's config too, a watch given a check's setting included.
+            field(
+                BalanceConfig::builder()
+                    .health_check(HealthCheck::watch("").interval(Duration::from_secs(1)))
+                    .build(),
+            ),
+            "health_check.interval",
+        ),
+        (
+            field(
+                Dns::a_aaaa("svc.example.", 80)
+                    .timeout(zero)
+                    .nameserver(name_server)
+                    .build(),
+            ),
+            "dns.timeout",
+        ),
+        (
+            field(Static::try_new([
+                "http://127.0.0.1:1",
+                "http://no such host",
+            ])),
+            "static.endpoints[1]",
+        ),
+    ];
+    for (got, expected) in cases {
+        assert_eq!(got, expected);
+    }
+}

@@ -4,6 +4,7 @@
 //! cargo bench --bench scenarios                # every scenario
 //! cargo bench --bench scenarios -- overhead    # the scenarios whose name contains "overhead"
 //! cargo bench --bench scenarios -- hedging     # p99 with one slow backend, with and without hedging
+//! cargo bench --bench scenarios -- scale       # the balancer at 10, 100, 1,000 endpoints; churn
 //! cargo bench --bench scenarios -- --quick     # a few seconds each (CI smoke run)
 //! cargo bench --bench scenarios -- summary     # every scenario, then summary.json and summary.md
 //! ```
@@ -18,24 +19,34 @@
 //! a scenario always runs the variants it compares in one process, interleaved round by round,
 //! and reports their ratios.
 
+mod alloc;
 mod balance;
 mod batching;
 mod blackhole;
+mod cpu;
 mod fault;
 mod foreign_kill;
 mod hedging;
+mod output;
 mod overhead;
 mod pool;
 mod registry;
 mod retry_storm;
+mod scale;
 mod summary;
 mod support;
+mod trivial;
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use summary::{RunFacts, Section, SectionResult};
 use support::{Settings, Skipped};
+
+/// Counts allocations and live heap bytes (`scale`: bytes held per endpoint). A relaxed atomic
+/// add per allocation, on every variant alike.
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 /// The argument that runs every scenario and then writes the summary.
 const SUMMARY: &str = "summary";
@@ -45,7 +56,7 @@ type Run = fn(Settings) -> support::BoxScenario;
 const SCENARIOS: &[(&str, &str, Run)] = &[
     (
         "overhead",
-        "a bare Channel vs the same Channel under a pass-through tower layer",
+        "a bare Channel vs the same Channel under a pass-through tower layer; vs towline's full stack (64 in flight); tonic balance_list vs the full stack over 4 backends: req/s and CPU per call",
         overhead::run,
     ),
     (
@@ -92,6 +103,11 @@ const SCENARIOS: &[(&str, &str, Run)] = &[
         "registry",
         "4 backends registered in a real etcd on 2 s leases, discovered under load: one crashes, etcd is SIGKILLed and restarted, history churned and compacted",
         registry::run,
+    ),
+    (
+        "scale",
+        "the balancer at 10, 100, 1,000 endpoints (round robin, peak-EWMA, ring hash): pick cost, rebuild time, bytes per endpoint; churn of 10% of 100 endpoints per second under load",
+        scale::run,
     ),
 ];
 

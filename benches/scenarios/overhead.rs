@@ -1,19 +1,44 @@
-//! `overhead`: what one tower layer costs on a real gRPC call.
+//! `overhead`: what towline costs on a real gRPC call, against what a user would otherwise run.
 //!
-//! The same load through a bare `Channel` and through that channel under a pass-through layer
-//! (forwards `poll_ready` and `call`, nothing else), interleaved round by round, at one call in
-//! flight (latency-bound) and at 64 (CPU-bound on two cores).
+//! Three comparisons, each a bare variant and a towline one run under the same load, interleaved
+//! `bare, towline, bare, towline, …, bare`:
+//! - a bare `Channel` against that channel under a pass-through layer (forwards `poll_ready` and
+//!   `call`, nothing else), at one call in flight (latency-bound) and at 64 (CPU-bound on two
+//!   cores): what a tower layer's existence costs;
+//! - `full_stack`: a bare `Channel` to one backend against towline's full stack over the same
+//!   backend (`MetricsLayer` → `RetryLayer` → `BalanceLayer` → `PoolLayer` → `Connect`, each with
+//!   its defaults), at 64 in flight;
+//! - `vs_balance_list`: tonic's `Channel::balance_list` over four backends against the full stack
+//!   over the same four, at 64 in flight: the peer users would otherwise pick.
+//!
+//! Figures per variant are medians over rounds. `ratio_rps` is the towline run's req/s over the
+//! mean of the bare runs just before and after it, `ratio_cpu_per_call` the same for CPU time per
+//! call: the process's CPU time (user + system, `getrusage`, client and in-process backends
+//! together) over the run, divided by the calls it made. CPU time is far steadier than req/s on
+//! a shared machine; both ratios are medians over rounds.
 
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use towline::BoxError;
+use towline::balance::{BalanceConfig, BalanceLayer};
 use towline::connect::Connect;
+use towline::discover::Static;
+use towline::metrics::MetricsLayer;
+use towline::pool::{PoolConfig, PoolLayer};
+use towline::retry::{RetryLayer, RetryPolicy};
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, Load};
 
-use crate::support::{BoxScenario, Figures, Settings, micros, print_table};
+use crate::balance::{ready, tonic_balance_list};
+use crate::cpu;
+use crate::support::{BoxScenario, Figures, Settings, Stack, micros, print_table};
 
 const CONCURRENCY: [usize; 2] = [1, 64];
+/// In flight for the full-stack comparisons: CPU-bound on two cores.
+const FULL_STACK_IN_FLIGHT: usize = 64;
+const BACKENDS: usize = 4;
 
 pub fn run(settings: Settings) -> BoxScenario {
     Box::pin(async move {
@@ -25,53 +50,209 @@ pub fn run(settings: Settings) -> BoxScenario {
         let mut rows = Vec::new();
         let mut json = Vec::new();
         for concurrency in CONCURRENCY {
-            let load = Load::new(concurrency)
-                .calls(settings.calls)
-                .duration(settings.duration);
-            // Warm both paths (connection, allocator, branch predictors) before measuring.
-            let warm = Load::new(concurrency).calls(500);
-            drive(&warm, bare.clone()).await;
-            drive(&warm, layered.clone()).await;
-
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            for _ in 0..settings.rounds {
-                a.push(drive(&load, bare.clone()).await);
-                b.push(drive(&load, layered.clone()).await);
-            }
-            let (a, b) = (Figures::median(&a), Figures::median(&b));
-            if a.failed + b.failed > 0 {
-                return Err(format!("{} calls failed", a.failed + b.failed).into());
-            }
-            let ratio = |x: f64, y: f64| y / x.max(1e-9);
-            let rps_ratio = ratio(a.rps, b.rps);
-            let p50_ratio = ratio(a.p50.as_secs_f64(), b.p50.as_secs_f64());
-            let p99_ratio = ratio(a.p99.as_secs_f64(), b.p99.as_secs_f64());
-            for (variant, f) in [("channel", &a), ("pass-through layer", &b)] {
-                rows.push(vec![
-                    variant.to_string(),
-                    concurrency.to_string(),
-                    format!("{:.0}", f.rps),
-                    micros(f.p50),
-                    micros(f.p99),
-                ]);
-            }
-            rows.push(vec![
-                "ratio layer/channel".into(),
-                concurrency.to_string(),
-                format!("{rps_ratio:.3}"),
-                format!("{p50_ratio:.3}"),
-                format!("{p99_ratio:.3}"),
-            ]);
+            let c = compare(settings, concurrency, &bare, &layered).await?;
+            rows.extend(c.rows("channel", "pass-through layer", concurrency));
             json.push(serde_json::json!({
                 "concurrency": concurrency,
-                "channel": a.json(),
-                "pass_through_layer": b.json(),
-                "ratio": { "rps": rps_ratio, "p50": p50_ratio, "p99": p99_ratio },
+                "channel": c.bare.json(),
+                "pass_through_layer": c.towline.json(),
+                "ratio": {
+                    "rps": c.ratio_rps,
+                    "p50": c.ratio(|f| f.p50.as_secs_f64()),
+                    "p99": c.ratio(|f| f.p99.as_secs_f64()),
+                    "cpu_per_call": c.ratio_cpu_per_call,
+                },
             }));
         }
-        print_table(&["variant", "in flight", "req/s", "p50", "p99"], &rows);
-        Ok(serde_json::json!({ "rounds": settings.rounds, "runs": json }))
+
+        let stack = EchoClient::new(full_stack(std::slice::from_ref(&backend)).await?);
+        let full = compare(settings, FULL_STACK_IN_FLIGHT, &bare, &stack).await?;
+        rows.extend(full.rows("channel", "full stack", FULL_STACK_IN_FLIGHT));
+
+        let backends = Backend::start_many(BACKENDS).await?;
+        let balance_list = EchoClient::new(tonic_balance_list(&backends));
+        let stack = EchoClient::new(full_stack(&backends).await?);
+        let vs = compare(settings, FULL_STACK_IN_FLIGHT, &balance_list, &stack).await?;
+        rows.extend(vs.rows(
+            "tonic balance_list, 4 backends",
+            "full stack, 4 backends",
+            FULL_STACK_IN_FLIGHT,
+        ));
+
+        print_table(
+            &["variant", "in flight", "req/s", "p50", "p99", "CPU/call"],
+            &rows,
+        );
+        Ok(serde_json::json!({
+            "rounds": settings.rounds,
+            "runs": json,
+            "full_stack": {
+                "in_flight": FULL_STACK_IN_FLIGHT,
+                "ratio_rps": full.ratio_rps,
+                "ratio_cpu_per_call": full.ratio_cpu_per_call,
+                "channel": full.bare.json(),
+                "full_stack": full.towline.json(),
+            },
+            "vs_balance_list": {
+                "in_flight": FULL_STACK_IN_FLIGHT,
+                "backends": BACKENDS,
+                "ratio_rps": vs.ratio_rps,
+                "ratio_cpu_per_call": vs.ratio_cpu_per_call,
+                "balance_list": vs.bare.json(),
+                "full_stack": vs.towline.json(),
+            },
+        }))
     })
+}
+
+/// towline's full stack over `backends`, each layer with its defaults, once every endpoint is
+/// ready.
+async fn full_stack(backends: &[Backend]) -> Result<impl Stack, BoxError> {
+    let balance = BalanceLayer::new(
+        Static::new(backends.iter().map(Backend::uri)),
+        BalanceConfig::default(),
+    )
+    .into_balance(PoolLayer::new(PoolConfig::default()).layer(Connect::new()));
+    ready(&balance, backends.len()).await?;
+    Ok(ServiceBuilder::new()
+        .layer(MetricsLayer::new("overhead"))
+        .layer(RetryLayer::new(RetryPolicy::default()))
+        .service(balance))
+}
+
+/// One run's figures and the process CPU time per call it took.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    figures: Figures,
+    cpu_per_call: Duration,
+}
+
+impl Run {
+    async fn measure<S: Stack>(load: &Load, client: &EchoClient<S>) -> Run {
+        let cpu = cpu::process();
+        let figures = drive(load, client.clone()).await;
+        let cpu_per_call = (cpu::process() - cpu) / figures.calls.max(1) as u32;
+        Run {
+            figures,
+            cpu_per_call,
+        }
+    }
+}
+
+/// A bare variant against a towline one, interleaved round by round (see the module docs).
+#[derive(Debug)]
+struct Comparison {
+    bare: Measured,
+    towline: Measured,
+    ratio_rps: f64,
+    ratio_cpu_per_call: f64,
+}
+
+/// A variant's medians over rounds.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    figures: Figures,
+    cpu_per_call: Duration,
+}
+
+impl Measured {
+    fn median(runs: &[Run]) -> Measured {
+        let figures: Vec<Figures> = runs.iter().map(|r| r.figures).collect();
+        let mut cpu: Vec<Duration> = runs.iter().map(|r| r.cpu_per_call).collect();
+        cpu.sort();
+        Measured {
+            figures: Figures::median(&figures),
+            cpu_per_call: cpu[cpu.len() / 2],
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mut json = self.figures.json();
+        json["cpu_per_call_us"] = (self.cpu_per_call.as_nanos() as f64 / 1e3).into();
+        json
+    }
+}
+
+async fn compare<A: Stack, B: Stack>(
+    settings: Settings,
+    in_flight: usize,
+    bare: &EchoClient<A>,
+    towline: &EchoClient<B>,
+) -> Result<Comparison, BoxError> {
+    // Warm both paths (connections, allocator, branch predictors) before measuring.
+    let warm = Load::new(in_flight).calls(500);
+    drive(&warm, bare.clone()).await;
+    drive(&warm, towline.clone()).await;
+
+    let load = Load::new(in_flight)
+        .calls(settings.calls)
+        .duration(settings.duration);
+    let mut bare_runs = vec![Run::measure(&load, bare).await];
+    let mut towline_runs = Vec::new();
+    let (mut ratio_rps, mut ratio_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..settings.rounds.max(1) {
+        let run = Run::measure(&load, towline).await;
+        let after = Run::measure(&load, bare).await;
+        let before = bare_runs.last().expect("measured first");
+        ratio_rps
+            .push(run.figures.rps / ((before.figures.rps + after.figures.rps) / 2.0).max(1e-9));
+        let bare_cpu = (before.cpu_per_call + after.cpu_per_call).as_secs_f64() / 2.0;
+        ratio_cpu.push(run.cpu_per_call.as_secs_f64() / bare_cpu.max(1e-12));
+        towline_runs.push(run);
+        bare_runs.push(after);
+    }
+    let failed: u64 = bare_runs
+        .iter()
+        .chain(&towline_runs)
+        .map(|r| r.figures.failed)
+        .sum();
+    if failed > 0 {
+        return Err(format!("{failed} calls failed").into());
+    }
+    Ok(Comparison {
+        bare: Measured::median(&bare_runs),
+        towline: Measured::median(&towline_runs),
+        ratio_rps: median(ratio_rps),
+        ratio_cpu_per_call: median(ratio_cpu),
+    })
+}
+
+impl Comparison {
+    /// The towline variant's median over the bare variant's, for a figure without its own
+    /// per-round ratio (latencies).
+    fn ratio(&self, figure: impl Fn(&Figures) -> f64) -> f64 {
+        figure(&self.towline.figures) / figure(&self.bare.figures).max(1e-12)
+    }
+
+    fn rows(&self, bare: &str, towline: &str, in_flight: usize) -> Vec<Vec<String>> {
+        let mut rows: Vec<Vec<String>> = [(bare, &self.bare), (towline, &self.towline)]
+            .into_iter()
+            .map(|(variant, m)| {
+                vec![
+                    variant.to_string(),
+                    in_flight.to_string(),
+                    format!("{:.0}", m.figures.rps),
+                    micros(m.figures.p50),
+                    micros(m.figures.p99),
+                    format!("{:.1} µs", m.cpu_per_call.as_nanos() as f64 / 1e3),
+                ]
+            })
+            .collect();
+        rows.push(vec![
+            format!("ratio {towline} / {bare}"),
+            in_flight.to_string(),
+            format!("{:.3}", self.ratio_rps),
+            format!("{:.3}", self.ratio(|f| f.p50.as_secs_f64())),
+            format!("{:.3}", self.ratio(|f| f.p99.as_secs_f64())),
+            format!("{:.3}", self.ratio_cpu_per_call),
+        ]);
+        rows
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 pub async fn drive<S>(load: &Load, client: EchoClient<S>) -> Figures

@@ -2,13 +2,14 @@
 
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use towline::BoxError;
 use towline::testkit::LoadReport;
+
+pub use crate::output::{scenarios_dir, write_json};
 
 pub type BoxScenario = Pin<Box<dyn Future<Output = Result<serde_json::Value, BoxError>>>>;
 
@@ -194,34 +195,4 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 
 pub fn micros(d: Duration) -> String {
     format!("{} µs", d.as_micros())
-}
-
-/// `target/scenarios` (under `CARGO_TARGET_DIR` when set), created if missing.
-pub fn scenarios_dir() -> std::io::Result<PathBuf> {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
-        .join("scenarios");
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// Writes `target/scenarios/<name>.json`: `figures`, and `details` when the scenario set any.
-pub fn write_json(
-    name: &str,
-    quick: bool,
-    figures: serde_json::Value,
-    details: Option<serde_json::Value>,
-) -> std::io::Result<PathBuf> {
-    let path = scenarios_dir()?.join(format!("{name}.json"));
-    let mut document = serde_json::json!({
-        "scenario": name,
-        "quick": quick,
-        "figures": figures,
-    });
-    if let Some(details) = details {
-        document["details"] = details;
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&document)?)?;
-    Ok(path)
 }

@@ -296,6 +296,7 @@ impl fmt::Debug for Candidate {
 
 /// Where an endpoint stands, as [`Balance::snapshot`](super::Balance::snapshot) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EndpointState {
     /// Opening a connection, waiting for its first health report, or connected through a
     /// service that is not ready (a pool with no live connection, reconnecting on its own).

@@ -185,6 +185,7 @@ pub struct MethodConfig {
 /// One `name` entry: `{service, method}`, `{service}` (all its methods) or `{}` (the default).
 /// An empty string is the same as an absent field.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct MethodName {
     /// The fully qualified service, `pkg.Service`.
     pub service: Option<String>,

@@ -70,6 +70,9 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! [`Change::Insert`]: super::Change::Insert
+//! [`Change::Remove`]: super::Change::Remove
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -92,12 +95,14 @@ use http::Uri;
 use http::uri::Scheme;
 use tokio::time::Sleep;
 
-use super::{Change, Endpoint, Update};
+use super::{Endpoint, Update, full_set};
 use crate::BoxError;
 
 /// The hickory-resolver crate this module is built on, to build a resolver for
 /// [`DnsBuilder::resolver`] without depending on a matching version yourself.
 pub use hickory_resolver;
+
+use crate::ConfigError;
 
 /// The default time between resolutions.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
@@ -249,15 +254,13 @@ impl Stream for Dns {
 
 /// Changes that take `old` to `new`: inserts (new addresses, changed weights) first, then removes.
 fn diff(old: &Resolved, new: &Resolved, scheme: &Scheme) -> Vec<Update> {
-    let inserts = new
-        .iter()
-        .filter(|(addr, weight)| old.get(addr) != Some(weight))
-        .map(|(addr, weight)| Change::Insert(uri(scheme, *addr), Endpoint::weighted(*weight)));
-    let removes = old
-        .keys()
-        .filter(|addr| !new.contains_key(addr))
-        .map(|addr| Change::Remove(uri(scheme, *addr)));
-    inserts.chain(removes).collect()
+    let endpoints = |set: &Resolved| {
+        full_set::set_of(
+            set.iter()
+                .map(|(addr, weight)| (uri(scheme, *addr), Endpoint::weighted(*weight))),
+        )
+    };
+    full_set::diff(&endpoints(old), &endpoints(new))
 }
 
 fn uri(scheme: &Scheme, addr: SocketAddr) -> Uri {
@@ -376,30 +379,41 @@ impl DnsBuilder {
 
     /// Checks the configuration and builds the stream. Without [`nameserver`](Self::nameserver)
     /// or [`resolver`](Self::resolver) this reads the system configuration (`/etc/resolv.conf`).
-    pub fn build(self) -> Result<Dns, BuildError> {
+    ///
+    /// A bad setting is a [`ConfigError`] naming it: `dns.host`, `dns.port`, `dns.name`,
+    /// `dns.scheme`, `dns.interval`, `dns.timeout`, `dns.nameserver` or `dns.resolver`.
+    pub fn build(self) -> Result<Dns, ConfigError> {
         let query = self.validate_query()?;
         let scheme = valid_scheme(&self.scheme).ok_or_else(|| {
-            BuildError::new("scheme", format!("{:?} is not a URI scheme", self.scheme))
+            ConfigError::new(
+                "dns.scheme",
+                format!("{:?} is not a URI scheme", self.scheme),
+            )
         })?;
         if self.interval.is_zero() {
-            return Err(BuildError::new("interval", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "dns.interval",
+                "must be greater than zero",
+            ));
         }
         if self.timeout.is_zero() {
-            return Err(BuildError::new("timeout", "must be greater than zero"));
+            return Err(ConfigError::new("dns.timeout", "must be greater than zero"));
         }
         if self.conflicting_source {
-            return Err(BuildError::new(
-                "resolver",
+            return Err(ConfigError::new(
+                "dns.resolver",
                 "set either `resolver` or `nameserver`, not both",
             ));
         }
         let resolver = match self.source {
             Source::Resolver(resolver) => *resolver,
             Source::Nameservers(addrs) => nameserver_resolver(&addrs)
-                .map_err(|e| BuildError::new("nameserver", e.to_string()))?,
+                .map_err(|e| ConfigError::new("dns.nameserver", e.to_string()))?,
             Source::System => TokioResolver::builder_tokio()
                 .and_then(|builder| builder.build())
-                .map_err(|e| BuildError::new("resolver", format!("system configuration: {e}")))?,
+                .map_err(|e| {
+                    ConfigError::new("dns.resolver", format!("system configuration: {e}"))
+                })?,
         };
         let timeout = self.timeout;
         let described = query.describe();
@@ -423,19 +437,19 @@ impl DnsBuilder {
         ))
     }
 
-    fn validate_query(&self) -> Result<Parsed, BuildError> {
+    fn validate_query(&self) -> Result<Parsed, ConfigError> {
         match &self.query {
             Query::Host { host, port } => {
                 if host.is_empty() {
-                    return Err(BuildError::new("host", "must not be empty"));
+                    return Err(ConfigError::new("dns.host", "must not be empty"));
                 }
                 if *port == 0 {
-                    return Err(BuildError::new("port", "must not be zero"));
+                    return Err(ConfigError::new("dns.port", "must not be zero"));
                 }
                 let literal = host.trim_start_matches('[').trim_end_matches(']');
                 let target = match literal.parse::<IpAddr>() {
                     Ok(ip) => Target::Ip(ip),
-                    Err(_) => Target::Name(parse_name("host", host)?),
+                    Err(_) => Target::Name(parse_name("dns.host", host)?),
                 };
                 Ok(Parsed::Host {
                     target,
@@ -444,10 +458,10 @@ impl DnsBuilder {
             }
             Query::Srv { name } => {
                 if name.is_empty() {
-                    return Err(BuildError::new("name", "must not be empty"));
+                    return Err(ConfigError::new("dns.name", "must not be empty"));
                 }
                 Ok(Parsed::Srv {
-                    name: parse_name("name", name)?,
+                    name: parse_name("dns.name", name)?,
                 })
             }
         }
@@ -466,9 +480,9 @@ fn valid_scheme(scheme: &str) -> Option<Scheme> {
     parsed.scheme().cloned()
 }
 
-fn parse_name(field: &'static str, name: &str) -> Result<Name, BuildError> {
+fn parse_name(field: &'static str, name: &str) -> Result<Name, ConfigError> {
     Name::from_utf8(name)
-        .map_err(|e| BuildError::new(field, format!("{name:?} is not a DNS name: {e}")))
+        .map_err(|e| ConfigError::new(field, format!("{name:?} is not a DNS name: {e}")))
 }
 
 fn nameserver_resolver(addrs: &[SocketAddr]) -> Result<TokioResolver, NetError> {
@@ -679,43 +693,18 @@ impl std::error::Error for ResolveError {
     }
 }
 
-/// An invalid [`DnsBuilder`] configuration; names the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildError {
-    field: &'static str,
-    reason: String,
-}
-
-impl BuildError {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        BuildError {
-            field,
-            reason: reason.into(),
-        }
-    }
-
-    /// The offending field: `host`, `port`, `name`, `scheme`, `interval`, `timeout`,
-    /// `nameserver` or `resolver`.
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-}
-
-impl fmt::Display for BuildError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid DNS discovery config: `{}` {}",
-            self.field, self.reason
-        )
-    }
-}
-
-impl std::error::Error for BuildError {}
+/// The error [`DnsBuilder::build`] returned before it returned [`ConfigError`], the error every
+/// towline builder returns.
+#[deprecated(
+    since = "0.1.0",
+    note = "DnsBuilder::build returns towline::ConfigError"
+)]
+pub type BuildError = ConfigError;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discover::Change;
     use futures::StreamExt;
     use std::sync::Mutex;
     use tokio::time::Instant;
@@ -963,23 +952,26 @@ mod tests {
 
     #[test]
     fn builder_rejects_bad_config_naming_the_field() {
-        let field = |b: DnsBuilder| b.build().unwrap_err().field();
+        let field = |b: DnsBuilder| b.build().unwrap_err().field().to_owned();
         let ns = addr("127.0.0.1:53");
-        assert_eq!(field(Dns::a_aaaa("", 80).nameserver(ns)), "host");
-        assert_eq!(field(Dns::a_aaaa("svc.example", 0).nameserver(ns)), "port");
-        assert_eq!(field(Dns::srv("").nameserver(ns)), "name");
-        assert_eq!(field(Dns::srv("a..b").nameserver(ns)), "name");
+        assert_eq!(field(Dns::a_aaaa("", 80).nameserver(ns)), "dns.host");
+        assert_eq!(
+            field(Dns::a_aaaa("svc.example", 0).nameserver(ns)),
+            "dns.port"
+        );
+        assert_eq!(field(Dns::srv("").nameserver(ns)), "dns.name");
+        assert_eq!(field(Dns::srv("a..b").nameserver(ns)), "dns.name");
         let zero = Dns::srv("_grpc._tcp.svc.example").interval(Duration::ZERO);
-        assert_eq!(field(zero.nameserver(ns)), "interval");
+        assert_eq!(field(zero.nameserver(ns)), "dns.interval");
         let zero = Dns::srv("_grpc._tcp.svc.example").timeout(Duration::ZERO);
-        assert_eq!(field(zero.nameserver(ns)), "timeout");
+        assert_eq!(field(zero.nameserver(ns)), "dns.timeout");
         assert_eq!(
             field(Dns::srv("x.example").scheme("").nameserver(ns)),
-            "scheme"
+            "dns.scheme"
         );
         assert_eq!(
             field(Dns::srv("x.example").scheme("a b").nameserver(ns)),
-            "scheme"
+            "dns.scheme"
         );
         let message = Dns::srv("x.example")
             .interval(Duration::ZERO)
@@ -987,7 +979,7 @@ mod tests {
             .build()
             .unwrap_err()
             .to_string();
-        assert!(message.contains("`interval`"), "{message}");
+        assert!(message.starts_with("dns.interval: "), "{message}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! The balancer consumes any [`Discover`]: a `Stream` of `Result<Change<Uri, Endpoint>, BoxError>`.
 //! towline ships a fixed list ([`Static`]), a channel you feed from your own watch (Consul,
-//! etcd, Kubernetes: [`channel`]) and, with the `dns` feature (on by default), DNS A/AAAA and SRV
+//! etcd, Kubernetes: [`channel`]), [`FullSet`] for a registry that only tells you the whole set
+//! (it yields what changed) and, with the `dns` feature (on by default), DNS A/AAAA and SRV
 //! records re-resolved on an interval ([`dns::Dns`]). With the `etcd` feature, `discover::etcd`
 //! follows a key prefix in etcd (`Etcd`) and registers servers under it on a lease
 //! (`Registration`).
@@ -32,6 +33,9 @@ use crate::BoxError;
 pub mod dns;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod full_set;
+
+pub use full_set::FullSet;
 
 /// What discovery knows about an endpoint besides its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +78,40 @@ impl Static {
     /// Endpoints of weight 1.
     pub fn new(uris: impl IntoIterator<Item = Uri>) -> Self {
         Static::weighted(uris.into_iter().map(|uri| (uri, 1)))
+    }
+
+    /// Endpoints of weight 1 from anything that converts to a [`Uri`] (`&str`, `String`,
+    /// `Uri`), as tonic's `Endpoint::try_from` takes them; an address that does not parse is an
+    /// error naming its place in the list (`static.endpoints[1]`), before anything connects.
+    ///
+    /// ```
+    /// use towline::discover::Static;
+    ///
+    /// let endpoints = Static::try_new(["http://10.0.0.1:50051", "http://10.0.0.2:50051"])?;
+    /// # drop(endpoints);
+    /// let err = Static::try_new(["http://10.0.0.1:50051", "http://bad host"]).unwrap_err();
+    /// assert_eq!(err.field(), "static.endpoints[1]");
+    /// # Ok::<(), towline::ConfigError>(())
+    /// ```
+    pub fn try_new<T>(uris: impl IntoIterator<Item = T>) -> Result<Self, crate::ConfigError>
+    where
+        T: TryInto<Uri> + std::fmt::Debug,
+        T::Error: std::fmt::Display,
+    {
+        let uris = uris
+            .into_iter()
+            .enumerate()
+            .map(|(i, uri)| {
+                let shown = format!("{uri:?}");
+                uri.try_into().map_err(|e| {
+                    crate::ConfigError::new(
+                        format!("static.endpoints[{i}]"),
+                        format!("{shown} is not a URI: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<Uri>, _>>()?;
+        Ok(Static::new(uris))
     }
 
     /// Endpoints with a static weight each.

@@ -20,6 +20,7 @@ pub const DEFAULT_MAX_METHODS: usize = 256;
 
 /// What one [`MetricsLayer`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Level {
     /// One `grpc.client.call.duration` per call: place the layer above `RetryLayer`.
     Call,

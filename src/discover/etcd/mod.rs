@@ -93,6 +93,9 @@
 //! member) and retried, since the set must stay and the balancer could do nothing else with
 //! them. Configuration errors are found by [`EtcdBuilder::build`], as a
 //! [`crate::ConfigError`] naming the field.
+//!
+//! [`Change::Insert`]: super::Change::Insert
+//! [`Change::Remove`]: super::Change::Remove
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -108,7 +111,8 @@ use http::uri::Scheme;
 use metrics::Counter;
 use tonic::Streaming;
 
-use super::{Change, Endpoint, Update};
+use super::full_set::{Set, diff};
+use super::{Endpoint, Update};
 use crate::BoxError;
 use crate::ConfigError;
 use crate::backoff::Backoff;
@@ -337,9 +341,6 @@ fn parse_addr(addr: &str, scheme: &Scheme) -> Result<Uri, String> {
         .map_err(|e| format!("`{addr}`: {e}"))
 }
 
-/// A set of endpoints keyed by URI text (`Uri` has no order), so changes come out sorted.
-type Set = BTreeMap<String, (Uri, Endpoint)>;
-
 /// The endpoints `keys` name: one per address, with the largest weight among its keys.
 fn endpoints_of(keys: &BTreeMap<Vec<u8>, Named>) -> Set {
     let mut set = Set::new();
@@ -353,19 +354,6 @@ fn endpoints_of(keys: &BTreeMap<Vec<u8>, Named>) -> Set {
             .or_insert((named.uri.clone(), named.endpoint));
     }
     set
-}
-
-/// Inserts for what is new or changed, then removes for what is gone.
-fn diff(old: &Set, new: &Set) -> Vec<Update> {
-    let inserts = new
-        .iter()
-        .filter(|(key, (_, endpoint))| old.get(*key).map(|(_, e)| e) != Some(endpoint))
-        .map(|(_, (uri, endpoint))| Change::Insert(uri.clone(), *endpoint));
-    let removes = old
-        .iter()
-        .filter(|(key, _)| !new.contains_key(*key))
-        .map(|(_, (uri, _))| Change::Remove(uri.clone()));
-    inserts.chain(removes).collect()
 }
 
 /// The state of one [`Etcd`] source: what is known, what was said, and the watch.
@@ -600,6 +588,7 @@ fn describe_status(status: &tonic::Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discover::Change;
 
     fn http() -> Scheme {
         Scheme::HTTP
