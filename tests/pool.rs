@@ -157,6 +157,11 @@ async fn idle_connections_above_min_are_reaped() {
         backend.open_connections() == 3
     })
     .await;
+    // A client kept alive (its handle holds a view of all three connections) must not keep the
+    // reaped ones open.
+    backend.clear_faults();
+    let mut kept = EchoClient::new(pool.clone());
+    kept.unary(EchoRequest::default()).await.unwrap();
 
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(29)).await;
@@ -184,8 +189,8 @@ async fn idle_connections_above_min_are_reaped() {
         || backend.open_connections() == 1,
     )
     .await;
-    backend.clear_faults();
     call(&pool).await.unwrap();
+    kept.unary(EchoRequest::default()).await.unwrap();
     assert_eq!(backend.connections_accepted(), 3);
 }
 

@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::conn::{ConnLoad, InFlight, SharedError, breaks_connection, status_with_source};
-use super::shared::{Pick, Shared};
+use super::shared::{Pick, Shared, View};
 use super::stats::PoolStats;
 use crate::BoxError;
 
@@ -48,6 +48,8 @@ pub struct Pool<S> {
     /// Dropped with the last handle, which stops the worker.
     _alive: Arc<oneshot::Sender<()>>,
     waiter: u64,
+    /// The pool's connections as of this handle's last locked pick.
+    view: Option<View<S>>,
     ready: Option<Reserved<S>>,
     wait: Option<Pin<Box<Sleep>>>,
     fail: Option<Status>,
@@ -64,6 +66,7 @@ impl<S> Pool<S> {
             waiter: shared.waiter_id(),
             shared,
             _alive: alive,
+            view: None,
             ready: None,
             wait: None,
             fail: None,
@@ -135,13 +138,21 @@ where
                     }
                 }
             }
+            if self.wait.is_none()
+                && let Some(view) = &self.view
+                && let Some((service, conn)) = self.shared.pick_from(view)
+            {
+                self.ready = Some(Reserved { service, conn });
+                continue;
+            }
             let expired = match &mut self.wait {
                 Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
                 None => false,
             };
             match self.shared.pick(self.waiter, cx.waker(), expired) {
-                Pick::Ready(service, conn) => {
+                Pick::Ready(service, conn, view) => {
                     self.wait = None;
+                    self.view = Some(view);
                     self.ready = Some(Reserved { service, conn });
                 }
                 Pick::Wait => {

@@ -1,12 +1,13 @@
 //! The state one pool's handles and its background worker share.
 //!
-//! Handles pick a connection under one short lock; the worker ([`super::worker`]) opens,
-//! replaces and reaps connections. Per-call bookkeeping (in-flight counts, a connection
-//! breaking) is atomics on the connection's [`ConnLoad`], so the hot path takes the lock once per
-//! call and never waits on I/O.
+//! Handles pick a connection from their [`View`] of the pool without a lock while that view is
+//! current and the connection it offers has room; otherwise (the connections changed, all are
+//! nearly full, none is up) under one short lock. The worker ([`super::worker`]) opens, replaces
+//! and reaps connections. Per-call bookkeeping (in-flight counts, a connection breaking) is
+//! atomics on the connection's [`ConnLoad`], so the hot path never waits on I/O.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -25,8 +26,26 @@ pub(crate) struct Conn<S> {
     load: Arc<ConnLoad>,
 }
 
+/// A handle's copy of the pool's connection list, read without the lock. It holds the services
+/// weakly: a connection the pool drops closes even while idle handles still have its view.
+pub(crate) struct View<S> {
+    generation: u64,
+    conns: Arc<[(Arc<ConnLoad>, Weak<Conn<S>>)]>,
+}
+
+impl<S> Clone for View<S> {
+    fn clone(&self) -> Self {
+        View {
+            generation: self.generation,
+            conns: self.conns.clone(),
+        }
+    }
+}
+
 struct State<S> {
-    conns: Vec<Conn<S>>,
+    conns: Vec<Arc<Conn<S>>>,
+    /// `conns` as handles see them; rebuilt whenever `conns` changes.
+    view: View<S>,
     connecting: usize,
     /// A call has asked for a connection (lazy pools connect from then on).
     activated: bool,
@@ -46,12 +65,15 @@ pub(crate) struct Shared<S> {
     pub(crate) core: Arc<Core>,
     state: Mutex<State<S>>,
     next_waiter: AtomicU64,
+    /// `state.view.generation`, readable without the lock: a handle's view is current while its
+    /// generation is this.
+    generation: AtomicU64,
 }
 
 /// What a handle's `poll_ready` gets from the pool.
 pub(crate) enum Pick<S> {
-    /// Use this connection.
-    Ready(S, Arc<ConnLoad>),
+    /// Use this connection; here is the current view for the next pick.
+    Ready(S, Arc<ConnLoad>, View<S>),
     /// Nothing usable now; the waker is registered.
     Wait,
     /// The handle waited its `wait_timeout` and there is still no connection: fail the call.
@@ -79,6 +101,10 @@ impl<S> Shared<S> {
             }),
             state: Mutex::new(State {
                 conns: Vec::new(),
+                view: View {
+                    generation: 0,
+                    conns: Arc::new([]),
+                },
                 connecting: 0,
                 activated: false,
                 consecutive_failures: 0,
@@ -91,7 +117,51 @@ impl<S> Shared<S> {
                 disconnections: 0,
             }),
             next_waiter: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// After every change to `st.conns`: a new view, and a new generation that tells handles
+    /// their views are stale.
+    fn conns_changed(&self, st: &mut State<S>) {
+        let generation = st.view.generation + 1;
+        st.view = View {
+            generation,
+            conns: st
+                .conns
+                .iter()
+                .map(|conn| (conn.load.clone(), Arc::downgrade(conn)))
+                .collect(),
+        };
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    /// The lock-free pick: the least-loaded usable connection of a current `view`, if it has
+    /// room. `None` when the locked [`pick`](Self::pick) must decide (a stale view, no usable
+    /// connection, all nearly full: waiting and growing are decided under the lock).
+    pub(crate) fn pick_from(&self, view: &View<S>) -> Option<(S, Arc<ConnLoad>)>
+    where
+        S: Clone,
+    {
+        if view.generation != self.generation.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut best: Option<(&(Arc<ConnLoad>, Weak<Conn<S>>), usize)> = None;
+        for entry in view.conns.iter() {
+            if entry.0.is_broken() {
+                continue;
+            }
+            let load = entry.0.in_flight();
+            if best.is_none_or(|(_, least)| load < least) {
+                best = Some((entry, load));
+            }
+        }
+        let ((load, conn), in_flight) = best?;
+        if near_full(in_flight, self.core.config.max_streams) {
+            return None;
+        }
+        let conn = conn.upgrade()?;
+        Some((conn.service.clone(), load.clone()))
     }
 
     fn state(&self) -> MutexGuard<'_, State<S>> {
@@ -164,7 +234,7 @@ impl<S> Shared<S> {
         }
         self.core.parked.unpark(waiter);
         let conn = &st.conns[index];
-        Pick::Ready(conn.service.clone(), conn.load.clone())
+        Pick::Ready(conn.service.clone(), conn.load.clone(), st.view.clone())
     }
 
     /// The status a call gets when no connection came up in time.
@@ -301,6 +371,9 @@ impl<S> Shared<S> {
             }
         }
 
+        if !dropped.is_empty() {
+            self.conns_changed(&mut st);
+        }
         let alive = st.conns.len();
         let mut want = if !config.lazy || st.activated {
             config.min
@@ -349,10 +422,11 @@ impl<S> Shared<S> {
         st.connecting = st.connecting.saturating_sub(1);
         match result {
             Ok(service) => {
-                st.conns.push(Conn {
+                st.conns.push(Arc::new(Conn {
                     service,
                     load: Arc::new(ConnLoad::new(self.core.clone(), now)),
-                });
+                }));
+                self.conns_changed(&mut st);
                 st.connects += 1;
                 st.next_attempt = None;
                 metrics.attempts_succeeded.increment(1);
@@ -380,6 +454,7 @@ impl<S> Shared<S> {
     pub(crate) fn shut_down(&self, reason: Option<Status>) {
         let mut st = self.state();
         let conns = std::mem::take(&mut st.conns);
+        self.conns_changed(&mut st);
         self.core.metrics.open.decrement(conns.len() as f64);
         st.closed = Some(reason.unwrap_or_else(|| {
             Status::unavailable(format!("the pool for {} shut down", self.core.target))
@@ -397,7 +472,7 @@ pub(crate) struct Plan<S> {
     /// When to look again (a backoff or an idle deadline), if nothing wakes the worker first.
     pub(crate) wake_at: Option<Instant>,
     /// Connections taken out of the pool, dropped outside the lock.
-    pub(crate) dropped: Vec<Conn<S>>,
+    pub(crate) dropped: Vec<Arc<Conn<S>>>,
     /// Wake the parked handles (outside the lock) to pick again.
     pub(crate) wake: bool,
 }
