@@ -30,7 +30,13 @@ pub(crate) struct Conn<S> {
 /// weakly: a connection the pool drops closes even while idle handles still have its view.
 pub(crate) struct View<S> {
     generation: u64,
-    conns: Arc<[(Arc<ConnLoad>, Weak<Conn<S>>)]>,
+    conns: Arc<[Seen<S>]>,
+}
+
+/// One connection in a [`View`]: its load, read directly, and its service, held weakly.
+struct Seen<S> {
+    load: Arc<ConnLoad>,
+    conn: Weak<Conn<S>>,
 }
 
 impl<S> Clone for View<S> {
@@ -130,7 +136,10 @@ impl<S> Shared<S> {
             conns: st
                 .conns
                 .iter()
-                .map(|conn| (conn.load.clone(), Arc::downgrade(conn)))
+                .map(|conn| Seen {
+                    load: conn.load.clone(),
+                    conn: Arc::downgrade(conn),
+                })
                 .collect(),
         };
         self.generation.store(generation, Ordering::Release);
@@ -146,22 +155,22 @@ impl<S> Shared<S> {
         if view.generation != self.generation.load(Ordering::Acquire) {
             return None;
         }
-        let mut best: Option<(&(Arc<ConnLoad>, Weak<Conn<S>>), usize)> = None;
-        for entry in view.conns.iter() {
-            if entry.0.is_broken() {
+        let mut best: Option<(&Seen<S>, usize)> = None;
+        for seen in view.conns.iter() {
+            if seen.load.is_broken() {
                 continue;
             }
-            let load = entry.0.in_flight();
+            let load = seen.load.in_flight();
             if best.is_none_or(|(_, least)| load < least) {
-                best = Some((entry, load));
+                best = Some((seen, load));
             }
         }
-        let ((load, conn), in_flight) = best?;
+        let (seen, in_flight) = best?;
         if near_full(in_flight, self.core.config.max_streams) {
             return None;
         }
-        let conn = conn.upgrade()?;
-        Some((conn.service.clone(), load.clone()))
+        let conn = seen.conn.upgrade()?;
+        Some((conn.service.clone(), seen.load.clone()))
     }
 
     fn state(&self) -> MutexGuard<'_, State<S>> {
