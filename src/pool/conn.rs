@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::error::Error;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -173,12 +173,11 @@ impl Drop for InFlight {
         // Stamp first, so whoever sees the count drop to zero sees a fresh stamp.
         let now = conn.core.nanos(Instant::now());
         conn.last_active.store(now, Ordering::Release);
-        let was = conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        // A stream came free: whoever waits for one may take it. Pairs with the fence in
-        // `Shared::pick`, which parks first and looks at the load after, so one of the two
-        // always sees the other.
+        // SeqCst, as `Shared::pick` parks (SeqCst) before it looks at the load (SeqCst): of a
+        // call ending and a caller parking at once, one always sees the other, without a fence.
+        let was = conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // A stream came free: whoever waits for one may take it.
         if was <= conn.core.config.max_streams {
-            fence(Ordering::SeqCst);
             conn.core.parked.wake_all();
         }
     }

@@ -6,7 +6,7 @@
 //! and reaps connections. Per-call bookkeeping (in-flight counts, a connection breaking) is
 //! atomics on the connection's [`ConnLoad`], so the hot path never waits on I/O.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -234,9 +234,8 @@ impl<S> Shared<S> {
             if load >= max_streams && (can_grow || st.connecting > 0) && !expired {
                 self.core.parked.park(waiter, waker);
                 // A call ending now either sees this waiter, or its freed stream is seen here
-                // (the fence pairs with the one in `InFlight::drop`).
-                fence(Ordering::SeqCst);
-                if st.conns[index].load.in_flight() >= max_streams {
+                // (SeqCst, as in `InFlight::drop`).
+                if st.conns[index].load.in_flight.load(Ordering::SeqCst) >= max_streams {
                     return Pick::Wait;
                 }
             }
