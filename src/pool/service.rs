@@ -15,7 +15,9 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::conn::{ConnLoad, InFlight, SharedError, breaks_connection, status_with_source};
+use super::conn::{
+    ConnLoad, InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
+};
 use super::shared::{Pick, Shared, View};
 use super::stats::PoolStats;
 use crate::BoxError;
@@ -251,7 +253,7 @@ where
                     Ok(response) => {
                         if let Some(guard) = &guard {
                             guard.conn().mark_proven();
-                            if crate::status::is_too_many_pings_status(response.headers()) {
+                            if says_too_many_pings(response.headers()) {
                                 guard.conn().too_many_pings();
                             }
                         }
@@ -364,7 +366,7 @@ where
                 // The guard goes with the trailers, the last frame.
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(guard) = this.guard.take()
-                    && crate::status::is_too_many_pings_status(trailers)
+                    && says_too_many_pings(trailers)
                 {
                     guard.conn().too_many_pings();
                 }
