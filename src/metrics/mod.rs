@@ -29,9 +29,8 @@
 //! each service also remembers the last few methods it called, so a call finds its handles by a
 //! string compare (the layer's read-locked map only for a method the service has not called
 //! lately). Then two clock reads and atomic updates: no string formatting, no allocation at call
-//! level. Attempt level wraps the request body to count the bytes
-//! sent, which costs one box and one shared counter per attempt. `benches/metrics.rs` and
-//! `benches/layers.rs` measure it.
+//! level. Attempt level wraps the request body to count the bytes sent, which costs one box and
+//! one shared counter per attempt. `benches/metrics.rs` and `benches/layers.rs` measure it.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
