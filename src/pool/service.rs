@@ -212,9 +212,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Call { #[pin] future: F, guard: Option<InFlight> },
-        // Boxed: a `Status` is larger than most futures, and every call's future would carry
-        // its size through every layer above.
-        Failed { status: Option<Box<Status>> },
+        Failed { status: Option<Status> },
     }
 }
 
@@ -222,7 +220,7 @@ impl<F> ResponseFuture<F> {
     fn failed(status: Status) -> Self {
         ResponseFuture {
             kind: Kind::Failed {
-                status: Some(Box::new(status)),
+                status: Some(status),
             },
         }
     }
@@ -243,9 +241,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Failed { status } => Poll::Ready(Err(status.take().unwrap_or_else(|| {
-                Box::new(Status::internal("ResponseFuture polled after completion"))
-            }))),
+            KindProj::Failed { status } => {
+                Poll::Ready(Err(Box::new(status.take().unwrap_or_else(|| {
+                    Status::internal("ResponseFuture polled after completion")
+                }))))
+            }
             KindProj::Call { future, guard } => {
                 let result = std::task::ready!(future.poll(cx));
                 let guard = guard.take();
