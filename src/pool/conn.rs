@@ -1,7 +1,7 @@
 //! One connection of a pool: its load and health, which calls update without the pool's lock,
 //! and what a call's error says about it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::error::Error;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -39,10 +39,11 @@ impl Core {
 }
 
 /// The wakers of handles waiting in `poll_ready`, reachable from a call that ends (which knows
-/// its connection, not the pool's service type), so a freed stream wakes them.
+/// its connection, not the pool's service type), so a freed stream wakes one of them.
 #[derive(Default)]
 pub(crate) struct Parked {
-    wakers: Mutex<HashMap<u64, Waker>>,
+    /// By waiter id: the oldest handle is woken first.
+    wakers: Mutex<BTreeMap<u64, Waker>>,
     /// `wakers.len()`, read without the lock by every call that ends.
     count: AtomicUsize,
 }
@@ -72,6 +73,23 @@ impl Parked {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.count.load(Ordering::SeqCst) == 0
+    }
+
+    /// Wakes one waiter (the oldest handle) to take a stream that came free. Waking all would
+    /// have every parked caller pick again for the one stream, on every call that ends.
+    pub(crate) fn wake_one(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let waker = {
+            let mut wakers = lock(&self.wakers);
+            let first = wakers.pop_first();
+            self.count.store(wakers.len(), Ordering::SeqCst);
+            first
+        };
+        if let Some((_, waker)) = waker {
+            waker.wake();
+        }
     }
 
     /// Wakes every waiter; each picks again.
@@ -176,9 +194,9 @@ impl Drop for InFlight {
         // SeqCst, as `Shared::pick` parks (SeqCst) before it looks at the load (SeqCst): of a
         // call ending and a caller parking at once, one always sees the other, without a fence.
         let was = conn.in_flight.fetch_sub(1, Ordering::SeqCst);
-        // A stream came free: whoever waits for one may take it.
+        // A stream came free: a caller waiting for one may take it.
         if was <= conn.core.config.max_streams {
-            conn.core.parked.wake_all();
+            conn.core.parked.wake_one();
         }
     }
 }
