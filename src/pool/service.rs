@@ -88,7 +88,11 @@ impl<S> Pool<S> {
 
 impl<S> Clone for Pool<S> {
     fn clone(&self) -> Self {
-        Pool::new(self.shared.clone(), self._alive.clone())
+        // With the view, so that a clone made per call (as tonic clients often are) picks
+        // without the lock from its first call.
+        let mut pool = Pool::new(self.shared.clone(), self._alive.clone());
+        pool.view = self.view.clone();
+        pool
     }
 }
 

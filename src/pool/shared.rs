@@ -145,6 +145,11 @@ impl<S> Shared<S> {
         self.generation.store(generation, Ordering::Release);
     }
 
+    #[cfg(test)]
+    fn conns_of_view(&self, view: &View<S>) -> Vec<Arc<ConnLoad>> {
+        view.conns.iter().map(|seen| seen.load.clone()).collect()
+    }
+
     /// The lock-free pick: the least-loaded usable connection of a current `view`, if it has
     /// room. `None` when the locked [`pick`](Self::pick) must decide (a stale view, no usable
     /// connection, all nearly full: waiting and growing are decided under the lock).
@@ -488,6 +493,46 @@ pub(crate) struct Plan<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared(max_streams: usize) -> Shared<&'static str> {
+        let config = PoolConfig::builder()
+            .max_connections(4)
+            .max_streams_per_connection(max_streams)
+            .build()
+            .unwrap();
+        Shared::new("http://pool.test".parse().unwrap(), Arc::new(config))
+    }
+
+    #[test]
+    fn a_current_view_picks_without_the_lock_until_the_connections_change() {
+        let shared = shared(10);
+        shared.attempt_done(Ok("a"), Instant::now());
+        let Pick::Ready(service, load, view) = shared.pick(0, Waker::noop(), false) else {
+            panic!("a connection is up")
+        };
+        assert_eq!(service, "a");
+        let (service, _) = shared.pick_from(&view).expect("the view is current");
+        assert_eq!(service, "a");
+
+        // Nearly full: waiting and growing are decided under the lock.
+        load.in_flight.store(9, Ordering::SeqCst);
+        assert!(shared.pick_from(&view).is_none());
+        load.in_flight.store(0, Ordering::SeqCst);
+
+        // A second connection makes the view stale; the locked pick hands out the new one, and
+        // from it the least-loaded connection.
+        shared.attempt_done(Ok("b"), Instant::now());
+        assert!(shared.pick_from(&view).is_none(), "stale");
+        let Pick::Ready(_, _, view) = shared.pick(0, Waker::noop(), false) else {
+            panic!("two connections are up")
+        };
+        load.in_flight.store(3, Ordering::SeqCst);
+        assert_eq!(shared.pick_from(&view).unwrap().0, "b");
+
+        // A broken connection is skipped at once, before the worker removes it.
+        shared.conns_of_view(&view)[1].mark_broken(Arc::new(std::io::Error::other("gone")));
+        assert_eq!(shared.pick_from(&view).unwrap().0, "a");
+    }
 
     #[test]
     fn near_full_is_ninety_percent() {
