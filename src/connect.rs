@@ -4,6 +4,10 @@
 //! `Service<Uri>` so they can open a connection whenever they need one. `Connect` is that service
 //! for plain tonic: every target gets the same [`Endpoint`] settings, applied by one function.
 //!
+//! Targets are `http://` and `https://` URIs, or the keys of Unix domain sockets
+//! (`unix://localhost/run/app.sock`, `unix-abstract://localhost/name`; see
+//! [`channel::unix_key`](crate::channel::unix_key)), which it dials as those sockets.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -118,6 +122,10 @@ fn ping_strikes() -> std::sync::MutexGuard<'static, HashMap<String, u32>> {
 }
 
 fn target_key(target: &Uri) -> String {
+    // Every Unix socket key has the authority `localhost`: its path tells them apart.
+    if crate::channel::target::unix_socket(target).is_some() {
+        return target.to_string();
+    }
     target
         .authority()
         .map_or_else(|| target.to_string(), ToString::to_string)
@@ -204,8 +212,11 @@ impl Connect {
         self
     }
 
-    /// Applies `f` to each target's [`Endpoint`], after the defaults: keepalive, window sizes,
-    /// timeouts, TLS, user agent. Replaces any earlier `configure` or `try_configure`.
+    /// Applies `f` to each target's [`Endpoint`], after the defaults and after every earlier
+    /// `configure` or `try_configure`: keepalive, window sizes, timeouts, TLS, user agent.
+    /// Calls compose, so settings made earlier (the connect timeout of
+    /// [`PoolConfig::connector`](crate::pool::PoolConfig::connector), say) survive unless `f`
+    /// sets the same thing again.
     ///
     /// A panic in `f` fails that connect with a [`ConfigureError`] ("Connect::configure
     /// panicked: …") instead of unwinding through the layer that connects (a balancer's endpoint
@@ -218,6 +229,7 @@ impl Connect {
 
     /// Like [`configure`](Self::configure), for settings that can fail: an `Err` from `f` fails
     /// that connect with a [`ConfigureError`] whose source is that error, so `f` can use `?`.
+    /// Runs after every earlier `configure` or `try_configure`, as `configure` does.
     ///
     /// ```
     /// # use towline::connect::Connect;
@@ -230,8 +242,35 @@ impl Connect {
     where
         E: Into<BoxError>,
     {
-        self.configure = Some(Arc::new(move |endpoint| f(endpoint).map_err(Into::into)));
+        let f = move |endpoint| f(endpoint).map_err(Into::into);
+        self.configure = Some(match self.configure.take() {
+            // Composed, not replaced: the pool's and the channel builder's settings stay.
+            Some(earlier) => Arc::new(move |endpoint| f(earlier(endpoint)?)),
+            None => Arc::new(f),
+        });
         self
+    }
+
+    /// TLS with `config` on every connection, composed with the other settings like
+    /// [`try_configure`](Self::try_configure). Targets must be `https://`: tonic speaks TLS
+    /// only to `https://` URIs and would send plaintext HTTP/2 to an `http://` one (which a TLS
+    /// server answers with "frame with invalid size"), so such a target fails its connect with
+    /// a [`ConfigureError`] saying so; a Unix socket fails too (tonic has no TLS over UDS).
+    /// [`Channel::builder(..).tls(..)`](crate::channel::ChannelBuilder::tls) sets the scheme
+    /// for you.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(self, config: tonic::transport::ClientTlsConfig) -> Self {
+        self.try_configure(move |endpoint: Endpoint| {
+            if endpoint.uri().scheme_str() != Some("https") {
+                return Err(format!(
+                    "TLS is configured but the target {} is not https://",
+                    endpoint.uri()
+                )
+                .into());
+            }
+            endpoint.tls_config(config.clone()).map_err(BoxError::from)
+        })
     }
 
     /// Resolve at once with a channel that connects on its first call (`Endpoint::connect_lazy`).
@@ -257,7 +296,12 @@ impl Connect {
     /// The endpoint this connector would use for `target`, or why the configure function could
     /// not make it (it panicked, or returned an error).
     pub fn try_endpoint(&self, target: Uri) -> Result<Endpoint, ConfigureError> {
-        let mut endpoint = Endpoint::from(target.clone())
+        let endpoint = match crate::channel::target::unix_socket(&target) {
+            None => Endpoint::from(target.clone()),
+            Some(socket) => unix_endpoint(socket)
+                .map_err(|err| ConfigureError(ConfigureFailure::Failed(err)))?,
+        };
+        let mut endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         if let Some(keepalive) = &self.keepalive {
@@ -278,6 +322,16 @@ impl Connect {
             )))),
         }
     }
+}
+
+/// A tonic endpoint for the Unix socket a discovery key names (see
+/// [`unix_key`](crate::channel::unix_key)): tonic connects to `unix:<path>`, an abstract name
+/// being a path with a leading NUL. Requests carry the authority `localhost`, as gRPC sends to
+/// Unix sockets (tonic's own placeholder is `tonic`).
+fn unix_endpoint(socket: Result<String, String>) -> Result<Endpoint, BoxError> {
+    let path = socket.map_err(|problem| format!("bad Unix socket key: {problem}"))?;
+    let endpoint = Endpoint::from_shared(format!("unix:{path}"))?;
+    Ok(endpoint.origin(Uri::from_static("http://localhost")))
 }
 
 /// The message a panic was raised with, if it was a string (as `panic!` and `expect` make it).

@@ -38,6 +38,7 @@
 //! - [`status`]: what a call ended with, from a response, its trailers or an error.
 //! - [`connect`]: a `MakeService` from a target URI to a connected `Channel`.
 //! - [`deadline`]: the call's deadline, as the `grpc-timeout` header carries it.
+//! - [`channel`]: [`Channel`], the whole stack from a gRPC target name in one call.
 //! - [`batch`]: many small calls into one batch RPC, flushed on count, bytes or linger time.
 //! - [`discover`]: where endpoints come from: a static list or a channel you feed.
 //! - [`pool`]: several HTTP/2 connections per endpoint, reconnect with backoff, idle reaping.
@@ -64,6 +65,7 @@
 pub mod backoff;
 pub mod balance;
 pub mod batch;
+pub mod channel;
 pub mod config;
 pub mod connect;
 pub mod deadline;
@@ -77,6 +79,7 @@ pub mod readiness;
 pub mod retry;
 pub mod status;
 
+pub use channel::Channel;
 pub use error::ConfigError;
 
 // Exported at the root, as tower-http exports its `ServiceBuilderExt`.

@@ -1,5 +1,7 @@
-//! The greeter's generated code and its server, shared by the client (`src/main.rs`) and the
-//! server binary (`src/bin/server.rs`).
+//! The greeter's generated code and its server, shared by the clients (`src/main.rs`,
+//! `src/bin/layered.rs`) and the server binary (`src/bin/server.rs`).
+
+pub mod demo;
 
 pub mod proto {
     tonic::include_proto!("helloworld");

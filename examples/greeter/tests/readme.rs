@@ -51,7 +51,9 @@ fn the_readme_shows_each_file_of_the_app_in_full() {
         ("build.rs", read("build.rs")),
         ("proto/greeter.proto", read("proto/greeter.proto")),
         ("src/lib.rs", lib.to_owned()),
+        ("src/demo.rs", read("src/demo.rs")),
         ("src/main.rs", read("src/main.rs")),
+        ("src/bin/layered.rs", read("src/bin/layered.rs")),
     ] {
         let block = format!("\n{}\n```", text.trim_end());
         assert!(
@@ -59,6 +61,46 @@ fn the_readme_shows_each_file_of_the_app_in_full() {
             "README.md does not show {name} as it is"
         );
     }
+}
+
+/// The README's first Rust block, before "Get started": the one-call client, as `src/main.rs`
+/// has it, in under 15 lines.
+#[test]
+fn the_readme_opens_with_the_one_call_client_the_app_runs() {
+    let readme = readme();
+    let (opening, _) = readme.split_once("\n## ").expect("README.md has sections");
+    let (info, block) = blocks(opening)
+        .into_iter()
+        .find(|(info, _)| info.starts_with("rust"))
+        .expect("README.md opens with a Rust block");
+    assert_eq!(
+        info, "rust,ignore",
+        "the opening block is an excerpt of src/main.rs"
+    );
+    assert!(
+        dedented(&read("src/main.rs")).contains(&dedented(&block)),
+        "README.md's opening block is not in src/main.rs:\n{block}"
+    );
+    assert!(
+        block.contains("towline::Channel::builder(") && block.contains("GreeterClient::new("),
+        "the opening block builds the channel and the client:\n{block}"
+    );
+    let lines = block.lines().count();
+    assert!(lines < 15, "the one-call client takes {lines} lines");
+}
+
+/// Further down, "the same stack, layer by layer": `src/bin/layered.rs`'s stack.
+#[test]
+fn the_readme_shows_the_same_stack_layer_by_layer() {
+    let layered = dedented(&read("src/bin/layered.rs"));
+    let shown = blocks(&readme()).into_iter().any(|(info, block)| {
+        info == "rust,ignore"
+            && block.contains("ServiceBuilder::new()")
+            && block.contains(".service(Connect::new());")
+            && block.contains("GreeterClient::new(stack)")
+            && layered.contains(&dedented(&block))
+    });
+    assert!(shown, "README.md does not show src/bin/layered.rs's stack");
 }
 
 #[test]
@@ -79,6 +121,8 @@ fn the_readme_cargo_toml_lists_the_apps_dependencies() {
 fn every_ignored_rust_block_is_an_excerpt_of_code_that_compiles() {
     let sources = [
         "src/main.rs",
+        "src/bin/layered.rs",
+        "src/demo.rs",
         "src/lib.rs",
         "build.rs",
         "../per_endpoint.rs",
