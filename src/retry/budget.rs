@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tower::retry::budget::{Budget as _, TpsBudget};
+use tokio::time::Instant;
 
+use super::percent::PercentBudget;
 use crate::ConfigError;
 
 /// A retry budget shared by every call that uses it. Cheap to clone: clones share one budget.
@@ -19,7 +20,7 @@ use crate::ConfigError;
 ///   (`max_tokens`); every failure with a retryable code takes one token, every success puts back
 ///   `token_ratio`; no retry while the tokens are at or below half of `max_tokens`. An outage is
 ///   throttled after `max_tokens / 2` failures, however much healthy traffic came before.
-/// - [`percent`](Self::percent): the Finagle design (tower's `TpsBudget`, wrapped): each call
+/// - [`percent`](Self::percent): the Finagle design (tower's `TpsBudget`, lock-free): each call
 ///   deposits, each retry withdraws; retries may be at most `ratio` of the calls made in the last
 ///   `ttl`, plus `min_per_sec` retries per second so that a quiet client can still retry. The
 ///   deposits of the healthy calls before an outage stay for `ttl`: at 10,000 calls/s, a
@@ -53,7 +54,7 @@ pub struct RetryBudget(Arc<Kind>);
 
 enum Kind {
     TokenBucket(TokenBucket),
-    Percent(TpsBudget),
+    Percent(PercentBudget),
 }
 
 impl RetryBudget {
@@ -85,9 +86,9 @@ impl RetryBudget {
         }))))
     }
 
-    /// The Finagle percentage budget (tower's `TpsBudget`): retries may be `ratio` (0.0 to 10.0)
-    /// of the calls made in the last `ttl` (1 to 60 s), plus `min_per_sec` retries per second.
-    /// Finagle's and tower's defaults are 10 s, 10 per second and 0.2.
+    /// The Finagle percentage budget (tower's `TpsBudget`, without its lock): retries may be
+    /// `ratio` (0.0 to 10.0) of the calls made in the last `ttl` (1 to 60 s), plus `min_per_sec`
+    /// retries per second. Finagle's and tower's defaults are 10 s, 10 per second and 0.2.
     pub fn percent(ttl: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, ConfigError> {
         if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(60) {
             return Err(ConfigError::new(
@@ -104,15 +105,34 @@ impl RetryBudget {
                 "must be between 0.0 and 10.0",
             ));
         }
-        // tower takes a percentage-like f32 where 1.0 means 100 %.
-        let budget = TpsBudget::new(ttl, min_per_sec, ratio as f32);
+        let budget = PercentBudget::new(ttl, min_per_sec, ratio);
         Ok(RetryBudget(Arc::new(Kind::Percent(budget))))
     }
 
-    /// A new logical call starts (its first attempt).
-    pub(crate) fn on_call(&self) {
+    /// A builder for [`percent`](Self::percent) that starts from Finagle's and tower's defaults
+    /// (10 s, 10 per second, 0.2), so that one setting can be changed alone:
+    ///
+    /// ```
+    /// use towline::retry::RetryBudget;
+    ///
+    /// let budget = RetryBudget::percent_builder().ratio(0.1).build()?;
+    /// let err = RetryBudget::percent_builder().ratio(11.0).build().unwrap_err();
+    /// assert_eq!(err.field(), "retry_budget.ratio");
+    /// # let _ = budget;
+    /// # Ok::<(), towline::ConfigError>(())
+    /// ```
+    pub fn percent_builder() -> PercentBuilder {
+        PercentBuilder {
+            ttl: Duration::from_secs(10),
+            min_per_sec: 10,
+            ratio: 0.2,
+        }
+    }
+
+    /// A new logical call starts (its first attempt), at `now`.
+    pub(crate) fn on_call(&self, now: Instant) {
         if let Kind::Percent(budget) = &*self.0 {
-            budget.deposit();
+            budget.deposit(now);
         }
     }
 
@@ -153,6 +173,40 @@ impl RetryBudget {
             }
             Kind::Percent(_) => None,
         }
+    }
+}
+
+/// Builds a [`RetryBudget::percent`]; [`build`](Self::build) checks every setting and names the
+/// first bad one.
+#[derive(Debug, Clone)]
+pub struct PercentBuilder {
+    ttl: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+}
+
+impl PercentBuilder {
+    /// How long a call's deposit counts (1 to 60 s; default 10 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Retries per second allowed whatever the traffic (default 10).
+    pub fn min_per_sec(mut self, min_per_sec: u32) -> Self {
+        self.min_per_sec = min_per_sec;
+        self
+    }
+
+    /// Retries per call (0.0 to 10.0; default 0.2).
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = ratio;
+        self
+    }
+
+    /// The budget, or the first bad setting.
+    pub fn build(self) -> Result<RetryBudget, ConfigError> {
+        RetryBudget::percent(self.ttl, self.min_per_sec, self.ratio)
     }
 }
 
@@ -239,10 +293,47 @@ mod tests {
     fn percent_budget_allows_its_ratio_of_calls() {
         let budget = RetryBudget::percent(Duration::from_secs(1), 0, 0.1).unwrap();
         for _ in 0..100 {
-            budget.on_call();
+            budget.on_call(Instant::now());
         }
         let allowed = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(allowed, 10);
+    }
+
+    /// Many threads at once: every token-bucket update lands, and a percentage budget grants
+    /// exactly the retries its deposits pay for, never one more.
+    #[test]
+    fn concurrent_accounting_is_exact() {
+        const THREADS: usize = 8;
+        let bucket = RetryBudget::token_bucket(1000.0, 0.5).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        bucket.on_failure();
+                        bucket.on_success();
+                    }
+                });
+            }
+        });
+        // 800 failures (-800) and 800 successes (+400), never clamped at either end.
+        assert_eq!(bucket.tokens(), Some(600.0));
+
+        let percent = RetryBudget::percent(Duration::from_secs(60), 0, 0.1).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| (0..1000).for_each(|_| percent.on_call(Instant::now())));
+            }
+        });
+        let granted = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    let mine = (0..200).filter(|_| percent.try_retry()).count() as u32;
+                    granted.fetch_add(mine, Ordering::Relaxed);
+                });
+            }
+        });
+        assert_eq!(granted.into_inner(), 800, "10% of 8,000 calls");
     }
 
     #[test]

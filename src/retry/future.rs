@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -15,13 +14,13 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::body::ReplayBody;
 use super::budget::RetryBudget;
+use super::head::Head;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use super::response_body::Outcome;
+use super::source::Source;
 use crate::BoxError;
-use crate::status::CallEnd;
 use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
 
 /// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
@@ -58,8 +57,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<S, F> {
         Passthrough { #[pin] future: F },
-        // Boxed, so that a pass-through future is the size of the inner one.
-        Retrying { #[pin] state: State<F>, retry: Box<RetryState<S>> },
+        // Not boxed: an allocation per call costs more than moving the state a few times.
+        Retrying { #[pin] state: State<F>, retry: RetryState<S> },
     }
 }
 
@@ -85,17 +84,20 @@ pub(crate) enum Retries {
 /// What a retrying call keeps between attempts.
 pub(crate) struct RetryState<S> {
     service: S,
-    /// The request's head, copied into every attempt.
-    parts: Parts,
-    /// The template every attempt's body is cloned from.
-    body: ReplayBody,
-    /// The next attempt's body, cloned as soon as an attempt fails: it supersedes the failed
+    /// The request's head, copied into every attempt after the first.
+    head: Head,
+    /// Where every attempt's body comes from.
+    body: Source,
+    /// The next attempt's body, decided as soon as an attempt fails: it supersedes the failed
     /// attempt's body, which stops reading from the caller's.
-    next_body: Option<ReplayBody>,
-    policy: RetryPolicy,
+    next_body: Option<u64>,
     retries: Retries,
     shared: Arc<Shared>,
-    deadline: Option<Instant>,
+    /// When the call was made.
+    started: Instant,
+    /// The call's deadline, from its `grpc-timeout`: worked out at the first failure (`None`
+    /// until then), since a call that succeeds at once never needs it.
+    deadline: Option<Option<Instant>>,
     /// Attempts of the retry policy sent, the first included.
     attempts: u32,
     /// Transparent retries sent.
@@ -162,7 +164,7 @@ impl<S, F> ResponseFuture<S, F> {
         ResponseFuture {
             kind: Kind::Retrying {
                 state: State::Calling { future },
-                retry: Box::new(retry),
+                retry,
             },
         }
     }
@@ -172,22 +174,21 @@ impl<S> RetryState<S> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         service: S,
-        parts: Parts,
-        body: ReplayBody,
-        policy: RetryPolicy,
+        head: Head,
+        body: Source,
         retries: Retries,
         shared: Arc<Shared>,
-        deadline: Option<Instant>,
+        started: Instant,
     ) -> Self {
         RetryState {
             service,
-            parts,
+            head,
             body,
             next_body: None,
-            policy,
             retries,
             shared,
-            deadline,
+            started,
+            deadline: None,
             attempts: 1,
             transparent: 0,
             pending: None,
@@ -197,10 +198,24 @@ impl<S> RetryState<S> {
         }
     }
 
+    /// The call's policy, looked up again rather than kept: the layer's routes never change, and
+    /// a kept clone would cost two atomic updates per call.
+    fn policy(&self) -> &RetryPolicy {
+        self.shared.policy_for(self.head.path())
+    }
+
+    /// The call's deadline: when it was made, plus its `grpc-timeout`.
+    fn deadline(&mut self) -> Option<Instant> {
+        *self.deadline.get_or_insert_with(|| {
+            let timeout = self.head.timeout()?;
+            self.started.checked_add(timeout)
+        })
+    }
+
     /// The budget this call reports to: none for a call that makes only transparent retries.
     fn budget(&self) -> Option<&RetryBudget> {
         match self.retries {
-            Retries::Policy => self.policy.budget(),
+            Retries::Policy => self.policy().budget(),
             Retries::TransparentOnly => None,
         }
     }
@@ -216,7 +231,7 @@ impl<S> RetryState<S> {
         match result {
             Ok(res) => match classify_response(&res) {
                 ResponseStatus::TrailersOnly(code) if code != Code::Ok => {
-                    self.next_body = Some(self.body.clone());
+                    self.next_body = Some(self.body.supersede());
                     match self.after_failure(code, pushback(res.headers())) {
                         Some(delay) => Decision::Retry(delay),
                         None => Decision::Done(Ok(res)),
@@ -231,9 +246,9 @@ impl<S> RetryState<S> {
                 // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
                 // tells the budget what they say.
                 ResponseStatus::InTrailers => {
-                    match Outcome::for_budget(self.budget(), self.policy.inner().retryable) {
+                    match Outcome::for_budget(self.budget(), self.policy().inner().retryable) {
                         Some(outcome) => {
-                            let end = self.parts.extensions.get::<CallEnd>();
+                            let end = self.head.call_end();
                             Decision::Done(Ok(res.map(|body| outcome.watch(body, end))))
                         }
                         None => Decision::Done(Ok(res)),
@@ -243,7 +258,7 @@ impl<S> RetryState<S> {
                 // the failure its code says for the budget.
                 ResponseStatus::NotGrpc(code) => {
                     if let Some(outcome) =
-                        Outcome::for_budget(self.budget(), self.policy.inner().retryable)
+                        Outcome::for_budget(self.budget(), self.policy().inner().retryable)
                     {
                         outcome.report(code);
                     }
@@ -251,12 +266,12 @@ impl<S> RetryState<S> {
                 }
             },
             Err(err) => {
-                self.next_body = Some(self.body.clone());
+                self.next_body = Some(self.body.supersede());
                 let err = err.into();
                 if is_unprocessed(&*err)
-                    && self.transparent < self.policy.max_transparent_retries()
+                    && self.transparent < self.policy().max_transparent_retries()
                     && self.body.is_replayable()
-                    && self.deadline.is_none_or(|d| Instant::now() < d)
+                    && self.deadline().is_none_or(|d| Instant::now() < d)
                 {
                     // gRFC A6: the server never saw it, so retry at once, outside
                     // max_attempts and the budget.
@@ -277,7 +292,9 @@ impl<S> RetryState<S> {
         if self.retries == Retries::TransparentOnly {
             return None;
         }
-        let policy = self.policy.inner();
+        let deadline = self.deadline();
+        // Not `self.policy()`: the fields below change while it is borrowed.
+        let policy = self.shared.policy_for(self.head.path()).inner();
         let delay_after = match pushback {
             // gRFC A6 and grpc-go: the server asks not to be retried. A failure for throttling,
             // whatever the code.
@@ -316,7 +333,7 @@ impl<S> RetryState<S> {
                 .checked_add(delay.saturating_add(TIMER_TICK))
                 .is_none_or(|at| at >= deadline)
         };
-        if self.deadline.is_some_and(past_deadline) {
+        if deadline.is_some_and(past_deadline) {
             return None;
         }
         if policy.budget.as_ref().is_some_and(|b| !b.try_retry()) {
@@ -333,30 +350,24 @@ impl<S> RetryState<S> {
     /// the deadline at this moment, and the replayed body. Counts the retry as made: the caller
     /// sends it at once.
     fn next_request(&mut self) -> Result<Request<Body>, Status> {
-        let mut parts = self.parts.clone();
         let pending = self.pending.unwrap_or(Pending::Transparent);
         let previous = match pending {
             Pending::Policy(_) => self.attempts,
             // It replaces an attempt the server never saw, and carries that attempt's count.
             Pending::Transparent => self.attempts - 1,
         };
-        if previous > 0 {
-            parts
-                .headers
-                .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
-        }
-        if let Some(deadline) = self.deadline {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(Status::deadline_exceeded(
-                    "towline retry: the call's deadline passed before the next attempt",
-                ));
+        let remaining = match self.deadline() {
+            Some(deadline) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(Status::deadline_exceeded(
+                        "towline retry: the call's deadline passed before the next attempt",
+                    ));
+                }
+                Some(remaining)
             }
-            parts.headers.insert(
-                crate::deadline::GRPC_TIMEOUT,
-                crate::deadline::to_header_value(remaining),
-            );
-        }
+            None => None,
+        };
         self.pending = None;
         match pending {
             Pending::Policy(delay) => {
@@ -365,8 +376,22 @@ impl<S> RetryState<S> {
             }
             Pending::Transparent => self.transparent += 1,
         }
-        let body = self.next_body.take().unwrap_or_else(|| self.body.clone());
-        Ok(Request::from_parts(parts, Body::new(body)))
+        let generation = self
+            .next_body
+            .take()
+            .unwrap_or_else(|| self.body.supersede());
+        let body = self.body.attempt(generation);
+        Ok(self.head.request(body, |headers| {
+            if previous > 0 {
+                headers.insert(GRPC_PREVIOUS_RPC_ATTEMPTS, HeaderValue::from(previous));
+            }
+            if let Some(remaining) = remaining {
+                headers.insert(
+                    crate::deadline::GRPC_TIMEOUT,
+                    crate::deadline::to_header_value(remaining),
+                );
+            }
+        }))
     }
 
     fn finish(&self) {
@@ -460,15 +485,17 @@ mod tests {
     }
 
     #[test]
-    fn a_pass_through_future_is_the_size_of_the_inner_one() {
+    fn the_retry_state_is_held_inline_and_stays_small() {
         type Inner = std::future::Ready<Result<Response<Body>, BoxError>>;
         type Svc = tower::util::BoxCloneService<Request<Body>, Response<Body>, BoxError>;
         let inner = std::mem::size_of::<Inner>();
+        let state = std::mem::size_of::<RetryState<Svc>>();
         let ours = std::mem::size_of::<ResponseFuture<Svc, Inner>>();
         assert!(
-            ours <= inner + 2 * std::mem::size_of::<usize>(),
-            "{ours} vs {inner}"
+            ours <= inner + state + 2 * std::mem::size_of::<usize>(),
+            "{ours} vs {inner} + {state}"
         );
+        assert!(state <= 400, "{state}");
     }
 
     #[test]

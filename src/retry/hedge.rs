@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,6 +14,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::body::Body;
@@ -27,14 +30,27 @@ use crate::{BoxError, ConfigError, deadline};
 
 /// A gRFC A6 hedging policy: validated, immutable, cheap to clone (clones share one budget).
 ///
+/// Build one with [`HedgePolicy::builder`] (or [`HedgePolicy::new`] for the three required
+/// settings); every setting is checked by [`build`](HedgePolicyBuilder::build), whose error
+/// names the field.
+///
 /// ```
 /// use std::time::Duration;
 /// use tonic::Code;
-/// use towline::retry::HedgePolicy;
+/// use towline::retry::{HedgePolicy, RetryBudget};
 ///
-/// let policy = HedgePolicy::new(3, Duration::from_millis(20), [Code::Unavailable])?;
+/// let policy = HedgePolicy::builder()
+///     .max_attempts(3)
+///     .delay(Duration::from_millis(20))
+///     .non_fatal_codes([Code::Unavailable])
+///     .budget(RetryBudget::token_bucket(10.0, 0.1)?)
+///     .max_replay_bytes(16 * 1024)
+///     .build()?;
 /// assert_eq!(policy.max_attempts(), 3);
-/// assert!(HedgePolicy::new(1, Duration::ZERO, []).is_err());
+///
+/// let err = HedgePolicy::builder().max_attempts(1).build().unwrap_err();
+/// assert_eq!(err.field(), "hedge_policy.max_attempts");
+/// assert!(HedgePolicy::new(2, Duration::ZERO, [Code::Ok]).is_err());
 /// # Ok::<(), towline::ConfigError>(())
 /// ```
 #[derive(Clone)]
@@ -49,6 +65,11 @@ struct Inner {
 }
 
 impl HedgePolicy {
+    /// A builder: 2 attempts, no delay, no non-fatal code, no budget, 64 KiB of request body.
+    pub fn builder() -> HedgePolicyBuilder {
+        HedgePolicyBuilder::default()
+    }
+
     /// Up to `max_attempts` copies (> 1; above 5 is capped at 5, gRFC A6), one every `delay`
     /// (zero sends them all at once); a failure with a `non_fatal` code lets the others go on
     /// and sends the next copy at once. No budget; request bodies up to 64 KiB are hedged.
@@ -57,26 +78,11 @@ impl HedgePolicy {
         delay: Duration,
         non_fatal: impl IntoIterator<Item = Code>,
     ) -> Result<Self, ConfigError> {
-        if max_attempts < 2 {
-            return Err(ConfigError::new(
-                "hedge_policy.max_attempts",
-                "must be greater than 1",
-            ));
-        }
-        let non_fatal: Vec<Code> = non_fatal.into_iter().collect();
-        if non_fatal.contains(&Code::Ok) {
-            return Err(ConfigError::new(
-                "hedge_policy.non_fatal_codes",
-                "must not contain OK",
-            ));
-        }
-        Ok(HedgePolicy(Arc::new(Inner {
-            max_attempts: max_attempts.min(MAX_ATTEMPTS_CAP),
-            delay,
-            non_fatal: non_fatal.into_iter().collect(),
-            budget: None,
-            max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
-        })))
+        HedgePolicy::builder()
+            .max_attempts(max_attempts)
+            .delay(delay)
+            .non_fatal_codes(non_fatal)
+            .build()
     }
 
     /// Hedges draw from this budget (gRFC A6 `retryThrottling`: no hedge while the bucket is at
@@ -85,7 +91,8 @@ impl HedgePolicy {
         self.with(|i| i.budget = Some(budget))
     }
 
-    /// The cap on the request body buffered so that copies can be sent (> 0; default 64 KiB).
+    /// The cap on the request body buffered so that copies can be sent (0 is taken as 1; the
+    /// builder's [`max_replay_bytes`](HedgePolicyBuilder::max_replay_bytes) rejects it instead).
     /// A bigger request is sent once.
     pub fn max_replay_bytes(self, max: usize) -> Self {
         self.with(|i| i.max_replay_bytes = max.max(1))
@@ -119,6 +126,92 @@ impl HedgePolicy {
     }
 }
 
+/// Builds a [`HedgePolicy`]; every setting is checked by [`build`](Self::build).
+#[derive(Debug, Clone)]
+pub struct HedgePolicyBuilder {
+    max_attempts: u32,
+    delay: Duration,
+    non_fatal: Vec<Code>,
+    budget: Option<RetryBudget>,
+    max_replay_bytes: usize,
+}
+
+impl Default for HedgePolicyBuilder {
+    fn default() -> Self {
+        HedgePolicyBuilder {
+            max_attempts: 2,
+            delay: Duration::ZERO,
+            non_fatal: Vec::new(),
+            budget: None,
+            max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
+        }
+    }
+}
+
+impl HedgePolicyBuilder {
+    /// Copies per call, the first included: more than 1; above 5 is capped at 5 (gRFC A6).
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// The delay between copies (zero sends them all at once).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// The codes whose failure lets the other copies go on and sends the next one at once (not
+    /// `OK`).
+    pub fn non_fatal_codes(mut self, codes: impl IntoIterator<Item = Code>) -> Self {
+        self.non_fatal = codes.into_iter().collect();
+        self
+    }
+
+    /// The budget hedges draw from (gRFC A6 `retryThrottling`). Share one with a
+    /// [`RetryPolicy`](super::RetryPolicy) by passing clones.
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The cap on the request body buffered so that copies can be sent (> 0; default 64 KiB).
+    /// A bigger request is sent once.
+    pub fn max_replay_bytes(mut self, max: usize) -> Self {
+        self.max_replay_bytes = max;
+        self
+    }
+
+    /// Checks every setting; the error names the first bad one.
+    pub fn build(self) -> Result<HedgePolicy, ConfigError> {
+        if self.max_attempts < 2 {
+            return Err(ConfigError::new(
+                "hedge_policy.max_attempts",
+                "must be greater than 1",
+            ));
+        }
+        if self.non_fatal.contains(&Code::Ok) {
+            return Err(ConfigError::new(
+                "hedge_policy.non_fatal_codes",
+                "must not contain OK",
+            ));
+        }
+        if self.max_replay_bytes == 0 {
+            return Err(ConfigError::new(
+                "hedge_policy.max_replay_bytes",
+                "must be greater than zero",
+            ));
+        }
+        Ok(HedgePolicy(Arc::new(Inner {
+            max_attempts: self.max_attempts.min(MAX_ATTEMPTS_CAP),
+            delay: self.delay,
+            non_fatal: self.non_fatal.into_iter().collect(),
+            budget: self.budget,
+            max_replay_bytes: self.max_replay_bytes,
+        })))
+    }
+}
+
 impl fmt::Debug for HedgePolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HedgePolicy")
@@ -143,7 +236,7 @@ impl fmt::Debug for HedgePolicy {
 /// are dropped (cancelled). A non-fatal failure sends the next copy at once; when every copy has
 /// failed non-fatally the last failure is returned. With a budget, no copy is sent while it is
 /// spent. Calls whose path has no policy, and calls that carry [`NoRetry`](super::NoRetry), go
-/// straight through (in a boxed future). Hedges are not yet counted in metrics (gRFC A96's
+/// straight through: the inner future as it is, no allocation. Hedges are not yet counted in metrics (gRFC A96's
 /// `grpc.client.call.hedges`).
 #[derive(Clone)]
 pub struct HedgeLayer {
@@ -253,28 +346,77 @@ where
 {
     type Response = Response<B>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<B>, BoxError>>;
+    type Future = HedgeFuture<S::Future, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // The service polled ready takes the first copy; clones wait for readiness themselves.
-        let mut ready = self.inner.clone();
-        std::mem::swap(&mut ready, &mut self.inner);
         let policy = if req.extensions().get::<super::NoRetry>().is_some() {
             None
         } else {
-            self.shared.policy_for(req.uri().path()).cloned()
+            self.shared.policy_for(req.uri().path())
         };
-        match policy {
-            None => {
-                let fut = ready.call(req);
-                Box::pin(async move { fut.await.map_err(Into::into) })
-            }
-            Some(policy) => Box::pin(hedged(ready, policy, req)),
+        let Some(policy) = policy.cloned() else {
+            return HedgeFuture {
+                kind: HedgeKind::Passthrough {
+                    future: self.inner.call(req),
+                },
+            };
+        };
+        // The service polled ready takes the first copy; clones wait for readiness themselves.
+        let mut ready = self.inner.clone();
+        std::mem::swap(&mut ready, &mut self.inner);
+        HedgeFuture {
+            kind: HedgeKind::Hedged {
+                future: Box::pin(hedged(ready, policy, req)),
+            },
         }
+    }
+}
+
+pin_project! {
+    /// The future of a call through [`Hedge`]: the inner future itself when the call is not
+    /// hedged, else the hedging task (boxed: it owns every copy in flight).
+    pub struct HedgeFuture<F, B> {
+        #[pin]
+        kind: HedgeKind<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = HedgeKindProj]
+    enum HedgeKind<F, B> {
+        Passthrough { #[pin] future: F },
+        Hedged { future: BoxFuture<'static, Result<Response<B>, BoxError>> },
+    }
+}
+
+impl<F, B, E> Future for HedgeFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            HedgeKindProj::Passthrough { future } => future.poll(cx).map_err(Into::into),
+            HedgeKindProj::Hedged { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for HedgeFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            HedgeKind::Passthrough { .. } => "Passthrough",
+            HedgeKind::Hedged { .. } => "Hedged",
+        };
+        f.debug_struct("HedgeFuture")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
     }
 }
 
@@ -356,7 +498,7 @@ where
     let spare = first.clone();
 
     if let Some(budget) = &p.budget {
-        budget.on_call();
+        budget.on_call(Instant::now());
     }
     let mut inflight: FuturesUnordered<Attempt<B>> = FuturesUnordered::new();
     let fut = first.call(first_copy);
@@ -460,12 +602,67 @@ mod tests {
         assert_eq!(layer.policy_for("/x.Y/Z").unwrap().max_attempts(), 2);
     }
 
+    /// Not hedged: the inner service is called as it is (no clone) and its future returned
+    /// in place (no box).
+    #[tokio::test]
+    async fn an_unhedged_call_is_the_inner_future_itself() {
+        type Inner = std::future::Ready<Result<Response<Body>, BoxError>>;
+        let inner = std::mem::size_of::<Inner>();
+        let ours = std::mem::size_of::<HedgeFuture<Inner, Body>>();
+        assert!(
+            ours <= inner + std::mem::size_of::<usize>(),
+            "{ours} vs {inner}"
+        );
+
+        let clones = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+        impl Clone for Counted {
+            fn clone(&self) -> Self {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Counted(self.0.clone())
+            }
+        }
+        impl Service<Request<Body>> for Counted {
+            type Response = Response<Body>;
+            type Error = BoxError;
+            type Future = Inner;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: Request<Body>) -> Inner {
+                std::future::ready(Ok(Response::new(Body::empty())))
+            }
+        }
+        let counted = Counted(clones.clone());
+        let mut svc = HedgeLayer::new(None)
+            .method_policy(
+                "/pkg.Echo/Hedged",
+                HedgePolicy::new(2, Duration::ZERO, []).unwrap(),
+            )
+            .layer(counted);
+        let req = Request::builder()
+            .uri("/pkg.Echo/Plain")
+            .body(Body::empty())
+            .unwrap();
+        let future = svc.ready().await.unwrap().call(req);
+        assert!(format!("{future:?}").contains("Passthrough"));
+        let cloned = clones.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(cloned, 0, "the service was not cloned");
+        assert!(future.await.is_ok());
+    }
+
     #[test]
     fn bad_policies_name_the_field() {
         let err = HedgePolicy::new(1, Duration::ZERO, []).unwrap_err();
         assert_eq!(err.field(), "hedge_policy.max_attempts");
         let err = HedgePolicy::new(2, Duration::ZERO, [Code::Ok]).unwrap_err();
         assert_eq!(err.field(), "hedge_policy.non_fatal_codes");
+        let err = HedgePolicy::builder()
+            .max_replay_bytes(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "hedge_policy.max_replay_bytes");
+        assert!(err.to_string().contains("max_replay_bytes"), "{err}");
         assert_eq!(
             HedgePolicy::new(9, Duration::ZERO, [])
                 .unwrap()

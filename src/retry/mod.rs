@@ -49,9 +49,10 @@
 //!   `max_attempts` and the budget. As gRFC A6 says, this applies to every call whatever its
 //!   policy: a policy of `max_attempts(1)` and a request that carries [`NoRetry`] get them too
 //!   (as in grpc-go), since the server provably never saw the request.
-//! - Only while the request body is replayable: it is buffered as the first attempt sends it
-//!   (see [`ReplayBody`]) up to `max_replay_bytes` (default 64 KiB); a bigger request is sent
-//!   once, in full, and never retried.
+//! - Only while the request body is replayable, up to `max_replay_bytes` (default 64 KiB); a
+//!   bigger request is sent once, in full, and never retried. A body ready in one frame when
+//!   the call is made (a unary request) is kept as its bytes; a streaming one is buffered as the
+//!   first attempt sends it (see [`ReplayBody`]). Nothing is waited for to read it.
 //! - Only while the [`RetryBudget`] allows: when it is spent the failure is returned at once.
 //!
 //! ## Tower semantics
@@ -62,12 +63,11 @@
 //! `max_transparent_retries(0)`; or its body is known to exceed the cap) goes straight to the
 //! inner future with no allocation.
 //!
-//! What transparent retries cost a call the policy does not retry: the request head is cloned
-//! (its headers and extensions), the body is wrapped in a [`ReplayBody`] (one shared buffer;
-//! each data frame kept is a reference-counted `Bytes`, a lock per frame), the inner service is
-//! cloned and the retry state boxed: a few small allocations per call, and the request's bytes
-//! held until the response arrives. No budget is touched. Set `max_transparent_retries(0)` on
-//! the policy to trade them for the bare pass-through.
+//! What transparent retries cost a call the policy does not retry: the same as a retryable
+//! call's (listed on [`Retry`]: for a tonic unary call, a list of its headers and a box for its
+//! body, no lock), and the request's bytes held until the response arrives. No budget is
+//! touched. Set `max_transparent_retries(0)` on the policy to trade them for the bare
+//! pass-through.
 //!
 //! ## Metrics
 //! Through the [`metrics`](https://docs.rs/metrics) facade, with gRFC A96 names and no labels
@@ -82,20 +82,23 @@
 mod body;
 mod budget;
 mod future;
+mod head;
 mod hedge;
 mod layer;
 pub mod metrics;
+mod percent;
 mod policy;
 mod response_body;
 mod service;
+mod source;
 
 pub use crate::backoff::{Backoff, Jitter};
-pub use body::ReplayBody;
-pub use budget::RetryBudget;
+pub use body::{Capped, ReplayBody};
+pub use budget::{PercentBuilder, RetryBudget};
 pub use future::{
     GRPC_PREVIOUS_RPC_ATTEMPTS, GRPC_RETRY_PUSHBACK_MS, MAX_PUSHBACK, ResponseFuture,
 };
-pub use hedge::{Hedge, HedgeLayer, HedgePolicy};
+pub use hedge::{Hedge, HedgeFuture, HedgeLayer, HedgePolicy, HedgePolicyBuilder};
 pub use layer::RetryLayer;
 pub use policy::{DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP, RetryPolicy, RetryPolicyBuilder};
 pub use service::Retry;

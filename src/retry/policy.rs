@@ -252,7 +252,8 @@ impl RetryPolicyBuilder {
         }
         let budget = match self.budget {
             BudgetChoice::Default => Some(
-                RetryBudget::percent(Duration::from_secs(10), 10, 0.2)
+                RetryBudget::percent_builder()
+                    .build()
                     .expect("the default budget is valid"),
             ),
             BudgetChoice::None => None,

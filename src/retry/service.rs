@@ -5,17 +5,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use http_body::Body as _;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tower_service::Service;
 
 use super::NoRetry;
-use super::body::ReplayBody;
 use super::budget::RetryBudget;
 use super::future::{ResponseFuture, Retries, RetryState};
+use super::head::Head;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
+use super::source::Source;
 use crate::BoxError;
 use crate::status::CallEnd;
 
@@ -24,6 +24,31 @@ use crate::status::CallEnd;
 /// Its error is a [`BoxError`] that always holds a [`tonic::Status`] (see
 /// [`status_from_error`](crate::status::status_from_error)), so a transport failure reaches the
 /// caller as `UNAVAILABLE` rather than tonic's `UNKNOWN`, whether or not it was retried.
+///
+/// # What a call costs
+/// A call that can be retried (by its policy, or transparently) keeps what a later attempt
+/// needs, and nothing else; no lock is taken and the retry state is not boxed. Its heap
+/// allocations, for a unary call whose first attempt succeeds:
+/// - one list of the request's headers, so that an attempt can be sent again;
+/// - one box for the first attempt's body (tonic's `Body` boxes any body but an empty one):
+///   the request body was read when the call was made, since a unary body is ready at once,
+///   and every attempt gets a reference-counted copy of its bytes.
+///
+/// The request's extensions are kept as values when they are all of the types tonic and towline
+/// put there (tonic's `GrpcMethod`, [`WaitForReady`](crate::balance::WaitForReady),
+/// [`CallEnd`], [`NoRetry`]); a request carrying any other extension pays for a copy of the
+/// map (`http::Extensions::clone`: the map, its table and one box per value).
+///
+/// A streaming request body (one not ready in a single frame when the call is made) is kept by a
+/// [`ReplayBody`](super::ReplayBody) instead: one shared buffer more, and its list of frames.
+/// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map). The
+/// inner service is cloned per call, for the `poll_ready` of later attempts (as tower's `Retry`
+/// does): that costs what its `Clone` costs.
+///
+/// A call that cannot be retried at all (a policy of one attempt, or [`NoRetry`], with
+/// `max_transparent_retries(0)`; or a body over `max_replay_bytes`) is the inner future, nothing
+/// kept, nothing allocated. One of `max_attempts(1)` still gets gRFC A6's transparent retries by
+/// default, which need the same copies as above: set `max_transparent_retries(0)` to drop them.
 pub struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -97,43 +122,43 @@ where
             // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
             Retries::TransparentOnly
         };
-        // Nothing to retry, or a body that cannot be replayed: the inner future as it is, no
-        // allocation.
-        if (retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0)
-            || req.body().size_hint().lower() > max_bytes as u64
-        {
+        // Nothing to retry: the inner future as it is, no allocation.
+        if retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0 {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let policy = policy.clone();
+        let (mut parts, body) = req.into_parts();
+        let body = match Source::new(body, max_bytes) {
+            Ok(body) => body,
+            // A body that cannot be replayed (over the cap by its size hint, or as it was read,
+            // or failed): sent once, the inner future as it is.
+            Err(body) => {
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                );
+            }
+        };
+        // One clock read for both: the budget's time slot, and the start the deadline counts
+        // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
+        let started = Instant::now();
         if retries == Retries::Policy
             && let Some(budget) = policy.budget()
         {
-            budget.on_call();
+            budget.on_call(started);
         }
-        let deadline = crate::deadline::from_headers(req.headers())
-            .and_then(|timeout| Instant::now().checked_add(timeout));
-        let (mut parts, body) = req.into_parts();
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`).
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
             parts.extensions.insert(CallEnd::new());
         }
-        let body = ReplayBody::new(body, max_bytes);
-        let first = Request::from_parts(parts.clone(), Body::new(body.clone()));
+        // The first attempt sends the caller's own head; later ones a copy.
+        let head = Head::keep(&parts);
+        let first = Request::from_parts(parts, body.attempt(body.supersede()));
         let future = self.inner.call(first);
         // The clone drives its own poll_ready before every later attempt.
         let service = self.inner.clone();
         ResponseFuture::retrying(
             future,
-            RetryState::new(
-                service,
-                parts,
-                body,
-                policy,
-                retries,
-                self.shared.clone(),
-                deadline,
-            ),
+            RetryState::new(service, head, body, retries, self.shared.clone(), started),
         )
     }
 }

@@ -1,0 +1,228 @@
+//! [`Head`]: the request head a retrying call keeps, to send it again.
+
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use tonic::GrpcMethod;
+use tonic::body::Body;
+
+use super::NoRetry;
+use crate::balance::WaitForReady;
+use crate::deadline;
+use crate::status::CallEnd;
+
+/// A copy of a request's head, taken before the first attempt consumes the original.
+///
+/// What it costs a call, in allocations (the first attempt sends the original head):
+/// - the header list: one `Vec` of name/value pairs. A `HeaderMap` clone would be two (its
+///   entries and its index table); the map is rebuilt only for an attempt that is sent.
+/// - the extensions: none when they are all of the types tonic and towline put there (tonic's
+///   `GrpcMethod`, [`WaitForReady`], [`CallEnd`], [`NoRetry`]), which are kept as values and put
+///   back in a new map for a retry. Any other extension (the caller's own) makes it copy the
+///   whole map: `http::Extensions::clone` allocates the map, its table and one box per value.
+///   The layers below read them, so a retry must carry every one.
+///
+/// Names, values and the URI are reference-counted: cloning them allocates nothing.
+pub(crate) struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    extensions: Kept,
+}
+
+/// A request's extensions, as kept for a retry.
+enum Kept {
+    /// Every extension was one of these.
+    Known {
+        method: Option<GrpcMethod<'static>>,
+        wait_for_ready: Option<WaitForReady>,
+        call_end: Option<CallEnd>,
+        no_retry: bool,
+    },
+    /// A copy of the map.
+    Copied(Extensions),
+}
+
+impl Kept {
+    fn new(extensions: &Extensions) -> Self {
+        let len = extensions.len();
+        // Looked up most likely first, and only until every extension is accounted for: a tonic
+        // call carries `GrpcMethod` alone, and costs one lookup.
+        let method = extensions.get::<GrpcMethod<'static>>().cloned();
+        let mut found = usize::from(method.is_some());
+        let call_end = (found < len)
+            .then(|| extensions.get::<CallEnd>().cloned())
+            .flatten();
+        found += usize::from(call_end.is_some());
+        let wait_for_ready = (found < len)
+            .then(|| extensions.get::<WaitForReady>().copied())
+            .flatten();
+        found += usize::from(wait_for_ready.is_some());
+        let no_retry = found < len && extensions.get::<NoRetry>().is_some();
+        found += usize::from(no_retry);
+        if found == len {
+            Kept::Known {
+                method,
+                wait_for_ready,
+                call_end,
+                no_retry,
+            }
+        } else {
+            Kept::Copied(extensions.clone())
+        }
+    }
+
+    fn get(&self) -> Extensions {
+        match self {
+            Kept::Known {
+                method,
+                wait_for_ready,
+                call_end,
+                no_retry,
+            } => {
+                let mut extensions = Extensions::new();
+                if let Some(method) = method {
+                    extensions.insert(method.clone());
+                }
+                if let Some(wait) = wait_for_ready {
+                    extensions.insert(*wait);
+                }
+                if let Some(end) = call_end {
+                    extensions.insert(end.clone());
+                }
+                if *no_retry {
+                    extensions.insert(NoRetry);
+                }
+                extensions
+            }
+            Kept::Copied(extensions) => extensions.clone(),
+        }
+    }
+
+    fn call_end(&self) -> Option<&CallEnd> {
+        match self {
+            Kept::Known { call_end, .. } => call_end.as_ref(),
+            Kept::Copied(extensions) => extensions.get::<CallEnd>(),
+        }
+    }
+}
+
+impl Head {
+    pub(crate) fn keep(parts: &Parts) -> Self {
+        let mut headers = Vec::with_capacity(parts.headers.len());
+        headers.extend(
+            parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers,
+            extensions: Kept::new(&parts.extensions),
+        }
+    }
+
+    /// The request's path, `/pkg.Service/Method`.
+    pub(crate) fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// The call's `grpc-timeout`, if it has a valid one.
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        let (_, value) = self
+            .headers
+            .iter()
+            .find(|(name, _)| name == deadline::GRPC_TIMEOUT)?;
+        deadline::parse(value.as_bytes())
+    }
+
+    /// The call's [`CallEnd`], if it carries one.
+    pub(crate) fn call_end(&self) -> Option<&CallEnd> {
+        self.extensions.call_end()
+    }
+
+    /// A new request with this head, its headers changed by `edit`.
+    pub(crate) fn request(&self, body: Body, edit: impl FnOnce(&mut HeaderMap)) -> Request<Body> {
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
+        for (name, value) in &self.headers {
+            headers.append(name, value.clone());
+        }
+        edit(&mut headers);
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = headers;
+        *req.extensions_mut() = self.extensions.get();
+        req
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_extensions_are_kept_as_values_and_others_as_a_copy() {
+        let mut known = Extensions::new();
+        known.insert(GrpcMethod::new("pkg.Echo", "Unary"));
+        known.insert(WaitForReady(true));
+        known.insert(NoRetry);
+        let kept = Kept::new(&known);
+        assert!(matches!(kept, Kept::Known { .. }));
+        let back = kept.get();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back.get::<GrpcMethod<'static>>().unwrap().method(), "Unary");
+        assert_eq!(back.get::<WaitForReady>(), Some(&WaitForReady(true)));
+        assert_eq!(back.get::<NoRetry>(), Some(&NoRetry));
+
+        let mut mixed = known.clone();
+        mixed.insert("the caller's own");
+        let kept = Kept::new(&mixed);
+        assert!(matches!(kept, Kept::Copied(_)));
+        let back = kept.get();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back.get::<&str>(), Some(&"the caller's own"));
+    }
+
+    #[test]
+    fn a_kept_head_gives_back_the_same_request_head() {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("http://example.com/pkg.Echo/Unary")
+            .version(Version::HTTP_2)
+            .header("x-multi", "one")
+            .header("x-multi", "two")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(7u32);
+        let (parts, ()) = req.into_parts();
+        let head = Head::keep(&parts);
+        let again = head.request(Body::empty(), |h| {
+            h.insert("x-added", HeaderValue::from_static("yes"));
+        });
+        assert_eq!(again.method(), Method::POST);
+        assert_eq!(again.uri(), &parts.uri);
+        assert_eq!(again.version(), Version::HTTP_2);
+        let multi: Vec<_> = again.headers().get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["one", "two"], "every value, in order");
+        assert_eq!(again.headers()["te"], "trailers");
+        assert_eq!(again.headers()["x-added"], "yes");
+        assert_eq!(again.extensions().get::<u32>(), Some(&7));
+        assert_eq!(head.timeout(), None);
+        let mut timed = parts.clone();
+        timed
+            .headers
+            .insert(deadline::GRPC_TIMEOUT, HeaderValue::from_static("250m"));
+        assert_eq!(
+            Head::keep(&timed).timeout(),
+            Some(Duration::from_millis(250))
+        );
+    }
+}
