@@ -157,6 +157,11 @@ async fn idle_connections_above_min_are_reaped() {
         backend.open_connections() == 3
     })
     .await;
+    // A client kept alive (its handle holds a view of all three connections) must not keep the
+    // reaped ones open.
+    backend.clear_faults();
+    let mut kept = EchoClient::new(pool.clone());
+    kept.unary(EchoRequest::default()).await.unwrap();
 
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(29)).await;
@@ -184,8 +189,8 @@ async fn idle_connections_above_min_are_reaped() {
         || backend.open_connections() == 1,
     )
     .await;
-    backend.clear_faults();
     call(&pool).await.unwrap();
+    kept.unary(EchoRequest::default()).await.unwrap();
     assert_eq!(backend.connections_accepted(), 3);
 }
 
@@ -572,4 +577,98 @@ async fn an_idle_timeout_of_duration_max_means_never_not_a_panic() {
     let _ = call(&pool).await;
     backend.restart().await.unwrap();
     call(&pool).await.unwrap();
+}
+
+/// A connector whose first connection comes up and whose later ones never do.
+#[derive(Clone, Default)]
+struct ConnectsOnce {
+    made: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Service<http::Uri> for ConnectsOnce {
+    type Response = Channel;
+    type Error = towline::BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Channel, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        use futures::FutureExt as _;
+        if self.made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Connect::new()
+                .oneshot(uri)
+                .map(|r| r.map_err(Into::into))
+                .boxed()
+        } else {
+            futures::future::pending().boxed()
+        }
+    }
+}
+
+/// Issue 16 §3: a caller parked because every stream is taken (and another connection is on
+/// its way) proceeds as soon as a stream ends, not only when the connect finishes.
+#[tokio::test]
+async fn a_caller_waiting_for_a_stream_proceeds_when_one_ends() {
+    let backend = Backend::start().await.unwrap();
+    backend.set_latency(Duration::from_millis(300));
+    let connector = ConnectsOnce::default();
+    let config = PoolConfig::builder()
+        .min_connections(1)
+        .max_connections(2)
+        .max_streams_per_connection(1)
+        // Far beyond the test's bound: the waiter must not get through by timing out.
+        .connect_timeout(Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let pool = ServiceBuilder::new()
+        .layer(PoolLayer::new(config))
+        .service(connector.clone())
+        .oneshot(backend.uri())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let first = tokio::spawn({
+        let pool = pool.clone();
+        async move { call(&pool).await }
+    });
+    eventually("the first call in flight", Duration::from_secs(5), || {
+        pool.stats().in_flight == [1]
+    })
+    .await;
+    // The one stream is taken: this caller parks while a second connection is being opened
+    // (and that connect never finishes).
+    let second = tokio::spawn({
+        let pool = pool.clone();
+        async move { call(&pool).await }
+    });
+    let first = timeout(Duration::from_secs(3), first)
+        .await
+        .expect("no hang")
+        .unwrap()
+        .unwrap();
+    let second = timeout(Duration::from_secs(3), second)
+        .await
+        .expect("the parked caller proceeds when the first call's stream ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, second, "both on the one connection");
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "the second call waited for the first: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.connections_accepted(), 1);
+    let stats = pool.stats();
+    assert_eq!((stats.open, stats.connecting), (1, 1), "{stats:?}");
+    assert_eq!(
+        connector.made.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the pool did try to grow"
+    );
 }

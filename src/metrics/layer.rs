@@ -177,6 +177,34 @@ impl Shared {
     }
 }
 
+/// How many methods each service remembers (see [`RecentMethods`]).
+const RECENT_METHODS: usize = 4;
+
+/// The last few methods one service called, so that a call finds its handles with a string
+/// compare instead of the shared map's lock and hash: a client calls one or a few methods over
+/// and over. Only named methods are remembered; `"other"` stands for many paths.
+#[derive(Clone, Default)]
+pub(crate) struct RecentMethods {
+    entries: [Option<Arc<MethodMetrics>>; RECENT_METHODS],
+    /// The entry the next miss replaces.
+    next: usize,
+}
+
+impl RecentMethods {
+    /// The handles for a request path, as [`Shared::method`] gives them.
+    pub(crate) fn get(&mut self, shared: &Shared, path: &str) -> Arc<MethodMetrics> {
+        if let Some(hit) = self.entries.iter().flatten().find(|m| m.is_path(path)) {
+            return hit.clone();
+        }
+        let found = shared.method(path);
+        if !Arc::ptr_eq(&found, &shared.other) {
+            self.entries[self.next] = Some(found.clone());
+            self.next = (self.next + 1) % RECENT_METHODS;
+        }
+        found
+    }
+}
+
 /// `package.Service/Method` from `/package.Service/Method`; `None` for anything else.
 fn method_name(path: &str) -> Option<&str> {
     let name = path.strip_prefix('/')?;
@@ -201,6 +229,11 @@ pub(crate) struct StatusHandles {
 }
 
 impl MethodMetrics {
+    /// Whether `path` is `/` and this method's name.
+    fn is_path(&self, path: &str) -> bool {
+        path.strip_prefix('/') == Some(self.method.as_str())
+    }
+
     fn new(method: String, target: &str, level: Level) -> Self {
         MethodMetrics {
             method,
@@ -272,5 +305,32 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &shared.method("/s/a")), "cached");
         assert!(Arc::ptr_eq(&shared.method("nonsense"), &shared.other));
         assert_eq!(shared.methods.read().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn recent_methods_give_what_the_shared_map_gives() {
+        let shared = Shared::new("t".into(), Level::Call, 2);
+        let mut recent = RecentMethods::default();
+        let a = recent.get(&shared, "/s/a");
+        assert!(Arc::ptr_eq(&a, &shared.method("/s/a")));
+        assert!(Arc::ptr_eq(&a, &recent.get(&shared, "/s/a")), "remembered");
+        assert!(Arc::ptr_eq(
+            &recent.get(&shared, "/s/b"),
+            &shared.method("/s/b")
+        ));
+        // Past the cap, and for paths that are no method: "other", never remembered.
+        assert!(Arc::ptr_eq(&recent.get(&shared, "/s/c"), &shared.other));
+        assert!(Arc::ptr_eq(&recent.get(&shared, "/other"), &shared.other));
+        assert_eq!(recent.entries.iter().flatten().count(), 2);
+        // More methods than it remembers: each still gets its own handles.
+        let shared = Shared::new("t".into(), Level::Call, 64);
+        let mut recent = RecentMethods::default();
+        for round in 0..3 {
+            for i in 0..(RECENT_METHODS + 2) {
+                let path = format!("/s/m{i}");
+                let got = recent.get(&shared, &path);
+                assert!(Arc::ptr_eq(&got, &shared.method(&path)), "{round} {path}");
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use super::body::{MetricsBody, Recording, SentBody};
-use super::layer::{Level, Shared};
+use super::layer::{Level, RecentMethods, Shared};
 use crate::BoxError;
 use crate::status::{classify_response, code_from_error};
 
@@ -22,11 +22,16 @@ use crate::status::{classify_response, code_from_error};
 pub struct Metrics<S> {
     inner: S,
     shared: Arc<Shared>,
+    recent: RecentMethods,
 }
 
 impl<S> Metrics<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Metrics { inner, shared }
+        Metrics {
+            inner,
+            shared,
+            recent: RecentMethods::default(),
+        }
     }
 
     /// The wrapped service.
@@ -50,6 +55,7 @@ impl<S: Clone> Clone for Metrics<S> {
         Metrics {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            recent: self.recent.clone(),
         }
     }
 }
@@ -76,15 +82,17 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture<S::Future> {
-        let method = self.shared.method(request.uri().path());
-        let (request, sent) = match self.shared.level {
-            Level::Call => (request, None),
+    fn call(&mut self, mut request: Request<Body>) -> ResponseFuture<S::Future> {
+        let method = self.recent.get(&self.shared, request.uri().path());
+        // The body is swapped in place: a request is a few hundred bytes to move.
+        let sent = match self.shared.level {
+            Level::Call => None,
             Level::Attempt => {
                 method.started().increment(1);
                 let sent = Arc::new(AtomicU64::new(0));
-                let request = request.map(|body| Body::new(SentBody::new(body, sent.clone())));
-                (request, Some(sent))
+                let body = std::mem::replace(request.body_mut(), Body::empty());
+                *request.body_mut() = Body::new(SentBody::new(body, sent.clone()));
+                Some(sent)
             }
         };
         let recording = Recording::start(method, sent);

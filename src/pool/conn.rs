@@ -1,10 +1,12 @@
 //! One connection of a pool: its load and health, which calls update without the pool's lock,
 //! and what a call's error says about it.
 
+use std::collections::BTreeMap;
 use std::error::Error;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
 
 use http::Uri;
 use tokio::sync::Notify;
@@ -26,11 +28,81 @@ pub(crate) struct Core {
     /// A connection served a call since the worker last looked: the backoff starts over.
     pub(crate) proven: AtomicBool,
     pub(crate) metrics: Metrics,
+    /// Handles waiting for a connection, or for a free stream on one.
+    pub(crate) parked: Parked,
 }
 
 impl Core {
     pub(crate) fn nanos(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// The wakers of handles waiting in `poll_ready`, reachable from a call that ends (which knows
+/// its connection, not the pool's service type), so a freed stream wakes one of them.
+#[derive(Default)]
+pub(crate) struct Parked {
+    /// By waiter id: the oldest handle is woken first.
+    wakers: Mutex<BTreeMap<u64, Waker>>,
+    /// `wakers.len()`, read without the lock by every call that ends.
+    count: AtomicUsize,
+}
+
+impl Parked {
+    /// Registers (or refreshes) a waiter; `true` if it is the only one.
+    pub(crate) fn park(&self, id: u64, waker: &Waker) -> bool {
+        let mut wakers = lock(&self.wakers);
+        match wakers.get_mut(&id) {
+            Some(old) => old.clone_from(waker),
+            None => {
+                wakers.insert(id, waker.clone());
+            }
+        }
+        self.count.store(wakers.len(), Ordering::SeqCst);
+        wakers.len() == 1
+    }
+
+    pub(crate) fn unpark(&self, id: u64) {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut wakers = lock(&self.wakers);
+        wakers.remove(&id);
+        self.count.store(wakers.len(), Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count.load(Ordering::SeqCst) == 0
+    }
+
+    /// Wakes one waiter (the oldest handle) to take a stream that came free. Waking all would
+    /// have every parked caller pick again for the one stream, on every call that ends.
+    pub(crate) fn wake_one(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let waker = {
+            let mut wakers = lock(&self.wakers);
+            let first = wakers.pop_first();
+            self.count.store(wakers.len(), Ordering::SeqCst);
+            first
+        };
+        if let Some((_, waker)) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Wakes every waiter; each picks again.
+    pub(crate) fn wake_all(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let wakers = {
+            let mut wakers = lock(&self.wakers);
+            self.count.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *wakers)
+        };
+        wakers.into_values().for_each(Waker::wake);
     }
 }
 
@@ -115,10 +187,17 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let conn = &self.0;
         // Stamp first, so whoever sees the count drop to zero sees a fresh stamp.
-        let now = self.0.core.nanos(Instant::now());
-        self.0.last_active.store(now, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let now = conn.core.nanos(Instant::now());
+        conn.last_active.store(now, Ordering::Release);
+        // SeqCst, as `Shared::pick` parks (SeqCst) before it looks at the load (SeqCst): of a
+        // call ending and a caller parking at once, one always sees the other, without a fence.
+        let was = conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // A stream came free: a caller waiting for one may take it.
+        if was <= conn.core.config.max_streams {
+            conn.core.parked.wake_one();
+        }
     }
 }
 
@@ -191,6 +270,18 @@ impl Error for PoolConnectionError {
     }
 }
 
+/// [`status::is_too_many_pings_status`](crate::status::is_too_many_pings_status) behind a
+/// cheaper first look: every call's head and trailers pass here, and almost none carry
+/// `grpc-status: 14`. In a small map a scan for that value beats the map's hash lookup.
+pub(crate) fn says_too_many_pings(headers: &http::HeaderMap) -> bool {
+    const SMALL: usize = 8;
+    let may = headers.len() > SMALL
+        || headers
+            .iter()
+            .any(|(name, value)| value.as_bytes() == b"14" && *name == crate::status::GRPC_STATUS);
+    may && crate::status::is_too_many_pings_status(headers)
+}
+
 /// Why a connection whose server objected to our keepalive pings was replaced.
 #[derive(Debug)]
 pub(crate) struct TooManyPings;
@@ -218,6 +309,48 @@ mod tests {
         fn source(&self) -> Option<&(dyn Error + 'static)> {
             Some(&*self.0)
         }
+    }
+
+    #[test]
+    fn the_first_look_for_too_many_pings_agrees_with_the_full_check() {
+        use http::{HeaderMap, HeaderValue};
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in pairs {
+                headers.append(*k, HeaderValue::from_static(v));
+            }
+            headers
+        };
+        let pings = [("grpc-status", "14"), ("grpc-message", "Too many pings")];
+        let mut cases = vec![
+            map(&[]),
+            map(&[("grpc-status", "0")]),
+            map(&[("grpc-status", "14"), ("grpc-message", "other")]),
+            map(&[("grpc-message", "Too many pings"), ("x-other", "14")]),
+            map(&pings),
+            map(&[
+                ("grpc-status", "14"),
+                ("grpc-message", "Too%20many%20pings"),
+            ]),
+        ];
+        // Past the small-map scan: the full check alone.
+        let mut big = map(&pings);
+        for i in 0..10 {
+            big.append(
+                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        cases.push(big);
+        for headers in &cases {
+            assert_eq!(
+                says_too_many_pings(headers),
+                crate::status::is_too_many_pings_status(headers),
+                "{headers:?}"
+            );
+        }
+        assert!(says_too_many_pings(&cases[4]));
+        assert!(says_too_many_pings(&cases[6]));
     }
 
     #[test]

@@ -63,7 +63,8 @@ where
     M: Service<Uri, Response = S> + Clone + Send + 'static,
     M::Error: Into<BoxError>,
     M::Future: Send + 'static,
-    S: Clone + Send + 'static,
+    // Sync: handles read the connections' services through shared, lock-free views.
+    S: Clone + Send + Sync + 'static,
 {
     type Response = Pool<S>;
     type Error = BoxError;

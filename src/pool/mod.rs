@@ -39,8 +39,9 @@
 //!   configured, not read: set it to what the server announces. Connections above `min` that
 //!   stay idle for `idle_timeout` are closed.
 //! - **Routing.** Each call goes to the open connection with the fewest calls in flight (a call
-//!   counts until its response body ends). When all are full and another is being opened,
-//!   `poll_ready` waits for it; at `max_connections` calls go to the least-loaded connection
+//!   counts until its response body ends), picked without a lock while that connection has
+//!   room. When all are full and another is being opened,
+//!   `poll_ready` waits for it or for a call to end, whichever comes first; at `max_connections` calls go to the least-loaded connection
 //!   and h2 queues them.
 //! - **Failure.** A call that fails with a connection-level error (`UNAVAILABLE`: refused,
 //!   reset, GOAWAY, keepalive timeout; not a refused stream) takes its connection out of

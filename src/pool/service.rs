@@ -15,8 +15,10 @@ use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::conn::{ConnLoad, InFlight, SharedError, breaks_connection, status_with_source};
-use super::shared::{Pick, Shared};
+use super::conn::{
+    ConnLoad, InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
+};
+use super::shared::{Pick, Shared, View};
 use super::stats::PoolStats;
 use crate::BoxError;
 
@@ -48,6 +50,8 @@ pub struct Pool<S> {
     /// Dropped with the last handle, which stops the worker.
     _alive: Arc<oneshot::Sender<()>>,
     waiter: u64,
+    /// The pool's connections as of this handle's last locked pick.
+    view: Option<View<S>>,
     ready: Option<Reserved<S>>,
     wait: Option<Pin<Box<Sleep>>>,
     fail: Option<Status>,
@@ -64,6 +68,7 @@ impl<S> Pool<S> {
             waiter: shared.waiter_id(),
             shared,
             _alive: alive,
+            view: None,
             ready: None,
             wait: None,
             fail: None,
@@ -83,7 +88,11 @@ impl<S> Pool<S> {
 
 impl<S> Clone for Pool<S> {
     fn clone(&self) -> Self {
-        Pool::new(self.shared.clone(), self._alive.clone())
+        // With the view, so that a clone made per call (as tonic clients often are) picks
+        // without the lock from its first call.
+        let mut pool = Pool::new(self.shared.clone(), self._alive.clone());
+        pool.view = self.view.clone();
+        pool
     }
 }
 
@@ -135,13 +144,21 @@ where
                     }
                 }
             }
+            if self.wait.is_none()
+                && let Some(view) = &self.view
+                && let Some((service, conn)) = self.shared.pick_from(view)
+            {
+                self.ready = Some(Reserved { service, conn });
+                continue;
+            }
             let expired = match &mut self.wait {
                 Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
                 None => false,
             };
             match self.shared.pick(self.waiter, cx.waker(), expired) {
-                Pick::Ready(service, conn) => {
+                Pick::Ready(service, conn, view) => {
                     self.wait = None;
+                    self.view = Some(view);
                     self.ready = Some(Reserved { service, conn });
                 }
                 Pick::Wait => {
@@ -240,7 +257,7 @@ where
                     Ok(response) => {
                         if let Some(guard) = &guard {
                             guard.conn().mark_proven();
-                            if crate::status::is_too_many_pings_status(response.headers()) {
+                            if says_too_many_pings(response.headers()) {
                                 guard.conn().too_many_pings();
                             }
                         }
@@ -353,7 +370,7 @@ where
                 // The guard goes with the trailers, the last frame.
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(guard) = this.guard.take()
-                    && crate::status::is_too_many_pings_status(trailers)
+                    && says_too_many_pings(trailers)
                 {
                     guard.conn().too_many_pings();
                 }

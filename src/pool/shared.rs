@@ -1,13 +1,13 @@
 //! The state one pool's handles and its background worker share.
 //!
-//! Handles pick a connection under one short lock; the worker ([`super::worker`]) opens,
-//! replaces and reaps connections. Per-call bookkeeping (in-flight counts, a connection
-//! breaking) is atomics on the connection's [`ConnLoad`], so the hot path takes the lock once per
-//! call and never waits on I/O.
+//! Handles pick a connection from their [`View`] of the pool without a lock while that view is
+//! current and the connection it offers has room; otherwise (the connections changed, all are
+//! nearly full, none is up) under one short lock. The worker ([`super::worker`]) opens, replaces
+//! and reaps connections. Per-call bookkeeping (in-flight counts, a connection breaking) is
+//! atomics on the connection's [`ConnLoad`], so the hot path never waits on I/O.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::config::PoolConfig;
-use super::conn::{ConnLoad, Core, SharedError, lock, status_with_source};
+use super::conn::{ConnLoad, Core, Parked, SharedError, lock, status_with_source};
 use super::stats::{Metrics, PoolStats};
 use crate::deadline::instant_after;
 
@@ -26,10 +26,33 @@ pub(crate) struct Conn<S> {
     load: Arc<ConnLoad>,
 }
 
+/// A handle's copy of the pool's connection list, read without the lock. It holds the services
+/// weakly: a connection the pool drops closes even while idle handles still have its view.
+pub(crate) struct View<S> {
+    generation: u64,
+    conns: Arc<[Seen<S>]>,
+}
+
+/// One connection in a [`View`]: its load, read directly, and its service, held weakly.
+struct Seen<S> {
+    load: Arc<ConnLoad>,
+    conn: Weak<Conn<S>>,
+}
+
+impl<S> Clone for View<S> {
+    fn clone(&self) -> Self {
+        View {
+            generation: self.generation,
+            conns: self.conns.clone(),
+        }
+    }
+}
+
 struct State<S> {
-    conns: Vec<Conn<S>>,
+    conns: Vec<Arc<Conn<S>>>,
+    /// `conns` as handles see them; rebuilt whenever `conns` changes.
+    view: View<S>,
     connecting: usize,
-    waiters: HashMap<u64, Waker>,
     /// A call has asked for a connection (lazy pools connect from then on).
     activated: bool,
     consecutive_failures: u32,
@@ -48,12 +71,15 @@ pub(crate) struct Shared<S> {
     pub(crate) core: Arc<Core>,
     state: Mutex<State<S>>,
     next_waiter: AtomicU64,
+    /// `state.view.generation`, readable without the lock: a handle's view is current while its
+    /// generation is this.
+    generation: AtomicU64,
 }
 
 /// What a handle's `poll_ready` gets from the pool.
 pub(crate) enum Pick<S> {
-    /// Use this connection.
-    Ready(S, Arc<ConnLoad>),
+    /// Use this connection; here is the current view for the next pick.
+    Ready(S, Arc<ConnLoad>, View<S>),
     /// Nothing usable now; the waker is registered.
     Wait,
     /// The handle waited its `wait_timeout` and there is still no connection: fail the call.
@@ -77,11 +103,15 @@ impl<S> Shared<S> {
                 wake_worker: Notify::new(),
                 proven: AtomicBool::new(false),
                 metrics,
+                parked: Parked::default(),
             }),
             state: Mutex::new(State {
                 conns: Vec::new(),
+                view: View {
+                    generation: 0,
+                    conns: Arc::new([]),
+                },
                 connecting: 0,
-                waiters: HashMap::new(),
                 activated: false,
                 consecutive_failures: 0,
                 next_attempt: None,
@@ -93,7 +123,59 @@ impl<S> Shared<S> {
                 disconnections: 0,
             }),
             next_waiter: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// After every change to `st.conns`: a new view, and a new generation that tells handles
+    /// their views are stale.
+    fn conns_changed(&self, st: &mut State<S>) {
+        let generation = st.view.generation + 1;
+        st.view = View {
+            generation,
+            conns: st
+                .conns
+                .iter()
+                .map(|conn| Seen {
+                    load: conn.load.clone(),
+                    conn: Arc::downgrade(conn),
+                })
+                .collect(),
+        };
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    #[cfg(test)]
+    fn conns_of_view(&self, view: &View<S>) -> Vec<Arc<ConnLoad>> {
+        view.conns.iter().map(|seen| seen.load.clone()).collect()
+    }
+
+    /// The lock-free pick: the least-loaded usable connection of a current `view`, if it has
+    /// room. `None` when the locked [`pick`](Self::pick) must decide (a stale view, no usable
+    /// connection, all nearly full: waiting and growing are decided under the lock).
+    pub(crate) fn pick_from(&self, view: &View<S>) -> Option<(S, Arc<ConnLoad>)>
+    where
+        S: Clone,
+    {
+        if view.generation != self.generation.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut best: Option<(&Seen<S>, usize)> = None;
+        for seen in view.conns.iter() {
+            if seen.load.is_broken() {
+                continue;
+            }
+            let load = seen.load.in_flight();
+            if best.is_none_or(|(_, least)| load < least) {
+                best = Some((seen, load));
+            }
+        }
+        let (seen, in_flight) = best?;
+        if near_full(in_flight, self.core.config.max_streams) {
+            return None;
+        }
+        let conn = seen.conn.upgrade()?;
+        Some((conn.service.clone(), seen.load.clone()))
     }
 
     fn state(&self) -> MutexGuard<'_, State<S>> {
@@ -105,7 +187,7 @@ impl<S> Shared<S> {
     }
 
     pub(crate) fn forget_waiter(&self, id: u64) {
-        self.state().waiters.remove(&id);
+        self.core.parked.unpark(id);
     }
 
     /// Picks the least-loaded usable connection for one call.
@@ -136,12 +218,10 @@ impl<S> Shared<S> {
         let Some((index, load)) = best else {
             st.activated = true;
             if expired {
-                st.waiters.remove(&waiter);
+                self.core.parked.unpark(waiter);
                 return Pick::Fail(self.no_connection(&st, Instant::now()));
             }
-            let first = st.waiters.is_empty();
-            st.waiters.insert(waiter, waker.clone());
-            if first {
+            if self.core.parked.park(waiter, waker) {
                 // A lazy pool, or one whose connections all broke: the worker should connect.
                 self.core.wake_worker.notify_one();
             }
@@ -157,15 +237,17 @@ impl<S> Shared<S> {
             // Full, and another connection is on its way: wait for it rather than pile more
             // streams onto this one (which h2 would queue, or the server refuse).
             if load >= max_streams && (can_grow || st.connecting > 0) && !expired {
-                st.waiters.insert(waiter, waker.clone());
-                return Pick::Wait;
+                self.core.parked.park(waiter, waker);
+                // A call ending now either sees this waiter, or its freed stream is seen here
+                // (SeqCst, as in `InFlight::drop`).
+                if st.conns[index].load.in_flight.load(Ordering::SeqCst) >= max_streams {
+                    return Pick::Wait;
+                }
             }
         }
-        if !st.waiters.is_empty() {
-            st.waiters.remove(&waiter);
-        }
+        self.core.parked.unpark(waiter);
         let conn = &st.conns[index];
-        Pick::Ready(conn.service.clone(), conn.load.clone())
+        Pick::Ready(conn.service.clone(), conn.load.clone(), st.view.clone())
     }
 
     /// The status a call gets when no connection came up in time.
@@ -198,21 +280,21 @@ impl<S> Shared<S> {
         waiter: u64,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Status>> {
-        let mut st = self.state();
+        let st = self.state();
         if let Some(status) = &st.closed {
             return Poll::Ready(Err(status.clone()));
         }
         let alive = st.conns.iter().filter(|c| !c.load.is_broken()).count();
         let settled = st.failures > 0 && st.connecting == 0;
         if alive >= self.core.config.min || (settled && alive > 0) {
-            st.waiters.remove(&waiter);
+            self.core.parked.unpark(waiter);
             return Poll::Ready(Ok(()));
         }
         if settled {
-            st.waiters.remove(&waiter);
+            self.core.parked.unpark(waiter);
             return Poll::Ready(Err(self.no_connection(&st, Instant::now())));
         }
-        st.waiters.insert(waiter, cx.waker().clone());
+        self.core.parked.park(waiter, cx.waker());
         Poll::Pending
     }
 
@@ -236,10 +318,6 @@ impl<S> Shared<S> {
             disconnections: st.disconnections,
             retry_in: st.next_attempt.filter(|at| *at > now).map(|at| at - now),
         }
-    }
-
-    fn wake_all(st: &mut State<S>) -> Vec<Waker> {
-        st.waiters.drain().map(|(_, waker)| waker).collect()
     }
 
     /// Removes broken and idle connections, and decides how many to open now and when to look
@@ -306,13 +384,16 @@ impl<S> Shared<S> {
             }
         }
 
+        if !dropped.is_empty() {
+            self.conns_changed(&mut st);
+        }
         let alive = st.conns.len();
         let mut want = if !config.lazy || st.activated {
             config.min
         } else {
             0
         };
-        if alive == 0 && !st.waiters.is_empty() {
+        if alive == 0 && !self.core.parked.is_empty() {
             want = want.max(1);
         }
         if alive > 0
@@ -339,11 +420,7 @@ impl<S> Shared<S> {
         st.connecting += start;
         // Calls wait for growth only while a connection is being opened. If none is (the load
         // fell before the worker looked, or backoff forbids it), let them pick again now.
-        let wake = if alive > 0 && st.connecting == 0 {
-            Self::wake_all(&mut st)
-        } else {
-            Vec::new()
-        };
+        let wake = alive > 0 && st.connecting == 0;
         Plan {
             start,
             wake_at,
@@ -358,10 +435,11 @@ impl<S> Shared<S> {
         st.connecting = st.connecting.saturating_sub(1);
         match result {
             Ok(service) => {
-                st.conns.push(Conn {
+                st.conns.push(Arc::new(Conn {
                     service,
                     load: Arc::new(ConnLoad::new(self.core.clone(), now)),
-                });
+                }));
+                self.conns_changed(&mut st);
                 st.connects += 1;
                 st.next_attempt = None;
                 metrics.attempts_succeeded.increment(1);
@@ -380,9 +458,8 @@ impl<S> Shared<S> {
                 metrics.attempts_failed.increment(1);
             }
         }
-        let wakers = Self::wake_all(&mut st);
         drop(st);
-        wakers.into_iter().for_each(Waker::wake);
+        self.core.parked.wake_all();
     }
 
     /// The worker is gone: with `reason`, for good (handles fail); without, because every
@@ -390,14 +467,14 @@ impl<S> Shared<S> {
     pub(crate) fn shut_down(&self, reason: Option<Status>) {
         let mut st = self.state();
         let conns = std::mem::take(&mut st.conns);
+        self.conns_changed(&mut st);
         self.core.metrics.open.decrement(conns.len() as f64);
         st.closed = Some(reason.unwrap_or_else(|| {
             Status::unavailable(format!("the pool for {} shut down", self.core.target))
         }));
-        let wakers = Self::wake_all(&mut st);
         drop(st);
         drop(conns);
-        wakers.into_iter().for_each(Waker::wake);
+        self.core.parked.wake_all();
     }
 }
 
@@ -408,14 +485,54 @@ pub(crate) struct Plan<S> {
     /// When to look again (a backoff or an idle deadline), if nothing wakes the worker first.
     pub(crate) wake_at: Option<Instant>,
     /// Connections taken out of the pool, dropped outside the lock.
-    pub(crate) dropped: Vec<Conn<S>>,
-    /// Handles to wake, outside the lock.
-    pub(crate) wake: Vec<Waker>,
+    pub(crate) dropped: Vec<Arc<Conn<S>>>,
+    /// Wake the parked handles (outside the lock) to pick again.
+    pub(crate) wake: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared(max_streams: usize) -> Shared<&'static str> {
+        let config = PoolConfig::builder()
+            .max_connections(4)
+            .max_streams_per_connection(max_streams)
+            .build()
+            .unwrap();
+        Shared::new("http://pool.test".parse().unwrap(), Arc::new(config))
+    }
+
+    #[test]
+    fn a_current_view_picks_without_the_lock_until_the_connections_change() {
+        let shared = shared(10);
+        shared.attempt_done(Ok("a"), Instant::now());
+        let Pick::Ready(service, load, view) = shared.pick(0, Waker::noop(), false) else {
+            panic!("a connection is up")
+        };
+        assert_eq!(service, "a");
+        let (service, _) = shared.pick_from(&view).expect("the view is current");
+        assert_eq!(service, "a");
+
+        // Nearly full: waiting and growing are decided under the lock.
+        load.in_flight.store(9, Ordering::SeqCst);
+        assert!(shared.pick_from(&view).is_none());
+        load.in_flight.store(0, Ordering::SeqCst);
+
+        // A second connection makes the view stale; the locked pick hands out the new one, and
+        // from it the least-loaded connection.
+        shared.attempt_done(Ok("b"), Instant::now());
+        assert!(shared.pick_from(&view).is_none(), "stale");
+        let Pick::Ready(_, _, view) = shared.pick(0, Waker::noop(), false) else {
+            panic!("two connections are up")
+        };
+        load.in_flight.store(3, Ordering::SeqCst);
+        assert_eq!(shared.pick_from(&view).unwrap().0, "b");
+
+        // A broken connection is skipped at once, before the worker removes it.
+        shared.conns_of_view(&view)[1].mark_broken(Arc::new(std::io::Error::other("gone")));
+        assert_eq!(shared.pick_from(&view).unwrap().0, "a");
+    }
 
     #[test]
     fn near_full_is_ninety_percent() {

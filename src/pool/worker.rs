@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -52,7 +52,9 @@ where
     loop {
         let plan = shared.plan(Instant::now());
         drop(plan.dropped);
-        plan.wake.into_iter().for_each(Waker::wake);
+        if plan.wake {
+            shared.core.parked.wake_all();
+        }
         for _ in 0..plan.start {
             if let Err(err) = poll_fn(|cx| make.poll_ready(cx)).await {
                 let err: BoxError = err.into();
