@@ -310,13 +310,16 @@ impl OutlierDetection {
     }
 
     /// When the earliest current ejection ends.
-    pub(crate) fn next_unejection(&self, hosts: &[Host]) -> Option<Instant> {
-        hosts
-            .iter()
-            .filter_map(|h| {
+    pub(crate) fn next_unejection(
+        &self,
+        ejections: impl IntoIterator<Item = Ejection>,
+    ) -> Option<Instant> {
+        ejections
+            .into_iter()
+            .filter_map(|e| {
                 Some(instant_after(
-                    h.ejection.ejected_at?,
-                    self.ejection_time(h.ejection.multiplier),
+                    e.ejected_at?,
+                    self.ejection_time(e.multiplier),
                 ))
             })
             .min()
@@ -508,7 +511,10 @@ mod tests {
         d.eject(&mut h[0], t0);
         d.evaluate(&mut h, t0 + Duration::from_secs(29), &mut always);
         assert!(h[0].ejection.ejected_at.is_some());
-        assert_eq!(d.next_unejection(&h), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(
+            d.next_unejection(h.iter().map(|h| h.ejection)),
+            Some(t0 + Duration::from_secs(30))
+        );
         d.evaluate(&mut h, t0 + Duration::from_secs(30), &mut always);
         assert!(h[0].ejection.ejected_at.is_none());
         assert_eq!(

@@ -41,7 +41,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ use futures::future::{FutureExt as _, select_all};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::balance::{Balance, EndpointSnapshot, EndpointState};
+use crate::balance::{Balance, Condition, EndpointSnapshot, EndpointState};
 use crate::pool::Pool;
 
 /// How healthy a source, or the whole stack, is. Ordered from best to worst.
@@ -151,29 +151,55 @@ pub trait Source: Send + Sync + 'static {
 /// endpoint table.
 impl<S: Clone + Send + Sync + 'static> Source for Balance<S> {
     fn check(&self) -> Check {
-        balance_check(&self.snapshot())
+        self.with_conditions(|_, endpoints| check_endpoints(endpoints))
     }
 
+    /// Wakes on a change of some endpoint's state or reason, or of the set of endpoints, and
+    /// only then checks again: the many table updates that change neither (an outlier interval,
+    /// a health report that repeats) cost a version comparison, not a check over every endpoint.
     fn changed(&self, since: &Check) -> Option<Changed> {
         let balance = self.clone();
         let since = since.clone();
         Some(Box::pin(async move {
-            balance.wait_until(|s| balance_check(s) != since).await;
+            loop {
+                let (seen, check) =
+                    balance.with_conditions(|seen, endpoints| (seen, check_endpoints(endpoints)));
+                if check != since {
+                    return;
+                }
+                balance.conditions_changed(seen).await;
+            }
         }))
     }
 }
 
 /// The check of a balancer's [`snapshot`](Balance::snapshot).
 pub fn balance_check(snapshot: &[EndpointSnapshot]) -> Check {
-    let serving: Vec<&EndpointSnapshot> = snapshot
-        .iter()
-        .filter(|e| e.state != EndpointState::Draining)
-        .collect();
-    let total = serving.len();
-    let ready = serving
-        .iter()
-        .filter(|e| e.state == EndpointState::Ready)
-        .count();
+    check_endpoints(&mut snapshot.iter().map(|e| Condition {
+        uri: &e.uri,
+        state: e.state,
+        reason: e.reason.as_deref(),
+    }))
+}
+
+/// Healthy when every endpoint (draining ones aside) is ready, degraded when some are,
+/// unhealthy when none are; the reason names the ones that are not ready, and why.
+fn check_endpoints(endpoints: &mut dyn Iterator<Item = Condition<'_>>) -> Check {
+    let (mut total, mut ready) = (0usize, 0usize);
+    let mut not_ready = String::new();
+    for e in endpoints.filter(|e| e.state != EndpointState::Draining) {
+        total += 1;
+        if e.state == EndpointState::Ready {
+            ready += 1;
+            continue;
+        }
+        not_ready.push_str(if not_ready.is_empty() { " (" } else { "; " });
+        let _ = write!(not_ready, "{} {}", e.uri, e.state);
+        if let Some(why) = e.reason {
+            not_ready.push_str(": ");
+            not_ready.push_str(why);
+        }
+    }
     if total == 0 {
         return Check::unhealthy("no endpoints discovered");
     }
@@ -181,16 +207,7 @@ pub fn balance_check(snapshot: &[EndpointSnapshot]) -> Check {
     if ready == total {
         return Check::healthy().with_reason(reason);
     }
-    let mut sep = " (";
-    for e in serving.iter().filter(|e| e.state != EndpointState::Ready) {
-        reason.push_str(sep);
-        reason.push_str(&format!("{} {}", e.uri, e.state));
-        if let Some(why) = &e.reason {
-            reason.push_str(": ");
-            reason.push_str(why);
-        }
-        sep = "; ";
-    }
+    reason.push_str(&not_ready);
     reason.push(')');
     if ready == 0 {
         Check::unhealthy(reason)

@@ -150,9 +150,7 @@ async fn consistent_hash_is_sticky_and_stable_when_an_unrelated_endpoint_leaves(
     let b = balance(
         discovery,
         config()
-            .strategy(ConsistentHash::header(http::HeaderName::from_static(
-                "x-tenant",
-            )))
+            .strategy(ConsistentHash::header("x-tenant"))
             .build()
             .unwrap(),
     );
@@ -498,40 +496,59 @@ async fn discovery_adds_and_removes_under_load_without_a_failed_call() {
 }
 
 #[tokio::test]
-async fn layering_twice_or_outside_a_runtime_fails_calls_with_a_reason() {
-    let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
-    let _first = tower::Layer::layer(&layer, Connect::new());
-    let second: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
-    let status = call(&mut EchoClient::new(second)).await.unwrap_err();
+async fn layering_twice_gives_the_same_balancer_and_both_serve() {
+    let backends = Backend::start_many(2).await.unwrap();
+    let stack = ServiceBuilder::new().layer(BalanceLayer::new(
+        Static::new(backends.iter().map(Backend::uri)),
+        config().build().unwrap(),
+    ));
+    let first: Balance<Channel> = stack.service(Connect::new());
+    let second: Balance<Channel> = stack.service(Connect::new());
+    assert_eq!(first.failure(), None);
+    assert_eq!(second.failure(), None);
+    assert!(first.same_balancer(&second));
+    all_ready(&second, 2).await;
+    assert_eq!(spread(&first, 4).await.values().sum::<usize>(), 4);
+    assert_eq!(spread(&second, 4).await.values().sum::<usize>(), 4);
+    // One balancer: one connection per backend, not one per layering.
     assert!(
-        status.message().contains("already layered"),
-        "{}",
-        status.message()
+        backends.iter().all(|b| b.connections_accepted() == 1),
+        "{:?}",
+        backends
+            .iter()
+            .map(Backend::connections_accepted)
+            .collect::<Vec<_>>()
     );
-
-    let outside = std::thread::spawn(|| balance(Static::new([]), BalanceConfig::default()))
-        .join()
-        .unwrap();
-    let status = call(&mut EchoClient::new(outside)).await.unwrap_err();
-    assert_unavailable(&status, "outside a Tokio runtime");
 }
 
 #[tokio::test]
 async fn a_failed_balancer_says_so_at_construction() {
+    use tower::Layer;
+    // Layered over a `MakeService` of another endpoint type: that handle cannot be the
+    // balancer already started, and says so at once.
     let layer = BalanceLayer::new(Static::new([]), BalanceConfig::default());
-    let first: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
+    let first: Balance<Channel> = layer.layer(Connect::new());
     assert_eq!(first.failure(), None);
     assert!(!first.is_failed());
-    let second: Balance<Channel> = tower::Layer::layer(&layer, Connect::new());
-    assert!(second.is_failed());
-    let reason = second.failure().expect("the second balancer is failed");
-    assert!(reason.contains("already layered once"), "{reason}");
+    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(never_ready()) });
+    let other: Balance<Gated> = layer.layer(make);
+    assert!(other.is_failed());
+    let reason = other.failure().expect("the other balancer is failed");
+    assert!(
+        reason.contains("another kind of endpoint service"),
+        "{reason}"
+    );
+    assert!(other.snapshot().is_empty());
     // Clones share the verdict, and every call states it.
-    assert_eq!(second.clone().failure(), Some(reason));
-    assert!(second.snapshot().is_empty());
-    let status = call(&mut EchoClient::new(second.clone()))
-        .await
-        .unwrap_err();
+    assert_eq!(other.clone().failure(), Some(reason));
+    let status = tower::ServiceExt::oneshot(
+        other.clone(),
+        http::Request::new(tonic::body::Body::empty()),
+    )
+    .await
+    .unwrap_err()
+    .downcast::<tonic::Status>()
+    .unwrap();
     assert_unavailable(&status, reason);
 
     let outside = std::thread::spawn(|| balance(Static::new([]), BalanceConfig::default()))
@@ -543,6 +560,8 @@ async fn a_failed_balancer_says_so_at_construction() {
             .is_some_and(|r| r.contains("outside a Tokio runtime")),
         "{outside:?}"
     );
+    let status = call(&mut EchoClient::new(outside)).await.unwrap_err();
+    assert_unavailable(&status, "outside a Tokio runtime");
 
     // The one-shot use, checked by the compiler.
     let backends = Backend::start_many(2).await.unwrap();
@@ -819,44 +838,76 @@ async fn no_call_waits_for_an_endpoint_past_its_own_deadline() {
 }
 
 /// An endpoint that never has room for another call, like a pool whose connections are all busy
-/// or reconnecting: its `poll_ready` stays pending.
-#[derive(Clone)]
-struct NeverReady;
+/// or reconnecting: its `poll_ready` stays pending (a [`Gated`] whose gate never opens).
+fn never_ready() -> Gated {
+    Gated::default()
+}
 
-impl tower::Service<http::Request<tonic::body::Body>> for NeverReady {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = towline::BoxError;
-    type Future = std::future::Ready<Result<Self::Response, towline::BoxError>>;
+/// A balancer whose every endpoint is served by `gated` (clones of one service: one gate).
+fn gated_balance(
+    gated: &Gated,
+    discovery: impl discover::Discover,
+    config: BalanceConfig,
+) -> Balance<Gated> {
+    let gated = gated.clone();
+    let make = tower::service_fn(move |_: Uri| {
+        let service = gated.clone();
+        async move { Ok::<_, towline::BoxError>(service) }
+    });
+    ServiceBuilder::new()
+        .layer(BalanceLayer::new(discovery, config))
+        .service(make)
+}
 
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), towline::BoxError>> {
-        std::task::Poll::Pending
-    }
+/// A request with this `grpc-timeout`.
+fn with_timeout(timeout: &'static str) -> http::Request<tonic::body::Body> {
+    let mut request = http::Request::new(tonic::body::Body::empty());
+    request
+        .headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+    request
+}
 
-    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
-        unreachable!("never ready, so never called")
-    }
+/// A call with a 250 ms deadline to a balancer over `gated` whose discovery names no endpoint
+/// for the call's first 100 ms, then one: the call's outcome, and how long it took.
+async fn call_before_discovery(
+    gated: &Gated,
+) -> (
+    Result<http::Response<towline::balance::TrackedBody<tonic::body::Body>>, towline::BoxError>,
+    Duration,
+) {
+    use tower::ServiceExt;
+    let (updates, discovery) = discover::channel(1);
+    let b = gated_balance(gated, discovery, config().build().unwrap());
+    let started = tokio::time::Instant::now();
+    let call = tokio::spawn(b.clone().oneshot(with_timeout("250m")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    updates
+        .send(Change::Insert(
+            Uri::from_static("http://a:1"),
+            Default::default(),
+        ))
+        .await
+        .unwrap();
+    let outcome = timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call outlived its deadline")
+        .unwrap();
+    (outcome, started.elapsed())
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
     use tower::ServiceExt;
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
-    let b: Balance<NeverReady> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(
-            Static::new([Uri::from_static("http://a:1")]),
-            config().build().unwrap(),
-        ))
-        .service(make);
+    let b = gated_balance(
+        &never_ready(),
+        Static::new([Uri::from_static("http://a:1")]),
+        config().build().unwrap(),
+    );
     b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
         .await;
 
-    let mut request = http::Request::new(tonic::body::Body::empty());
-    request
-        .headers_mut()
-        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
+    let request = with_timeout("250m");
     let started = tokio::time::Instant::now();
     let err = timeout(Duration::from_secs(5), b.clone().oneshot(request))
         .await
@@ -884,34 +935,10 @@ async fn a_call_waiting_on_a_picked_endpoint_ends_at_its_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_that_waited_for_an_endpoint_has_only_the_rest_of_its_deadline_left() {
-    use tower::ServiceExt;
-    let (updates, discovery) = discover::channel(1);
-    let make = tower::service_fn(|_: Uri| async { Ok::<_, towline::BoxError>(NeverReady) });
-    let b: Balance<NeverReady> = ServiceBuilder::new()
-        .layer(BalanceLayer::new(discovery, config().build().unwrap()))
-        .service(make);
-    let mut request = http::Request::new(tonic::body::Body::empty());
-    request
-        .headers_mut()
-        .insert("grpc-timeout", http::HeaderValue::from_static("250m"));
-    let started = tokio::time::Instant::now();
-    let call = tokio::spawn(b.clone().oneshot(request));
-    // No endpoint for the first 100 ms: the call waits; then one that is never ready appears.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    updates
-        .send(Change::Insert(
-            Uri::from_static("http://a:1"),
-            Default::default(),
-        ))
-        .await
-        .unwrap();
-    let err = timeout(Duration::from_secs(5), call)
-        .await
-        .expect("the call outlived its deadline")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(started.elapsed(), Duration::from_millis(250));
-    let status = err.downcast::<tonic::Status>().unwrap();
+    // The endpoint that appears after 100 ms is never ready.
+    let (outcome, took) = call_before_discovery(&never_ready()).await;
+    assert_eq!(took, Duration::from_millis(250));
+    let status = outcome.unwrap_err().downcast::<tonic::Status>().unwrap();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
 
@@ -1022,4 +1049,280 @@ async fn one_broken_connection_of_a_pool_is_the_pools_business() {
     .expect("the pool is back to two connections");
     let accepted = backend.connections_accepted();
     assert!((4..=5).contains(&accepted), "{accepted} connections");
+}
+
+/// An endpoint service that is not ready until its gate opens, then answers every call at once
+/// (Trailers-Only `OK`): the shape of a pool waiting for a free stream.
+#[derive(Clone, Default)]
+struct Gated {
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    waker: std::sync::Arc<futures::task::AtomicWaker>,
+    /// The `grpc-timeout` of the last call it answered.
+    last_timeout: std::sync::Arc<std::sync::Mutex<Option<http::HeaderValue>>>,
+}
+
+impl Gated {
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.waker.wake();
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Gated {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = towline::BoxError;
+    type Future = std::future::Ready<Result<Self::Response, towline::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), towline::BoxError>> {
+        self.waker.register(cx.waker());
+        if self.open.load(std::sync::atomic::Ordering::SeqCst) {
+            std::task::Poll::Ready(Ok(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        *self.last_timeout.lock().unwrap() = request.headers().get("grpc-timeout").cloned();
+        let mut response = http::Response::new(tonic::body::Body::empty());
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("0"));
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_measures_from_the_send_not_from_the_pick() {
+    use tower::ServiceExt;
+    let gated = Gated::default();
+    let b = gated_balance(
+        &gated,
+        Static::new([Uri::from_static("http://a:1")]),
+        config().strategy(PeakEwma::new()).build().unwrap(),
+    );
+    b.wait_until(|s| s.iter().all(|e| e.state == EndpointState::Ready))
+        .await;
+
+    let call = tokio::spawn(
+        b.clone()
+            .oneshot(http::Request::new(tonic::body::Body::empty())),
+    );
+    // The call waits 150 ms for the endpoint's readiness (a busy pool), then is answered at once.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gated.open();
+    let response = timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call ends once the endpoint is ready")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "0");
+    // The round trip took no time at all: the wait before the send is not the endpoint's latency.
+    let rtt = b.snapshot()[0].rtt_estimate;
+    assert!(rtt < Duration::from_millis(10), "{rtt:?}");
+}
+
+#[tokio::test]
+async fn a_long_stream_is_one_round_trip_to_its_first_message() {
+    use futures::StreamExt;
+    let (_backends, b) = ready_stack(1, config().strategy(PeakEwma::new())).await;
+    let mut client = EchoClient::new(b.clone());
+    // Ten messages 100 ms apart: the first arrives after ~100 ms, the stream lasts ~1 s.
+    let started = std::time::Instant::now();
+    let mut stream = client
+        .server_stream(EchoRequest {
+            count: 10,
+            interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    while let Some(message) = stream.next().await {
+        message.unwrap();
+        received += 1;
+    }
+    assert_eq!(received, 10);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The estimate is the time to the first message, not the stream's second.
+    let rtt = b.snapshot()[0].rtt_estimate;
+    assert!(
+        rtt >= Duration::from_millis(90) && rtt < Duration::from_millis(500),
+        "{rtt:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_weight_change_from_discovery_keeps_the_connection_and_moves_the_traffic() {
+    let backends = Backend::start_many(2).await.unwrap();
+    let (updates, discovery) = discover::channel(4);
+    for backend in &backends {
+        updates
+            .send(Change::Insert(
+                backend.uri(),
+                discover::Endpoint::weighted(1),
+            ))
+            .await
+            .unwrap();
+    }
+    let b = balance(
+        discovery,
+        config()
+            .strategy(WeightedRoundRobin::new())
+            .build()
+            .unwrap(),
+    );
+    all_ready(&b, 2).await;
+    let tally = spread(&b, 100).await;
+    assert_eq!(tally["backend-0"], 50, "{tally:?}");
+    let connections: Vec<u64> = backends.iter().map(Backend::connections_accepted).collect();
+
+    // Discovery (a DNS SRV record) gives backend-0 weight 3: the same endpoint, weighed anew.
+    updates
+        .send(Change::Insert(
+            backends[0].uri(),
+            discover::Endpoint::weighted(3),
+        ))
+        .await
+        .unwrap();
+    wait_for(&b, "the new weight", |s| {
+        s.iter()
+            .any(|e| e.uri == backends[0].uri() && e.weight == 3)
+    })
+    .await;
+    let snapshot = b.snapshot();
+    assert_eq!(snapshot.len(), 2, "no endpoint drained: {snapshot:#?}");
+    assert_eq!(count(&snapshot, EndpointState::Ready), 2, "{snapshot:#?}");
+    let tally = spread(&b, 100).await;
+    assert_eq!(tally["backend-0"], 75, "{tally:?}");
+    assert_eq!(tally["backend-1"], 25, "{tally:?}");
+    let after: Vec<u64> = backends.iter().map(Backend::connections_accepted).collect();
+    assert_eq!(after, connections, "no endpoint reconnected");
+}
+
+/// `n` in-memory endpoints that answer at once, every one ready.
+async fn many_ready(n: usize) -> Balance<Gated> {
+    let gated = Gated::default();
+    gated.open();
+    let uris = (0..n).map(|i| -> Uri {
+        format!("http://10.{}.{}.{}:1", i >> 16, (i >> 8) & 255, i & 255)
+            .parse()
+            .unwrap()
+    });
+    let b = gated_balance(&gated, Static::new(uris), config().build().unwrap());
+    // Polled rather than woken per change: this test is about the cost of one look at the table.
+    timeout(Duration::from_secs(60), async {
+        while count(&b.snapshot(), EndpointState::Ready) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every endpoint ready");
+    b
+}
+
+/// The quickest of a few snapshots.
+fn snapshot_time(b: &Balance<Gated>) -> Duration {
+    (0..5)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            assert!(b.snapshot().iter().all(|e| e.receiving));
+            started.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_snapshot_costs_in_proportion_to_the_endpoints() {
+    let small = snapshot_time(&many_ready(200).await);
+    let large = snapshot_time(&many_ready(2000).await);
+    // Ten times the endpoints: about ten times the time (a search per endpoint made it 100×).
+    let ratio = large.as_secs_f64() / small.as_secs_f64();
+    assert!(
+        ratio < 30.0,
+        "{small:?} for 200, {large:?} for 2000: {ratio:.1}×"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
+    use tower::ServiceExt;
+    const ENDPOINTS: usize = 30;
+    let gated = Gated::default();
+    gated.open();
+    let (updates, discovery) = discover::channel(ENDPOINTS);
+    let uri = |i: usize| -> Uri { format!("http://10.0.0.{i}:1").parse().unwrap() };
+    for i in 0..ENDPOINTS {
+        updates
+            .send(Change::Insert(uri(i), Default::default()))
+            .await
+            .unwrap();
+    }
+    // The most points per endpoint: every rebuild hashes ~500,000 points and sorts them.
+    let ring =
+        ConsistentHash::by(|_| None).points_per_weight(towline::balance::MAX_POINTS_PER_ENDPOINT);
+    let b = gated_balance(&gated, discovery, config().strategy(ring).build().unwrap());
+    timeout(Duration::from_secs(120), async {
+        while count(&b.snapshot(), EndpointState::Ready) < ENDPOINTS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every endpoint ready");
+
+    // Calls in a loop on another task, each timed, while one endpoint leaves (a rebuild).
+    let caller = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let mut slowest = Duration::ZERO;
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(2) {
+                let call = std::time::Instant::now();
+                let response = b
+                    .clone()
+                    .oneshot(http::Request::new(tonic::body::Body::empty()))
+                    .await
+                    .unwrap();
+                assert_eq!(response.headers()["grpc-status"], "0");
+                slowest = slowest.max(call.elapsed());
+                tokio::task::yield_now().await;
+            }
+            slowest
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    updates.send(Change::Remove(uri(0))).await.unwrap();
+    let slowest = caller.await.unwrap();
+    wait_for(&b, "the endpoint to leave", |s| s.len() == ENDPOINTS - 1).await;
+    // The rebuild takes ~300 ms in a debug build: a call that waited for it would show it. The
+    // bound leaves room for a busy machine descheduling the caller.
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a call waited {slowest:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_waited_for_a_ready_endpoint_is_sent_with_the_rest_of_its_deadline() {
+    // The endpoint that appears after 100 ms is ready at once.
+    let gated = Gated::default();
+    gated.open();
+    let (outcome, _) = call_before_discovery(&gated).await;
+    outcome.unwrap();
+    let sent = gated
+        .last_timeout
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("sent with a deadline");
+    let left = towline::deadline::parse(sent.as_bytes()).unwrap();
+    assert!(
+        left <= Duration::from_millis(150),
+        "sent with {left:?} of 250 ms left"
+    );
 }

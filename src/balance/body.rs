@@ -23,7 +23,8 @@ pin_project! {
 
 impl<B> TrackedBody<B> {
     /// `inner`, tracked by `guard` until its end.
-    pub(crate) fn new(inner: B, guard: CallGuard) -> Self {
+    pub(crate) fn new(inner: B, mut guard: CallGuard) -> Self {
+        guard.responded();
         TrackedBody {
             inner,
             guard: Some(guard),
@@ -65,6 +66,12 @@ where
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
+            // The first data ends the round trip: a stream's length is no latency.
+            Some(Ok(frame)) if frame.is_data() => {
+                if let Some(guard) = this.guard.as_mut() {
+                    guard.end_round_trip();
+                }
+            }
             // Trailers are always the last frame, and tonic stops polling after them: the call
             // ends here (in-flight count, RTT).
             Some(Ok(frame)) => {

@@ -1,8 +1,9 @@
+use std::any::Any;
 use std::fmt;
 use std::time::Duration;
 
 use super::endpoint::EwmaConfig;
-use super::strategy::{PeakEwma, Strategy};
+use super::strategy::{ConsistentHash, PeakEwma, Strategy};
 use crate::ConfigError;
 use crate::backoff::Backoff;
 use crate::health::HealthCheck;
@@ -19,6 +20,8 @@ pub struct BalanceConfig {
     pub(crate) reconnect: Backoff,
     pub(crate) ewma: EwmaConfig,
     pub(crate) target: String,
+    /// Why the strategy given cannot be used, found when it was set (see `build`).
+    strategy_invalid: Option<String>,
 }
 
 impl fmt::Debug for BalanceConfig {
@@ -62,6 +65,7 @@ impl BalanceConfig {
                     decay: Duration::from_secs(10),
                 },
                 target: "towline".to_owned(),
+                strategy_invalid: None,
             },
         }
     }
@@ -77,6 +81,11 @@ impl BalanceConfigBuilder {
     /// How to choose among ready endpoints: `RoundRobin`, `PowerOfTwoChoices`, `PeakEwma`,
     /// `WeightedRoundRobin`, `ConsistentHash`, or your own [`Strategy`].
     pub fn strategy(mut self, strategy: impl Strategy) -> Self {
+        // A built-in strategy given something unusable (a bad header name) says so here, so
+        // that `build` fails naming it rather than every call hashing nothing.
+        self.config.strategy_invalid = (&strategy as &dyn Any)
+            .downcast_ref::<ConsistentHash>()
+            .and_then(|hash| hash.invalid().map(str::to_owned));
         self.config.strategy = Box::new(strategy);
         self
     }
@@ -160,6 +169,9 @@ impl BalanceConfigBuilder {
                 "must be greater than zero",
             ));
         }
+        if let Some(problem) = &c.strategy_invalid {
+            return Err(ConfigError::new("balance.strategy.header", problem.clone()));
+        }
         if let Some(check) = &c.health_check {
             check.validate()?;
         }
@@ -193,6 +205,10 @@ mod tests {
             (
                 BalanceConfig::builder().health_check(HealthCheck::check("").fall(0)),
                 "health_check.fall",
+            ),
+            (
+                BalanceConfig::builder().strategy(ConsistentHash::header("x user")),
+                "balance.strategy.header",
             ),
         ];
         for (builder, field) in cases {

@@ -19,24 +19,17 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::endpoint::{EndpointId, EndpointService, EwmaConfig, Load, MakeEndpoint, authority};
-use super::table::{Connection, Health, Shared, Slot};
+use super::endpoint::{
+    CallEvent, EndpointId, EndpointService, EwmaConfig, Feedback, Load, MakeEndpoint, authority,
+};
+use super::table::{Connection, Counts, Health, Shared, Slot};
 use crate::BoxError;
 use crate::backoff::Backoff;
 use crate::deadline::instant_after;
-use crate::discover::{Change, Discover};
+use crate::discover::{self, Change, Discover};
 use crate::health::{HealthCheck, Verdict};
 use crate::outlier::{Host, OutlierDetection};
 use crate::status::describe_error;
-
-/// What calls tell the driver (rarely: only at thresholds).
-#[derive(Debug)]
-pub(crate) enum CallEvent {
-    /// The endpoint's failure streak reached the failure-accrual threshold.
-    FailureStreak(EndpointId),
-    /// A draining endpoint's last call finished.
-    Drained(EndpointId),
-}
 
 /// What an endpoint's connection task tells the driver.
 enum EndpointEvent<S> {
@@ -48,13 +41,6 @@ enum EndpointEvent<S> {
     /// with the reason, until `ServiceReady`.
     NotReady(EndpointId, String),
     ServiceReady(EndpointId),
-}
-
-/// What calls need to report back: the outlier settings and the driver's mailbox.
-#[derive(Debug)]
-pub(crate) struct Feedback {
-    pub(crate) detection: Option<OutlierDetection>,
-    pub(crate) events: mpsc::UnboundedSender<CallEvent>,
 }
 
 pub(crate) struct Driver<M, S> {
@@ -75,6 +61,7 @@ impl<M, S> Driver<M, S> {
         detection: Option<OutlierDetection>,
         reconnect: Backoff,
         ewma: EwmaConfig,
+        measures_rtt: bool,
     ) -> (Self, mpsc::UnboundedReceiver<CallEvent>) {
         let (events, calls) = mpsc::unbounded_channel();
         let driver = Driver {
@@ -84,6 +71,7 @@ impl<M, S> Driver<M, S> {
             feedback: Arc::new(Feedback {
                 detection: detection.clone(),
                 events,
+                measures_rtt,
             }),
             detection,
             reconnect,
@@ -132,17 +120,26 @@ where
                 change = discovery.next(), if !discovery.is_terminated() => match change {
                     Some(Ok(Change::Insert(uri, meta))) => {
                         if let Some(old) = known.get(&uri) {
-                            let same = self.shared.inspect(|t| {
-                                t.slots.iter().any(|s| s.load.id == old.id && s.load.meta == meta)
-                            });
-                            if same {
-                                continue;
+                            // Besides its address, discovery says only an endpoint's weight: a
+                            // new one (a DNS SRV update) applies in place, keeping the connection
+                            // and the calls on it. (Destructured so that a new field must be
+                            // decided on here.)
+                            let discover::Endpoint { weight } = meta;
+                            if old.load.weight() != weight.max(1) {
+                                let id = old.id;
+                                self.shared.update(|t| t.reweigh(id, weight));
                             }
-                            self.drain(known.remove(&uri).expect("just seen"));
+                            continue;
                         }
                         next_id += 1;
                         let id = next_id;
-                        let load = Arc::new(Load::new(id, uri.clone(), meta, self.ewma));
+                        let load = Arc::new(Load::new(
+                            id,
+                            uri.clone(),
+                            meta,
+                            self.ewma,
+                            self.feedback.clone(),
+                        ));
                         self.shared.update(|t| t.slots.push(Slot::new(load.clone())));
                         let task = tasks.spawn(endpoint_task(
                             id,
@@ -183,7 +180,7 @@ where
                 _ = sleep_until_opt(next_unejection), if next_unejection.is_some() => {
                     let detection = self.detection.as_ref().expect("only set with detection");
                     let now = Instant::now();
-                    self.with_hosts(|hosts| detection.uneject_expired(hosts, now));
+                    self.with_hosts(Counts::Peek, |hosts, _| detection.uneject_expired(hosts, now));
                 }
                 Some(ended) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     self.restart_ended(ended, &mut known, &mut tasks, &endpoint_tx);
@@ -344,21 +341,31 @@ where
         });
     }
 
-    /// Runs `f` over the live endpoints' outlier state and writes the result back.
-    fn with_hosts<T>(&self, f: impl FnOnce(&mut [Host]) -> T) -> T {
+    /// Runs `f` over the live endpoints' outlier state (with this interval's outcome counts,
+    /// taken when `counts` says so) and the endpoints' ids, in one table update, and writes the
+    /// ejections back.
+    fn with_hosts<T>(&self, counts: Counts, f: impl FnOnce(&mut [Host], &[EndpointId]) -> T) -> T {
         self.shared.update(|t| {
-            let live: Vec<usize> = (0..t.slots.len())
-                .filter(|&i| !t.slots[i].draining)
-                .collect();
-            let mut hosts = t.outlier_hosts();
+            let (live, mut hosts) = t.outlier_hosts(counts);
+            let ids: Vec<EndpointId> = live.iter().map(|&i| t.slots[i].load.id).collect();
             let ejections_before: u32 = hosts.iter().map(|h| h.ejection.count).sum();
-            let result = f(&mut hosts);
+            let result = f(&mut hosts, &ids);
             let ejections_after: u32 = hosts.iter().map(|h| h.ejection.count).sum();
             t.metrics
                 .ejections
                 .increment(u64::from(ejections_after - ejections_before));
+            let mut ended = false;
             for (&i, host) in live.iter().zip(&hosts) {
-                t.slots[i].ejection = host.ejection;
+                let slot = &mut t.slots[i];
+                ended |= slot.ejection.ejected_at.is_some() && host.ejection.ejected_at.is_none();
+                slot.ejection = host.ejection;
+            }
+            // An ejection ended: its probe may report a streak again, and so may an endpoint
+            // whose streak the ejection limit kept in (there is room now).
+            if ended {
+                for &i in &live {
+                    t.slots[i].load.rearm_streak();
+                }
             }
             result
         })
@@ -369,47 +376,32 @@ where
             return;
         };
         let now = Instant::now();
-        self.with_hosts(|hosts| {
+        self.with_hosts(Counts::Take, |hosts, _| {
             detection.evaluate(hosts, now, &mut |percent| fastrand::u32(0..100) < percent);
-        });
-        // A new interval counts afresh.
-        self.shared.update(|t| {
-            for slot in &t.slots {
-                slot.load.successes.store(0, Ordering::Relaxed);
-                slot.load.failures.store(0, Ordering::Relaxed);
-            }
         });
     }
 
+    /// An endpoint's failure streak reached the threshold (reported once per streak).
     fn eject_for_failures(&self, id: EndpointId) {
         let Some(detection) = &self.detection else {
             return;
         };
         let now = Instant::now();
-        // Most calls past the threshold change nothing (already ejected, or the ejection limit
-        // is reached): decide that under the read lock, without rebuilding the table.
-        let index = self.shared.inspect(|t| {
-            let live = t.outlier_hosts();
-            let index = t
-                .slots
-                .iter()
-                .filter(|s| !s.draining)
-                .position(|s| s.load.id == id)?;
-            let already = live[index].ejection.ejected_at.is_some();
-            (!already && detection.may_eject(&live)).then_some(index)
+        let ejected = self.with_hosts(Counts::Peek, |hosts, ids| {
+            ids.iter()
+                .position(|&live| live == id)
+                .is_some_and(|index| detection.eject_for_failures(hosts, index, now))
         });
-        if let Some(index) = index {
-            let ejected = self.with_hosts(|hosts| detection.eject_for_failures(hosts, index, now));
-            if ejected {
-                tracing::info!(endpoint = id, "ejected after consecutive failures");
-            }
+        if ejected {
+            tracing::info!(endpoint = id, "ejected after consecutive failures");
         }
     }
 
     fn next_unejection(&self) -> Option<Instant> {
         let detection = self.detection.as_ref()?;
-        self.shared
-            .inspect(|t| detection.next_unejection(&t.outlier_hosts()))
+        self.shared.inspect(|t| {
+            detection.next_unejection(t.slots.iter().filter(|s| !s.draining).map(|s| s.ejection))
+        })
     }
 }
 

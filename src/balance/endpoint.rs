@@ -11,10 +11,11 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tonic::body::Body;
 use tower_service::Service;
 
+use crate::outlier::OutlierDetection;
 use crate::{BoxError, discover};
 
 /// What the balancer needs of each endpoint's service: tonic's `Channel`, a
@@ -115,6 +116,52 @@ impl Signals {
     }
 }
 
+/// What calls tell the driver (rarely: only at thresholds).
+#[derive(Debug)]
+pub(crate) enum CallEvent {
+    /// The endpoint's failure streak reached the failure-accrual threshold.
+    FailureStreak(EndpointId),
+    /// A draining endpoint's last call finished.
+    Drained(EndpointId),
+}
+
+/// What calls need to report back, shared by every endpoint of a balancer: the outlier
+/// settings, the driver's mailbox, and whether round trips are timed at all.
+#[derive(Debug)]
+pub(crate) struct Feedback {
+    pub(crate) detection: Option<OutlierDetection>,
+    pub(crate) events: mpsc::UnboundedSender<CallEvent>,
+    /// The strategy reads RTT estimates (see `Strategy::uses_rtt`): only then does each call
+    /// read the clock twice to time its round trip.
+    pub(crate) measures_rtt: bool,
+}
+
+#[cfg(test)]
+impl Load {
+    /// An endpoint no balancer knows, for tests of its figures and of strategies: the default
+    /// RTT 30 ms, decaying over 10 s.
+    pub(crate) fn unattached(id: EndpointId, uri: Uri, weight: u32) -> Self {
+        let ewma = EwmaConfig {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        };
+        let meta = discover::Endpoint::weighted(weight);
+        Load::new(id, uri, meta, ewma, Feedback::unread(None))
+    }
+}
+
+#[cfg(test)]
+impl Feedback {
+    /// Feedback that no driver reads, for tests of one endpoint's figures.
+    pub(crate) fn unread(detection: Option<OutlierDetection>) -> Arc<Self> {
+        Arc::new(Feedback {
+            detection,
+            events: mpsc::unbounded_channel().0,
+            measures_rtt: true,
+        })
+    }
+}
+
 /// `host:port` of an endpoint URI, for messages.
 pub(crate) fn authority(uri: &Uri) -> String {
     uri.authority()
@@ -130,14 +177,24 @@ pub(crate) type EndpointId = u64;
 pub(crate) struct Load {
     pub(crate) id: EndpointId,
     pub(crate) uri: Uri,
-    pub(crate) meta: discover::Endpoint,
+    /// Discovery's weight for it: changed in place when only the weight changes (a DNS SRV
+    /// update), without reconnecting.
+    weight: AtomicU32,
     pub(crate) in_flight: AtomicUsize,
+    /// The estimate, changed under the lock (once per call), read without it (`rtt_published`).
     rtt: Mutex<PeakEwma>,
+    rtt_published: PublishedEwma,
     // Outcomes since the last outlier-detection interval, and the current failure streak.
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) consecutive_failures: AtomicU32,
+    /// The current failure streak reached the failure-accrual threshold and was reported: the
+    /// driver hears of a streak once, not of every failing call past the threshold. Cleared by
+    /// a success (a new streak) and when an ejection ends (its probe may report again).
+    streak_reported: AtomicBool,
     pub(crate) signals: Signals,
+    /// Where its calls report back (shared by every endpoint of the balancer).
+    pub(crate) feedback: Arc<Feedback>,
 }
 
 impl Load {
@@ -146,32 +203,57 @@ impl Load {
         uri: Uri,
         meta: discover::Endpoint,
         ewma: EwmaConfig,
+        feedback: Arc<Feedback>,
     ) -> Self {
+        let rtt = PeakEwma::new(ewma);
         Load {
             id,
             uri,
-            meta,
+            weight: AtomicU32::new(meta.weight),
             in_flight: AtomicUsize::new(0),
-            rtt: Mutex::new(PeakEwma::new(ewma)),
+            rtt_published: PublishedEwma::new(&rtt),
+            rtt: Mutex::new(rtt),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
+            streak_reported: AtomicBool::new(false),
             signals: Signals::default(),
+            feedback,
         }
     }
 
-    pub(crate) fn observe_rtt(&self, rtt: Duration) {
-        self.rtt().observe(rtt, Instant::now());
+    /// Its static weight from discovery (at least 1).
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Applies a new weight from discovery; true if it changed.
+    pub(crate) fn set_weight(&self, weight: u32) -> bool {
+        self.weight.swap(weight.max(1), Ordering::Relaxed) != weight.max(1)
+    }
+
+    /// Feeds one round trip, which ended at `now`, to the estimate.
+    pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        let mut ewma = self.rtt();
+        ewma.observe(rtt, now);
+        self.rtt_published.publish(&ewma);
     }
 
     /// Forgets the old connection's round trips (see `PeakEwma::forget`).
     pub(crate) fn forget_rtt(&self) {
-        self.rtt().forget(Instant::now());
+        let mut ewma = self.rtt();
+        ewma.forget(Instant::now());
+        self.rtt_published.publish(&ewma);
     }
 
     /// The decayed peak-EWMA round-trip estimate.
     pub(crate) fn rtt_estimate(&self) -> Duration {
-        self.rtt().estimate(Instant::now())
+        self.rtt_estimate_at(Instant::now())
+    }
+
+    /// The estimate at `now`, without a lock: what picks read, many times per call.
+    pub(crate) fn rtt_estimate_at(&self, now: Instant) -> Duration {
+        Duration::from_nanos(self.rtt_published.estimate_ns(now) as u64)
     }
 
     fn rtt(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
@@ -183,11 +265,35 @@ impl Load {
         if success {
             self.successes.fetch_add(1, Ordering::Relaxed);
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            if self.streak_reported.load(Ordering::Relaxed) {
+                self.streak_reported.store(false, Ordering::Relaxed);
+            }
             0
         } else {
             self.failures.fetch_add(1, Ordering::Relaxed);
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
         }
+    }
+
+    /// Whether a failure streak at the threshold is news for the driver: true once per streak
+    /// (and once more after each ejection ends, see [`rearm_streak`](Self::rearm_streak)).
+    pub(crate) fn report_streak(&self) -> bool {
+        !self.streak_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// An ejection ended: the next failure of a streak that goes on (the probe) is news again,
+    /// as linkerd's failure accrual shuts the endpoint again after a failed probe.
+    pub(crate) fn rearm_streak(&self) {
+        self.streak_reported.store(false, Ordering::Release);
+    }
+
+    /// This interval's outcomes, and a fresh count for the next: taken in one step per counter,
+    /// so that a call completing meanwhile counts in one interval or the next, never in none.
+    pub(crate) fn take_outcomes(&self) -> (u64, u64) {
+        (
+            self.successes.swap(0, Ordering::Relaxed),
+            self.failures.swap(0, Ordering::Relaxed),
+        )
     }
 }
 
@@ -243,7 +349,7 @@ impl PeakEwma {
             self.estimate_ns = rtt_ns;
         } else {
             let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-            let keep = (-elapsed / self.decay_ns).exp();
+            let keep = decayed(elapsed / self.decay_ns);
             self.estimate_ns = self.estimate_ns * keep + rtt_ns * (1.0 - keep);
         }
         self.updated = now;
@@ -251,7 +357,85 @@ impl PeakEwma {
 
     fn estimate(&self, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-        Duration::from_nanos((self.estimate_ns * (-elapsed / self.decay_ns).exp()) as u64)
+        Duration::from_nanos((self.estimate_ns * decayed(elapsed / self.decay_ns)) as u64)
+    }
+}
+
+/// The last written peak-EWMA estimate, for readers that must not take a lock: its value and
+/// when it was written, each in an atomic. A reader that sees one half of a concurrent write
+/// decays the new value from the old time or the reverse: an estimate off by one call's decay,
+/// which a choice among endpoints does not notice.
+#[derive(Debug)]
+struct PublishedEwma {
+    epoch: Instant,
+    decay_ns: f64,
+    estimate_ns: AtomicU64,
+    updated_ns: AtomicU64,
+}
+
+impl PublishedEwma {
+    fn new(ewma: &PeakEwma) -> Self {
+        let published = PublishedEwma {
+            epoch: ewma.updated,
+            decay_ns: ewma.decay_ns,
+            estimate_ns: AtomicU64::new(0),
+            updated_ns: AtomicU64::new(0),
+        };
+        published.publish(ewma);
+        published
+    }
+
+    fn publish(&self, ewma: &PeakEwma) {
+        let updated = ewma
+            .updated
+            .saturating_duration_since(self.epoch)
+            .as_nanos() as u64;
+        self.estimate_ns
+            .store(ewma.estimate_ns.to_bits(), Ordering::Relaxed);
+        self.updated_ns.store(updated, Ordering::Relaxed);
+    }
+
+    fn estimate_ns(&self, now: Instant) -> f64 {
+        let (estimate, updated) = self.read();
+        let elapsed = now.saturating_duration_since(updated).as_nanos() as f64;
+        estimate * decayed(elapsed / self.decay_ns)
+    }
+
+    /// The estimate, and when it was written.
+    fn read(&self) -> (f64, Instant) {
+        let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
+        let updated = Duration::from_nanos(self.updated_ns.load(Ordering::Relaxed));
+        (estimate, self.epoch + updated)
+    }
+}
+
+/// `e^-x` for `x ≥ 0`, the share of an estimate left after `x` decay periods. Between calls `x`
+/// is tiny (microseconds over a 10 s decay), where the series' first terms are exact to well
+/// under one part in 10^9 and cost a few multiplications instead of an `exp`, on every call.
+fn decayed(x: f64) -> f64 {
+    if x < 1e-3 {
+        1.0 - x * (1.0 - x * (0.5 - x / 6.0))
+    } else {
+        (-x).exp()
+    }
+}
+
+/// Whether `b`'s RTT estimate times `b_factor` is below `a`'s times `a_factor`, both decayed to
+/// the same moment. Every estimate decays by the same factor per unit of time, so that moment
+/// cancels out: the comparison reads no clock, and computes one `exp` of the time between the
+/// two estimates' updates (toward zero, so that it never overflows).
+pub(crate) fn rtt_cost_below(b: &Load, b_factor: f64, a: &Load, a_factor: f64) -> bool {
+    let (a_estimate, a_updated) = a.rtt_published.read();
+    let (b_estimate, b_updated) = b.rtt_published.read();
+    let (a_cost, b_cost) = (a_estimate * a_factor, b_estimate * b_factor);
+    let decay_ns = a.rtt_published.decay_ns;
+    if b_updated >= a_updated {
+        // `a` was written earlier: it has decayed for longer since.
+        let between = b_updated.duration_since(a_updated).as_nanos() as f64;
+        b_cost < a_cost * decayed(between / decay_ns)
+    } else {
+        let between = a_updated.duration_since(b_updated).as_nanos() as f64;
+        b_cost * decayed(between / decay_ns) < a_cost
     }
 }
 
@@ -270,7 +454,7 @@ impl Candidate {
 
     /// Its static weight from discovery (at least 1).
     pub fn weight(&self) -> u32 {
-        self.load.meta.weight
+        self.load.weight()
     }
 
     /// Calls sent to it that have not finished (to the end of the response body).
@@ -278,7 +462,8 @@ impl Candidate {
         self.load.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Its peak-EWMA round-trip estimate, measured to the end of each response.
+    /// Its peak-EWMA round-trip estimate, measured from each request's send to the first data of
+    /// its response.
     pub fn rtt_estimate(&self) -> Duration {
         self.load.rtt_estimate()
     }
@@ -346,7 +531,9 @@ pub struct EndpointSnapshot {
     pub receiving: bool,
     /// Calls in flight.
     pub in_flight: usize,
-    /// Peak-EWMA round-trip estimate.
+    /// Peak-EWMA round-trip estimate: measured under strategies that read it
+    /// ([`PeakEwma`](super::PeakEwma), see [`Strategy::uses_rtt`](super::Strategy::uses_rtt));
+    /// under the others, the configured default RTT, decaying.
     pub rtt_estimate: Duration,
     /// Static weight from discovery.
     pub weight: u32,
@@ -419,17 +606,44 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn costs_compare_without_a_clock_as_they_would_with_one() {
+        let load = || Load::unattached(1, Uri::from_static("http://a:1"), 1);
+        let (a, b) = (load(), load());
+        let t0 = Instant::now();
+        a.observe_rtt(Duration::from_millis(40), t0);
+        // `b` is faster but was measured 5 s later, and `a` has decayed meanwhile.
+        let t1 = t0 + Duration::from_secs(5);
+        b.observe_rtt(Duration::from_millis(20), t1);
+        for now in [
+            t1,
+            t1 + Duration::from_secs(30),
+            t1 + Duration::from_secs(3600),
+        ] {
+            for (fa, fb) in [(1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (1.0, 5.0), (3.0, 1.0)] {
+                let (ea, eb) = (
+                    a.rtt_published.estimate_ns(now),
+                    b.rtt_published.estimate_ns(now),
+                );
+                let direct = eb * fb < ea * fa;
+                assert_eq!(rtt_cost_below(&b, fb, &a, fa), direct, "{fa} {fb}");
+                let direct = ea * fa < eb * fb;
+                assert_eq!(rtt_cost_below(&a, fa, &b, fb), direct, "{fa} {fb}");
+            }
+        }
+    }
+
+    #[test]
+    fn decay_is_exp_to_within_a_part_in_a_billion() {
+        for x in [0.0, 1e-9, 1e-6, 1e-4, 9.99e-4, 1e-3, 0.5, 3.0, 700.0, 1e6] {
+            let exact = f64::exp(-x);
+            assert!((decayed(x) - exact).abs() <= exact * 1e-9, "{x}");
+        }
+    }
+
     #[test]
     fn outcomes_track_the_failure_streak() {
-        let load = Load::new(
-            1,
-            Uri::from_static("http://a:1"),
-            discover::Endpoint::default(),
-            EwmaConfig {
-                default_rtt: Duration::from_millis(1),
-                decay: Duration::from_secs(1),
-            },
-        );
+        let load = Load::unattached(1, Uri::from_static("http://a:1"), 1);
         assert_eq!(load.record_outcome(false), 1);
         assert_eq!(load.record_outcome(false), 2);
         assert_eq!(load.record_outcome(true), 0);

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
@@ -16,7 +16,6 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::body::TrackedBody;
-use super::driver::Feedback;
 use super::endpoint::{EndpointId, EndpointService, authority};
 use super::guard::CallGuard;
 use super::table::{Picked, Shared, Unavailable, WaitFailed, unavailable_status};
@@ -53,43 +52,62 @@ pin_project! {
     /// The response future of [`Balance`]: waits for a ready endpoint if none is, waits for the
     /// chosen endpoint's readiness, then runs the call.
     pub struct ResponseFuture<S: Service<Request<Body>>> {
-        shared: Arc<Shared<S>>,
-        feedback: Arc<Feedback>,
-        endpoint_wait: Duration,
-        deadline: Option<WaitDeadline>,
+        // What a call that may still pick again needs: none once the call went out at its
+        // first pick (the common case, which neither allocates it nor clones the table's `Arc`,
+        // and moves a smaller future).
+        slow: Option<Box<SlowPath<S>>>,
         // The caller's `grpc-timeout`, from when the call reached the balancer.
         call_deadline: Option<CallDeadline>,
-        // The call waited before it was sent: its `grpc-timeout` must be cut to what is left.
-        waited: bool,
-        tried: Vec<EndpointId>,
         #[pin]
         state: State<S>,
     }
 }
 
-type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
+/// The state of a call that waits (for an endpoint, or for one's readiness) or fails over.
+struct SlowPath<S> {
+    shared: Arc<Shared<S>>,
+    endpoint_wait: Duration,
+    deadline: Option<WaitDeadline>,
+    // The call waited before it was sent: its `grpc-timeout` must be cut to what is left.
+    waited: bool,
+    tried: Vec<EndpointId>,
+}
+
+const SLOW: &str = "a call that may pick again keeps its slow-path state";
+
+type WaitForEndpoint = Pin<Box<dyn Future<Output = Result<Request<Body>, Status>> + Send>>;
+
+/// A call whose chosen endpoint was not ready when it was picked.
+struct NotYetReady<S> {
+    request: Option<Request<Body>>,
+    service: S,
+    guard: Option<CallGuard>,
+    // What the endpoint's readiness said at the pick, if it failed: a service that failed is
+    // not asked again.
+    failed: Option<BoxError>,
+    // Armed only once readiness is pending.
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 pin_project! {
     #[project = StateProj]
     enum State<S: Service<Request<Body>>> {
         // No endpoint may take calls yet; wait for one until the deadline.
-        Waiting { request: Option<Request<Body>>, wait: WaitForEndpoint },
-        // An endpoint is chosen; wait for its readiness, but not past the call's deadline.
-        Ready {
-            request: Option<Request<Body>>,
-            service: S,
-            guard: Option<CallGuard>,
-            // Armed only once readiness is pending, so the common path sets no timer.
-            expires: Option<Pin<Box<tokio::time::Sleep>>>,
-        },
+        // The wait holds the request, and gives it back once an endpoint may take it.
+        Waiting { wait: WaitForEndpoint },
+        // An endpoint is chosen but was not ready at once; wait for its readiness, but not past
+        // the call's deadline. Boxed: the common path, an endpoint ready at once, goes straight
+        // to `Calling`, and a future that need not hold the request is a small one to move.
+        Ready { ready: Box<NotYetReady<S>> },
         // The call is running on the chosen endpoint.
         // Bounded by the call's deadline: below, a tonic `Channel` that is reconnecting holds a
         // request in its buffer, where its own `grpc-timeout` timer has not started yet.
         Calling {
             #[pin] future: S::Future,
             guard: Option<CallGuard>,
-            // Armed only once the response is pending, so a call without a deadline sets none.
-            expires: Option<Pin<Box<tokio::time::Sleep>>>,
+            // Armed only once the response is pending, so a call without a deadline sets none;
+            // kept in the future itself, so that a call with one allocates nothing for it.
+            #[pin] expires: Option<tokio::time::Sleep>,
         },
         // The call cannot be served; the status says why.
         Failed { status: Option<Status> },
@@ -98,12 +116,11 @@ pin_project! {
 
 impl<S> ResponseFuture<S>
 where
-    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    S: EndpointService,
 {
     /// Picks an endpoint for `request` (or decides to wait for one, or fails saying why).
     pub(crate) fn new(
         shared: &Arc<Shared<S>>,
-        feedback: &Arc<Feedback>,
         endpoint_wait: Duration,
         request: Request<Body>,
     ) -> Self {
@@ -112,21 +129,26 @@ where
             .map(|timeout| CallDeadline::new(Instant::now(), timeout));
         let state = Picker {
             shared,
-            feedback,
             endpoint_wait,
             deadline: &mut deadline,
             call_deadline,
             tried: &[],
+            waited: false,
         }
         .pick(request);
+        let slow = match state {
+            State::Calling { .. } => None,
+            _ => Some(Box::new(SlowPath {
+                shared: shared.clone(),
+                endpoint_wait,
+                deadline,
+                waited: false,
+                tried: Vec::new(),
+            })),
+        };
         ResponseFuture {
-            shared: shared.clone(),
-            feedback: feedback.clone(),
-            endpoint_wait,
-            deadline,
+            slow,
             call_deadline,
-            waited: false,
-            tried: Vec::new(),
             state,
         }
     }
@@ -153,23 +175,24 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
         loop {
             let this = self.as_mut().project();
             let next = match this.state.project() {
-                StateProj::Waiting { request, wait } => match ready!(wait.as_mut().poll(cx)) {
-                    Ok(()) => {
-                        *this.waited = true;
-                        let request = request.take().expect("request is kept until sent");
+                StateProj::Waiting { wait } => match ready!(wait.as_mut().poll(cx)) {
+                    Ok(request) => {
+                        this.slow.as_deref_mut().expect(SLOW).waited = true;
                         self.as_mut().repick(request)
                     }
                     Err(status) => State::Failed {
                         status: Some(status),
                     },
                 },
-                StateProj::Ready {
-                    request,
-                    service,
-                    guard,
-                    expires,
-                } => match service.poll_ready(cx) {
+                StateProj::Ready { ready } => match ready.poll_ready(cx) {
                     Poll::Pending => {
+                        let slow = this.slow.as_deref_mut().expect(SLOW);
+                        let NotYetReady {
+                            request,
+                            guard,
+                            expires,
+                            ..
+                        } = &mut **ready;
                         let id = guard.as_ref().expect("guard is kept until sent").load.id;
                         // Not ready at once (a pool with no live connection, or one opening
                         // another): another endpoint takes the call, and this one's task checks
@@ -182,26 +205,26 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             });
                         }
                         if first_look
-                            && this.tried.len() + 1 < MAX_FAILOVER
-                            && this.shared.has_candidate_besides(this.tried, id)
+                            && slow.tried.len() + 1 < MAX_FAILOVER
+                            && slow.shared.has_candidate_besides(&slow.tried, id)
                         {
                             drop(guard.take());
-                            this.tried.push(id);
-                            *this.waited = true;
+                            slow.tried.push(id);
+                            slow.waited = true;
                             let request = request.take().expect("request is kept until sent");
                             self.as_mut().repick(request)
                         } else {
-                            *this.waited = true;
+                            slow.waited = true;
                             // No other endpoint: wait for this one, as long as a call may wait
                             // for an endpoint (its deadline, or `endpoint_wait`).
-                            let wait = *this.deadline.get_or_insert_with(|| {
+                            let wait = *slow.deadline.get_or_insert_with(|| {
                                 let wait_for_ready = request
                                     .as_ref()
                                     .and_then(|r| r.extensions().get::<WaitForReady>())
                                     .map(|w| w.0);
                                 WaitDeadline::new(
                                     Instant::now(),
-                                    *this.endpoint_wait,
+                                    slow.endpoint_wait,
                                     *this.call_deadline,
                                     wait_for_ready,
                                 )
@@ -214,14 +237,21 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             // Never sent: dropping the guard releases the endpoint's in-flight slot.
                             let guard = guard.take().expect("guard is kept until sent");
                             State::Failed {
-                                status: Some(wait.not_ready(&guard.load.uri, *this.endpoint_wait)),
+                                status: Some(wait.not_ready(&guard.load.uri, slow.endpoint_wait)),
                             }
                         }
                     }
                     Poll::Ready(Ok(())) => {
+                        let waited = this.slow.as_deref().is_some_and(|slow| slow.waited);
+                        let NotYetReady {
+                            request,
+                            service,
+                            guard,
+                            ..
+                        } = &mut **ready;
                         let mut request = request.take().expect("request is kept until sent");
                         let guard = guard.take().expect("guard is kept until sent");
-                        match this.call_deadline.filter(|_| *this.waited) {
+                        match this.call_deadline.filter(|_| waited) {
                             // Sent with what is left of the deadline, not all of it again.
                             Some(call_deadline) => match call_deadline.remaining() {
                                 Some(left) => {
@@ -251,15 +281,16 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                     }
                     Poll::Ready(Err(err)) => {
                         // The request was not sent: try another endpoint.
-                        let err: BoxError = err.into();
+                        let slow = this.slow.as_deref_mut().expect(SLOW);
+                        let NotYetReady { request, guard, .. } = &mut **ready;
                         let request = request.take().expect("request is kept until sent");
                         let guard = guard.take().expect("guard is kept until sent");
                         guard.connection_broken();
                         let id = guard.load.id;
                         drop(guard);
-                        this.tried.push(id);
-                        *this.waited = true;
-                        if this.tried.len() < MAX_FAILOVER {
+                        slow.tried.push(id);
+                        slow.waited = true;
+                        if slow.tried.len() < MAX_FAILOVER {
                             self.as_mut().repick(request)
                         } else {
                             State::Failed {
@@ -279,10 +310,13 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                             let Some(deadline) = *this.call_deadline else {
                                 return Poll::Pending;
                             };
-                            let expires = expires.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep_until(deadline.at))
-                            });
-                            if expires.as_mut().poll(cx).is_pending() {
+                            let mut expires = expires;
+                            if expires.is_none() {
+                                expires.set(Some(tokio::time::sleep_until(deadline.at)));
+                            }
+                            if let Some(expires) = expires.as_pin_mut()
+                                && expires.poll(cx).is_pending()
+                            {
                                 return Poll::Pending;
                             }
                             // Dropping the inner future cancels the call wherever it is.
@@ -334,19 +368,29 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
 
 impl<S> ResponseFuture<S>
 where
-    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    S: EndpointService,
 {
     fn repick(self: Pin<&mut Self>, request: Request<Body>) -> State<S> {
         let this = self.project();
+        let slow = this.slow.as_deref_mut().expect(SLOW);
         let picker = Picker {
-            shared: this.shared,
-            feedback: this.feedback,
-            endpoint_wait: *this.endpoint_wait,
-            deadline: this.deadline,
+            shared: &slow.shared,
+            endpoint_wait: slow.endpoint_wait,
+            deadline: &mut slow.deadline,
             call_deadline: *this.call_deadline,
-            tried: this.tried,
+            tried: &slow.tried,
+            waited: slow.waited,
         };
         picker.pick(request)
+    }
+}
+
+impl<S: EndpointService> NotYetReady<S> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.failed.take() {
+            Some(err) => Poll::Ready(Err(err)),
+            None => self.service.poll_ready(cx).map_err(Into::into),
+        }
     }
 }
 
@@ -462,43 +506,66 @@ impl WaitDeadline {
 /// The unpinned fields a pick needs, borrowed from the future.
 struct Picker<'a, S> {
     shared: &'a Arc<Shared<S>>,
-    feedback: &'a Arc<Feedback>,
     endpoint_wait: Duration,
     deadline: &'a mut Option<WaitDeadline>,
     call_deadline: Option<CallDeadline>,
     tried: &'a [EndpointId],
+    /// The call waited (for an endpoint, or a failover): its deadline must be cut on sending.
+    waited: bool,
 }
 
 impl<S> Picker<'_, S>
 where
-    S: Service<Request<Body>> + Clone + Send + Sync + 'static,
+    S: EndpointService,
 {
     /// Chooses an endpoint for `request`, or decides to wait for one, or fails saying why.
-    fn pick(self, request: Request<Body>) -> State<S> {
-        let (parts, body) = request.into_parts();
-        let picked = self.shared.pick(&parts, self.tried);
-        let wait_for_ready = parts.extensions.get::<WaitForReady>().map(|w| w.0);
-        let call_deadline = self.call_deadline;
-        let request = Some(Request::from_parts(parts, body));
+    fn pick(self, mut request: Request<Body>) -> State<S> {
+        // The strategy sees the request's head; the request itself is not moved for it.
+        let picked = {
+            let (parts, body) = request.into_parts();
+            let picked = self.shared.pick(&parts, self.tried);
+            request = Request::from_parts(parts, body);
+            picked
+        };
         match picked {
             Ok(Picked {
                 load,
-                service,
+                mut service,
                 generation,
-            }) => State::Ready {
-                guard: Some(CallGuard::new(
+            }) => {
+                let guard = CallGuard::new(
                     load,
                     generation,
-                    self.feedback.clone(),
-                    request
-                        .as_ref()
-                        .and_then(|r| r.extensions().get::<CallEnd>().cloned()),
-                )),
-                request,
-                service,
-                expires: None,
-            },
+                    request.extensions().get::<CallEnd>().cloned(),
+                );
+                // Most often the endpoint is ready at once: the call goes out now, and the
+                // future never holds the request. A look that finds it not ready registers no
+                // waker; the call's future asks again with its own.
+                let failed = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                    Poll::Ready(Ok(())) if !self.waited => {
+                        return State::Calling {
+                            future: service.call(request),
+                            guard: Some(guard.sent()),
+                            expires: None,
+                        };
+                    }
+                    // A call that waited is sent by `Ready`, which cuts its deadline to what is left.
+                    Poll::Ready(Ok(())) | Poll::Pending => None,
+                    Poll::Ready(Err(err)) => Some(err.into()),
+                };
+                State::Ready {
+                    ready: Box::new(NotYetReady {
+                        request: Some(request),
+                        service,
+                        guard: Some(guard),
+                        failed,
+                        expires: None,
+                    }),
+                }
+            }
             Err(Unavailable { reason, settling }) => {
+                let wait_for_ready = request.extensions().get::<WaitForReady>().map(|w| w.0);
+                let call_deadline = self.call_deadline;
                 let now = Instant::now();
                 let deadline = *self.deadline.get_or_insert_with(|| {
                     WaitDeadline::new(now, self.endpoint_wait, call_deadline, wait_for_ready)
@@ -517,15 +584,12 @@ where
                 }
                 let shared = self.shared.clone();
                 State::Waiting {
-                    request,
                     wait: Box::pin(async move {
-                        shared
-                            .wait_for_candidates(deadline.at, fail_fast)
-                            .await
-                            .map_err(|unavailable| match unavailable {
-                                WaitFailed::Settled(reason) => unavailable_status(&reason),
-                                WaitFailed::TimedOut(reason) => deadline.expired(&reason),
-                            })
+                        match shared.wait_for_candidates(deadline.at, fail_fast).await {
+                            Ok(()) => Ok(request),
+                            Err(WaitFailed::Settled(reason)) => Err(unavailable_status(&reason)),
+                            Err(WaitFailed::TimedOut(reason)) => Err(deadline.expired(&reason)),
+                        }
                     }),
                 }
             }

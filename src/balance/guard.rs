@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
-use super::driver::{CallEvent, Feedback};
-use super::endpoint::Load;
+use super::endpoint::{CallEvent, Load};
 use crate::status::{CallEnd, code_from_error};
 
 /// Tracks one call on one endpoint: its in-flight count, its outcome for outlier detection and
@@ -16,40 +15,53 @@ use crate::status::{CallEnd, code_from_error};
 pub(crate) struct CallGuard {
     pub(crate) load: Arc<Load>,
     generation: u64,
-    feedback: Arc<Feedback>,
     /// A layer above that wants the call's final code (the retry layer's token bucket).
     end: Option<CallEnd>,
-    started: Instant,
     recorded: bool,
-    /// Whether the call's time is a round trip to feed the endpoint's RTT estimate: only once
-    /// the request went out, and not when the connection failed under it. A wait for the
-    /// endpoint's readiness or a dead connection's timeout is no measure of the endpoint, and a
-    /// peak estimator would keep that one outlier for many decay periods.
-    measures_rtt: bool,
+    /// When the request went out, while its round trip is still to be measured. The round trip
+    /// runs from the send (a wait for the endpoint's readiness is no measure of the endpoint)
+    /// to the first data of the response (as linkerd measures it: a stream's length is the
+    /// stream's, not the endpoint's), or to the call's end when no data comes. A call whose
+    /// connection failed under it measures nothing: a peak estimator would keep that one
+    /// outlier for many decay periods.
+    rtt_from: Option<Instant>,
+    /// The response head arrived: from then on, a body dropped before its first data measures
+    /// nothing (the caller lost interest; the endpoint was not slow).
+    responded: bool,
 }
 
 impl CallGuard {
-    pub(crate) fn new(
-        load: Arc<Load>,
-        generation: u64,
-        feedback: Arc<Feedback>,
-        end: Option<CallEnd>,
-    ) -> Self {
+    pub(crate) fn new(load: Arc<Load>, generation: u64, end: Option<CallEnd>) -> Self {
         CallGuard {
             load,
             generation,
-            feedback,
             end,
-            started: Instant::now(),
             recorded: false,
-            measures_rtt: false,
+            rtt_from: None,
+            responded: false,
         }
     }
 
-    /// The request went out on the endpoint.
+    /// The request goes out on the endpoint now: its round trip starts.
     pub(crate) fn sent(mut self) -> Self {
-        self.measures_rtt = true;
+        if self.load.feedback.measures_rtt {
+            self.rtt_from = Some(Instant::now());
+        }
         self
+    }
+
+    /// The response head arrived; the round trip ends at its first data, or at its end.
+    pub(crate) fn responded(&mut self) {
+        self.responded = true;
+    }
+
+    /// The response's first data arrived (or the call ended): the round trip is over.
+    pub(crate) fn end_round_trip(&mut self) {
+        if let Some(sent) = self.rtt_from.take() {
+            let now = Instant::now();
+            self.load
+                .observe_rtt(now.saturating_duration_since(sent), now);
+        }
     }
 
     /// Records the call's final code, once.
@@ -57,23 +69,24 @@ impl CallGuard {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
+        self.end_round_trip();
         if let Some(end) = self.end.take() {
             end.report(code);
         }
-        let Some(detection) = &self.feedback.detection else {
+        let feedback = &self.load.feedback;
+        let Some(detection) = &feedback.detection else {
             return;
         };
         let streak = self.load.record_outcome(!detection.is_failure(code));
-        // At the threshold and beyond: once an ejection ends, the next failure (the probe) shuts
-        // the endpoint again, as linkerd's failure accrual does.
+        // At the threshold, once per streak: every failing call past it would flood the driver
+        // with the same news. Once an ejection ends the streak is news again, so the next
+        // failure (the probe) shuts the endpoint again, as linkerd's failure accrual does.
         if detection
             .consecutive_failures
             .is_some_and(|threshold| streak >= threshold)
+            && self.load.report_streak()
         {
-            let _ = self
-                .feedback
-                .events
-                .send(CallEvent::FailureStreak(self.load.id));
+            let _ = feedback.events.send(CallEvent::FailureStreak(self.load.id));
         }
     }
 
@@ -89,7 +102,7 @@ impl CallGuard {
         // would keep a backend that is back up ejected for a whole ejection time.
         if code == Code::Unavailable {
             self.recorded = true;
-            self.measures_rtt = false;
+            self.rtt_from = None;
             match err.downcast_ref::<Status>() {
                 // The service keeps its own connections (a pool): it may have others, or none
                 // left; the endpoint task looks at its readiness.
@@ -139,14 +152,84 @@ impl CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        if self.measures_rtt {
-            self.load.observe_rtt(self.started.elapsed());
+        // Dropped while waiting for the response (a caller's timeout above): the wait is a lower
+        // bound of the round trip. Dropped after the head: nothing to say about the endpoint.
+        if !self.responded {
+            self.end_round_trip();
         }
         // SeqCst pairs with the driver's store of `draining` then load of `in_flight`: one of
         // the two sides must see the other's write, or a drained endpoint would never leave.
         let before = self.load.in_flight.fetch_sub(1, Ordering::SeqCst);
         if before == 1 && self.load.signals.draining.load(Ordering::SeqCst) {
-            let _ = self.feedback.events.send(CallEvent::Drained(self.load.id));
+            let _ = (self.load.feedback.events).send(CallEvent::Drained(self.load.id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::endpoint::{EwmaConfig, Feedback};
+    use crate::outlier::OutlierDetection;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    fn load(feedback: &Arc<Feedback>) -> Arc<Load> {
+        Arc::new(Load::new(
+            7,
+            http::Uri::from_static("http://a:1"),
+            crate::discover::Endpoint::default(),
+            EwmaConfig {
+                default_rtt: Duration::from_millis(1),
+                decay: Duration::from_secs(1),
+            },
+            feedback.clone(),
+        ))
+    }
+
+    fn calls(load: &Arc<Load>, code: Code, n: usize) {
+        for _ in 0..n {
+            load.in_flight.fetch_add(1, Ordering::Relaxed);
+            CallGuard::new(load.clone(), 1, None).sent().finish(code);
+        }
+    }
+
+    fn streaks(events: &mut mpsc::UnboundedReceiver<CallEvent>) -> usize {
+        std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|e| matches!(e, CallEvent::FailureStreak(7)))
+            .count()
+    }
+
+    #[test]
+    fn a_failure_streak_is_reported_once_not_once_per_failing_call() {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let feedback = Arc::new(Feedback {
+            detection: Some(
+                OutlierDetection::builder()
+                    .consecutive_failures(Some(3))
+                    .build()
+                    .unwrap(),
+            ),
+            events: tx,
+            measures_rtt: true,
+        });
+        let load = load(&feedback);
+        calls(&load, Code::Internal, 2);
+        assert_eq!(streaks(&mut events), 0, "below the threshold");
+        calls(&load, Code::Internal, 100);
+        assert_eq!(streaks(&mut events), 1, "one streak, one report");
+
+        // The ejection ended: the probe's failure is news again, once.
+        load.rearm_streak();
+        calls(&load, Code::Internal, 10);
+        assert_eq!(streaks(&mut events), 1);
+
+        // A success ends the streak; the next one is reported when it reaches the threshold.
+        calls(&load, Code::Ok, 1);
+        calls(&load, Code::Internal, 2);
+        assert_eq!(streaks(&mut events), 0);
+        calls(&load, Code::Internal, 50);
+        assert_eq!(streaks(&mut events), 1);
+        assert_eq!(load.in_flight.load(Ordering::Relaxed), 0);
     }
 }

@@ -76,3 +76,4 @@ pub use strategy::{
     Candidate, ConsistentHash, MAX_POINTS_PER_ENDPOINT, PeakEwma, PowerOfTwoChoices, RoundRobin,
     Strategy, WeightedRoundRobin,
 };
+pub(crate) use table::Condition;

@@ -11,12 +11,12 @@ use tower_service::Service;
 
 use super::body::TrackedBody;
 use super::config::BalanceConfig;
-use super::driver::{CallEvent, Driver, DriverGuard, Feedback};
+use super::driver::{Driver, DriverGuard};
 use super::endpoint::{EndpointService, EndpointSnapshot, MakeEndpoint};
 use super::future::ResponseFuture;
 use super::metrics::BalanceMetrics;
 use super::strategy::RoundRobin;
-use super::table::Shared;
+use super::table::{Condition, Shared};
 use crate::BoxError;
 use crate::discover::Discover;
 
@@ -26,8 +26,10 @@ use crate::discover::Discover;
 /// tonic-generated client.
 ///
 /// `poll_ready` is always ready: the endpoint is chosen in `call` (hash strategies need the
-/// request), and the chosen endpoint's own readiness is checked by the response future. An
-/// endpoint whose service is not ready at once (a pool with no live connection) hands the call
+/// request, and a call's wait for an endpoint is bounded by its own deadline), and the chosen
+/// endpoint's readiness is asked at once: ready, the call goes out from `call` itself, and its
+/// response future holds only the endpoint's future; not ready, the response future waits for
+/// it. An endpoint whose service is not ready at once (a pool with no live connection) hands the call
 /// to another endpoint and leaves rotation until it is ready again, as tower's `ReadyCache`
 /// keeps p2c to ready services; with no other endpoint to go to, the call waits for it, never
 /// past its deadline. A call that waited (for an endpoint, or for one's readiness) is sent with
@@ -36,7 +38,6 @@ use crate::discover::Discover;
 /// [`Strategy`]: super::Strategy
 pub struct Balance<S> {
     shared: Arc<Shared<S>>,
-    feedback: Arc<Feedback>,
     endpoint_wait: Duration,
     /// Why this balancer could not start, if it could not.
     failure: Option<&'static str>,
@@ -47,7 +48,6 @@ impl<S> Clone for Balance<S> {
     fn clone(&self) -> Self {
         Balance {
             shared: self.shared.clone(),
-            feedback: self.feedback.clone(),
             endpoint_wait: self.endpoint_wait,
             failure: self.failure,
             _driver: self._driver.clone(),
@@ -88,7 +88,9 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             reconnect,
             ewma,
             target,
+            ..
         } = config;
+        let measures_rtt = strategy.uses_rtt();
         // The strategy lives in the endpoint table, where picks read it and updates rebuild it.
         let shared = Arc::new(Shared::new(
             strategy,
@@ -102,12 +104,11 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             outlier_detection,
             reconnect,
             ewma,
+            measures_rtt,
         );
-        let feedback = driver.feedback.clone();
         let task = runtime.spawn(driver.run(discovery, calls));
         Balance {
             shared,
-            feedback,
             endpoint_wait,
             failure: None,
             _driver: Arc::new(DriverGuard(Some(task.abort_handle()))),
@@ -121,29 +122,30 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
             reason,
             "towline balancer failed at construction; every call will fail"
         );
-        let (events, _) = tokio::sync::mpsc::unbounded_channel::<CallEvent>();
         Balance {
             shared: Arc::new(Shared::failed(
                 Box::new(RoundRobin::new()),
                 reason,
                 BalanceMetrics::new("towline"),
             )),
-            feedback: Arc::new(Feedback {
-                detection: None,
-                events,
-            }),
             endpoint_wait: Duration::ZERO,
             failure: Some(reason),
             _driver: Arc::new(DriverGuard(None)),
         }
     }
 
-    /// Why this balancer could not start, if it could not: its
-    /// [`BalanceLayer`](super::BalanceLayer) was already layered once, or it was built outside
-    /// a Tokio runtime. Such a balancer knows no endpoint and fails every call with
+    /// Why this balancer could not start, if it could not: it was built outside a Tokio
+    /// runtime, or its [`BalanceLayer`](super::BalanceLayer) had already started a balancer
+    /// over another kind of endpoint service. Such a balancer knows no endpoint and fails every call with
     /// `UNAVAILABLE` and this reason; check it where the stack is built to fail there instead.
     pub fn failure(&self) -> Option<&str> {
         self.failure
+    }
+
+    /// Whether `self` and `other` are handles to one balancer (clones, or layerings of one
+    /// [`BalanceLayer`](super::BalanceLayer)): the same endpoints and connections.
+    pub fn same_balancer(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Whether this balancer could not start (see [`failure`](Self::failure)).
@@ -166,6 +168,19 @@ impl<S: Clone + Send + Sync + 'static> Balance<S> {
         self.shared.wait_until(done).await;
     }
 
+    /// Reads every endpoint's condition and their version (see `Shared::with_conditions`).
+    pub(crate) fn with_conditions<T>(
+        &self,
+        look: impl FnOnce(u64, &mut dyn Iterator<Item = Condition<'_>>) -> T,
+    ) -> T {
+        self.shared.with_conditions(look)
+    }
+
+    /// Waits until the endpoints' conditions differ from version `seen`.
+    pub(crate) async fn conditions_changed(&self, seen: u64) {
+        self.shared.conditions_changed(seen).await;
+    }
+
     /// Whether fewer endpoints are ready than the panic threshold allows, so calls are spread
     /// over every connected endpoint.
     pub fn in_panic(&self) -> bool {
@@ -183,6 +198,6 @@ impl<S: EndpointService> Service<Request<Body>> for Balance<S> {
     }
 
     fn call(&mut self, request: Request<Body>) -> ResponseFuture<S> {
-        ResponseFuture::new(&self.shared, &self.feedback, self.endpoint_wait, request)
+        ResponseFuture::new(&self.shared, self.endpoint_wait, request)
     }
 }

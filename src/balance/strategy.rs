@@ -12,13 +12,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::request::Parts;
 
 pub use super::endpoint::Candidate;
+use super::endpoint::rtt_cost_below;
 
 /// Chooses which candidate takes a call.
 ///
 /// `pick` runs on every call, concurrently from many tasks, under the balancer's read lock: keep
-/// it short and lock-free. `update` runs whenever the candidate set changes (an endpoint
-/// becomes ready or unhealthy, is added or removed), under the write lock, so strategies that
-/// precompute (a hash ring, a weighted schedule) do it there.
+/// it short and lock-free. When the candidate set changes (an endpoint becomes ready or
+/// unhealthy, is added or removed), the balancer asks for a [`prepare`](Self::prepare)d copy
+/// built off the lock, or else calls `update` under the write lock: strategies that precompute
+/// much (a hash ring, a weighted schedule) implement `prepare`, so that no call waits for it.
 pub trait Strategy: Send + Sync + 'static {
     /// Called with the new candidate set whenever it changes.
     fn update(&mut self, candidates: &[Candidate]) {
@@ -28,6 +30,24 @@ pub trait Strategy: Send + Sync + 'static {
     /// Returns the index in `candidates` (never empty) of the endpoint to use for `request`.
     /// An index out of range is taken modulo the length.
     fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize;
+
+    /// A copy of this strategy made ready for `candidates`, built without holding the
+    /// balancer's lock: picks go on over the old set meanwhile, and the copy is swapped in with
+    /// the new set. Strategies whose `update` is costly (a hash ring, a weighted schedule)
+    /// implement it; `None` (the default) has `update` run under the lock instead, which is
+    /// right for a strategy with little or nothing to precompute.
+    fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
+        let _ = candidates;
+        None
+    }
+
+    /// Whether `pick` reads the candidates' [RTT estimates](Candidate::rtt_estimate). Only
+    /// then does the balancer time each call's round trip (two clock reads per call), so a
+    /// strategy that never reads them says `false`, and snapshots show the default RTT. The
+    /// default, `true`, is right for any strategy.
+    fn uses_rtt(&self) -> bool {
+        true
+    }
 }
 
 impl fmt::Debug for dyn Strategy {
@@ -52,6 +72,10 @@ impl RoundRobin {
 }
 
 impl Strategy for RoundRobin {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()
     }
@@ -74,11 +98,17 @@ fn two_random(len: usize) -> (usize, usize) {
         return (0, 0);
     }
     let a = fastrand::usize(..len);
-    let b = (a + 1 + fastrand::usize(..len - 1)) % len;
+    // `a + 1 + r` is below `2 × len`: one subtraction wraps it, where `%` would divide.
+    let b = a + 1 + fastrand::usize(..len - 1);
+    let b = if b >= len { b - len } else { b };
     (a, b)
 }
 
 impl Strategy for PowerOfTwoChoices {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         let (a, b) = two_random(candidates.len());
         if candidates[b].in_flight() < candidates[a].in_flight() {
@@ -90,8 +120,9 @@ impl Strategy for PowerOfTwoChoices {
 }
 
 /// Power of two choices on peak-EWMA cost: `rtt_estimate × (in_flight + 1)`, with the RTT measured
-/// to the end of each response (linkerd's and Finagle's balancer). Routes around a slow endpoint
-/// within a few calls, and tries it again as its estimate decays.
+/// from the send of each request to the first data of its response, or to its end when no data
+/// comes (linkerd's and Finagle's balancer: a long stream is not one long round trip). Routes
+/// around a slow endpoint within a few calls, and tries it again as its estimate decays.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PeakEwma;
 
@@ -103,14 +134,17 @@ impl PeakEwma {
     }
 }
 
-fn ewma_cost(candidate: &Candidate) -> f64 {
-    candidate.rtt_estimate().as_nanos() as f64 * (candidate.in_flight() + 1) as f64
-}
-
 impl Strategy for PeakEwma {
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         let (a, b) = two_random(candidates.len());
-        if ewma_cost(&candidates[b]) < ewma_cost(&candidates[a]) {
+        if a == b {
+            return a;
+        }
+        // Cost `rtt_estimate × (in_flight + 1)`, compared without a lock or a clock read: this
+        // runs on every call.
+        let load = |c: &Candidate| (c.in_flight() + 1) as f64;
+        let (ca, cb) = (&candidates[a], &candidates[b]);
+        if rtt_cost_below(&cb.load, load(cb), &ca.load, load(ca)) {
             b
         } else {
             a
@@ -137,8 +171,9 @@ impl WeightedRoundRobin {
 /// A schedule longer than this is scaled down (weights keep their proportions within 1%).
 const MAX_SCHEDULE: u64 = 10_000;
 
-impl Strategy for WeightedRoundRobin {
-    fn update(&mut self, candidates: &[Candidate]) {
+impl WeightedRoundRobin {
+    /// The smooth schedule for these candidates' weights.
+    fn schedule(candidates: &[Candidate]) -> Vec<usize> {
         let total: u64 = candidates.iter().map(|c| u64::from(c.weight())).sum();
         let scale = total.div_ceil(MAX_SCHEDULE).max(1);
         let weights: Vec<i64> = candidates
@@ -147,7 +182,7 @@ impl Strategy for WeightedRoundRobin {
             .collect();
         let total: i64 = weights.iter().sum();
         let mut current = vec![0i64; weights.len()];
-        self.schedule.clear();
+        let mut schedule = Vec::with_capacity(total as usize);
         for _ in 0..total {
             for (c, w) in current.iter_mut().zip(&weights) {
                 *c += w;
@@ -158,8 +193,26 @@ impl Strategy for WeightedRoundRobin {
                 .max_by_key(|&(i, c)| (*c, std::cmp::Reverse(i)))
                 .expect("candidates are not empty when weights are");
             current[best] -= total;
-            self.schedule.push(best);
+            schedule.push(best);
         }
+        schedule
+    }
+}
+
+impl Strategy for WeightedRoundRobin {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
+    fn update(&mut self, candidates: &[Candidate]) {
+        self.schedule = WeightedRoundRobin::schedule(candidates);
+    }
+
+    fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
+        Some(Box::new(WeightedRoundRobin {
+            schedule: WeightedRoundRobin::schedule(candidates),
+            next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
+        }))
     }
 
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
@@ -186,6 +239,8 @@ pub struct ConsistentHash {
     key: Arc<KeyFn>,
     ring: Vec<(u64, usize)>,
     points_per_weight: u32,
+    /// Set when the key cannot be read (a bad header name): the config build fails with it.
+    invalid: Option<String>,
 }
 
 impl fmt::Debug for ConsistentHash {
@@ -197,10 +252,38 @@ impl fmt::Debug for ConsistentHash {
 }
 
 impl ConsistentHash {
-    /// Hashes the value of this request header (e.g. a user or tenant id).
-    pub fn header(name: impl Into<http::HeaderName>) -> Self {
-        let name = name.into();
-        ConsistentHash::by(move |parts| parts.headers.get(&name).map(|v| v.as_bytes().to_vec()))
+    /// Hashes the value of this request header (e.g. a user or tenant id): a name as `&str`
+    /// or `String`, or a `HeaderName`. A name that is not a valid header name fails
+    /// [`BalanceConfigBuilder::build`](super::BalanceConfigBuilder::build) with a
+    /// [`ConfigError`](crate::ConfigError) for `balance.strategy.header`.
+    ///
+    /// ```
+    /// use towline::balance::{BalanceConfig, ConsistentHash};
+    ///
+    /// let config = BalanceConfig::builder().strategy(ConsistentHash::header("x-user")).build();
+    /// assert!(config.is_ok());
+    /// let err = BalanceConfig::builder().strategy(ConsistentHash::header("x user")).build();
+    /// assert_eq!(err.unwrap_err().field(), "balance.strategy.header");
+    /// ```
+    pub fn header<N>(name: N) -> Self
+    where
+        N: TryInto<http::HeaderName>,
+        N::Error: fmt::Display,
+    {
+        match name.try_into() {
+            Ok(name) => ConsistentHash::by(move |parts| {
+                parts.headers.get(&name).map(|v| v.as_bytes().to_vec())
+            }),
+            Err(err) => ConsistentHash {
+                invalid: Some(format!("not a valid header name: {err}")),
+                ..ConsistentHash::by(|_| None)
+            },
+        }
+    }
+
+    /// Why this strategy cannot be used, if it cannot (a header name that is not one).
+    pub(crate) fn invalid(&self) -> Option<&str> {
+        self.invalid.as_deref()
     }
 
     /// Hashes whatever key the function derives from the request head.
@@ -209,6 +292,7 @@ impl ConsistentHash {
             key: Arc::new(key),
             ring: Vec::new(),
             points_per_weight: 256,
+            invalid: None,
         }
     }
 
@@ -220,9 +304,10 @@ impl ConsistentHash {
     }
 }
 
-impl Strategy for ConsistentHash {
-    fn update(&mut self, candidates: &[Candidate]) {
-        self.ring.clear();
+impl ConsistentHash {
+    /// The ring for these candidates: each one's points, from its address and weight only.
+    fn ring(&self, candidates: &[Candidate]) -> Vec<(u64, usize)> {
+        let mut ring = Vec::new();
         for (index, candidate) in candidates.iter().enumerate() {
             let points = candidate
                 .weight()
@@ -235,10 +320,30 @@ impl Strategy for ConsistentHash {
                 key.extend_from_slice(address.as_bytes());
                 key.push(b'_');
                 key.extend_from_slice(replica.to_string().as_bytes());
-                self.ring.push((xxhash_rust::xxh64::xxh64(&key, 0), index));
+                ring.push((xxhash_rust::xxh64::xxh64(&key, 0), index));
             }
         }
-        self.ring.sort_unstable();
+        ring.sort_unstable();
+        ring
+    }
+}
+
+impl Strategy for ConsistentHash {
+    fn uses_rtt(&self) -> bool {
+        false
+    }
+
+    fn update(&mut self, candidates: &[Candidate]) {
+        self.ring = self.ring(candidates);
+    }
+
+    fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
+        Some(Box::new(ConsistentHash {
+            key: self.key.clone(),
+            ring: self.ring(candidates),
+            points_per_weight: self.points_per_weight,
+            invalid: None,
+        }))
     }
 
     fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize {
@@ -257,24 +362,20 @@ impl Strategy for ConsistentHash {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::{EwmaConfig, Load};
-    use crate::discover;
+    use crate::balance::endpoint::Load;
     use std::collections::HashMap;
     use std::time::Duration;
+    use tokio::time::Instant;
 
     fn candidates(weights: &[u32]) -> Vec<Candidate> {
         weights
             .iter()
             .enumerate()
             .map(|(i, w)| Candidate {
-                load: Arc::new(Load::new(
+                load: Arc::new(Load::unattached(
                     i as u64,
                     format!("http://10.0.0.{i}:80").parse().unwrap(),
-                    discover::Endpoint::weighted(*w),
-                    EwmaConfig {
-                        default_rtt: Duration::from_millis(10),
-                        decay: Duration::from_secs(10),
-                    },
+                    *w,
                 )),
             })
             .collect()
@@ -317,7 +418,8 @@ mod tests {
     #[test]
     fn peak_ewma_avoids_the_slow_endpoint() {
         let c = candidates(&[1, 1, 1, 1]);
-        c[3].load.observe_rtt(Duration::from_millis(200));
+        c[3].load
+            .observe_rtt(Duration::from_millis(200), Instant::now());
         let n = counts(&PeakEwma, &c, 1000);
         assert_eq!(n[3], 0, "{n:?}");
     }
@@ -345,7 +447,7 @@ mod tests {
     #[test]
     fn consistent_hash_is_sticky_and_stable_when_another_endpoint_leaves() {
         let all = candidates(&[1, 1, 1, 1]);
-        let mut ring = ConsistentHash::header(http::HeaderName::from_static("x-user"));
+        let mut ring = ConsistentHash::header("x-user");
         ring.update(&all);
         let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
         let before: HashMap<&str, String> = keys
@@ -390,7 +492,7 @@ mod tests {
     #[test]
     fn consistent_hash_without_a_key_spreads() {
         let c = candidates(&[1, 1]);
-        let mut ring = ConsistentHash::header(http::HeaderName::from_static("x-user"));
+        let mut ring = ConsistentHash::header("x-user");
         ring.update(&c);
         let n = counts(&ring, &c, 400);
         assert!(n.iter().all(|&n| n > 100), "{n:?}");

@@ -44,6 +44,11 @@ pub(crate) struct Slot<S> {
     pub(crate) ejection: Ejection,
     pub(crate) draining: bool,
     pub(crate) reason: Option<String>,
+    /// Whether it is a candidate, as of the last rebuild (for snapshots, without a search).
+    receiving: bool,
+    /// Its state and reason as of the last rebuild: a rebuild that changes either is a change
+    /// of the table's conditions (see `Table::conditions`).
+    shown: (EndpointState, Option<String>),
 }
 
 impl<S> Slot<S> {
@@ -58,6 +63,8 @@ impl<S> Slot<S> {
             ejection: Ejection::default(),
             draining: false,
             reason: None,
+            receiving: false,
+            shown: (EndpointState::Connecting, None),
         }
     }
 
@@ -89,11 +96,33 @@ pub(crate) struct Table<S> {
     candidates: Vec<Candidate>,
     services: Vec<(S, u64)>,
     panic: bool,
+    /// A candidate's weight changed in place: the strategy must see the set again.
+    reweighed: bool,
+    /// Counts changes of any endpoint's state or reason, or of the set of endpoints: what a
+    /// readiness check reads. Other updates (an outlier interval that ejects no one, a
+    /// reconnect attempt of an endpoint already down for the same reason) leave it.
+    conditions: u64,
+    shown_slots: usize,
     unavailable: Arc<str>,
     /// Some endpoint may still become ready on its own: it is connecting (or awaiting its first
     /// health report), or nothing has been discovered yet.
     settling: bool,
     pub(crate) metrics: BalanceMetrics,
+}
+
+/// A new candidate set, with the slots it was taken from, waiting for its strategy.
+struct NextCandidates {
+    candidates: Vec<Candidate>,
+    chosen: Vec<usize>,
+}
+
+/// Whether reading the outcome counts for outlier detection ends their interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counts {
+    /// Read them and start the next interval from zero, in one step.
+    Take,
+    /// Read them only.
+    Peek,
 }
 
 /// Why no endpoint can take a call right now.
@@ -131,6 +160,9 @@ impl<S: Clone> Shared<S> {
                 candidates: Vec::new(),
                 services: Vec::new(),
                 panic: false,
+                reweighed: false,
+                conditions: 0,
+                shown_slots: 0,
                 unavailable: "no endpoints discovered yet".into(),
                 settling: true,
                 metrics,
@@ -159,13 +191,21 @@ impl<S: Clone> Shared<S> {
     }
 
     /// Changes endpoints' conditions, then recomputes the candidates and wakes waiting calls.
+    ///
+    /// When the candidate set changes, the strategy's new state (a hash ring, a weighted
+    /// schedule) is built off the write lock ([`Strategy::prepare`]), while calls go on picking
+    /// from the old set, and swapped in with the new set at once. Only the driver writes the
+    /// table, so nothing else changes it in between.
     pub(crate) fn update<T>(&self, change: impl FnOnce(&mut Table<S>) -> T) -> T {
-        let result = {
+        let (result, next) = {
             let mut table = self.write();
             let result = change(&mut table);
-            table.rebuild();
-            result
+            (result, table.rebuild())
         };
+        if let Some(next) = next {
+            let prepared = self.read().strategy.prepare(&next.candidates);
+            self.write().install(next, prepared);
+        }
         self.changed.notify_waiters();
         result
     }
@@ -187,7 +227,11 @@ impl<S: Clone> Shared<S> {
         if candidates.is_empty() {
             return Err(table.why_unavailable());
         }
-        let mut index = table.strategy.pick(parts, candidates) % candidates.len();
+        // Strategies return an index in range; the division is for those that do not.
+        let mut index = table.strategy.pick(parts, candidates);
+        if index >= candidates.len() {
+            index %= candidates.len();
+        }
         if exclude.contains(&candidates[index].load.id) {
             index = (0..candidates.len())
                 .find(|&i| !exclude.contains(&candidates[i].load.id))
@@ -260,6 +304,36 @@ impl<S: Clone> Shared<S> {
         }
     }
 
+    /// Reads every endpoint's address, state and reason, as of the last rebuild, with the
+    /// version of those conditions (see [`conditions_changed`](Self::conditions_changed)):
+    /// what a readiness check needs, without a snapshot's copies.
+    pub(crate) fn with_conditions<T>(
+        &self,
+        look: impl FnOnce(u64, &mut dyn Iterator<Item = Condition<'_>>) -> T,
+    ) -> T {
+        let table = self.read();
+        let mut conditions = table.slots.iter().map(|slot| Condition {
+            uri: &slot.load.uri,
+            state: slot.shown.0,
+            reason: slot.shown.1.as_deref(),
+        });
+        look(table.conditions, &mut conditions)
+    }
+
+    /// Waits until some endpoint's state or reason, or the set of endpoints, differs from what
+    /// version `seen` of the conditions had.
+    pub(crate) async fn conditions_changed(&self, seen: u64) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.read().conditions != seen {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Vec<EndpointSnapshot> {
         let table = self.read();
         table
@@ -268,10 +342,10 @@ impl<S: Clone> Shared<S> {
             .map(|slot| EndpointSnapshot {
                 uri: slot.load.uri.clone(),
                 state: slot.state(),
-                receiving: table.candidates.iter().any(|c| c.load.id == slot.load.id),
+                receiving: slot.receiving,
                 in_flight: slot.load.in_flight.load(Ordering::Relaxed),
                 rtt_estimate: slot.load.rtt_estimate(),
-                weight: slot.load.meta.weight,
+                weight: slot.load.weight(),
                 ejections: slot.ejection.count,
                 reason: slot.reason.clone(),
             })
@@ -281,6 +355,13 @@ impl<S: Clone> Shared<S> {
     pub(crate) fn in_panic(&self) -> bool {
         self.read().panic
     }
+}
+
+/// One endpoint's condition, as a readiness check reads it.
+pub(crate) struct Condition<'a> {
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) state: EndpointState,
+    pub(crate) reason: Option<&'a str>,
 }
 
 /// Why [`Shared::wait_for_candidates`] gave up, with the reason no endpoint can take calls.
@@ -297,21 +378,45 @@ pub(crate) fn unavailable_status(reason: &str) -> Status {
 }
 
 impl<S: Clone> Table<S> {
+    /// Discovery gave endpoint `id` a new weight: applied in place, keeping its connection and
+    /// its calls; weighted strategies rebuild with it.
+    pub(crate) fn reweigh(&mut self, id: EndpointId, weight: u32) {
+        if let Some(slot) = self.slot_mut(id)
+            && slot.load.set_weight(weight)
+        {
+            self.reweighed = true;
+        }
+    }
+
     pub(crate) fn slot_mut(&mut self, id: EndpointId) -> Option<&mut Slot<S>> {
         self.slots.iter_mut().find(|s| s.load.id == id)
     }
 
-    /// The live (not draining) endpoints as outlier detection sees them, in table order.
-    pub(crate) fn outlier_hosts(&self) -> Vec<Host> {
-        self.slots
+    /// The live (not draining) endpoints as outlier detection sees them, in table order, with
+    /// their indices in `slots`.
+    pub(crate) fn outlier_hosts(&self, counts: Counts) -> (Vec<usize>, Vec<Host>) {
+        let live: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].draining)
+            .collect();
+        let hosts = live
             .iter()
-            .filter(|s| !s.draining)
-            .map(|s| Host {
-                successes: s.load.successes.load(Ordering::Relaxed),
-                failures: s.load.failures.load(Ordering::Relaxed),
-                ejection: s.ejection,
+            .map(|&i| {
+                let slot = &self.slots[i];
+                let (successes, failures) = match counts {
+                    Counts::Take => slot.load.take_outcomes(),
+                    Counts::Peek => (
+                        slot.load.successes.load(Ordering::Relaxed),
+                        slot.load.failures.load(Ordering::Relaxed),
+                    ),
+                };
+                Host {
+                    successes,
+                    failures,
+                    ejection: slot.ejection,
+                }
             })
-            .collect()
+            .collect();
+        (live, hosts)
     }
 
     fn why_unavailable(&self) -> Unavailable {
@@ -325,8 +430,9 @@ impl<S: Clone> Table<S> {
         format!("all {tried} ready endpoints failed this call before it was sent").into()
     }
 
-    /// Recomputes which endpoints take calls. Runs under the write lock after every change.
-    fn rebuild(&mut self) {
+    /// Recomputes which endpoints take calls. Runs under the write lock after every change;
+    /// a new candidate set is returned to be installed with its strategy (see `Shared::update`).
+    fn rebuild(&mut self) -> Option<NextCandidates> {
         let live = self.slots.iter().filter(|s| !s.draining).count();
         let ready: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].connected() && self.slots[i].state() == EndpointState::Ready)
@@ -346,7 +452,54 @@ impl<S: Clone> Table<S> {
                 .iter()
                 .zip(&self.candidates)
                 .all(|(&i, c)| self.slots[i].load.id == c.load.id);
-        self.services = chosen
+        let next = if unchanged && !std::mem::take(&mut self.reweighed) {
+            // The same endpoints, perhaps on new connections.
+            self.services = self.services_of(&chosen);
+            None
+        } else {
+            Some(NextCandidates {
+                candidates: chosen
+                    .iter()
+                    .map(|&i| Candidate {
+                        load: self.slots[i].load.clone(),
+                    })
+                    .collect(),
+                chosen: chosen.clone(),
+            })
+        };
+        for slot in &mut self.slots {
+            slot.receiving = false;
+        }
+        for &i in &chosen {
+            self.slots[i].receiving = true;
+        }
+        let mut changed = self.slots.len() != self.shown_slots;
+        self.shown_slots = self.slots.len();
+        for slot in &mut self.slots {
+            let state = slot.state();
+            if slot.shown.0 != state || slot.shown.1 != slot.reason {
+                slot.shown = (state, slot.reason.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.conditions += 1;
+        }
+        self.settling = self
+            .slots
+            .iter()
+            .any(|s| !s.draining && s.shown.0 == EndpointState::Connecting);
+        if chosen.is_empty() {
+            self.unavailable = self.describe_unavailable(live).into();
+        }
+        self.metrics
+            .set_endpoints(self.slots.iter().map(Slot::state));
+        next
+    }
+
+    /// The services of the slots at `chosen`, with their connection generations.
+    fn services_of(&self, chosen: &[usize]) -> Vec<(S, u64)> {
+        chosen
             .iter()
             .map(|&i| {
                 let slot = &self.slots[i];
@@ -356,25 +509,18 @@ impl<S: Clone> Table<S> {
                     .expect("connected slots have a service");
                 (service, slot.generation)
             })
-            .collect();
-        if !unchanged {
-            self.candidates = chosen
-                .iter()
-                .map(|&i| Candidate {
-                    load: self.slots[i].load.clone(),
-                })
-                .collect();
-            self.strategy.update(&self.candidates);
+            .collect()
+    }
+
+    /// Swaps in a new candidate set and the strategy prepared for it (or, for a strategy that
+    /// prepares nothing off the lock, updates it here).
+    fn install(&mut self, next: NextCandidates, prepared: Option<Box<dyn Strategy>>) {
+        self.services = self.services_of(&next.chosen);
+        self.candidates = next.candidates;
+        match prepared {
+            Some(strategy) => self.strategy = strategy,
+            None => self.strategy.update(&self.candidates),
         }
-        self.settling = self
-            .slots
-            .iter()
-            .any(|s| !s.draining && s.state() == EndpointState::Connecting);
-        if self.candidates.is_empty() {
-            self.unavailable = self.describe_unavailable(live).into();
-        }
-        self.metrics
-            .set_endpoints(self.slots.iter().map(Slot::state));
     }
 
     fn describe_unavailable(&self, live: usize) -> String {
@@ -404,5 +550,72 @@ impl<S: Clone> Table<S> {
             why.push(')');
         }
         why
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::endpoint::Load;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn taking_an_intervals_counts_loses_no_completion() {
+        let shared: Shared<()> = Shared::new(
+            Box::new(super::super::strategy::RoundRobin::new()),
+            0.0,
+            BalanceMetrics::new("test"),
+        );
+        let load = Arc::new(Load::unattached(1, http::Uri::from_static("http://a:1"), 1));
+        shared.update(|t| t.slots.push(Slot::new(load.clone())));
+        const PER_THREAD: u64 = 1_000_000;
+        let done = Arc::new(AtomicBool::new(false));
+        // Callers and the driver start together, so that intervals end while calls complete.
+        let start = Arc::new(std::sync::Barrier::new(3));
+        let callers: Vec<_> = (0..2)
+            .map(|n| {
+                let load = load.clone();
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    for i in 0..PER_THREAD {
+                        load.record_outcome((i + n) % 2 == 0);
+                    }
+                })
+            })
+            .collect();
+        // The driver ends intervals while calls complete: every completion lands in one.
+        let (mut successes, mut failures) = (0, 0);
+        let evaluator = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let mut intervals = 0u64;
+                while !done.load(Ordering::Acquire) || intervals == 0 {
+                    let (_, hosts) = shared.update(|t| t.outlier_hosts(Counts::Take));
+                    successes += hosts[0].successes;
+                    failures += hosts[0].failures;
+                    intervals += 1;
+                }
+                let (_, hosts) = shared.update(|t| t.outlier_hosts(Counts::Take));
+                (
+                    successes + hosts[0].successes,
+                    failures + hosts[0].failures,
+                    intervals,
+                )
+            })
+        };
+        for caller in callers {
+            caller.join().unwrap();
+        }
+        done.store(true, Ordering::Release);
+        let (successes, failures, intervals) = evaluator.join().unwrap();
+        assert!(intervals > 1, "{intervals}");
+        assert_eq!(
+            successes + failures,
+            2 * PER_THREAD,
+            "{successes} + {failures}"
+        );
+        assert_eq!(successes, PER_THREAD);
     }
 }
