@@ -127,9 +127,9 @@ impl Head {
         }
     }
 
-    /// The request's path, `/pkg.Service/Method`.
-    pub(crate) fn path(&self) -> &str {
-        self.uri.path()
+    /// The request's URI.
+    pub(crate) fn uri(&self) -> &Uri {
+        &self.uri
     }
 
     /// The call's `grpc-timeout`, if it has a valid one.

@@ -113,7 +113,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let policy = self.shared.policy_for(req.uri().path());
+        let policy = self.shared.policy_for_uri(req.uri());
         let max_bytes = policy.max_replay_bytes();
         let retries = if policy.max_attempts() > 1 && req.extensions().get::<NoRetry>().is_none() {
             Retries::Policy
