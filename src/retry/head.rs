@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use http::request::Parts;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use tonic::GrpcMethod;
 use tonic::body::Body;
@@ -110,20 +109,19 @@ impl Kept {
 }
 
 impl Head {
-    pub(crate) fn keep(parts: &Parts) -> Self {
-        let mut headers = Vec::with_capacity(parts.headers.len());
+    pub(crate) fn keep<B>(req: &Request<B>) -> Self {
+        let mut headers = Vec::with_capacity(req.headers().len());
         headers.extend(
-            parts
-                .headers
+            req.headers()
                 .iter()
                 .map(|(name, value)| (name.clone(), value.clone())),
         );
         Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
             headers,
-            extensions: Kept::new(&parts.extensions),
+            extensions: Kept::new(req.extensions()),
         }
     }
 
@@ -202,8 +200,8 @@ mod tests {
             .body(())
             .unwrap();
         req.extensions_mut().insert(7u32);
+        let head = Head::keep(&req);
         let (parts, ()) = req.into_parts();
-        let head = Head::keep(&parts);
         let again = head.request(Body::empty(), |h| {
             h.insert("x-added", HeaderValue::from_static("yes"));
         });
@@ -216,9 +214,9 @@ mod tests {
         assert_eq!(again.headers()["x-added"], "yes");
         assert_eq!(again.extensions().get::<u32>(), Some(&7));
         assert_eq!(head.timeout(), None);
-        let mut timed = parts.clone();
+        let mut timed = Request::from_parts(parts, ());
         timed
-            .headers
+            .headers_mut()
             .insert(deadline::GRPC_TIMEOUT, HeaderValue::from_static("250m"));
         assert_eq!(
             Head::keep(&timed).timeout(),

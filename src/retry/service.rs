@@ -112,7 +112,7 @@ where
         self.inner.poll_ready(cx).map_err(super::into_status)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let policy = self.shared.policy_for_uri(req.uri());
         let max_bytes = policy.max_replay_bytes();
         let retries = if policy.max_attempts() > 1 && req.extensions().get::<NoRetry>().is_none() {
@@ -126,15 +126,15 @@ where
         if retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0 {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (mut parts, body) = req.into_parts();
-        let body = match Source::new(body, max_bytes) {
+        // The body is swapped in place rather than through `into_parts`/`from_parts`: the head
+        // stays where it is, not moved twice.
+        let body = match Source::new(std::mem::take(req.body_mut()), max_bytes) {
             Ok(body) => body,
             // A body that cannot be replayed (over the cap by its size hint, or as it was read,
             // or failed): sent once, the inner future as it is.
             Err(body) => {
-                return ResponseFuture::passthrough(
-                    self.inner.call(Request::from_parts(parts, body)),
-                );
+                *req.body_mut() = body;
+                return ResponseFuture::passthrough(self.inner.call(req));
             }
         };
         // One clock read for both: the budget's time slot, and the start the deadline counts
@@ -148,11 +148,12 @@ where
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`).
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
-            parts.extensions.insert(CallEnd::new());
+            req.extensions_mut().insert(CallEnd::new());
         }
         // The first attempt sends the caller's own head; later ones a copy.
-        let head = Head::keep(&parts);
-        let first = Request::from_parts(parts, body.attempt(body.supersede()));
+        let head = Head::keep(&req);
+        *req.body_mut() = body.attempt(body.supersede());
+        let first = req;
         let future = self.inner.call(first);
         // The clone drives its own poll_ready before every later attempt.
         let service = self.inner.clone();
