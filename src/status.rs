@@ -780,7 +780,13 @@ mod tests {
 
     #[test]
     fn grpc_status_is_read_alike_from_small_and_large_maps() {
-        for names in [0, SCAN_LIMIT - 1, SCAN_LIMIT, SCAN_LIMIT + 1, 3 * SCAN_LIMIT] {
+        for names in [
+            0,
+            SCAN_LIMIT - 1,
+            SCAN_LIMIT,
+            SCAN_LIMIT + 1,
+            3 * SCAN_LIMIT,
+        ] {
             let mut headers = HeaderMap::new();
             for i in 0..names {
                 headers.insert(
@@ -788,7 +794,11 @@ mod tests {
                     HeaderValue::from_static("0"),
                 );
             }
-            assert_eq!(code_from_headers(&headers), None, "{names} names, no status");
+            assert_eq!(
+                code_from_headers(&headers),
+                None,
+                "{names} names, no status"
+            );
             headers.append(GRPC_STATUS, HeaderValue::from_static("14"));
             headers.append(GRPC_STATUS, HeaderValue::from_static("0"));
             assert_eq!(

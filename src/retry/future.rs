@@ -21,7 +21,9 @@ use super::policy::RetryPolicy;
 use super::response_body::Outcome;
 use super::source::Source;
 use crate::BoxError;
-use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
+use crate::status::{
+    ResponseStatus, classify_response, code_from_error, code_from_headers, is_unprocessed,
+};
 
 /// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
 /// first. Transparent retries are not counted (grpc-go's `numRetries`, grpc-core's
@@ -244,6 +246,13 @@ impl<S> RetryState<S> {
         }
     }
 
+    /// An attempt ended Trailers-Only `OK`.
+    fn on_ok(&self) {
+        if let Some(budget) = self.budget() {
+            budget.on_success();
+        }
+    }
+
     /// An attempt ended: return its outcome, or retry.
     fn on_attempt<B, E: Into<BoxError>>(
         &mut self,
@@ -262,9 +271,7 @@ impl<S> RetryState<S> {
                     }
                 }
                 ResponseStatus::TrailersOnly(_) => {
-                    if let Some(budget) = self.budget() {
-                        budget.on_success();
-                    }
+                    self.on_ok();
                     Decision::Done(Ok(res))
                 }
                 // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
@@ -448,6 +455,14 @@ where
             match state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
+                    // Most calls end here: Trailers-Only `OK`, handed back as it came.
+                    if let Ok(res) = &result
+                        && code_from_headers(res.headers()) == Some(Code::Ok)
+                    {
+                        retry.on_ok();
+                        retry.finish();
+                        return Poll::Ready(result.map_err(Into::into));
+                    }
                     match retry.on_attempt(result) {
                         Decision::Done(output) => {
                             retry.finish();
