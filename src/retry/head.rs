@@ -100,6 +100,22 @@ impl Kept {
         }
     }
 
+    fn no_retry(&self) -> bool {
+        match self {
+            Kept::Known { no_retry, .. } => *no_retry,
+            Kept::Copied(extensions) => extensions.get::<NoRetry>().is_some(),
+        }
+    }
+
+    fn set_call_end(&mut self, end: CallEnd) {
+        match self {
+            Kept::Known { call_end, .. } => *call_end = Some(end),
+            Kept::Copied(extensions) => {
+                extensions.insert(end);
+            }
+        }
+    }
+
     fn call_end(&self) -> Option<&CallEnd> {
         match self {
             Kept::Known { call_end, .. } => call_end.as_ref(),
@@ -137,6 +153,16 @@ impl Head {
             .iter()
             .find(|(name, _)| name == deadline::GRPC_TIMEOUT)?;
         deadline::parse(value.as_bytes())
+    }
+
+    /// Whether the call carries [`NoRetry`].
+    pub(crate) fn no_retry(&self) -> bool {
+        self.extensions.no_retry()
+    }
+
+    /// Gives every later attempt `end`, as the first attempt's extensions get it.
+    pub(crate) fn set_call_end(&mut self, end: CallEnd) {
+        self.extensions.set_call_end(end);
     }
 
     /// The call's [`CallEnd`], if it carries one.
@@ -186,6 +212,43 @@ mod tests {
         let back = kept.get();
         assert_eq!(back.len(), 4);
         assert_eq!(back.get::<&str>(), Some(&"the caller's own"));
+    }
+
+    #[test]
+    fn no_retry_and_a_call_end_added_later_reach_every_retry() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        for caller_own in [false, true] {
+            let mut req = Request::new(());
+            req.extensions_mut()
+                .insert(GrpcMethod::new("pkg.Echo", "Unary"));
+            assert!(!Head::keep(&req).no_retry(), "own: {caller_own}");
+            req.extensions_mut().insert(NoRetry);
+            if caller_own {
+                req.extensions_mut().insert("the caller's own");
+            }
+            let mut head = Head::keep(&req);
+            assert_eq!(matches!(head.extensions, Kept::Copied(_)), caller_own);
+            assert!(head.no_retry(), "own: {caller_own}");
+
+            let end = CallEnd::new();
+            head.set_call_end(end.clone());
+            let heard = Arc::new(AtomicBool::new(false));
+            let flag = heard.clone();
+            end.on_end(move |_| flag.store(true, Ordering::SeqCst));
+            let retry = head.request(Body::empty(), |_| {});
+            retry
+                .extensions()
+                .get::<CallEnd>()
+                .unwrap()
+                .report(tonic::Code::Ok);
+            assert!(
+                heard.load(Ordering::SeqCst),
+                "the retry carries the same CallEnd"
+            );
+            assert!(retry.extensions().get::<NoRetry>().is_some());
+        }
     }
 
     #[test]

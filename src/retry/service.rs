@@ -115,15 +115,12 @@ where
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let policy = self.shared.policy_for_uri(req.uri());
         let max_bytes = policy.max_replay_bytes();
-        let retries = if policy.max_attempts() > 1 && req.extensions().get::<NoRetry>().is_none() {
-            Retries::Policy
-        } else {
-            // gRFC A6: transparent retries apply to every call, whatever its policy, since the
-            // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
-            Retries::TransparentOnly
-        };
-        // Nothing to retry: the inner future as it is, no allocation.
-        if retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0 {
+        // Nothing to retry: the inner future as it is, no allocation. Without transparent
+        // retries only the policy's are left, and there are none for a policy of one attempt or
+        // a `NoRetry` call.
+        if policy.max_transparent_retries() == 0
+            && (policy.max_attempts() <= 1 || req.extensions().get::<NoRetry>().is_some())
+        {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         // The body is swapped in place rather than through `into_parts`/`from_parts`: the head
@@ -137,6 +134,16 @@ where
                 return ResponseFuture::passthrough(self.inner.call(req));
             }
         };
+        // The first attempt sends the caller's own head; later ones a copy.
+        let mut head = Head::keep(&req);
+        // `NoRetry` as the copy found it: no lookup of its own.
+        let retries = if policy.max_attempts() > 1 && !head.no_retry() {
+            Retries::Policy
+        } else {
+            // gRFC A6: transparent retries apply to every call, whatever its policy, since the
+            // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
+            Retries::TransparentOnly
+        };
         // One clock read for both: the budget's time slot, and the start the deadline counts
         // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
         let started = Instant::now();
@@ -146,12 +153,12 @@ where
             budget.on_call(started);
         }
         // A token bucket hears how a committed call ends: from its body, or from the layer
-        // below that reads its trailers, through this (see `CallEnd`).
+        // below that reads its trailers, through this (see `CallEnd`). Every attempt carries it.
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
-            req.extensions_mut().insert(CallEnd::new());
+            let end = CallEnd::new();
+            head.set_call_end(end.clone());
+            req.extensions_mut().insert(end);
         }
-        // The first attempt sends the caller's own head; later ones a copy.
-        let head = Head::keep(&req);
         *req.body_mut() = body.attempt(body.supersede());
         let first = req;
         let future = self.inner.call(first);
