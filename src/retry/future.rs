@@ -537,7 +537,9 @@ mod tests {
             ours <= inner + state + 2 * std::mem::size_of::<usize>(),
             "{ours} vs {inner} + {state}"
         );
-        assert!(state <= 400, "{state}");
+        // What only a failed call needs is boxed at its first failure, not moved with every
+        // future (it was 380 bytes inline).
+        assert!(state <= 300, "{state}");
     }
 
     #[test]

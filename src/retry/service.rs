@@ -39,6 +39,9 @@ use crate::status::CallEnd;
 /// [`CallEnd`], [`NoRetry`]); a request carrying any other extension pays for a copy of the
 /// map (`http::Extensions::clone`: the map, its table and one box per value).
 ///
+/// A call whose attempt fails boxes, once, what only retries need (counts, backoff, the next
+/// attempt), besides what its new attempt's request costs.
+///
 /// A streaming request body (one not ready in a single frame when the call is made) is kept by a
 /// [`ReplayBody`](super::ReplayBody) instead: one shared buffer more, and its list of frames.
 /// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map). The
