@@ -82,9 +82,29 @@ pub fn classify_response<B>(res: &Response<B>) -> ResponseStatus {
 
 /// The `grpc-status` in a header map: `None` when absent, [`Code::Unknown`] when malformed.
 pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
+    let value = grpc_status(headers)?.as_bytes();
+    // The common answer, `0`, without the general parse.
+    if value == b"0" {
+        return Some(Code::Ok);
+    }
+    Some(Code::from_bytes(value))
+}
+
+/// A map with at most this many names is searched name by name rather than by hash.
+const SCAN_LIMIT: usize = 8;
+
+/// The first `grpc-status` value in `headers`. A response head or its trailers carry a handful
+/// of names, and comparing each with `grpc-status` costs less than hashing it for a lookup
+/// (this runs on every call's success path, in every layer that classifies responses).
+fn grpc_status(headers: &HeaderMap) -> Option<&http::HeaderValue> {
+    if headers.keys_len() > SCAN_LIMIT {
+        return headers.get(GRPC_STATUS);
+    }
+    // `iter` gives every value of a name, its first one first: the first match is what `get`
+    // would find.
     headers
-        .get(GRPC_STATUS)
-        .map(|value| Code::from_bytes(value.as_bytes()))
+        .iter()
+        .find_map(|(name, value)| (*name == GRPC_STATUS).then_some(value))
 }
 
 /// The code a call ended with, from its trailers. A stream that ended without trailers, or whose
@@ -756,6 +776,41 @@ mod tests {
         let status = status_from_error(Box::new(Status::not_found("gone")));
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(status.message(), "gone");
+    }
+
+    #[test]
+    fn grpc_status_is_read_alike_from_small_and_large_maps() {
+        for names in [
+            0,
+            SCAN_LIMIT - 1,
+            SCAN_LIMIT,
+            SCAN_LIMIT + 1,
+            3 * SCAN_LIMIT,
+        ] {
+            let mut headers = HeaderMap::new();
+            for i in 0..names {
+                headers.insert(
+                    HeaderName::try_from(format!("x-filler-{i}")).unwrap(),
+                    HeaderValue::from_static("0"),
+                );
+            }
+            assert_eq!(
+                code_from_headers(&headers),
+                None,
+                "{names} names, no status"
+            );
+            headers.append(GRPC_STATUS, HeaderValue::from_static("14"));
+            headers.append(GRPC_STATUS, HeaderValue::from_static("0"));
+            assert_eq!(
+                code_from_headers(&headers),
+                Some(Code::Unavailable),
+                "{names} names: the first value, as `HeaderMap::get` gives it"
+            );
+            headers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+            assert_eq!(code_from_headers(&headers), Some(Code::Ok));
+            headers.insert(GRPC_STATUS, HeaderValue::from_static("00"));
+            assert_eq!(code_from_headers(&headers), Some(Code::from_bytes(b"00")));
+        }
     }
 
     #[test]

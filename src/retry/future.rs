@@ -21,7 +21,9 @@ use super::policy::RetryPolicy;
 use super::response_body::Outcome;
 use super::source::Source;
 use crate::BoxError;
-use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
+use crate::status::{
+    ResponseStatus, classify_response, code_from_error, code_from_headers, is_unprocessed,
+};
 
 /// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
 /// first. Transparent retries are not counted (grpc-go's `numRetries`, grpc-core's
@@ -88,15 +90,23 @@ pub(crate) struct RetryState<S> {
     head: Head,
     /// Where every attempt's body comes from.
     body: Source,
-    /// The next attempt's body, decided as soon as an attempt fails: it supersedes the failed
-    /// attempt's body, which stops reading from the caller's.
-    next_body: Option<u64>,
     retries: Retries,
     shared: Arc<Shared>,
     /// When the call was made.
     started: Instant,
-    /// The call's deadline, from its `grpc-timeout`: worked out at the first failure (`None`
-    /// until then), since a call that succeeds at once never needs it.
+    /// What only a call that has failed once needs, boxed at its first failure: most calls
+    /// succeed at once, and then neither move it with the future, nor drop it. A retry costs
+    /// allocations of its own (the new request's head) anyway.
+    failed: Option<Box<Failed>>,
+}
+
+/// The retry state of a call that has failed once: counts, backoff, and the next attempt.
+struct Failed {
+    /// The next attempt's body, decided as soon as an attempt fails: it supersedes the failed
+    /// attempt's body, which stops reading from the caller's.
+    next_body: Option<u64>,
+    /// The call's deadline, from its `grpc-timeout`: worked out when first needed (`None`
+    /// until then).
     deadline: Option<Option<Instant>>,
     /// Attempts of the retry policy sent, the first included.
     attempts: u32,
@@ -110,6 +120,22 @@ pub(crate) struct RetryState<S> {
     previous_delay: Duration,
     /// The backoff of the policy retries sent.
     total_delay: Duration,
+}
+
+impl Failed {
+    /// After the first attempt, which is sent before anything can fail.
+    fn after_first_attempt() -> Box<Self> {
+        Box::new(Failed {
+            next_body: None,
+            deadline: None,
+            attempts: 1,
+            transparent: 0,
+            pending: None,
+            retries_since_pushback: 0,
+            previous_delay: Duration::ZERO,
+            total_delay: Duration::ZERO,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -184,31 +210,31 @@ impl<S> RetryState<S> {
             service,
             head,
             body,
-            next_body: None,
             retries,
             shared,
             started,
-            deadline: None,
-            attempts: 1,
-            transparent: 0,
-            pending: None,
-            retries_since_pushback: 0,
-            previous_delay: Duration::ZERO,
-            total_delay: Duration::ZERO,
+            failed: None,
         }
+    }
+
+    /// The state of a failed call, made at its first failure.
+    fn failed(&mut self) -> &mut Failed {
+        self.failed.get_or_insert_with(Failed::after_first_attempt)
     }
 
     /// The call's policy, looked up again rather than kept: the layer's routes never change, and
     /// a kept clone would cost two atomic updates per call.
     fn policy(&self) -> &RetryPolicy {
-        self.shared.policy_for(self.head.path())
+        self.shared.policy_for_uri(self.head.uri())
     }
 
     /// The call's deadline: when it was made, plus its `grpc-timeout`.
     fn deadline(&mut self) -> Option<Instant> {
-        *self.deadline.get_or_insert_with(|| {
-            let timeout = self.head.timeout()?;
-            self.started.checked_add(timeout)
+        let (head, started) = (&self.head, self.started);
+        let failed = self.failed.get_or_insert_with(Failed::after_first_attempt);
+        *failed.deadline.get_or_insert_with(|| {
+            let timeout = head.timeout()?;
+            started.checked_add(timeout)
         })
     }
 
@@ -217,6 +243,13 @@ impl<S> RetryState<S> {
         match self.retries {
             Retries::Policy => self.policy().budget(),
             Retries::TransparentOnly => None,
+        }
+    }
+
+    /// An attempt ended Trailers-Only `OK`.
+    fn on_ok(&self) {
+        if let Some(budget) = self.budget() {
+            budget.on_success();
         }
     }
 
@@ -231,16 +264,14 @@ impl<S> RetryState<S> {
         match result {
             Ok(res) => match classify_response(&res) {
                 ResponseStatus::TrailersOnly(code) if code != Code::Ok => {
-                    self.next_body = Some(self.body.supersede());
+                    self.failed().next_body = Some(self.body.supersede());
                     match self.after_failure(code, pushback(res.headers())) {
                         Some(delay) => Decision::Retry(delay),
                         None => Decision::Done(Ok(res)),
                     }
                 }
                 ResponseStatus::TrailersOnly(_) => {
-                    if let Some(budget) = self.budget() {
-                        budget.on_success();
-                    }
+                    self.on_ok();
                     Decision::Done(Ok(res))
                 }
                 // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
@@ -266,16 +297,16 @@ impl<S> RetryState<S> {
                 }
             },
             Err(err) => {
-                self.next_body = Some(self.body.supersede());
+                self.failed().next_body = Some(self.body.supersede());
                 let err = err.into();
                 if is_unprocessed(&*err)
-                    && self.transparent < self.policy().max_transparent_retries()
+                    && self.failed().transparent < self.policy().max_transparent_retries()
                     && self.body.is_replayable()
                     && self.deadline().is_none_or(|d| Instant::now() < d)
                 {
                     // gRFC A6: the server never saw it, so retry at once, outside
                     // max_attempts and the budget.
-                    self.pending = Some(Pending::Transparent);
+                    self.failed().pending = Some(Pending::Transparent);
                     return Decision::Retry(Duration::ZERO);
                 }
                 match self.after_failure(code_from_error(&*err), None) {
@@ -294,7 +325,8 @@ impl<S> RetryState<S> {
         }
         let deadline = self.deadline();
         // Not `self.policy()`: the fields below change while it is borrowed.
-        let policy = self.shared.policy_for(self.head.path()).inner();
+        let policy = self.shared.policy_for_uri(self.head.uri()).inner();
+        let failed = self.failed.get_or_insert_with(Failed::after_first_attempt);
         let delay_after = match pushback {
             // gRFC A6 and grpc-go: the server asks not to be retried. A failure for throttling,
             // whatever the code.
@@ -313,15 +345,15 @@ impl<S> RetryState<S> {
         if let Some(budget) = &policy.budget {
             budget.on_failure();
         }
-        if self.attempts >= policy.max_attempts || !self.body.is_replayable() {
+        if failed.attempts >= policy.max_attempts || !self.body.is_replayable() {
             return None;
         }
         let (delay, previous, since_pushback) = match delay_after {
             // The server's delay, and the backoff starts over (as grpc-go does).
             Some(delay) => (delay, Duration::ZERO, 0),
             None => {
-                let since_pushback = self.retries_since_pushback.saturating_add(1);
-                let delay = policy.backoff.delay(since_pushback, self.previous_delay);
+                let since_pushback = failed.retries_since_pushback.saturating_add(1);
+                let delay = policy.backoff.delay(since_pushback, failed.previous_delay);
                 (delay, delay, since_pushback)
             }
         };
@@ -340,9 +372,9 @@ impl<S> RetryState<S> {
             self.shared.metrics.budget_exhausted.increment(1);
             return None;
         }
-        self.retries_since_pushback = since_pushback;
-        self.previous_delay = previous;
-        self.pending = Some(Pending::Policy(delay));
+        failed.retries_since_pushback = since_pushback;
+        failed.previous_delay = previous;
+        failed.pending = Some(Pending::Policy(delay));
         Some(delay)
     }
 
@@ -350,11 +382,12 @@ impl<S> RetryState<S> {
     /// the deadline at this moment, and the replayed body. Counts the retry as made: the caller
     /// sends it at once.
     fn next_request(&mut self) -> Result<Request<Body>, Status> {
-        let pending = self.pending.unwrap_or(Pending::Transparent);
+        let failed = self.failed();
+        let pending = failed.pending.unwrap_or(Pending::Transparent);
         let previous = match pending {
-            Pending::Policy(_) => self.attempts,
+            Pending::Policy(_) => failed.attempts,
             // It replaces an attempt the server never saw, and carries that attempt's count.
-            Pending::Transparent => self.attempts - 1,
+            Pending::Transparent => failed.attempts - 1,
         };
         let remaining = match self.deadline() {
             Some(deadline) => {
@@ -368,18 +401,17 @@ impl<S> RetryState<S> {
             }
             None => None,
         };
-        self.pending = None;
+        let failed = self.failed();
+        failed.pending = None;
         match pending {
             Pending::Policy(delay) => {
-                self.attempts += 1;
-                self.total_delay = self.total_delay.saturating_add(delay);
+                failed.attempts += 1;
+                failed.total_delay = failed.total_delay.saturating_add(delay);
             }
-            Pending::Transparent => self.transparent += 1,
+            Pending::Transparent => failed.transparent += 1,
         }
-        let generation = self
-            .next_body
-            .take()
-            .unwrap_or_else(|| self.body.supersede());
+        let next_body = failed.next_body.take();
+        let generation = next_body.unwrap_or_else(|| self.body.supersede());
         let body = self.body.attempt(generation);
         Ok(self.head.request(body, |headers| {
             if previous > 0 {
@@ -395,9 +427,11 @@ impl<S> RetryState<S> {
     }
 
     fn finish(&self) {
-        self.shared
-            .metrics
-            .record_call(self.attempts - 1, self.transparent, self.total_delay);
+        let (retries, transparent, delay) = match self.failed.as_deref() {
+            Some(failed) => (failed.attempts - 1, failed.transparent, failed.total_delay),
+            None => (0, 0, Duration::ZERO),
+        };
+        self.shared.metrics.record_call(retries, transparent, delay);
     }
 }
 
@@ -421,6 +455,14 @@ where
             match state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
+                    // Most calls end here: Trailers-Only `OK`, handed back as it came.
+                    if let Ok(res) = &result
+                        && code_from_headers(res.headers()) == Some(Code::Ok)
+                    {
+                        retry.on_ok();
+                        retry.finish();
+                        return Poll::Ready(result.map_err(Into::into));
+                    }
                     match retry.on_attempt(result) {
                         Decision::Done(output) => {
                             retry.finish();
@@ -495,7 +537,9 @@ mod tests {
             ours <= inner + state + 2 * std::mem::size_of::<usize>(),
             "{ours} vs {inner} + {state}"
         );
-        assert!(state <= 400, "{state}");
+        // What only a failed call needs is boxed at its first failure, not moved with every
+        // future (it was 380 bytes inline).
+        assert!(state <= 300, "{state}");
     }
 
     #[test]

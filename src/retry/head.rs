@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use http::request::Parts;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use tonic::GrpcMethod;
 use tonic::body::Body;
@@ -101,6 +100,22 @@ impl Kept {
         }
     }
 
+    fn no_retry(&self) -> bool {
+        match self {
+            Kept::Known { no_retry, .. } => *no_retry,
+            Kept::Copied(extensions) => extensions.get::<NoRetry>().is_some(),
+        }
+    }
+
+    fn set_call_end(&mut self, end: CallEnd) {
+        match self {
+            Kept::Known { call_end, .. } => *call_end = Some(end),
+            Kept::Copied(extensions) => {
+                extensions.insert(end);
+            }
+        }
+    }
+
     fn call_end(&self) -> Option<&CallEnd> {
         match self {
             Kept::Known { call_end, .. } => call_end.as_ref(),
@@ -110,26 +125,25 @@ impl Kept {
 }
 
 impl Head {
-    pub(crate) fn keep(parts: &Parts) -> Self {
-        let mut headers = Vec::with_capacity(parts.headers.len());
+    pub(crate) fn keep<B>(req: &Request<B>) -> Self {
+        let mut headers = Vec::with_capacity(req.headers().len());
         headers.extend(
-            parts
-                .headers
+            req.headers()
                 .iter()
                 .map(|(name, value)| (name.clone(), value.clone())),
         );
         Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
             headers,
-            extensions: Kept::new(&parts.extensions),
+            extensions: Kept::new(req.extensions()),
         }
     }
 
-    /// The request's path, `/pkg.Service/Method`.
-    pub(crate) fn path(&self) -> &str {
-        self.uri.path()
+    /// The request's URI.
+    pub(crate) fn uri(&self) -> &Uri {
+        &self.uri
     }
 
     /// The call's `grpc-timeout`, if it has a valid one.
@@ -139,6 +153,16 @@ impl Head {
             .iter()
             .find(|(name, _)| name == deadline::GRPC_TIMEOUT)?;
         deadline::parse(value.as_bytes())
+    }
+
+    /// Whether the call carries [`NoRetry`].
+    pub(crate) fn no_retry(&self) -> bool {
+        self.extensions.no_retry()
+    }
+
+    /// Gives every later attempt `end`, as the first attempt's extensions get it.
+    pub(crate) fn set_call_end(&mut self, end: CallEnd) {
+        self.extensions.set_call_end(end);
     }
 
     /// The call's [`CallEnd`], if it carries one.
@@ -191,6 +215,43 @@ mod tests {
     }
 
     #[test]
+    fn no_retry_and_a_call_end_added_later_reach_every_retry() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        for caller_own in [false, true] {
+            let mut req = Request::new(());
+            req.extensions_mut()
+                .insert(GrpcMethod::new("pkg.Echo", "Unary"));
+            assert!(!Head::keep(&req).no_retry(), "own: {caller_own}");
+            req.extensions_mut().insert(NoRetry);
+            if caller_own {
+                req.extensions_mut().insert("the caller's own");
+            }
+            let mut head = Head::keep(&req);
+            assert_eq!(matches!(head.extensions, Kept::Copied(_)), caller_own);
+            assert!(head.no_retry(), "own: {caller_own}");
+
+            let end = CallEnd::new();
+            head.set_call_end(end.clone());
+            let heard = Arc::new(AtomicBool::new(false));
+            let flag = heard.clone();
+            end.on_end(move |_| flag.store(true, Ordering::SeqCst));
+            let retry = head.request(Body::empty(), |_| {});
+            retry
+                .extensions()
+                .get::<CallEnd>()
+                .unwrap()
+                .report(tonic::Code::Ok);
+            assert!(
+                heard.load(Ordering::SeqCst),
+                "the retry carries the same CallEnd"
+            );
+            assert!(retry.extensions().get::<NoRetry>().is_some());
+        }
+    }
+
+    #[test]
     fn a_kept_head_gives_back_the_same_request_head() {
         let mut req = Request::builder()
             .method(Method::POST)
@@ -202,8 +263,8 @@ mod tests {
             .body(())
             .unwrap();
         req.extensions_mut().insert(7u32);
+        let head = Head::keep(&req);
         let (parts, ()) = req.into_parts();
-        let head = Head::keep(&parts);
         let again = head.request(Body::empty(), |h| {
             h.insert("x-added", HeaderValue::from_static("yes"));
         });
@@ -216,9 +277,9 @@ mod tests {
         assert_eq!(again.headers()["x-added"], "yes");
         assert_eq!(again.extensions().get::<u32>(), Some(&7));
         assert_eq!(head.timeout(), None);
-        let mut timed = parts.clone();
+        let mut timed = Request::from_parts(parts, ());
         timed
-            .headers
+            .headers_mut()
             .insert(deadline::GRPC_TIMEOUT, HeaderValue::from_static("250m"));
         assert_eq!(
             Head::keep(&timed).timeout(),

@@ -65,6 +65,14 @@ impl RetryLayer {
 }
 
 impl Shared {
+    /// The policy for a request's URI: its path is read only when there are routes to match.
+    pub(crate) fn policy_for_uri(&self, uri: &http::Uri) -> &RetryPolicy {
+        if self.routes.is_empty() {
+            return &self.default;
+        }
+        self.policy_for(uri.path())
+    }
+
     /// The policy for a request path, without allocating.
     pub(crate) fn policy_for(&self, path: &str) -> &RetryPolicy {
         if self.routes.is_empty() {

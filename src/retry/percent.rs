@@ -63,7 +63,9 @@ impl PercentBudget {
     /// slot), which only matters to a slot left untouched exactly that long.
     fn slot_at(&self, now: Instant) -> u32 {
         let elapsed = now.saturating_duration_since(self.start);
-        (elapsed.as_nanos() / u128::from(self.slot_nanos)) as u32
+        // In u64 (584 years of nanoseconds): a 128-bit division is a library call, per call.
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        (nanos / self.slot_nanos) as u32
     }
 
     /// A call was made at `now`.

@@ -39,6 +39,9 @@ use crate::status::CallEnd;
 /// [`CallEnd`], [`NoRetry`]); a request carrying any other extension pays for a copy of the
 /// map (`http::Extensions::clone`: the map, its table and one box per value).
 ///
+/// A call whose attempt fails boxes, once, what only retries need (counts, backoff, the next
+/// attempt), besides what its new attempt's request costs.
+///
 /// A streaming request body (one not ready in a single frame when the call is made) is kept by a
 /// [`ReplayBody`](super::ReplayBody) instead: one shared buffer more, and its list of frames.
 /// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map). The
@@ -112,30 +115,37 @@ where
         self.inner.poll_ready(cx).map_err(super::into_status)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let policy = self.shared.policy_for(req.uri().path());
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let policy = self.shared.policy_for_uri(req.uri());
         let max_bytes = policy.max_replay_bytes();
-        let retries = if policy.max_attempts() > 1 && req.extensions().get::<NoRetry>().is_none() {
+        // Nothing to retry: the inner future as it is, no allocation. Without transparent
+        // retries only the policy's are left, and there are none for a policy of one attempt or
+        // a `NoRetry` call.
+        if policy.max_transparent_retries() == 0
+            && (policy.max_attempts() <= 1 || req.extensions().get::<NoRetry>().is_some())
+        {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        // The body is swapped in place rather than through `into_parts`/`from_parts`: the head
+        // stays where it is, not moved twice.
+        let body = match Source::new(std::mem::take(req.body_mut()), max_bytes) {
+            Ok(body) => body,
+            // A body that cannot be replayed (over the cap by its size hint, or as it was read,
+            // or failed): sent once, the inner future as it is.
+            Err(body) => {
+                *req.body_mut() = body;
+                return ResponseFuture::passthrough(self.inner.call(req));
+            }
+        };
+        // The first attempt sends the caller's own head; later ones a copy.
+        let mut head = Head::keep(&req);
+        // `NoRetry` as the copy found it: no lookup of its own.
+        let retries = if policy.max_attempts() > 1 && !head.no_retry() {
             Retries::Policy
         } else {
             // gRFC A6: transparent retries apply to every call, whatever its policy, since the
             // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
             Retries::TransparentOnly
-        };
-        // Nothing to retry: the inner future as it is, no allocation.
-        if retries == Retries::TransparentOnly && policy.max_transparent_retries() == 0 {
-            return ResponseFuture::passthrough(self.inner.call(req));
-        }
-        let (mut parts, body) = req.into_parts();
-        let body = match Source::new(body, max_bytes) {
-            Ok(body) => body,
-            // A body that cannot be replayed (over the cap by its size hint, or as it was read,
-            // or failed): sent once, the inner future as it is.
-            Err(body) => {
-                return ResponseFuture::passthrough(
-                    self.inner.call(Request::from_parts(parts, body)),
-                );
-            }
         };
         // One clock read for both: the budget's time slot, and the start the deadline counts
         // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
@@ -146,13 +156,14 @@ where
             budget.on_call(started);
         }
         // A token bucket hears how a committed call ends: from its body, or from the layer
-        // below that reads its trailers, through this (see `CallEnd`).
+        // below that reads its trailers, through this (see `CallEnd`). Every attempt carries it.
         if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
-            parts.extensions.insert(CallEnd::new());
+            let end = CallEnd::new();
+            head.set_call_end(end.clone());
+            req.extensions_mut().insert(end);
         }
-        // The first attempt sends the caller's own head; later ones a copy.
-        let head = Head::keep(&parts);
-        let first = Request::from_parts(parts, body.attempt(body.supersede()));
+        *req.body_mut() = body.attempt(body.supersede());
+        let first = req;
         let future = self.inner.call(first);
         // The clone drives its own poll_ready before every later attempt.
         let service = self.inner.clone();

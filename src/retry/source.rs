@@ -46,11 +46,14 @@ impl Source {
         let mut more = Vec::new();
         let mut buffered = 0usize;
         let mut trailers: Option<HeaderMap> = None;
+        let mut at_end = was_empty;
         let rest = loop {
-            if body.is_end_stream() {
+            if at_end {
                 break None;
             }
-            match Pin::new(&mut body).poll_frame(&mut cx) {
+            let frame = Pin::new(&mut body).poll_frame(&mut cx);
+            at_end = body.is_end_stream();
+            match frame {
                 Poll::Pending => break Some(body),
                 Poll::Ready(None) => break None,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
