@@ -162,10 +162,24 @@ impl Feedback {
     }
 }
 
-/// `host:port` of an endpoint URI, for messages.
+/// How messages name an endpoint: `host:port`, or for a Unix socket its path
+/// (`unix:/run/app.sock`, `unix-abstract:name`), since a socket's key has the authority
+/// `localhost` whatever the socket (see [`unix_key`](crate::channel::unix_key)).
 pub(crate) fn authority(uri: &Uri) -> String {
-    uri.authority()
-        .map_or_else(|| uri.to_string(), ToString::to_string)
+    match crate::channel::target::unix_socket(uri) {
+        Some(Ok(socket)) => match socket.strip_prefix('\0') {
+            // Named as its key has it: percent-encoded, so that a NUL in the name shows.
+            Some(_) => {
+                let path = uri.path();
+                format!("unix-abstract:{}", path.strip_prefix('/').unwrap_or(path))
+            }
+            None => format!("unix:{socket}"),
+        },
+        Some(Err(_)) => uri.to_string(),
+        None => uri
+            .authority()
+            .map_or_else(|| uri.to_string(), ToString::to_string),
+    }
 }
 
 /// A stable id for one discovered endpoint (a re-inserted address gets a new one).
@@ -546,6 +560,25 @@ pub struct EndpointSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_a_unix_socket_by_its_path_not_localhost() {
+        use crate::channel::{abstract_key, unix_key};
+        assert_eq!(authority(&unix_key("/run/app.sock")), "unix:/run/app.sock");
+        assert_eq!(authority(&unix_key("app.sock")), "unix:app.sock");
+        assert_eq!(
+            authority(&unix_key("/run/my app.sock")),
+            "unix:/run/my app.sock"
+        );
+        assert_eq!(
+            authority(&abstract_key("my\0app")),
+            "unix-abstract:my%00app"
+        );
+        assert_eq!(
+            authority(&"http://10.0.0.1:50051".parse().unwrap()),
+            "10.0.0.1:50051"
+        );
+    }
 
     fn ewma() -> PeakEwma {
         PeakEwma::new(EwmaConfig {
