@@ -658,7 +658,7 @@ mod tests {
 
     #[test]
     fn consistent_hash_spreads_keys_evenly_over_many_endpoints() {
-        let c = candidates(&vec![1; 50]);
+        let c = candidates(&[1; 50]);
         let mut ring = ConsistentHash::header("x-user");
         ring.update(&c);
         let mut share = vec![0usize; c.len()];
