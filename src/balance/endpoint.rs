@@ -141,10 +141,7 @@ impl Load {
     /// An endpoint no balancer knows, for tests of its figures and of strategies: the default
     /// RTT 30 ms, decaying over 10 s.
     pub(crate) fn unattached(id: EndpointId, uri: Uri, weight: u32) -> Self {
-        let ewma = EwmaConfig {
-            default_rtt: Duration::from_millis(30),
-            decay: Duration::from_secs(10),
-        };
+        let ewma = EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10));
         let meta = discover::Endpoint::weighted(weight);
         Load::new(id, uri, meta, ewma, Feedback::unread(None))
     }
@@ -305,6 +302,19 @@ impl Load {
 pub(crate) struct EwmaConfig {
     pub(crate) default_rtt: Duration,
     pub(crate) decay: Duration,
+    /// What every endpoint's estimate counts its times from: one for all, so that a pick
+    /// compares two estimates' ages as plain integers.
+    epoch: Instant,
+}
+
+impl EwmaConfig {
+    pub(crate) fn new(default_rtt: Duration, decay: Duration) -> Self {
+        EwmaConfig {
+            default_rtt,
+            decay,
+            epoch: Instant::now(),
+        }
+    }
 }
 
 /// Finagle's peak EWMA, as tower and linkerd use it: a slower response raises the estimate at
@@ -336,14 +346,17 @@ struct PeakEwma {
 impl PeakEwma {
     fn new(config: EwmaConfig) -> Self {
         let default_ns = config.default_rtt.as_nanos() as f64;
-        PeakEwma {
-            epoch: Instant::now(),
+        let ewma = PeakEwma {
+            epoch: config.epoch,
             decay_ns: config.decay.as_nanos().max(1) as f64,
             default_ns,
             estimate_ns: AtomicU64::new(default_ns.to_bits()),
             updated_ns: AtomicU64::new(0),
             measured: AtomicBool::new(false),
-        }
+        };
+        ewma.updated_ns
+            .store(ewma.since_epoch(Instant::now()), Ordering::Relaxed);
+        ewma
     }
 
     fn since_epoch(&self, now: Instant) -> u64 {
@@ -400,16 +413,15 @@ impl PeakEwma {
     }
 
     fn estimate_ns(&self, now: Instant) -> f64 {
-        let (estimate, updated) = self.read();
-        let elapsed = now.saturating_duration_since(updated).as_nanos() as f64;
+        let (estimate, updated_ns) = self.read();
+        let elapsed = self.since_epoch(now).saturating_sub(updated_ns) as f64;
         estimate * decayed(elapsed / self.decay_ns)
     }
 
-    /// The estimate, and when it was written.
-    fn read(&self) -> (f64, Instant) {
+    /// The estimate, and when it was written (ns since the epoch).
+    fn read(&self) -> (f64, u64) {
         let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
-        let updated = Duration::from_nanos(self.updated_ns.load(Ordering::Relaxed));
-        (estimate, self.epoch + updated)
+        (estimate, self.updated_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -431,14 +443,28 @@ fn decayed(x: f64) -> f64 {
 pub(crate) fn rtt_cost_below(b: &Load, b_factor: f64, a: &Load, a_factor: f64) -> bool {
     let (a_estimate, a_updated) = a.rtt.read();
     let (b_estimate, b_updated) = b.rtt.read();
+    // Endpoints of one balancer share the epoch; others (tests' endpoints) are compared in
+    // `a`'s.
+    let (a_updated, b_updated) = if a.rtt.epoch == b.rtt.epoch {
+        (a_updated, b_updated)
+    } else {
+        let shift = |ns: u64, from: Instant, to: Instant| -> u64 {
+            if from >= to {
+                ns.saturating_add(from.duration_since(to).as_nanos() as u64)
+            } else {
+                ns.saturating_sub(to.duration_since(from).as_nanos() as u64)
+            }
+        };
+        (a_updated, shift(b_updated, b.rtt.epoch, a.rtt.epoch))
+    };
     let (a_cost, b_cost) = (a_estimate * a_factor, b_estimate * b_factor);
     let decay_ns = a.rtt.decay_ns;
     if b_updated >= a_updated {
         // `a` was written earlier: it has decayed for longer since.
-        let between = b_updated.duration_since(a_updated).as_nanos() as f64;
+        let between = (b_updated - a_updated) as f64;
         b_cost < a_cost * decayed(between / decay_ns)
     } else {
-        let between = a_updated.duration_since(b_updated).as_nanos() as f64;
+        let between = (a_updated - b_updated) as f64;
         b_cost * decayed(between / decay_ns) < a_cost
     }
 }
@@ -571,10 +597,10 @@ mod tests {
     }
 
     fn ewma() -> PeakEwma {
-        PeakEwma::new(EwmaConfig {
-            default_rtt: Duration::from_millis(30),
-            decay: Duration::from_secs(10),
-        })
+        PeakEwma::new(EwmaConfig::new(
+            Duration::from_millis(30),
+            Duration::from_secs(10),
+        ))
     }
 
     #[tokio::test(start_paused = true)]
