@@ -1326,3 +1326,48 @@ async fn a_call_that_waited_for_a_ready_endpoint_is_sent_with_the_rest_of_its_de
         "sent with {left:?} of 250 ms left"
     );
 }
+
+/// A strategy that counts how often it is given a new candidate set.
+struct CountingUpdates(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl towline::balance::Strategy for CountingUpdates {
+    fn update(&mut self, _: &[towline::balance::Candidate]) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn pick(&self, _: &http::request::Parts, _: &[towline::balance::Candidate]) -> usize {
+        0
+    }
+}
+
+#[tokio::test]
+async fn endpoints_ready_at_once_rebuild_the_strategy_a_few_times_not_once_each() {
+    const ENDPOINTS: usize = 300;
+    let updates = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gated = Gated::default();
+    gated.open();
+    let uris = (0..ENDPOINTS).map(|i| {
+        format!("http://10.0.{}.{}:1", i / 250, i % 250 + 1)
+            .parse::<Uri>()
+            .unwrap()
+    });
+    let config = config()
+        .strategy(CountingUpdates(updates.clone()))
+        .build()
+        .unwrap();
+    let b = gated_balance(&gated, Static::new(uris), config);
+    timeout(
+        Duration::from_secs(10),
+        b.wait_until(|s| s.len() == ENDPOINTS && count(s, EndpointState::Ready) == ENDPOINTS),
+    )
+    .await
+    .expect("every endpoint ready");
+    // The endpoints' reports are applied once per wake-up of the balancer's task, so the
+    // candidate set (and with it a hash ring, a weighted schedule) is rebuilt a few times,
+    // where one rebuild per endpoint made starting N endpoints cost N rebuilds of up to N.
+    let rebuilds = updates.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        rebuilds <= ENDPOINTS / 10,
+        "{rebuilds} rebuilds for {ENDPOINTS} endpoints becoming ready"
+    );
+}

@@ -13,7 +13,9 @@ use http_body_util::BodyExt;
 use tonic::body::Body;
 use tower::Service;
 use towline::BoxError;
-use towline::balance::{Balance, BalanceConfig, EndpointState, RoundRobin};
+use towline::balance::{
+    Balance, BalanceConfig, ConsistentHash, EndpointState, RoundRobin, Strategy,
+};
 use towline::discover::Static;
 
 struct Counting;
@@ -93,6 +95,10 @@ fn request() -> Request<Body> {
     request
         .headers_mut()
         .insert("grpc-timeout", HeaderValue::from_static("5S"));
+    // The key a ring hash reads (the other strategies ignore it).
+    request
+        .headers_mut()
+        .insert("x-user", HeaderValue::from_static("user-7"));
     request
 }
 
@@ -114,17 +120,26 @@ where
 
 #[tokio::test]
 async fn a_call_with_a_deadline_allocates_nothing_in_the_balancer() {
+    assert_balancer_allocates_nothing(RoundRobin::new(), &["http://a:1"]).await;
+}
+
+#[tokio::test]
+async fn a_ring_hash_pick_allocates_nothing() {
+    let strategy = ConsistentHash::header("x-user");
+    assert_balancer_allocates_nothing(strategy, &["http://a:1", "http://b:1", "http://c:1"]).await;
+}
+
+/// Calls through a balancer over `endpoints` with `strategy` allocate no more than bare calls.
+async fn assert_balancer_allocates_nothing(strategy: impl Strategy, endpoints: &[&'static str]) {
     let make = tower::service_fn(|_: Uri| async { Ok::<_, BoxError>(Later) });
     let mut balance = Balance::new(
-        Static::new([Uri::from_static("http://a:1")]),
+        Static::new(endpoints.iter().map(|&e| Uri::from_static(e))),
         make,
-        BalanceConfig::builder()
-            .strategy(RoundRobin::new())
-            .build()
-            .unwrap(),
+        BalanceConfig::builder().strategy(strategy).build().unwrap(),
     );
+    let n = endpoints.len();
     balance
-        .wait_until(|s| s.len() == 1 && s[0].state == EndpointState::Ready)
+        .wait_until(|s| s.len() == n && s.iter().all(|e| e.state == EndpointState::Ready))
         .await;
     const CALLS: u64 = 1000;
     // Warm both paths first (lazily built state, the timer wheel's first use).

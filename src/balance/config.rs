@@ -60,10 +60,7 @@ impl BalanceConfig {
                 panic_threshold: 0.5,
                 endpoint_wait: Duration::from_secs(3),
                 reconnect: Backoff::grpc_connection(),
-                ewma: EwmaConfig {
-                    default_rtt: Duration::from_millis(30),
-                    decay: Duration::from_secs(10),
-                },
+                ewma: EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10)),
                 target: "towline".to_owned(),
                 strategy_invalid: None,
             },

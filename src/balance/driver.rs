@@ -22,7 +22,7 @@ use tower::ServiceExt;
 use super::endpoint::{
     CallEvent, EndpointId, EndpointService, EwmaConfig, Feedback, Load, MakeEndpoint, authority,
 };
-use super::table::{Connection, Counts, Health, Shared, Slot};
+use super::table::{Connection, Counts, Health, Shared, Slot, Table};
 use crate::BoxError;
 use crate::backoff::Backoff;
 use crate::deadline::instant_after;
@@ -81,6 +81,10 @@ impl<M, S> Driver<M, S> {
     }
 }
 
+/// The most endpoint reports applied in one table update: enough to take a thousand endpoints
+/// becoming ready in a few updates, few enough that discovery and calls' events wait little.
+const EVENT_BATCH: usize = 256;
+
 struct Known {
     id: EndpointId,
     task: AbortHandle,
@@ -106,6 +110,7 @@ where
         let mut tasks = JoinSet::new();
         let mut known: HashMap<Uri, Known> = HashMap::new();
         let mut next_id: EndpointId = 0;
+        let mut events = Vec::with_capacity(EVENT_BATCH);
         let interval = self
             .detection
             .as_ref()
@@ -162,13 +167,18 @@ where
                     }
                     None => tracing::debug!("discovery ended; keeping the last endpoint set"),
                 },
-                Some(event) = endpoint_rx.recv() => {
-                    if let EndpointEvent::Connected(id, ..) = &event
-                        && let Some(endpoint) = known.values_mut().find(|k| k.id == *id)
-                    {
-                        endpoint.restarts = 0;
+                // Every report waiting goes into one table update: when many endpoints become
+                // ready at once (a start, a network coming back), the candidate set and the
+                // strategy's state (a hash ring) are rebuilt once per wake-up, not once each.
+                1.. = endpoint_rx.recv_many(&mut events, EVENT_BATCH) => {
+                    for event in &events {
+                        if let EndpointEvent::Connected(id, ..) = event
+                            && let Some(endpoint) = known.values_mut().find(|k| k.id == *id)
+                        {
+                            endpoint.restarts = 0;
+                        }
                     }
-                    self.apply(event);
+                    self.apply(events.drain(..));
                 }
                 Some(event) = calls.recv() => match event {
                     CallEvent::FailureStreak(id) => self.eject_for_failures(id),
@@ -227,14 +237,14 @@ where
             reason = %why,
             "balancer endpoint task ended; restarting it after the reconnect backoff"
         );
-        self.apply(EndpointEvent::Down(
+        self.apply([EndpointEvent::Down(
             endpoint.id,
             format!(
                 "{}: {why} (restarting in {:.1} s)",
                 authority(uri),
                 delay.as_secs_f64()
             ),
-        ));
+        )]);
         let task = endpoint_task(
             endpoint.id,
             uri.clone(),
@@ -265,8 +275,17 @@ where
         });
     }
 
-    fn apply(&self, event: EndpointEvent<S>) {
-        self.shared.update(|t| match event {
+    /// Applies endpoints' reports, in order, in one table update.
+    fn apply(&self, events: impl IntoIterator<Item = EndpointEvent<S>>) {
+        self.shared.update(|t| {
+            for event in events {
+                self.apply_one(t, event);
+            }
+        });
+    }
+
+    fn apply_one(&self, t: &mut Table<S>, event: EndpointEvent<S>) {
+        match event {
             EndpointEvent::Connecting(id) => {
                 if let Some(slot) = t.slot_mut(id) {
                     slot.connection = Connection::Connecting;
@@ -338,7 +357,7 @@ where
                     }
                 }
             }
-        });
+        }
     }
 
     /// Runs `f` over the live endpoints' outlier state (with this interval's outcome counts,

@@ -141,10 +141,7 @@ impl Load {
     /// An endpoint no balancer knows, for tests of its figures and of strategies: the default
     /// RTT 30 ms, decaying over 10 s.
     pub(crate) fn unattached(id: EndpointId, uri: Uri, weight: u32) -> Self {
-        let ewma = EwmaConfig {
-            default_rtt: Duration::from_millis(30),
-            decay: Duration::from_secs(10),
-        };
+        let ewma = EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10));
         let meta = discover::Endpoint::weighted(weight);
         Load::new(id, uri, meta, ewma, Feedback::unread(None))
     }
@@ -162,10 +159,24 @@ impl Feedback {
     }
 }
 
-/// `host:port` of an endpoint URI, for messages.
+/// How messages name an endpoint: `host:port`, or for a Unix socket its path
+/// (`unix:/run/app.sock`, `unix-abstract:name`), since a socket's key has the authority
+/// `localhost` whatever the socket (see [`unix_key`](crate::channel::unix_key)).
 pub(crate) fn authority(uri: &Uri) -> String {
-    uri.authority()
-        .map_or_else(|| uri.to_string(), ToString::to_string)
+    match crate::channel::target::unix_socket(uri) {
+        Some(Ok(socket)) => match socket.strip_prefix('\0') {
+            // Named as its key has it: percent-encoded, so that a NUL in the name shows.
+            Some(_) => {
+                let path = uri.path();
+                format!("unix-abstract:{}", path.strip_prefix('/').unwrap_or(path))
+            }
+            None => format!("unix:{socket}"),
+        },
+        Some(Err(_)) => uri.to_string(),
+        None => uri
+            .authority()
+            .map_or_else(|| uri.to_string(), ToString::to_string),
+    }
 }
 
 /// A stable id for one discovered endpoint (a re-inserted address gets a new one).
@@ -181,9 +192,8 @@ pub(crate) struct Load {
     /// update), without reconnecting.
     weight: AtomicU32,
     pub(crate) in_flight: AtomicUsize,
-    /// The estimate, changed under the lock (once per call), read without it (`rtt_published`).
-    rtt: Mutex<PeakEwma>,
-    rtt_published: PublishedEwma,
+    /// The round-trip estimate, written by every call and read by picks, without a lock.
+    rtt: PeakEwma,
     // Outcomes since the last outlier-detection interval, and the current failure streak.
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -205,14 +215,12 @@ impl Load {
         ewma: EwmaConfig,
         feedback: Arc<Feedback>,
     ) -> Self {
-        let rtt = PeakEwma::new(ewma);
         Load {
             id,
             uri,
             weight: AtomicU32::new(meta.weight),
             in_flight: AtomicUsize::new(0),
-            rtt_published: PublishedEwma::new(&rtt),
-            rtt: Mutex::new(rtt),
+            rtt: PeakEwma::new(ewma),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -234,16 +242,12 @@ impl Load {
 
     /// Feeds one round trip, which ended at `now`, to the estimate.
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        let mut ewma = self.rtt();
-        ewma.observe(rtt, now);
-        self.rtt_published.publish(&ewma);
+        self.rtt.observe(rtt, now);
     }
 
     /// Forgets the old connection's round trips (see `PeakEwma::forget`).
     pub(crate) fn forget_rtt(&self) {
-        let mut ewma = self.rtt();
-        ewma.forget(Instant::now());
-        self.rtt_published.publish(&ewma);
+        self.rtt.forget(Instant::now());
     }
 
     /// The decayed peak-EWMA round-trip estimate.
@@ -253,11 +257,7 @@ impl Load {
 
     /// The estimate at `now`, without a lock: what picks read, many times per call.
     pub(crate) fn rtt_estimate_at(&self, now: Instant) -> Duration {
-        Duration::from_nanos(self.rtt_published.estimate_ns(now) as u64)
-    }
-
-    fn rtt(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
-        self.rtt.lock().unwrap_or_else(PoisonError::into_inner)
+        self.rtt.estimate(now)
     }
 
     /// Records a call's outcome; returns the failure streak after it.
@@ -302,6 +302,19 @@ impl Load {
 pub(crate) struct EwmaConfig {
     pub(crate) default_rtt: Duration,
     pub(crate) decay: Duration,
+    /// What every endpoint's estimate counts its times from: one for all, so that a pick
+    /// compares two estimates' ages as plain integers.
+    epoch: Instant,
+}
+
+impl EwmaConfig {
+    pub(crate) fn new(default_rtt: Duration, decay: Duration) -> Self {
+        EwmaConfig {
+            default_rtt,
+            decay,
+            epoch: Instant::now(),
+        }
+    }
 }
 
 /// Finagle's peak EWMA, as tower and linkerd use it: a slower response raises the estimate at
@@ -311,25 +324,43 @@ pub(crate) struct EwmaConfig {
 /// Unlike tower's, the default RTT only stands in until the first measurement, which replaces it:
 /// averaging from the default would take a whole decay period (10 s) to tell a 1 ms endpoint from
 /// a 20 ms one.
+///
+/// Lock-free, as every call writes it and picks read it: the estimate is one atomic, changed by
+/// compare-and-swap, so that no sample is lost to a concurrent one; when it was written is another.
+/// A reader (or a writer's decay) that sees one half of a concurrent write decays the new value
+/// from the old time or the reverse: an estimate off by one call's decay, which a choice among
+/// endpoints does not notice.
 #[derive(Debug)]
 struct PeakEwma {
-    estimate_ns: f64,
-    updated: Instant,
+    epoch: Instant,
     decay_ns: f64,
     default_ns: f64,
-    measured: bool,
+    /// The estimate in ns, as `f64` bits.
+    estimate_ns: AtomicU64,
+    /// When it was last written, in ns since `epoch`.
+    updated_ns: AtomicU64,
+    /// Whether the estimate is a measurement, not the default (or a new connection's cap).
+    measured: AtomicBool,
 }
 
 impl PeakEwma {
     fn new(config: EwmaConfig) -> Self {
         let default_ns = config.default_rtt.as_nanos() as f64;
-        PeakEwma {
-            estimate_ns: default_ns,
-            updated: Instant::now(),
+        let ewma = PeakEwma {
+            epoch: config.epoch,
             decay_ns: config.decay.as_nanos().max(1) as f64,
             default_ns,
-            measured: false,
-        }
+            estimate_ns: AtomicU64::new(default_ns.to_bits()),
+            updated_ns: AtomicU64::new(0),
+            measured: AtomicBool::new(false),
+        };
+        ewma.updated_ns
+            .store(ewma.since_epoch(Instant::now()), Ordering::Relaxed);
+        ewma
+    }
+
+    fn since_epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// A new connection: what the old one measured no longer describes the endpoint (it may be
@@ -337,75 +368,60 @@ impl PeakEwma {
     /// endpoint. Until then the estimate is no higher than the default: a peak the old
     /// connection recorded as it died (a keepalive or deadline timeout) must not starve it, and
     /// one that was fast keeps its lower estimate rather than look worse than a stranger.
-    fn forget(&mut self, now: Instant) {
-        self.estimate_ns = (self.estimate(now).as_nanos() as f64).min(self.default_ns);
-        self.updated = now;
-        self.measured = false;
+    fn forget(&self, now: Instant) {
+        let estimate = self.estimate_ns(now).min(self.default_ns);
+        self.measured.store(false, Ordering::Relaxed);
+        self.estimate_ns
+            .store(estimate.to_bits(), Ordering::Relaxed);
+        self.updated_ns
+            .store(self.since_epoch(now), Ordering::Relaxed);
     }
 
-    fn observe(&mut self, rtt: Duration, now: Instant) {
+    fn observe(&self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
-        if !std::mem::replace(&mut self.measured, true) || rtt_ns > self.estimate_ns {
-            self.estimate_ns = rtt_ns;
-        } else {
-            let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-            let keep = decayed(elapsed / self.decay_ns);
-            self.estimate_ns = self.estimate_ns * keep + rtt_ns * (1.0 - keep);
+        let now_ns = self.since_epoch(now);
+        // The first measurement replaces the default (a load first: the swap is a locked
+        // instruction, needed once per connection).
+        let first =
+            !self.measured.load(Ordering::Relaxed) && !self.measured.swap(true, Ordering::Relaxed);
+        let mut current = self.estimate_ns.load(Ordering::Relaxed);
+        loop {
+            let estimate = f64::from_bits(current);
+            let next = if first || rtt_ns > estimate {
+                rtt_ns
+            } else {
+                let updated = self.updated_ns.load(Ordering::Relaxed);
+                let elapsed = now_ns.saturating_sub(updated) as f64;
+                let keep = decayed(elapsed / self.decay_ns);
+                estimate * keep + rtt_ns * (1.0 - keep)
+            };
+            match self.estimate_ns.compare_exchange_weak(
+                current,
+                next.to_bits(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(changed) => current = changed,
+            }
         }
-        self.updated = now;
+        self.updated_ns.store(now_ns, Ordering::Relaxed);
     }
 
     fn estimate(&self, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-        Duration::from_nanos((self.estimate_ns * decayed(elapsed / self.decay_ns)) as u64)
-    }
-}
-
-/// The last written peak-EWMA estimate, for readers that must not take a lock: its value and
-/// when it was written, each in an atomic. A reader that sees one half of a concurrent write
-/// decays the new value from the old time or the reverse: an estimate off by one call's decay,
-/// which a choice among endpoints does not notice.
-#[derive(Debug)]
-struct PublishedEwma {
-    epoch: Instant,
-    decay_ns: f64,
-    estimate_ns: AtomicU64,
-    updated_ns: AtomicU64,
-}
-
-impl PublishedEwma {
-    fn new(ewma: &PeakEwma) -> Self {
-        let published = PublishedEwma {
-            epoch: ewma.updated,
-            decay_ns: ewma.decay_ns,
-            estimate_ns: AtomicU64::new(0),
-            updated_ns: AtomicU64::new(0),
-        };
-        published.publish(ewma);
-        published
-    }
-
-    fn publish(&self, ewma: &PeakEwma) {
-        let updated = ewma
-            .updated
-            .saturating_duration_since(self.epoch)
-            .as_nanos() as u64;
-        self.estimate_ns
-            .store(ewma.estimate_ns.to_bits(), Ordering::Relaxed);
-        self.updated_ns.store(updated, Ordering::Relaxed);
+        Duration::from_nanos(self.estimate_ns(now) as u64)
     }
 
     fn estimate_ns(&self, now: Instant) -> f64 {
-        let (estimate, updated) = self.read();
-        let elapsed = now.saturating_duration_since(updated).as_nanos() as f64;
+        let (estimate, updated_ns) = self.read();
+        let elapsed = self.since_epoch(now).saturating_sub(updated_ns) as f64;
         estimate * decayed(elapsed / self.decay_ns)
     }
 
-    /// The estimate, and when it was written.
-    fn read(&self) -> (f64, Instant) {
+    /// The estimate, and when it was written (ns since the epoch).
+    fn read(&self) -> (f64, u64) {
         let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
-        let updated = Duration::from_nanos(self.updated_ns.load(Ordering::Relaxed));
-        (estimate, self.epoch + updated)
+        (estimate, self.updated_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -425,16 +441,30 @@ fn decayed(x: f64) -> f64 {
 /// cancels out: the comparison reads no clock, and computes one `exp` of the time between the
 /// two estimates' updates (toward zero, so that it never overflows).
 pub(crate) fn rtt_cost_below(b: &Load, b_factor: f64, a: &Load, a_factor: f64) -> bool {
-    let (a_estimate, a_updated) = a.rtt_published.read();
-    let (b_estimate, b_updated) = b.rtt_published.read();
+    let (a_estimate, a_updated) = a.rtt.read();
+    let (b_estimate, b_updated) = b.rtt.read();
+    // Endpoints of one balancer share the epoch; others (tests' endpoints) are compared in
+    // `a`'s.
+    let (a_updated, b_updated) = if a.rtt.epoch == b.rtt.epoch {
+        (a_updated, b_updated)
+    } else {
+        let shift = |ns: u64, from: Instant, to: Instant| -> u64 {
+            if from >= to {
+                ns.saturating_add(from.duration_since(to).as_nanos() as u64)
+            } else {
+                ns.saturating_sub(to.duration_since(from).as_nanos() as u64)
+            }
+        };
+        (a_updated, shift(b_updated, b.rtt.epoch, a.rtt.epoch))
+    };
     let (a_cost, b_cost) = (a_estimate * a_factor, b_estimate * b_factor);
-    let decay_ns = a.rtt_published.decay_ns;
+    let decay_ns = a.rtt.decay_ns;
     if b_updated >= a_updated {
         // `a` was written earlier: it has decayed for longer since.
-        let between = b_updated.duration_since(a_updated).as_nanos() as f64;
+        let between = (b_updated - a_updated) as f64;
         b_cost < a_cost * decayed(between / decay_ns)
     } else {
-        let between = a_updated.duration_since(b_updated).as_nanos() as f64;
+        let between = (a_updated - b_updated) as f64;
         b_cost * decayed(between / decay_ns) < a_cost
     }
 }
@@ -547,16 +577,35 @@ pub struct EndpointSnapshot {
 mod tests {
     use super::*;
 
+    #[test]
+    fn messages_name_a_unix_socket_by_its_path_not_localhost() {
+        use crate::channel::{abstract_key, unix_key};
+        assert_eq!(authority(&unix_key("/run/app.sock")), "unix:/run/app.sock");
+        assert_eq!(authority(&unix_key("app.sock")), "unix:app.sock");
+        assert_eq!(
+            authority(&unix_key("/run/my app.sock")),
+            "unix:/run/my app.sock"
+        );
+        assert_eq!(
+            authority(&abstract_key("my\0app")),
+            "unix-abstract:my%00app"
+        );
+        assert_eq!(
+            authority(&"http://10.0.0.1:50051".parse().unwrap()),
+            "10.0.0.1:50051"
+        );
+    }
+
     fn ewma() -> PeakEwma {
-        PeakEwma::new(EwmaConfig {
-            default_rtt: Duration::from_millis(30),
-            decay: Duration::from_secs(10),
-        })
+        PeakEwma::new(EwmaConfig::new(
+            Duration::from_millis(30),
+            Duration::from_secs(10),
+        ))
     }
 
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_jumps_up_and_decays_down() {
-        let mut e = ewma();
+        let e = ewma();
         let t0 = Instant::now();
         assert_eq!(e.estimate(t0), Duration::from_millis(30));
         // The first measurement replaces the default, even when it is faster.
@@ -583,7 +632,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_new_connection_forgets_the_old_peak_but_keeps_a_low_estimate() {
         let t0 = Instant::now();
-        let mut e = ewma();
+        let e = ewma();
         e.observe(Duration::from_millis(2), t0);
         e.observe(Duration::from_secs(1), t0);
         e.forget(t0);
@@ -596,7 +645,7 @@ mod tests {
         e.observe(Duration::from_millis(3), t0);
         assert_eq!(e.estimate(t0), Duration::from_millis(3));
 
-        let mut fast = ewma();
+        let fast = ewma();
         fast.observe(Duration::from_millis(2), t0);
         fast.forget(t0);
         assert_eq!(
@@ -604,6 +653,27 @@ mod tests {
             Duration::from_millis(2),
             "a low estimate is kept"
         );
+    }
+
+    #[test]
+    fn concurrent_round_trips_lose_no_peak() {
+        let e = ewma();
+        let t0 = Instant::now();
+        e.observe(Duration::from_micros(1), t0);
+        // Four threads feed round trips at the same instant (no decay between them): whatever
+        // the interleaving, the estimate ends at the largest, as under a lock. A write computed
+        // from a stale estimate (a lost update) would leave a smaller one.
+        std::thread::scope(|scope| {
+            for thread in 0..4u64 {
+                let e = &e;
+                scope.spawn(move || {
+                    for i in 0..20_000u64 {
+                        e.observe(Duration::from_nanos(1_000 + (i * 4 + thread) % 50_000), t0);
+                    }
+                });
+            }
+        });
+        assert_eq!(e.estimate(t0), Duration::from_nanos(1_000 + 49_999));
     }
 
     #[tokio::test(start_paused = true)]
@@ -621,10 +691,7 @@ mod tests {
             t1 + Duration::from_secs(3600),
         ] {
             for (fa, fb) in [(1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (1.0, 5.0), (3.0, 1.0)] {
-                let (ea, eb) = (
-                    a.rtt_published.estimate_ns(now),
-                    b.rtt_published.estimate_ns(now),
-                );
+                let (ea, eb) = (a.rtt.estimate_ns(now), b.rtt.estimate_ns(now));
                 let direct = eb * fb < ea * fa;
                 assert_eq!(rtt_cost_below(&b, fb, &a, fa), direct, "{fa} {fb}");
                 let direct = ea * fa < eb * fb;

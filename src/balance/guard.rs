@@ -179,10 +179,7 @@ mod tests {
             7,
             http::Uri::from_static("http://a:1"),
             crate::discover::Endpoint::default(),
-            EwmaConfig {
-                default_rtt: Duration::from_millis(1),
-                decay: Duration::from_secs(1),
-            },
+            EwmaConfig::new(Duration::from_millis(1), Duration::from_secs(1)),
             feedback.clone(),
         ))
     }

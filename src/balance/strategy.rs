@@ -5,14 +5,16 @@
 //! returns an index. Health gating, draining and failover are the balancer's job, so a strategy
 //! is a few lines: see `examples/custom_strategy.rs`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use http::Uri;
 use http::request::Parts;
 
 pub use super::endpoint::Candidate;
-use super::endpoint::rtt_cost_below;
+use super::endpoint::{EndpointId, rtt_cost_below};
 
 /// Chooses which candidate takes a call.
 ///
@@ -234,19 +236,44 @@ pub const MAX_POINTS_PER_ENDPOINT: u32 = 16_384;
 /// unhealthy) only its own keys move. Each endpoint's points depend only on its address and
 /// weight, never on the other endpoints, so that guarantee is exact. Calls without a key are
 /// spread at random.
+///
+/// A change of the endpoint set costs one pass over the ring: the points of endpoints that stay
+/// are kept (already sorted), and only those of newcomers are hashed and merged in.
 #[derive(Clone)]
 pub struct ConsistentHash {
-    key: Arc<KeyFn>,
-    ring: Vec<(u64, usize)>,
+    key: Key,
+    ring: Ring,
     points_per_weight: u32,
     /// Set when the key cannot be read (a bad header name): the config build fails with it.
     invalid: Option<String>,
 }
 
+/// Where a [`ConsistentHash`] finds a request's key.
+#[derive(Clone)]
+enum Key {
+    /// A header's value, hashed where it lies: a pick allocates nothing.
+    Header(http::HeaderName),
+    /// Whatever the user's function derives.
+    Derived(Arc<KeyFn>),
+}
+
+impl Key {
+    fn hash(&self, request: &Parts) -> Option<u64> {
+        match self {
+            Key::Header(name) => request.headers.get(name).map(|v| hash_key(v.as_bytes())),
+            Key::Derived(derive) => derive(request).map(|key| hash_key(&key)),
+        }
+    }
+}
+
+fn hash_key(key: &[u8]) -> u64 {
+    xxhash_rust::xxh64::xxh64(key, 0)
+}
+
 impl fmt::Debug for ConsistentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConsistentHash")
-            .field("ring_size", &self.ring.len())
+            .field("ring_size", &self.ring.points.len())
             .finish_non_exhaustive()
     }
 }
@@ -271,9 +298,7 @@ impl ConsistentHash {
         N::Error: fmt::Display,
     {
         match name.try_into() {
-            Ok(name) => ConsistentHash::by(move |parts| {
-                parts.headers.get(&name).map(|v| v.as_bytes().to_vec())
-            }),
+            Ok(name) => ConsistentHash::with_key(Key::Header(name)),
             Err(err) => ConsistentHash {
                 invalid: Some(format!("not a valid header name: {err}")),
                 ..ConsistentHash::by(|_| None)
@@ -288,9 +313,13 @@ impl ConsistentHash {
 
     /// Hashes whatever key the function derives from the request head.
     pub fn by(key: impl Fn(&Parts) -> Option<Vec<u8>> + Send + Sync + 'static) -> Self {
+        ConsistentHash::with_key(Key::Derived(Arc::new(key)))
+    }
+
+    fn with_key(key: Key) -> Self {
         ConsistentHash {
-            key: Arc::new(key),
-            ring: Vec::new(),
+            key,
+            ring: Ring::default(),
             points_per_weight: 256,
             invalid: None,
         }
@@ -304,28 +333,105 @@ impl ConsistentHash {
     }
 }
 
-impl ConsistentHash {
-    /// The ring for these candidates: each one's points, from its address and weight only.
-    fn ring(&self, candidates: &[Candidate]) -> Vec<(u64, usize)> {
-        let mut ring = Vec::new();
+/// A hash ring: every candidate's points in ascending order, beside the index of the candidate
+/// each belongs to (two arrays, so that the search reads only points).
+#[derive(Clone, Default)]
+struct Ring {
+    points: Vec<u64>,
+    owners: Vec<u32>,
+    /// Who the candidates were, by index, when the ring was built: endpoint id and weight,
+    /// which fix an endpoint's points (its address never changes under one id).
+    members: Vec<(EndpointId, u32)>,
+}
+
+impl Ring {
+    /// The ring for `candidates`: the points of endpoints already on this one (same id, same
+    /// weight) are kept in their order and renumbered, and only newcomers' points are hashed,
+    /// sorted and merged in. One pass over the ring, and no hashing for endpoints that stay.
+    fn next(&self, candidates: &[Candidate], points_per_weight: u32) -> Ring {
+        let mut old_index: HashMap<EndpointId, usize> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(index, &(id, _))| (id, index))
+            .collect();
+        // Each old member's new index, or `GONE`.
+        const GONE: u32 = u32::MAX;
+        let mut renumber = vec![GONE; self.members.len()];
+        let mut kept_points = 0;
+        let mut arrivals = Vec::new();
+        let mut members = Vec::with_capacity(candidates.len());
         for (index, candidate) in candidates.iter().enumerate() {
-            let points = candidate
-                .weight()
-                .saturating_mul(self.points_per_weight)
-                .min(MAX_POINTS_PER_ENDPOINT);
-            let address = candidate.uri().to_string();
-            let mut key = Vec::with_capacity(address.len() + 12);
-            for replica in 0..points {
-                key.clear();
-                key.extend_from_slice(address.as_bytes());
-                key.push(b'_');
-                key.extend_from_slice(replica.to_string().as_bytes());
-                ring.push((xxhash_rust::xxh64::xxh64(&key, 0), index));
+            let member = (candidate.load.id, candidate.weight());
+            let index = u32::try_from(index).expect("fewer than 2^32 candidates");
+            match old_index.remove(&member.0) {
+                Some(old) if self.members[old] == member => {
+                    renumber[old] = index;
+                    kept_points += point_count(member.1, points_per_weight) as usize;
+                }
+                _ => arrivals.extend(
+                    endpoint_points(candidate.uri(), member.1, points_per_weight)
+                        .map(|point| (point, index)),
+                ),
             }
+            members.push(member);
         }
-        ring.sort_unstable();
+        arrivals.sort_unstable();
+
+        let kept = self
+            .points
+            .iter()
+            .zip(&self.owners)
+            .filter_map(|(&point, &owner)| {
+                let index = renumber[owner as usize];
+                (index != GONE).then_some((point, index))
+            });
+        let mut ring = Ring {
+            points: Vec::with_capacity(kept_points + arrivals.len()),
+            owners: Vec::with_capacity(kept_points + arrivals.len()),
+            members,
+        };
+        for (point, owner) in merge(kept, arrivals) {
+            ring.points.push(point);
+            ring.owners.push(owner);
+        }
         ring
     }
+
+    /// The candidate index owning the first point at or after `hash` (wrapping around).
+    fn owner(&self, hash: u64) -> Option<usize> {
+        let slot = self.points.partition_point(|&point| point < hash);
+        let slot = if slot == self.points.len() { 0 } else { slot };
+        self.owners.get(slot).map(|&owner| owner as usize)
+    }
+}
+
+/// How many points an endpoint of this weight has.
+fn point_count(weight: u32, points_per_weight: u32) -> u32 {
+    weight
+        .saturating_mul(points_per_weight)
+        .min(MAX_POINTS_PER_ENDPOINT)
+}
+
+/// An endpoint's points, from its address and weight only: replica `r` is xxHash64 of the
+/// address seeded with `r` (no formatting per point).
+fn endpoint_points(uri: &Uri, weight: u32, points_per_weight: u32) -> impl Iterator<Item = u64> {
+    let address = uri.to_string();
+    (0..point_count(weight, points_per_weight))
+        .map(move |replica| xxhash_rust::xxh64::xxh64(address.as_bytes(), u64::from(replica)))
+}
+
+/// Two ascending sequences as one.
+fn merge<T: Ord>(
+    a: impl IntoIterator<Item = T>,
+    b: impl IntoIterator<Item = T>,
+) -> impl Iterator<Item = T> {
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y < x => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 impl Strategy for ConsistentHash {
@@ -334,28 +440,23 @@ impl Strategy for ConsistentHash {
     }
 
     fn update(&mut self, candidates: &[Candidate]) {
-        self.ring = self.ring(candidates);
+        self.ring = self.ring.next(candidates, self.points_per_weight);
     }
 
     fn prepare(&self, candidates: &[Candidate]) -> Option<Box<dyn Strategy>> {
         Some(Box::new(ConsistentHash {
             key: self.key.clone(),
-            ring: self.ring(candidates),
+            ring: self.ring.next(candidates, self.points_per_weight),
             points_per_weight: self.points_per_weight,
             invalid: None,
         }))
     }
 
     fn pick(&self, request: &Parts, candidates: &[Candidate]) -> usize {
-        let Some(key) = (self.key)(request) else {
+        let Some(hash) = self.key.hash(request) else {
             return fastrand::usize(..candidates.len());
         };
-        if self.ring.is_empty() {
-            return 0;
-        }
-        let hash = xxhash_rust::xxh64::xxh64(&key, 0);
-        let slot = self.ring.partition_point(|&(point, _)| point < hash);
-        self.ring[slot % self.ring.len()].1
+        self.ring.owner(hash).unwrap_or(0)
     }
 }
 
@@ -363,7 +464,6 @@ impl Strategy for ConsistentHash {
 mod tests {
     use super::*;
     use crate::balance::endpoint::Load;
-    use std::collections::HashMap;
     use std::time::Duration;
     use tokio::time::Instant;
 
@@ -496,5 +596,79 @@ mod tests {
         ring.update(&c);
         let n = counts(&ring, &c, 400);
         assert!(n.iter().all(|&n| n > 100), "{n:?}");
+    }
+    /// The ring a strategy that never saw another set builds for `c`.
+    fn fresh_ring(c: &[Candidate]) -> Ring {
+        let mut ring = ConsistentHash::header("x-user");
+        ring.update(c);
+        ring.ring
+    }
+
+    fn same_ring(a: &Ring, b: &Ring) -> bool {
+        a.points == b.points && a.owners == b.owners && a.members == b.members
+    }
+
+    #[test]
+    fn consistent_hash_rebuilt_from_the_last_ring_is_the_ring_built_afresh() {
+        let all = candidates(&[1, 2, 1, 3, 1, 1]);
+        let mut ring = ConsistentHash::header("x-user");
+        // Grow one by one, as endpoints become ready.
+        for n in 1..=all.len() {
+            ring.update(&all[..n]);
+            assert!(
+                same_ring(&ring.ring, &fresh_ring(&all[..n])),
+                "{n} endpoints"
+            );
+        }
+        assert_eq!(ring.ring.points.len(), 9 * 256);
+        assert!(ring.ring.points.is_sorted());
+        // Some leave (indices shift), others come back, in another order.
+        let some: Vec<Candidate> = [5, 0, 3].iter().map(|&i| all[i].clone()).collect();
+        ring.update(&some);
+        assert!(same_ring(&ring.ring, &fresh_ring(&some)));
+        let prepared = ring.prepare(&all).expect("a ring is prepared off the lock");
+        let keys: Vec<Parts> = (0..500)
+            .map(|k| parts(Some(&format!("user-{k}"))))
+            .collect();
+        ring.update(&all);
+        assert!(same_ring(&ring.ring, &fresh_ring(&all)));
+        for key in &keys {
+            assert_eq!(prepared.pick(key, &all), ring.pick(key, &all));
+        }
+    }
+
+    #[test]
+    fn consistent_hash_gives_a_reweighed_endpoint_its_new_points() {
+        let c = candidates(&[1, 1]);
+        let mut ring = ConsistentHash::header("x-user");
+        ring.update(&c);
+        c[1].load.set_weight(3);
+        ring.update(&c);
+        assert!(same_ring(&ring.ring, &fresh_ring(&c)));
+        let owned = |i: u32| ring.ring.owners.iter().filter(|&&o| o == i).count();
+        assert_eq!((owned(0), owned(1)), (256, 3 * 256));
+        let n = (0..4000)
+            .filter(|k| ring.pick(&parts(Some(&format!("user-{k}"))), &c) == 1)
+            .count();
+        assert!(
+            (2600..3400).contains(&n),
+            "{n} of 4000 keys on the weight-3 endpoint"
+        );
+    }
+
+    #[test]
+    fn consistent_hash_spreads_keys_evenly_over_many_endpoints() {
+        let c = candidates(&[1; 50]);
+        let mut ring = ConsistentHash::header("x-user");
+        ring.update(&c);
+        let mut share = vec![0usize; c.len()];
+        for k in 0..50_000 {
+            share[ring.pick(&parts(Some(&format!("user-{k}"))), &c)] += 1;
+        }
+        // 1,000 keys each on average; 256 points each keep every share within ±25%.
+        assert!(
+            share.iter().all(|&n| (750..=1250).contains(&n)),
+            "{share:?}"
+        );
     }
 }
