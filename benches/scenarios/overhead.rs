@@ -9,31 +9,37 @@
 //!   backend (`MetricsLayer` → `RetryLayer` → `BalanceLayer` → `PoolLayer` → `Connect`, each with
 //!   its defaults), at 64 in flight;
 //! - `vs_balance_list`: tonic's `Channel::balance_list` over four backends against the full stack
-//!   over the same four, at 64 in flight: the peer users would otherwise pick.
+//!   over the same four, at 64 in flight: the peer users would otherwise pick. Also against
+//!   `BalanceLayer` → `PoolLayer` → `Connect` alone (`balance_pool`), which splits the full
+//!   stack's cost into what replaces `balance_list` (balancing and connections) and what comes on
+//!   top of it (metrics and retry, per call).
 //!
 //! Figures per variant are medians over rounds. `ratio_rps` is the towline run's req/s over the
 //! mean of the bare runs just before and after it, `ratio_cpu_per_call` the same for CPU time per
 //! call: the process's CPU time (user + system, `getrusage`, client and in-process backends
 //! together) over the run, divided by the calls it made. CPU time is far steadier than req/s on
-//! a shared machine; both ratios are medians over rounds.
+//! a shared machine; both ratios are medians over rounds. `allocs_per_call` is the same for heap
+//! allocations (the scenario binary's counting allocator), servers included: the same servers on
+//! both sides, so a difference is the client's.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tonic::transport::Channel;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use towline::BoxError;
-use towline::balance::{BalanceConfig, BalanceLayer};
+use towline::balance::{Balance, BalanceConfig, BalanceLayer};
 use towline::connect::Connect;
 use towline::discover::Static;
 use towline::metrics::MetricsLayer;
-use towline::pool::{PoolConfig, PoolLayer};
+use towline::pool::{Pool, PoolConfig, PoolLayer};
 use towline::retry::{RetryLayer, RetryPolicy};
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, Load};
 
 use crate::balance::{ready, tonic_balance_list};
-use crate::cpu;
 use crate::support::{BoxScenario, Figures, Settings, Stack, micros, print_table};
+use crate::{alloc, cpu};
 
 const CONCURRENCY: [usize; 2] = [1, 64];
 /// In flight for the full-stack comparisons: CPU-bound on two cores.
@@ -68,19 +74,38 @@ pub fn run(settings: Settings) -> BoxScenario {
         let stack = EchoClient::new(full_stack(std::slice::from_ref(&backend)).await?);
         let full = compare(settings, FULL_STACK_IN_FLIGHT, &bare, &stack).await?;
         rows.extend(full.rows("channel", "full stack", FULL_STACK_IN_FLIGHT));
+        // The CPU figures are the whole process's: the clients, connections and backend above
+        // must not idle (timers, connection tasks) through the runs below.
+        drop((bare, layered, stack, backend));
 
         let backends = Backend::start_many(BACKENDS).await?;
         let balance_list = EchoClient::new(tonic_balance_list(&backends));
-        let stack = EchoClient::new(full_stack(&backends).await?);
+        let balance = balance_pool(&backends).await?;
+        let stack = EchoClient::new(over_balance(balance.clone()));
         let vs = compare(settings, FULL_STACK_IN_FLIGHT, &balance_list, &stack).await?;
         rows.extend(vs.rows(
             "tonic balance_list, 4 backends",
             "full stack, 4 backends",
             FULL_STACK_IN_FLIGHT,
         ));
+        let balance = EchoClient::new(balance);
+        let vs_balance = compare(settings, FULL_STACK_IN_FLIGHT, &balance_list, &balance).await?;
+        rows.extend(vs_balance.rows(
+            "tonic balance_list, 4 backends",
+            "balance + pool, 4 backends",
+            FULL_STACK_IN_FLIGHT,
+        ));
 
         print_table(
-            &["variant", "in flight", "req/s", "p50", "p99", "CPU/call"],
+            &[
+                "variant",
+                "in flight",
+                "req/s",
+                "p50",
+                "p99",
+                "CPU/call",
+                "allocs/call",
+            ],
             &rows,
         );
         Ok(serde_json::json!({
@@ -100,6 +125,12 @@ pub fn run(settings: Settings) -> BoxScenario {
                 "ratio_cpu_per_call": vs.ratio_cpu_per_call,
                 "balance_list": vs.bare.json(),
                 "full_stack": vs.towline.json(),
+                "balance_pool": {
+                    "ratio_rps": vs_balance.ratio_rps,
+                    "ratio_cpu_per_call": vs_balance.ratio_cpu_per_call,
+                    "balance_list": vs_balance.bare.json(),
+                    "balance_pool": vs_balance.towline.json(),
+                },
             },
         }))
     })
@@ -108,33 +139,46 @@ pub fn run(settings: Settings) -> BoxScenario {
 /// towline's full stack over `backends`, each layer with its defaults, once every endpoint is
 /// ready.
 async fn full_stack(backends: &[Backend]) -> Result<impl Stack, BoxError> {
+    Ok(over_balance(balance_pool(backends).await?))
+}
+
+/// `BalanceLayer` → `PoolLayer` → `Connect` over `backends` with their defaults: what stands
+/// where `balance_list` does, once every endpoint is ready.
+async fn balance_pool(backends: &[Backend]) -> Result<Balance<Pool<Channel>>, BoxError> {
     let balance = BalanceLayer::new(
         Static::new(backends.iter().map(Backend::uri)),
         BalanceConfig::default(),
     )
     .into_balance(PoolLayer::new(PoolConfig::default()).layer(Connect::new()));
     ready(&balance, backends.len()).await?;
-    Ok(ServiceBuilder::new()
-        .layer(MetricsLayer::new("overhead"))
-        .layer(RetryLayer::new(RetryPolicy::default()))
-        .service(balance))
+    Ok(balance)
 }
 
-/// One run's figures and the process CPU time per call it took.
+/// The per-call layers of the full stack, with their defaults, over `balance`.
+fn over_balance(balance: Balance<Pool<Channel>>) -> impl Stack {
+    ServiceBuilder::new()
+        .layer(MetricsLayer::new("overhead"))
+        .layer(RetryLayer::new(RetryPolicy::default()))
+        .service(balance)
+}
+
+/// One run's figures and the process CPU time and heap allocations per call it took.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     figures: Figures,
     cpu_per_call: Duration,
+    allocs_per_call: f64,
 }
 
 impl Run {
     async fn measure<S: Stack>(load: &Load, client: &EchoClient<S>) -> Run {
-        let cpu = cpu::process();
+        let (cpu, allocations) = (cpu::process(), alloc::allocations());
         let figures = drive(load, client.clone()).await;
-        let cpu_per_call = (cpu::process() - cpu) / figures.calls.max(1) as u32;
+        let calls = figures.calls.max(1);
         Run {
             figures,
-            cpu_per_call,
+            cpu_per_call: (cpu::process() - cpu) / calls as u32,
+            allocs_per_call: (alloc::allocations() - allocations) as f64 / calls as f64,
         }
     }
 }
@@ -153,6 +197,7 @@ struct Comparison {
 struct Measured {
     figures: Figures,
     cpu_per_call: Duration,
+    allocs_per_call: f64,
 }
 
 impl Measured {
@@ -163,12 +208,14 @@ impl Measured {
         Measured {
             figures: Figures::median(&figures),
             cpu_per_call: cpu[cpu.len() / 2],
+            allocs_per_call: median(runs.iter().map(|r| r.allocs_per_call).collect()),
         }
     }
 
     fn json(&self) -> serde_json::Value {
         let mut json = self.figures.json();
         json["cpu_per_call_us"] = (self.cpu_per_call.as_nanos() as f64 / 1e3).into();
+        json["allocs_per_call"] = self.allocs_per_call.into();
         json
     }
 }
@@ -235,6 +282,7 @@ impl Comparison {
                     micros(m.figures.p50),
                     micros(m.figures.p99),
                     format!("{:.1} µs", m.cpu_per_call.as_nanos() as f64 / 1e3),
+                    format!("{:.1}", m.allocs_per_call),
                 ]
             })
             .collect();
@@ -245,6 +293,10 @@ impl Comparison {
             format!("{:.3}", self.ratio(|f| f.p50.as_secs_f64())),
             format!("{:.3}", self.ratio(|f| f.p99.as_secs_f64())),
             format!("{:.3}", self.ratio_cpu_per_call),
+            format!(
+                "{:.3}",
+                self.towline.allocs_per_call / self.bare.allocs_per_call.max(1e-9)
+            ),
         ]);
         rows
     }

@@ -96,12 +96,20 @@ impl<S> Layer<S> for MetricsLayer {
     }
 }
 
+/// How many methods a call finds without a lock or a hash (see [`Shared::method`]).
+const FAST_METHODS: usize = 8;
+
 /// The state every service of one layer shares: the handle cache.
 pub(crate) struct Shared {
     target: String,
     pub(crate) level: Level,
     max_methods: usize,
     methods: RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>,
+    /// The first methods the layer labelled, in the order they came, each set once under the
+    /// `methods` write lock. A client calls one or a few methods over and over, and tonic's
+    /// clients are cloned for every call (so is this layer's service, fresh each time): a cache
+    /// of recent methods must be the layer's, not one service's, to be warm.
+    first: [OnceLock<Arc<MethodMetrics>>; FAST_METHODS],
     other: Arc<MethodMetrics>,
 }
 
@@ -144,14 +152,24 @@ impl Shared {
             level,
             max_methods,
             methods: RwLock::new(HashMap::new()),
+            first: Default::default(),
             other,
         }
     }
 
-    /// The handles for a request path: its own, or `"other"`'s. A hit takes a read lock and a
-    /// hash; only the first call of a new method takes the write lock, and once the cap is
-    /// reached (or for a path that is no method) no call does.
+    /// The handles for a request path: its own, or `"other"`'s. One of the first
+    /// [`FAST_METHODS`] methods is found by a string compare, without a lock or a hash; a later
+    /// one takes a read lock and a hash; only the first call of a new method takes the write
+    /// lock, and once the cap is reached (or for a path that is no method) no call does.
     pub(crate) fn method(&self, path: &str) -> Arc<MethodMetrics> {
+        // Slots fill in order, so the first empty one ends the scan.
+        for slot in &self.first {
+            match slot.get() {
+                Some(method) if method.is_path(path) => return method.clone(),
+                Some(_) => {}
+                None => break,
+            }
+        }
         {
             let methods = self.methods.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(found) = methods.get(path) {
@@ -173,35 +191,11 @@ impl Shared {
         }
         let entry = Arc::new(MethodMetrics::new(name.into(), &self.target, self.level));
         methods.insert(path.into(), entry.clone());
+        if let Some(slot) = self.first.iter().find(|slot| slot.get().is_none()) {
+            // Under the write lock: no other insert races for this slot.
+            let _ = slot.set(entry.clone());
+        }
         entry
-    }
-}
-
-/// How many methods each service remembers (see [`RecentMethods`]).
-const RECENT_METHODS: usize = 4;
-
-/// The last few methods one service called, so that a call finds its handles with a string
-/// compare instead of the shared map's lock and hash: a client calls one or a few methods over
-/// and over. Only named methods are remembered; `"other"` stands for many paths.
-#[derive(Clone, Default)]
-pub(crate) struct RecentMethods {
-    entries: [Option<Arc<MethodMetrics>>; RECENT_METHODS],
-    /// The entry the next miss replaces.
-    next: usize,
-}
-
-impl RecentMethods {
-    /// The handles for a request path, as [`Shared::method`] gives them.
-    pub(crate) fn get(&mut self, shared: &Shared, path: &str) -> Arc<MethodMetrics> {
-        if let Some(hit) = self.entries.iter().flatten().find(|m| m.is_path(path)) {
-            return hit.clone();
-        }
-        let found = shared.method(path);
-        if !Arc::ptr_eq(&found, &shared.other) {
-            self.entries[self.next] = Some(found.clone());
-            self.next = (self.next + 1) % RECENT_METHODS;
-        }
-        found
     }
 }
 
@@ -308,29 +302,22 @@ mod tests {
     }
 
     #[test]
-    fn recent_methods_give_what_the_shared_map_gives() {
-        let shared = Shared::new("t".into(), Level::Call, 2);
-        let mut recent = RecentMethods::default();
-        let a = recent.get(&shared, "/s/a");
-        assert!(Arc::ptr_eq(&a, &shared.method("/s/a")));
-        assert!(Arc::ptr_eq(&a, &recent.get(&shared, "/s/a")), "remembered");
-        assert!(Arc::ptr_eq(
-            &recent.get(&shared, "/s/b"),
-            &shared.method("/s/b")
-        ));
-        // Past the cap, and for paths that are no method: "other", never remembered.
-        assert!(Arc::ptr_eq(&recent.get(&shared, "/s/c"), &shared.other));
-        assert!(Arc::ptr_eq(&recent.get(&shared, "/other"), &shared.other));
-        assert_eq!(recent.entries.iter().flatten().count(), 2);
-        // More methods than it remembers: each still gets its own handles.
+    fn the_first_methods_are_found_without_the_map_and_later_ones_through_it() {
         let shared = Shared::new("t".into(), Level::Call, 64);
-        let mut recent = RecentMethods::default();
+        let paths: Vec<String> = (0..FAST_METHODS + 3).map(|i| format!("/s/m{i}")).collect();
+        let made: Vec<_> = paths.iter().map(|p| shared.method(p)).collect();
+        assert!(Arc::ptr_eq(&shared.method("/other"), &shared.other));
+        let fast: Vec<_> = shared.first.iter().map_while(OnceLock::get).collect();
+        assert_eq!(fast.len(), FAST_METHODS, "filled in order, up to its size");
+        for (slot, first) in fast.iter().zip(&made) {
+            assert!(Arc::ptr_eq(slot, first));
+        }
+        // Every method, fast or not, keeps its own handles on later calls.
         for round in 0..3 {
-            for i in 0..(RECENT_METHODS + 2) {
-                let path = format!("/s/m{i}");
-                let got = recent.get(&shared, &path);
-                assert!(Arc::ptr_eq(&got, &shared.method(&path)), "{round} {path}");
+            for (path, made) in paths.iter().zip(&made) {
+                assert!(Arc::ptr_eq(&shared.method(path), made), "{round} {path}");
             }
         }
+        assert_eq!(shared.methods.read().unwrap().len(), FAST_METHODS + 3);
     }
 }

@@ -13,7 +13,7 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use super::body::{MetricsBody, Recording, SentBody};
-use super::layer::{Level, RecentMethods, Shared};
+use super::layer::{Level, Shared};
 use crate::BoxError;
 use crate::status::{classify_response, code_from_error};
 
@@ -22,16 +22,11 @@ use crate::status::{classify_response, code_from_error};
 pub struct Metrics<S> {
     inner: S,
     shared: Arc<Shared>,
-    recent: RecentMethods,
 }
 
 impl<S> Metrics<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Metrics {
-            inner,
-            shared,
-            recent: RecentMethods::default(),
-        }
+        Metrics { inner, shared }
     }
 
     /// The wrapped service.
@@ -55,7 +50,6 @@ impl<S: Clone> Clone for Metrics<S> {
         Metrics {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            recent: self.recent.clone(),
         }
     }
 }
@@ -83,7 +77,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> ResponseFuture<S::Future> {
-        let method = self.recent.get(&self.shared, request.uri().path());
+        let method = self.shared.method(request.uri().path());
         // The body is swapped in place: a request is a few hundred bytes to move.
         let sent = match self.shared.level {
             Level::Call => None,
