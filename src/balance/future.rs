@@ -520,12 +520,17 @@ where
 {
     /// Chooses an endpoint for `request`, or decides to wait for one, or fails saying why.
     fn pick(self, mut request: Request<Body>) -> State<S> {
-        // The strategy sees the request's head; the request itself is not moved for it.
-        let picked = {
-            let (parts, body) = request.into_parts();
-            let picked = self.shared.pick(&parts, self.tried);
-            request = Request::from_parts(parts, body);
-            picked
+        // A strategy that reads the request sees its head: the request is taken apart for it
+        // and put back together (`http::Request` lends no `&Parts`). One that does not read it
+        // is shown a blank head, and the request is not moved.
+        let picked = match self.shared.blank_head() {
+            Some(blank) => self.shared.pick(blank, self.tried),
+            None => {
+                let (parts, body) = request.into_parts();
+                let picked = self.shared.pick(&parts, self.tried);
+                request = Request::from_parts(parts, body);
+                picked
+            }
         };
         match picked {
             Ok(Picked {

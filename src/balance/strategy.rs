@@ -50,6 +50,14 @@ pub trait Strategy: Send + Sync + 'static {
     fn uses_rtt(&self) -> bool {
         true
     }
+
+    /// Whether `pick` reads its `request` argument (a hash of a header, of the path). A
+    /// strategy that says `false` is shown an empty head instead of the call's, which spares
+    /// taking every request apart and back together; asked once, when the balancer starts.
+    /// The default, `true`, is right for any strategy.
+    fn reads_request(&self) -> bool {
+        true
+    }
 }
 
 impl fmt::Debug for dyn Strategy {
@@ -74,6 +82,10 @@ impl RoundRobin {
 }
 
 impl Strategy for RoundRobin {
+    fn reads_request(&self) -> bool {
+        false
+    }
+
     fn uses_rtt(&self) -> bool {
         false
     }
@@ -107,6 +119,10 @@ fn two_random(len: usize) -> (usize, usize) {
 }
 
 impl Strategy for PowerOfTwoChoices {
+    fn reads_request(&self) -> bool {
+        false
+    }
+
     fn uses_rtt(&self) -> bool {
         false
     }
@@ -137,6 +153,10 @@ impl PeakEwma {
 }
 
 impl Strategy for PeakEwma {
+    fn reads_request(&self) -> bool {
+        false
+    }
+
     fn pick(&self, _: &Parts, candidates: &[Candidate]) -> usize {
         let (a, b) = two_random(candidates.len());
         if a == b {
@@ -202,6 +222,10 @@ impl WeightedRoundRobin {
 }
 
 impl Strategy for WeightedRoundRobin {
+    fn reads_request(&self) -> bool {
+        false
+    }
+
     fn uses_rtt(&self) -> bool {
         false
     }
@@ -670,5 +694,15 @@ mod tests {
             share.iter().all(|&n| (750..=1250).contains(&n)),
             "{share:?}"
         );
+    }
+
+    #[test]
+    fn only_strategies_that_read_the_request_are_shown_it() {
+        // The others are shown a blank head, and the balancer moves no request for them.
+        assert!(!RoundRobin::new().reads_request());
+        assert!(!PowerOfTwoChoices::new().reads_request());
+        assert!(!PeakEwma::new().reads_request());
+        assert!(!WeightedRoundRobin::new().reads_request());
+        assert!(ConsistentHash::header("x-user").reads_request());
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use http::Request;
 use http::request::Parts;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -144,6 +145,10 @@ pub(crate) struct Picked<S> {
 pub(crate) struct Shared<S> {
     table: RwLock<Table<S>>,
     changed: Notify,
+    /// The head shown to a strategy that does not read the request's
+    /// ([`Strategy::reads_request`]), fixed with the strategy's kind at construction: such a
+    /// pick moves no request apart and back together, two copies of its head per call.
+    blank_head: Option<Parts>,
 }
 
 impl<S: Clone> Shared<S> {
@@ -152,7 +157,9 @@ impl<S: Clone> Shared<S> {
         panic_threshold: f64,
         metrics: BalanceMetrics,
     ) -> Self {
+        let blank_head = (!strategy.reads_request()).then(|| Request::new(()).into_parts().0);
         Shared {
+            blank_head,
             table: RwLock::new(Table {
                 strategy,
                 panic_threshold,
@@ -248,6 +255,11 @@ impl<S: Clone> Shared<S> {
             service,
             generation,
         })
+    }
+
+    /// The head to show the strategy instead of the request's, when it does not read it.
+    pub(crate) fn blank_head(&self) -> Option<&Parts> {
+        self.blank_head.as_ref()
     }
 
     /// Whether an endpoint other than `exclude` (tried already) and `current` may take calls.
