@@ -188,6 +188,10 @@ fn no_retries() -> RetryPolicy {
 struct PickFirst;
 
 impl Strategy for PickFirst {
+    fn reads_request(&self) -> bool {
+        false
+    }
+
     fn pick(&self, _: &Parts, _: &[Candidate]) -> usize {
         0
     }
