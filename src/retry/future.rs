@@ -538,8 +538,8 @@ mod tests {
             "{ours} vs {inner} + {state}"
         );
         // What only a failed call needs is boxed at its first failure, not moved with every
-        // future (it was 380 bytes inline).
-        assert!(state <= 300, "{state}");
+        // future (it was 380 bytes inline); 304 with the caller's body size hint kept.
+        assert!(state <= 320, "{state}");
     }
 
     #[test]
