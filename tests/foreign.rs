@@ -163,6 +163,18 @@ impl Server {
         }
     }
 
+    /// `grpc.health.v1` says NOT_SERVING (for `""` and Echo) from now on.
+    async fn set_not_serving(&self) {
+        match self {
+            Server::Testkit(backend) => {
+                backend
+                    .set_health(tonic_health::ServingStatus::NotServing)
+                    .await
+            }
+            Server::Peer(peer) => peer.set_health("*", false).await.expect("set health"),
+        }
+    }
+
     fn peer(&self) -> &Peer {
         match self {
             Server::Peer(peer) => peer,
@@ -878,5 +890,71 @@ async fn retries_follow_the_servers_pushback_and_count_attempts() {
                 "{kind}: pushback {pushback} was retried"
             );
         }
+    }
+}
+
+/// The one-call client as a user builds it first: `Channel::builder(target)?.build()?`, no
+/// service config, every default (peak-EWMA, a `Watch("")` health check, outlier detection,
+/// retries under a token bucket, pools). Against each server kind: a server whose health
+/// service says NOT_SERVING gets no call, a server without a health service at all serves
+/// (its `UNIMPLEMENTED` Watch passes, as gRFC A17 says), and no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_call_channel_with_its_defaults_gates_on_health() {
+    let _serial = SERIAL.lock().await;
+    for kind in kinds(
+        "the_one_call_channel_with_its_defaults_gates_on_health",
+        true,
+    ) {
+        let mut servers = Server::start_many(kind, 2, &Options::default()).await;
+        let without_health = Options {
+            without_health_service: true,
+            ..Options::default()
+        };
+        servers.push(Server::start(kind, format!("{kind}-2"), &without_health).await);
+        servers[1].set_not_serving().await;
+        let addresses: Vec<String> = servers
+            .iter()
+            .map(|s| s.uri().authority().expect("an address").to_string())
+            .collect();
+        let channel = towline::Channel::builder(&format!("ipv4:{}", addresses.join(",")))
+            .expect("a valid target")
+            .build()
+            .expect("the defaults build");
+        let uris: Vec<Uri> = servers.iter().map(Server::uri).collect();
+        let expected = [
+            EndpointState::Ready,
+            EndpointState::Unhealthy,
+            EndpointState::Ready,
+        ];
+        timeout(
+            Duration::from_secs(10),
+            channel.balance().wait_until(|endpoints| {
+                uris.iter()
+                    .zip(expected)
+                    .all(|(uri, state)| endpoints.iter().any(|e| &e.uri == uri && e.state == state))
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{kind}: not gated as expected: {:#?}", channel.snapshot()));
+
+        // 16 in flight, so that peak-EWMA spreads the calls over both healthy servers.
+        let client = EchoClient::new(channel.clone());
+        let mut served: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..4 {
+            let calls = (0..16).map(|_| {
+                let mut client = client.clone();
+                async move { client.unary(EchoRequest::default()).await }
+            });
+            for reply in futures::future::join_all(calls).await {
+                let reply = reply.unwrap_or_else(|status| panic!("{kind}: {status:?}"));
+                *served.entry(reply.into_inner().backend).or_default() += 1;
+            }
+        }
+        assert_eq!(served.get(&servers[1].id()), None, "{kind}: {served:?}");
+        assert_eq!(served.values().sum::<usize>(), 64, "{kind}: {served:?}");
+        assert!(
+            served.contains_key(&servers[2].id()),
+            "{kind}: the server without a health service got no call: {served:?}"
+        );
     }
 }
