@@ -4,7 +4,12 @@
 //! ```sh
 //! cargo bench --bench layers              # 15 rounds of 100,000 calls per variant (~1 min)
 //! cargo bench --bench layers -- --quick   # 7 rounds of 20,000 calls (a few seconds; CI)
+//! cargo bench --bench layers -- --only retry,balance-ewma   # those variants (and bare) only
 //! ```
+//!
+//! `--only` writes its figures like any run: it is for working on one layer (with `--quick`, or
+//! under `valgrind --tool=callgrind`, whose instruction counts do not care what else the machine
+//! is doing), not for the JSON a full run leaves.
 //!
 //! A harness of its own (`harness = false`) rather than criterion: the figures wanted are the
 //! *difference* between each layer and the bare service measured side by side, and allocations
@@ -109,8 +114,14 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
-    let quick = std::env::args().any(|a| a == "--quick");
-    match run(Settings::new(quick), quick) {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|names| names.split(',').map(str::to_owned).collect());
+    match run(Settings::new(quick), quick, only.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("layers: {err}");
@@ -119,7 +130,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings, quick: bool) -> Result<(), BoxError> {
+fn run(settings: Settings, quick: bool, only: Option<&[String]>) -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -166,6 +177,15 @@ fn run(settings: Settings, quick: bool) -> Result<(), BoxError> {
         ),
         Variant::new("full-stack", &runtime, full_stack(&runtime)?),
     ];
+    if let Some(only) = only {
+        if let Some(unknown) = only
+            .iter()
+            .find(|name| !variants.iter().any(|v| v.name == **name))
+        {
+            return Err(format!("--only: no variant named {unknown:?}").into());
+        }
+        variants.retain(|variant| only.iter().any(|name| name == variant.name));
+    }
 
     // Warm every path (allocator caches, branch predictors, the balancers' first picks).
     bare.measure(settings.warmup_calls)?;
