@@ -57,6 +57,10 @@ impl Source {
                 Poll::Pending => break Some(body),
                 Poll::Ready(None) => break None,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    // A unary body: one frame, then its end. Kept as it is, nothing more to see.
+                    Ok(data) if first.is_none() && at_end && data.len() <= max_bytes => {
+                        return Ok(Source::Whole(data, size_hint));
+                    }
                     Ok(data) => {
                         buffered = buffered.saturating_add(data.len());
                         match first {
