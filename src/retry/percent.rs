@@ -196,7 +196,18 @@ mod tests {
         for ttl in [1, 7, 10, 60] {
             let budget = PercentBudget::new(Duration::from_secs(ttl), 0, 0.2);
             let slot = budget.slot_nanos;
-            for n in [0u64, 1, 5, 9, 10, 11, 1_000, 123_456, 4_294_967_295, 31_536_000_000] {
+            for n in [
+                0u64,
+                1,
+                5,
+                9,
+                10,
+                11,
+                1_000,
+                123_456,
+                4_294_967_295,
+                31_536_000_000,
+            ] {
                 // Up to the last whole slot in 584 years of nanoseconds.
                 let Some(start) = (n + 1).checked_mul(slot).map(|end| end - slot) else {
                     continue;
