@@ -92,8 +92,9 @@ pub(crate) struct RetryState<S> {
     /// Where every attempt's body comes from.
     body: Source,
     retries: Retries,
-    /// When the call was made.
-    started: Instant,
+    /// When the call was made: read only if it has a `grpc-timeout` (or a percentage budget
+    /// read the clock anyway).
+    started: Option<Instant>,
     /// What only a call that has failed once needs, boxed at its first failure: most calls
     /// succeed at once, and then neither move it with the future, nor drop it. A retry costs
     /// allocations of its own (the new request's head) anyway.
@@ -207,7 +208,7 @@ impl<S> RetryState<S> {
         body: Source,
         retries: Retries,
         scope: Arc<Scope<S>>,
-        started: Instant,
+        started: Option<Instant>,
     ) -> Self {
         RetryState {
             scope,
@@ -236,7 +237,7 @@ impl<S> RetryState<S> {
         let failed = self.failed.get_or_insert_with(Failed::after_first_attempt);
         *failed.deadline.get_or_insert_with(|| {
             let timeout = head.timeout()?;
-            started.checked_add(timeout)
+            started?.checked_add(timeout)
         })
     }
 

@@ -227,6 +227,11 @@ impl Head {
         deadline::parse(value.as_bytes())
     }
 
+    /// Whether the call has a `grpc-timeout` header (valid or not).
+    pub(crate) fn has_timeout(&self) -> bool {
+        self.headers.get(&deadline::GRPC_TIMEOUT).is_some()
+    }
+
     /// Whether the call carries [`NoRetry`].
     pub(crate) fn no_retry(&self) -> bool {
         self.extensions.no_retry()

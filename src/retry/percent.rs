@@ -79,11 +79,11 @@ impl PercentBudget {
     }
 
     /// A call was made at `now`.
-    pub(crate) fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: impl FnOnce() -> Instant) {
         if self.deposit == 0 {
             return;
         }
-        let now = self.slot_at(now);
+        let now = self.slot_at(now());
         let slot = &self.slots[now as usize % SLOTS];
         let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             Some(pack(now, current(word, now).saturating_add(self.deposit)))
@@ -166,7 +166,7 @@ mod tests {
     async fn deposits_count_for_one_ttl_then_expire() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 0.5);
         for _ in 0..10 {
-            budget.deposit(Instant::now());
+            budget.deposit(Instant::now);
         }
         tokio::time::advance(Duration::from_millis(9_900)).await;
         assert!(budget.withdraw(), "still inside the ttl");
@@ -177,9 +177,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slot_reused_after_a_full_ttl_starts_from_zero() {
         let budget = PercentBudget::new(Duration::from_secs(1), 0, 1.0);
-        budget.deposit(Instant::now());
+        budget.deposit(Instant::now);
         tokio::time::advance(Duration::from_secs(1)).await; // same slot index, ten slots later
-        budget.deposit(Instant::now());
+        budget.deposit(Instant::now);
         assert!(budget.withdraw());
         assert!(!budget.withdraw(), "the old deposit no longer counts");
     }
@@ -226,7 +226,7 @@ mod tests {
     fn a_ratio_above_one_allows_that_many_retries_per_call() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 4.0);
         for _ in 0..5 {
-            budget.deposit(Instant::now());
+            budget.deposit(Instant::now);
         }
         let allowed = (0..100).filter(|_| budget.withdraw()).count();
         assert_eq!(allowed, 20);

@@ -29,10 +29,16 @@ use crate::status::CallEnd;
 /// A call that can be retried (by its policy, or transparently) keeps what a later attempt
 /// needs, and nothing else; no lock is taken and the retry state is not boxed. Its heap
 /// allocations, for a unary call whose first attempt succeeds:
-/// - one list of the request's headers, so that an attempt can be sent again;
 /// - one box for the first attempt's body (tonic's `Body` boxes any body but an empty one):
 ///   the request body was read when the call was made, since a unary body is ready at once,
-///   and every attempt gets a reference-counted copy of its bytes.
+///   and every attempt gets a reference-counted copy of its bytes;
+/// - one list of the request's headers, so that an attempt can be sent again, unless it has
+///   only the two tonic puts on every call (`te`, `content-type`): those are kept as their
+///   places in the list. Metadata of the caller's own, or a `grpc-timeout`, costs the list.
+///
+/// Besides: one reference count up and down (what the calls share), one atomic update of a
+/// percentage budget, and one read of the clock, only for what needs it: a percentage budget's
+/// time slot, or a `grpc-timeout` (the start it counts from).
 ///
 /// The request's extensions are kept as values when they are all of the types tonic and towline
 /// put there (tonic's `GrpcMethod`, [`WaitForReady`](crate::balance::WaitForReady),
@@ -177,13 +183,17 @@ where
             // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
             Retries::TransparentOnly
         };
-        // One clock read for both: the budget's time slot, and the start the deadline counts
-        // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
-        let started = Instant::now();
+        // At most one clock read (a vDSO call, tens of ns), and only for what needs one: a
+        // percentage budget's time slot, and the start a `grpc-timeout` counts from (its value
+        // is read from the kept head only if an attempt fails).
+        let mut started = None;
         if retries == Retries::Policy
             && let Some(budget) = policy.budget()
         {
-            budget.on_call(started);
+            budget.on_call(|| *started.get_or_insert_with(Instant::now));
+        }
+        if head.has_timeout() {
+            started.get_or_insert_with(Instant::now);
         }
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`). Every attempt carries it.
