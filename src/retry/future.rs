@@ -444,14 +444,15 @@ impl<S> RetryState<S> {
     }
 
     fn finish(&self) {
-        let (retries, transparent, delay) = match self.failed.as_deref() {
-            Some(failed) => (failed.attempts - 1, failed.transparent, failed.total_delay),
-            None => (0, 0, Duration::ZERO),
+        // A call that never failed made no retry, and records nothing.
+        let Some(failed) = self.failed.as_deref() else {
+            return;
         };
+        let (retries, transparent) = (failed.attempts - 1, failed.transparent);
         self.scope
             .shared
             .metrics
-            .record_call(retries, transparent, delay);
+            .record_call(retries, transparent, failed.total_delay);
     }
 }
 
