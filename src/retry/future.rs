@@ -576,8 +576,9 @@ mod tests {
             "{ours} vs {inner} + {state}"
         );
         // What only a failed call needs is boxed at its first failure, not moved with every
-        // future (it was 380 bytes inline); 304 with the caller's body size hint kept.
-        assert!(state <= 320, "{state}");
+        // future (it was 380 bytes inline); 304 with the caller's body size hint kept; 296 with
+        // the inner service cloned only when an attempt fails (the boxed service here was 16).
+        assert!(state <= 296, "{state}");
     }
 
     #[test]
