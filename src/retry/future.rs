@@ -92,6 +92,9 @@ pub(crate) struct RetryState<S> {
     /// Where every attempt's body comes from.
     body: Source,
     retries: Retries,
+    /// Whether the call's budget hears of successes (a token bucket's does; a percentage
+    /// budget's does not): known when the call is made, so that most successes look nothing up.
+    counts_outcomes: bool,
     /// When the call was made: read only if it has a `grpc-timeout` (or a percentage budget
     /// read the clock anyway).
     started: Option<Instant>,
@@ -207,6 +210,7 @@ impl<S> RetryState<S> {
         head: Head,
         body: Source,
         retries: Retries,
+        counts_outcomes: bool,
         scope: Arc<Scope<S>>,
         started: Option<Instant>,
     ) -> Self {
@@ -215,6 +219,7 @@ impl<S> RetryState<S> {
             head,
             body,
             retries,
+            counts_outcomes,
             started,
             failed: None,
         }
@@ -251,7 +256,9 @@ impl<S> RetryState<S> {
 
     /// An attempt ended Trailers-Only `OK`.
     fn on_ok(&self) {
-        if let Some(budget) = self.budget() {
+        if self.counts_outcomes
+            && let Some(budget) = self.budget()
+        {
             budget.on_success();
         }
     }

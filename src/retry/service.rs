@@ -197,7 +197,9 @@ where
         }
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`). Every attempt carries it.
-        if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
+        let counts_outcomes =
+            retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes);
+        if counts_outcomes {
             let end = CallEnd::new();
             head.set_call_end(end.clone());
             req.extensions_mut().insert(end);
@@ -211,7 +213,14 @@ where
         let future = self.inner.call(req);
         ResponseFuture::retrying(
             future,
-            RetryState::new(head, body, retries, self.scope.clone(), started),
+            RetryState::new(
+                head,
+                body,
+                retries,
+                counts_outcomes,
+                self.scope.clone(),
+                started,
+            ),
         )
     }
 }
@@ -264,6 +273,27 @@ mod tests {
         Request::new(Body::new(http_body_util::Full::new(
             bytes::Bytes::from_static(b"\0\0\0\0\x01x"),
         )))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_bucket_hears_of_every_trailers_only_success() {
+        let scripted = Scripted {
+            codes: Arc::new(Mutex::new(vec![Code::Unavailable])),
+            clones: Arc::new(AtomicUsize::new(0)),
+        };
+        let budget = crate::retry::RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        let policy = RetryPolicy::builder()
+            .max_attempts(2)
+            .budget(budget.clone())
+            .build()
+            .unwrap();
+        let mut retry = Retry::new(Counted(scripted), policy);
+        // A failure takes a token; its retry's success gives half of one back.
+        retry.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(budget.tokens(), Some(9.5));
+        // A first attempt's success too.
+        retry.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(budget.tokens(), Some(10.0));
     }
 
     #[tokio::test(start_paused = true)]
