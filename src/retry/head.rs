@@ -204,8 +204,6 @@ impl Kept {
 }
 
 impl Head {
-    // Inlined: built where the call's state keeps it, rather than moved there (200 bytes).
-    #[inline]
     pub(crate) fn keep<B>(req: &Request<B>) -> Self {
         Head {
             method: req.method().clone(),
