@@ -129,8 +129,9 @@ impl RetryBudget {
         }
     }
 
-    /// A new logical call starts (its first attempt), at `now`.
-    pub(crate) fn on_call(&self, now: Instant) {
+    /// A new logical call starts (its first attempt), at `now()`: called only by a budget that
+    /// dates its calls (a percentage budget that deposits).
+    pub(crate) fn on_call(&self, now: impl FnOnce() -> Instant) {
         if let Kind::Percent(budget) = &*self.0 {
             budget.deposit(now);
         }
@@ -293,7 +294,7 @@ mod tests {
     fn percent_budget_allows_its_ratio_of_calls() {
         let budget = RetryBudget::percent(Duration::from_secs(1), 0, 0.1).unwrap();
         for _ in 0..100 {
-            budget.on_call(Instant::now());
+            budget.on_call(Instant::now);
         }
         let allowed = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(allowed, 10);
@@ -321,7 +322,7 @@ mod tests {
         let percent = RetryBudget::percent(Duration::from_secs(60), 0, 0.1).unwrap();
         std::thread::scope(|s| {
             for _ in 0..THREADS {
-                s.spawn(|| (0..1000).for_each(|_| percent.on_call(Instant::now())));
+                s.spawn(|| (0..1000).for_each(|_| percent.on_call(Instant::now)));
             }
         });
         let granted = AtomicU32::new(0);

@@ -25,6 +25,9 @@ pub(crate) struct PercentBudget {
     start: Instant,
     /// `ttl / SLOTS`, in nanoseconds (at least 100 ms: `ttl` is at least 1 s).
     slot_nanos: u64,
+    /// `2^64 / slot_nanos`, rounded up: a slot's number takes two multiplications, not a
+    /// division, per call.
+    slot_inverse: u64,
     /// Slot `n % SLOTS` holds `(n as u32) << 32 | balance as u32` for time slot `n`.
     slots: [AtomicU64; SLOTS],
     /// Withdrawals allowed without any deposit, as `min_per_sec` over the `ttl`.
@@ -49,9 +52,11 @@ impl PercentBudget {
             (1000, (1000.0 / ratio) as i32)
         };
         let reserve = i64::from(min_per_sec) * ttl.as_secs() as i64 * i64::from(withdraw);
+        let slot_nanos = (ttl.as_nanos() / SLOTS as u128) as u64;
         PercentBudget {
             start: Instant::now(),
-            slot_nanos: (ttl.as_nanos() / SLOTS as u128) as u64,
+            slot_nanos,
+            slot_inverse: u64::MAX / slot_nanos + 1,
             slots: Default::default(),
             reserve,
             deposit,
@@ -65,15 +70,20 @@ impl PercentBudget {
         let elapsed = now.saturating_duration_since(self.start);
         // In u64 (584 years of nanoseconds): a 128-bit division is a library call, per call.
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        (nanos / self.slot_nanos) as u32
+        // `nanos / slot_nanos` as a multiplication by the inverse, which is that quotient or one
+        // more (the inverse is rounded up by less than one, times `nanos / 2^64` < 1): one more
+        // multiplication tells which.
+        let slot = ((u128::from(nanos) * u128::from(self.slot_inverse)) >> 64) as u64;
+        let past = u128::from(slot) * u128::from(self.slot_nanos) > u128::from(nanos);
+        (slot - u64::from(past)) as u32
     }
 
     /// A call was made at `now`.
-    pub(crate) fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: impl FnOnce() -> Instant) {
         if self.deposit == 0 {
             return;
         }
-        let now = self.slot_at(now);
+        let now = self.slot_at(now());
         let slot = &self.slots[now as usize % SLOTS];
         let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             Some(pack(now, current(word, now).saturating_add(self.deposit)))
@@ -156,7 +166,7 @@ mod tests {
     async fn deposits_count_for_one_ttl_then_expire() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 0.5);
         for _ in 0..10 {
-            budget.deposit(Instant::now());
+            budget.deposit(Instant::now);
         }
         tokio::time::advance(Duration::from_millis(9_900)).await;
         assert!(budget.withdraw(), "still inside the ttl");
@@ -167,9 +177,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slot_reused_after_a_full_ttl_starts_from_zero() {
         let budget = PercentBudget::new(Duration::from_secs(1), 0, 1.0);
-        budget.deposit(Instant::now());
+        budget.deposit(Instant::now);
         tokio::time::advance(Duration::from_secs(1)).await; // same slot index, ten slots later
-        budget.deposit(Instant::now());
+        budget.deposit(Instant::now);
         assert!(budget.withdraw());
         assert!(!budget.withdraw(), "the old deposit no longer counts");
     }
@@ -182,10 +192,41 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_number_is_the_quotient_by_the_slot_length() {
+        for ttl in [1, 7, 10, 60] {
+            let budget = PercentBudget::new(Duration::from_secs(ttl), 0, 0.2);
+            let slot = budget.slot_nanos;
+            for n in [
+                0u64,
+                1,
+                5,
+                9,
+                10,
+                11,
+                1_000,
+                123_456,
+                4_294_967_295,
+                31_536_000_000,
+            ] {
+                // Up to the last whole slot in 584 years of nanoseconds.
+                let Some(start) = (n + 1).checked_mul(slot).map(|end| end - slot) else {
+                    continue;
+                };
+                for nanos in [start, start + 1, start + slot / 2, start + slot - 1] {
+                    let at = budget.start + Duration::from_nanos(nanos);
+                    // Slot numbers wrap at 2^32 (see `slot_at`).
+                    let expected = (nanos / slot) as u32;
+                    assert_eq!(budget.slot_at(at), expected, "{ttl} s, {nanos} ns");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_ratio_above_one_allows_that_many_retries_per_call() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 4.0);
         for _ in 0..5 {
-            budget.deposit(Instant::now());
+            budget.deposit(Instant::now);
         }
         let allowed = (0..100).filter(|_| budget.withdraw()).count();
         assert_eq!(allowed, 20);

@@ -1,7 +1,7 @@
 //! [`Retry`]: the service [`RetryLayer`](super::RetryLayer) makes.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -29,10 +29,16 @@ use crate::status::CallEnd;
 /// A call that can be retried (by its policy, or transparently) keeps what a later attempt
 /// needs, and nothing else; no lock is taken and the retry state is not boxed. Its heap
 /// allocations, for a unary call whose first attempt succeeds:
-/// - one list of the request's headers, so that an attempt can be sent again;
 /// - one box for the first attempt's body (tonic's `Body` boxes any body but an empty one):
 ///   the request body was read when the call was made, since a unary body is ready at once,
-///   and every attempt gets a reference-counted copy of its bytes.
+///   and every attempt gets a reference-counted copy of its bytes;
+/// - one list of the request's headers, so that an attempt can be sent again, unless it has
+///   only the two tonic puts on every call (`te`, `content-type`): those are kept as their
+///   places in the list. Metadata of the caller's own, or a `grpc-timeout`, costs the list.
+///
+/// Besides: one reference count up and down (what the calls share), one atomic update of a
+/// percentage budget, and one read of the clock, only for what needs it: a percentage budget's
+/// time slot, or a `grpc-timeout` (the start it counts from).
 ///
 /// The request's extensions are kept as values when they are all of the types tonic and towline
 /// put there (tonic's `GrpcMethod`, [`WaitForReady`](crate::balance::WaitForReady),
@@ -44,9 +50,15 @@ use crate::status::CallEnd;
 ///
 /// A streaming request body (one not ready in a single frame when the call is made) is kept by a
 /// [`ReplayBody`](super::ReplayBody) instead: one shared buffer more, and its list of frames.
-/// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map). The
-/// inner service is cloned per call, for the `poll_ready` of later attempts (as tower's `Retry`
-/// does): that costs what its `Clone` costs.
+/// A token bucket's [`CallEnd`] costs three more (its handle, and its slot in each map).
+///
+/// The inner service is not cloned per call (tower's `Retry` does, for the `poll_ready` of later
+/// attempts: for a balancer, two reference counts up and down per call; for a tonic `Channel`,
+/// allocations). Later attempts go through a clone made when an attempt fails, from a spare
+/// clone of the inner service taken at the first call (shared by the clones of this `Retry`,
+/// under a lock taken only then). So a later attempt goes through a clone of the service as it
+/// was at the first call: a change made through [`get_mut`](Self::get_mut) after that reaches
+/// first attempts only.
 ///
 /// A call that cannot be retried at all (a policy of one attempt, or [`NoRetry`], with
 /// `max_transparent_retries(0)`; or a body over `max_replay_bytes`) is the inner future, nothing
@@ -54,7 +66,25 @@ use crate::status::CallEnd;
 /// default, which need the same copies as above: set `max_transparent_retries(0)` to drop them.
 pub struct Retry<S> {
     inner: S,
-    shared: Arc<Shared>,
+    scope: Arc<Scope<S>>,
+}
+
+/// What the calls through one [`Retry`] and its clones share: the layer's policies, and the
+/// spare clone of the inner service that later attempts are cloned from.
+pub(crate) struct Scope<S> {
+    pub(crate) shared: Arc<Shared>,
+    /// Cloned from the inner service at the first call (the layer cannot: it does not know
+    /// whether the service is `Clone`).
+    spare: OnceLock<Mutex<S>>,
+}
+
+impl<S: Clone> Scope<S> {
+    /// A service for a later attempt; it has not been polled ready.
+    pub(crate) fn service(&self) -> Option<S> {
+        let spare = self.spare.get()?;
+        // A clone that panicked left nothing half-changed: the spare is only ever read.
+        Some(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
 }
 
 impl<S> Retry<S> {
@@ -64,7 +94,13 @@ impl<S> Retry<S> {
     }
 
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Retry { inner, shared }
+        Retry {
+            inner,
+            scope: Arc::new(Scope {
+                shared,
+                spare: OnceLock::new(),
+            }),
+        }
     }
 
     /// The wrapped service.
@@ -87,7 +123,7 @@ impl<S: Clone> Clone for Retry<S> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
+            scope: self.scope.clone(),
         }
     }
 }
@@ -96,7 +132,7 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("default", &self.shared.default)
+            .field("default", &self.scope.shared.default)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +152,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let policy = self.shared.policy_for_uri(req.uri());
+        let policy = self.scope.shared.policy_for_uri(req.uri());
         let max_bytes = policy.max_replay_bytes();
         // Nothing to retry: the inner future as it is, no allocation. Without transparent
         // retries only the policy's are left, and there are none for a policy of one attempt or
@@ -147,29 +183,142 @@ where
             // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
             Retries::TransparentOnly
         };
-        // One clock read for both: the budget's time slot, and the start the deadline counts
-        // from (its `grpc-timeout` is read from the kept head only if an attempt fails).
-        let started = Instant::now();
+        // At most one clock read (a vDSO call, tens of ns), and only for what needs one: a
+        // percentage budget's time slot, and the start a `grpc-timeout` counts from (its value
+        // is read from the kept head only if an attempt fails).
+        let mut started = None;
         if retries == Retries::Policy
             && let Some(budget) = policy.budget()
         {
-            budget.on_call(started);
+            budget.on_call(|| *started.get_or_insert_with(Instant::now));
+        }
+        if head.has_timeout() {
+            started.get_or_insert_with(Instant::now);
         }
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`). Every attempt carries it.
-        if retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes) {
+        let counts_outcomes =
+            retries == Retries::Policy && policy.budget().is_some_and(RetryBudget::counts_outcomes);
+        if counts_outcomes {
             let end = CallEnd::new();
             head.set_call_end(end.clone());
             req.extensions_mut().insert(end);
         }
         *req.body_mut() = body.attempt(body.supersede());
-        let first = req;
-        let future = self.inner.call(first);
-        // The clone drives its own poll_ready before every later attempt.
-        let service = self.inner.clone();
+        // The spare later attempts' services are cloned from, before the call takes `inner` out
+        // of its ready state (a clone is not ready).
+        if self.scope.spare.get().is_none() {
+            let _ = self.scope.spare.set(Mutex::new(self.inner.clone()));
+        }
+        let future = self.inner.call(req);
         ResponseFuture::retrying(
             future,
-            RetryState::new(service, head, body, retries, self.shared.clone(), started),
+            RetryState::new(
+                head,
+                body,
+                retries,
+                counts_outcomes,
+                self.scope.clone(),
+                started,
+            ),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::{Ready, ready};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tonic::Code;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Answers each call with the next code of its script (then `OK`), counting its clones.
+    #[derive(Clone)]
+    struct Scripted {
+        codes: Arc<Mutex<Vec<Code>>>,
+        clones: Arc<AtomicUsize>,
+    }
+
+    struct Counted(Scripted);
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.0.clones.fetch_add(1, Ordering::SeqCst);
+            Counted(self.0.clone())
+        }
+    }
+
+    impl Service<Request<Body>> for Counted {
+        type Response = Response<Body>;
+        type Error = BoxError;
+        type Future = Ready<Result<Response<Body>, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            let code = self.0.codes.lock().unwrap().pop().unwrap_or(Code::Ok);
+            let mut res = Response::new(Body::empty());
+            let value = http::HeaderValue::from(code as i32);
+            res.headers_mut().insert("grpc-status", value);
+            ready(Ok(res))
+        }
+    }
+
+    fn request() -> Request<Body> {
+        Request::new(Body::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(b"\0\0\0\0\x01x"),
+        )))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_bucket_hears_of_every_trailers_only_success() {
+        let scripted = Scripted {
+            codes: Arc::new(Mutex::new(vec![Code::Unavailable])),
+            clones: Arc::new(AtomicUsize::new(0)),
+        };
+        let budget = crate::retry::RetryBudget::token_bucket(10.0, 0.5).unwrap();
+        let policy = RetryPolicy::builder()
+            .max_attempts(2)
+            .budget(budget.clone())
+            .build()
+            .unwrap();
+        let mut retry = Retry::new(Counted(scripted), policy);
+        // A failure takes a token; its retry's success gives half of one back.
+        retry.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(budget.tokens(), Some(9.5));
+        // A first attempt's success too.
+        retry.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(budget.tokens(), Some(10.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_inner_service_is_cloned_when_an_attempt_fails_not_per_call() {
+        let scripted = Scripted {
+            codes: Arc::new(Mutex::new(Vec::new())),
+            clones: Arc::new(AtomicUsize::new(0)),
+        };
+        let clones = scripted.clones.clone();
+        let mut retry = Retry::new(Counted(scripted.clone()), RetryPolicy::default());
+        for _ in 0..10 {
+            let res = retry.ready().await.unwrap().call(request()).await.unwrap();
+            assert_eq!(res.headers()["grpc-status"], "0");
+        }
+        assert_eq!(clones.load(Ordering::SeqCst), 1, "the spare alone");
+
+        // Two failures, then OK: one clone for the later attempts, kept between them.
+        scripted
+            .codes
+            .lock()
+            .unwrap()
+            .extend([Code::Unavailable, Code::Unavailable]);
+        let res = retry.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(res.headers()["grpc-status"], "0", "the third attempt");
+        assert!(scripted.codes.lock().unwrap().is_empty(), "three attempts");
+        assert_eq!(clones.load(Ordering::SeqCst), 2);
     }
 }

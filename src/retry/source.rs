@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use http::HeaderMap;
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::{BodyStream, StreamBody};
+use http_body_util::{BodyExt as _, BodyStream, StreamBody};
 use tonic::Status;
 use tonic::body::Body;
 
@@ -57,6 +57,10 @@ impl Source {
                 Poll::Pending => break Some(body),
                 Poll::Ready(None) => break None,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    // A unary body: one frame, then its end. Kept as it is, nothing more to see.
+                    Ok(data) if first.is_none() && at_end && data.len() <= max_bytes => {
+                        return Ok(Source::Whole(data, size_hint));
+                    }
                     Ok(data) => {
                         buffered = buffered.saturating_add(data.len());
                         match first {
@@ -100,8 +104,17 @@ impl Source {
     /// The body of the attempt [`supersede`](Self::supersede) made way for.
     pub(crate) fn attempt(&self, generation: u64) -> Body {
         match self {
-            // An empty body is tonic's `Body::empty()`, no allocation; else one box.
-            Source::Whole(bytes, hint) => Body::new(Whole::new(bytes.clone(), *hint)),
+            // An empty body is tonic's `Body::empty()`, no allocation; else one box, taken by
+            // tonic as it is (its error is already `Status`: no `map_err` layer between the
+            // attempt's reader and its bytes).
+            Source::Whole(bytes, hint) => {
+                let whole = Whole::new(bytes.clone(), *hint);
+                if whole.is_end_stream() {
+                    Body::empty()
+                } else {
+                    Body::new(whole.boxed_unsync())
+                }
+            }
             Source::Streamed(replay) => Body::new(replay.attempt(generation)),
         }
     }
