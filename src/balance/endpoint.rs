@@ -241,8 +241,26 @@ impl Load {
     }
 
     /// Feeds one round trip, which ended at `now`, to the estimate.
+    #[cfg(test)]
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        self.rtt.observe(rtt, now);
+        self.rtt.observe_at(rtt, now);
+    }
+
+    /// The time now on the clock round trips are timed with: ns since the estimates' epoch.
+    /// Tokio's clock, so that a paused runtime (`tokio::time::pause`) times them too.
+    pub(crate) fn rtt_clock(&self) -> u64 {
+        self.rtt_clock_at(Instant::now())
+    }
+
+    /// `now` on the clock round trips are timed with.
+    pub(crate) fn rtt_clock_at(&self, now: Instant) -> u64 {
+        self.rtt.since_epoch(now)
+    }
+
+    /// Feeds one round trip, sent at `sent_ns` and over at `now_ns` (both read from
+    /// [`rtt_clock`](Self::rtt_clock)), to the estimate.
+    pub(crate) fn observe_round_trip(&self, sent_ns: u64, now_ns: u64) {
+        self.rtt.observe(now_ns.saturating_sub(sent_ns), now_ns);
     }
 
     /// Forgets the old connection's round trips (see `PeakEwma::forget`).
@@ -360,7 +378,12 @@ impl PeakEwma {
     }
 
     fn since_epoch(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_nanos() as u64
+        // In `u64` arithmetic (584 years of ns), where `as_nanos` would multiply in `u128`.
+        let since = now.saturating_duration_since(self.epoch);
+        since
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(since.subsec_nanos()))
     }
 
     /// A new connection: what the old one measured no longer describes the endpoint (it may be
@@ -377,9 +400,17 @@ impl PeakEwma {
             .store(self.since_epoch(now), Ordering::Relaxed);
     }
 
-    fn observe(&self, rtt: Duration, now: Instant) {
-        let rtt_ns = rtt.as_nanos() as f64;
-        let now_ns = self.since_epoch(now);
+    /// [`observe`](Self::observe) in `Duration` and `Instant`, for tests.
+    #[cfg(test)]
+    fn observe_at(&self, rtt: Duration, now: Instant) {
+        let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+        self.observe(rtt_ns, self.since_epoch(now));
+    }
+
+    /// Feeds one round trip of `rtt_ns`, which ended at `now_ns` (since the epoch): integers,
+    /// which a call computes from two clock reads without converting either to a `Duration`.
+    fn observe(&self, rtt_ns: u64, now_ns: u64) {
+        let rtt_ns = rtt_ns as f64;
         // The first measurement replaces the default (a load first: the swap is a locked
         // instruction, needed once per connection).
         let first =
@@ -609,9 +640,9 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(e.estimate(t0), Duration::from_millis(30));
         // The first measurement replaces the default, even when it is faster.
-        e.observe(Duration::from_millis(2), t0);
+        e.observe_at(Duration::from_millis(2), t0);
         assert_eq!(e.estimate(t0), Duration::from_millis(2));
-        e.observe(Duration::from_millis(100), t0);
+        e.observe_at(Duration::from_millis(100), t0);
         assert_eq!(
             e.estimate(t0),
             Duration::from_millis(100),
@@ -619,7 +650,7 @@ mod tests {
         );
         // A fast response 1 s later pulls the estimate down only part of the way.
         let t1 = t0 + Duration::from_secs(1);
-        e.observe(Duration::from_millis(1), t1);
+        e.observe_at(Duration::from_millis(1), t1);
         let after = e.estimate(t1);
         assert!(
             after > Duration::from_millis(80) && after < Duration::from_millis(100),
@@ -633,8 +664,8 @@ mod tests {
     async fn a_new_connection_forgets_the_old_peak_but_keeps_a_low_estimate() {
         let t0 = Instant::now();
         let e = ewma();
-        e.observe(Duration::from_millis(2), t0);
-        e.observe(Duration::from_secs(1), t0);
+        e.observe_at(Duration::from_millis(2), t0);
+        e.observe_at(Duration::from_secs(1), t0);
         e.forget(t0);
         assert_eq!(
             e.estimate(t0),
@@ -642,11 +673,11 @@ mod tests {
             "capped at the default"
         );
         // Unmeasured again: the next round trip replaces the estimate even though it is faster.
-        e.observe(Duration::from_millis(3), t0);
+        e.observe_at(Duration::from_millis(3), t0);
         assert_eq!(e.estimate(t0), Duration::from_millis(3));
 
         let fast = ewma();
-        fast.observe(Duration::from_millis(2), t0);
+        fast.observe_at(Duration::from_millis(2), t0);
         fast.forget(t0);
         assert_eq!(
             fast.estimate(t0),
@@ -659,7 +690,7 @@ mod tests {
     fn concurrent_round_trips_lose_no_peak() {
         let e = ewma();
         let t0 = Instant::now();
-        e.observe(Duration::from_micros(1), t0);
+        e.observe_at(Duration::from_micros(1), t0);
         // Four threads feed round trips at the same instant (no decay between them): whatever
         // the interleaving, the estimate ends at the largest, as under a lock. A write computed
         // from a stale estimate (a lost update) would leave a smaller one.
@@ -668,7 +699,7 @@ mod tests {
                 let e = &e;
                 scope.spawn(move || {
                     for i in 0..20_000u64 {
-                        e.observe(Duration::from_nanos(1_000 + (i * 4 + thread) % 50_000), t0);
+                        e.observe_at(Duration::from_nanos(1_000 + (i * 4 + thread) % 50_000), t0);
                     }
                 });
             }

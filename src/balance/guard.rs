@@ -23,8 +23,9 @@ pub(crate) struct CallGuard {
     /// to the first data of the response (as linkerd measures it: a stream's length is the
     /// stream's, not the endpoint's), or to the call's end when no data comes. A call whose
     /// connection failed under it measures nothing: a peak estimator would keep that one
-    /// outlier for many decay periods.
-    rtt_from: Option<Instant>,
+    /// outlier for many decay periods. In ns on the endpoint's RTT clock
+    /// ([`Load::rtt_clock`]).
+    rtt_from: Option<u64>,
     /// The response head arrived: from then on, a body dropped before its first data measures
     /// nothing (the caller lost interest; the endpoint was not slow).
     responded: bool,
@@ -43,9 +44,18 @@ impl CallGuard {
     }
 
     /// The request goes out on the endpoint now: its round trip starts.
-    pub(crate) fn sent(mut self) -> Self {
+    pub(crate) fn sent(self) -> Self {
+        self.sent_at(None)
+    }
+
+    /// [`sent`](Self::sent), with the clock as the call read it a moment ago, if it did (for its
+    /// deadline): the round trip starts then, and costs no clock read of its own.
+    pub(crate) fn sent_at(mut self, now: Option<Instant>) -> Self {
         if self.load.feedback.measures_rtt {
-            self.rtt_from = Some(Instant::now());
+            self.rtt_from = Some(match now {
+                Some(now) => self.load.rtt_clock_at(now),
+                None => self.load.rtt_clock(),
+            });
         }
         self
     }
@@ -58,9 +68,7 @@ impl CallGuard {
     /// The response's first data arrived (or the call ended): the round trip is over.
     pub(crate) fn end_round_trip(&mut self) {
         if let Some(sent) = self.rtt_from.take() {
-            let now = Instant::now();
-            self.load
-                .observe_rtt(now.saturating_duration_since(sent), now);
+            self.load.observe_round_trip(sent, self.load.rtt_clock());
         }
     }
 
