@@ -125,20 +125,13 @@ where
         request: Request<Body>,
     ) -> Self {
         let mut deadline = None;
-        // Read once for both the deadline and, when the call goes out at once, its send time.
-        let (call_deadline, now) = match crate::deadline::from_headers(request.headers()) {
-            Some(timeout) => {
-                let now = Instant::now();
-                (Some(CallDeadline::new(now, timeout)), Some(now))
-            }
-            None => (None, None),
-        };
+        let call_deadline = crate::deadline::from_headers(request.headers())
+            .map(|timeout| CallDeadline::new(Instant::now(), timeout));
         let state = Picker {
             shared,
             endpoint_wait,
             deadline: &mut deadline,
             call_deadline,
-            now,
             tried: &[],
             waited: false,
         }
@@ -385,7 +378,6 @@ where
             endpoint_wait: slow.endpoint_wait,
             deadline: &mut slow.deadline,
             call_deadline: *this.call_deadline,
-            now: None,
             tried: &slow.tried,
             waited: slow.waited,
         };
@@ -517,8 +509,6 @@ struct Picker<'a, S> {
     endpoint_wait: Duration,
     deadline: &'a mut Option<WaitDeadline>,
     call_deadline: Option<CallDeadline>,
-    /// The clock, if the call read it just before this pick (for its deadline).
-    now: Option<Instant>,
     tried: &'a [EndpointId],
     /// The call waited (for an endpoint, or a failover): its deadline must be cut on sending.
     waited: bool,
@@ -560,7 +550,7 @@ where
                     Poll::Ready(Ok(())) if !self.waited => {
                         return State::Calling {
                             future: service.call(request),
-                            guard: Some(guard.sent_at(self.now)),
+                            guard: Some(guard.sent()),
                             expires: None,
                         };
                     }
@@ -581,7 +571,7 @@ where
             Err(Unavailable { reason, settling }) => {
                 let wait_for_ready = request.extensions().get::<WaitForReady>().map(|w| w.0);
                 let call_deadline = self.call_deadline;
-                let now = self.now.unwrap_or_else(Instant::now);
+                let now = Instant::now();
                 let deadline = *self.deadline.get_or_insert_with(|| {
                     WaitDeadline::new(now, self.endpoint_wait, call_deadline, wait_for_ready)
                 });

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::endpoint::{CallEvent, Load};
@@ -44,18 +43,9 @@ impl CallGuard {
     }
 
     /// The request goes out on the endpoint now: its round trip starts.
-    pub(crate) fn sent(self) -> Self {
-        self.sent_at(None)
-    }
-
-    /// [`sent`](Self::sent), with the clock as the call read it a moment ago, if it did (for its
-    /// deadline): the round trip starts then, and costs no clock read of its own.
-    pub(crate) fn sent_at(mut self, now: Option<Instant>) -> Self {
+    pub(crate) fn sent(mut self) -> Self {
         if self.load.feedback.measures_rtt {
-            self.rtt_from = Some(match now {
-                Some(now) => self.load.rtt_clock_at(now),
-                None => self.load.rtt_clock(),
-            });
+            self.rtt_from = Some(self.load.rtt_clock());
         }
         self
     }
@@ -177,6 +167,7 @@ impl Drop for CallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::clock::RttClock;
     use crate::balance::endpoint::{EwmaConfig, Feedback};
     use crate::outlier::OutlierDetection;
     use std::time::Duration;
@@ -188,6 +179,7 @@ mod tests {
             http::Uri::from_static("http://a:1"),
             crate::discover::Endpoint::default(),
             EwmaConfig::new(Duration::from_millis(1), Duration::from_secs(1)),
+            RttClock::new(),
             feedback.clone(),
         ))
     }
