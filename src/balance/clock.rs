@@ -28,7 +28,8 @@ pub(crate) enum RttClock {
     /// The CPU's counter (or the OS's monotonic clock where there is none), in raw units from
     /// the epoch's reading.
     Counter { epoch: u64 },
-    /// Tokio's clock, which was paused when this clock was chosen.
+    /// Tokio's clock: it was paused when this clock was chosen, or no call is timed (the
+    /// strategy reads no RTT), where no counter needs calibrating.
     Tokio { epoch: Instant },
 }
 
@@ -37,13 +38,18 @@ impl RttClock {
     /// runtime, the counter otherwise. A balancer chooses it when it starts (inside its runtime).
     pub(crate) fn new() -> Self {
         if tokio_clock_is_paused() {
-            RttClock::Tokio {
-                epoch: Instant::now(),
-            }
+            RttClock::tokio()
         } else {
             RttClock::Counter {
                 epoch: counter().raw(),
             }
+        }
+    }
+
+    /// Tokio's clock, starting now.
+    pub(crate) fn tokio() -> Self {
+        RttClock::Tokio {
+            epoch: Instant::now(),
         }
     }
 
@@ -77,12 +83,20 @@ impl RttClock {
     }
 
     /// `ns` on this clock, as the same moment on `other`: the same figure when both are one
-    /// clock (every endpoint of one balancer); shifted by the difference of their epochs
-    /// otherwise (tests' endpoints, each made alone).
+    /// clock (every endpoint of one balancer, so inlined: every peak-EWMA pick asks); shifted by
+    /// the difference of their epochs otherwise (tests' endpoints, each made alone).
+    #[inline]
     pub(crate) fn shift_to(&self, ns: u64, other: &RttClock) -> u64 {
+        if self == other {
+            ns
+        } else {
+            self.shift_between_epochs(ns, other)
+        }
+    }
+
+    fn shift_between_epochs(&self, ns: u64, other: &RttClock) -> u64 {
         // How far `self`'s epoch is after `other`'s (`true`) or before it (`false`), in ns.
         let (later, by) = match (self, other) {
-            _ if self == other => return ns,
             (RttClock::Tokio { epoch: from }, RttClock::Tokio { epoch: to }) => {
                 (from >= to, ns_between(*from.min(to), *from.max(to)))
             }

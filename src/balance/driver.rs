@@ -80,7 +80,12 @@ impl<M, S> Driver<M, S> {
             reconnect,
             ewma,
             // Chosen as the balancer starts, inside its runtime: Tokio's clock if it is paused.
-            clock: RttClock::new(),
+            // When no call is timed, only snapshots read it, and Tokio's will do.
+            clock: if measures_rtt {
+                RttClock::new()
+            } else {
+                RttClock::tokio()
+            },
         };
         (driver, calls)
     }
