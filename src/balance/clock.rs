@@ -6,8 +6,10 @@
 //! call's work on a KVM guest, the CPU's time-stamp counter ~9 ns. So the counter is read where it
 //! is invariant (through `quanta`, which calibrates it once per process against the monotonic
 //! clock, and falls back to that clock where there is no such counter), except when Tokio's clock
-//! is paused (`tokio::time::pause`, a test's `start_paused`): then round trips and decay follow
-//! Tokio's clock, so that a test of timing logic can still move time itself.
+//! is paused (`tokio::time::pause`, a test's `start_paused`) when the balancer starts: then
+//! round trips and decay follow Tokio's clock, so that a test of timing logic can still move time
+//! itself. (A clock paused only after the balancer started is not followed: its estimates go on
+//! in real time.)
 
 use std::sync::OnceLock;
 use std::time::Duration;
