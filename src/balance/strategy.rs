@@ -14,7 +14,7 @@ use http::Uri;
 use http::request::Parts;
 
 pub use super::endpoint::Candidate;
-use super::endpoint::{EndpointId, rtt_cost_below};
+use super::endpoint::{EndpointId, rtt_cost_below, to_f64};
 
 /// Chooses which candidate takes a call.
 ///
@@ -173,7 +173,7 @@ impl Strategy for PeakEwma {
         }
         // Cost `rtt_estimate × (in_flight + 1)`, compared without a lock or a clock read: this
         // runs on every call.
-        let load = |c: &Candidate| (c.in_flight() + 1) as f64;
+        let load = |c: &Candidate| to_f64(c.in_flight() as u64 + 1);
         let (ca, cb) = (&candidates[a], &candidates[b]);
         if rtt_cost_below(&cb.load, load(cb), &ca.load, load(ca)) {
             b
