@@ -189,8 +189,7 @@ pub(crate) type EndpointId = u64;
 ///
 /// Laid out in order (`repr(C)`), from a cache line's start: what a peak-EWMA pick reads of
 /// each of its two candidates (the RTT estimate and the calls in flight) is one line, where
-/// the compiler's order spread it over three; with a hundred endpoints, that is most of what a
-/// pick costs beyond its instructions.
+/// the compiler's order spread it over two or three, each a fetch when endpoints are many.
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub(crate) struct Load {
