@@ -60,6 +60,7 @@ impl RttClock {
     }
 
     /// The time now, in ns since the epoch.
+    #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
         match self {
             RttClock::Counter { epoch } => {

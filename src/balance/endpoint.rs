@@ -256,6 +256,7 @@ impl Load {
     }
 
     /// The time now on the clock round trips are timed with ([`RttClock`]): ns since its epoch.
+    #[inline]
     pub(crate) fn rtt_clock(&self) -> u64 {
         self.rtt.clock.now_ns()
     }

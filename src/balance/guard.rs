@@ -30,7 +30,10 @@ pub(crate) struct CallGuard {
     responded: bool,
 }
 
+// The small steps of every call are `#[inline]`: they are called from the response future and
+// body, generic code compiled in the caller's crate, where they could not be inlined otherwise.
 impl CallGuard {
+    #[inline]
     pub(crate) fn new(load: Arc<Load>, generation: u64, end: Option<CallEnd>) -> Self {
         CallGuard {
             load,
@@ -43,6 +46,7 @@ impl CallGuard {
     }
 
     /// The request goes out on the endpoint now: its round trip starts.
+    #[inline]
     pub(crate) fn sent(mut self) -> Self {
         if self.load.feedback.measures_rtt {
             self.rtt_from = Some(self.load.rtt_clock());
@@ -51,6 +55,7 @@ impl CallGuard {
     }
 
     /// The response head arrived; the round trip ends at its first data, or at its end.
+    #[inline]
     pub(crate) fn responded(&mut self) {
         self.responded = true;
     }
@@ -121,6 +126,7 @@ impl CallGuard {
     }
 
     /// The call is over: its outcome is known, or it never will be.
+    #[inline]
     pub(crate) fn end(guard: &mut Option<CallGuard>, code: Code) {
         if let Some(mut guard) = guard.take() {
             guard.finish(code);
