@@ -19,6 +19,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use super::clock::RttClock;
 use super::endpoint::{
     CallEvent, EndpointId, EndpointService, EwmaConfig, Feedback, Load, MakeEndpoint, authority,
 };
@@ -50,6 +51,8 @@ pub(crate) struct Driver<M, S> {
     pub(crate) detection: Option<OutlierDetection>,
     pub(crate) reconnect: Backoff,
     pub(crate) ewma: EwmaConfig,
+    /// The clock every endpoint's RTT estimate reads (see `RttClock`).
+    pub(crate) clock: RttClock,
     pub(crate) feedback: Arc<Feedback>,
 }
 
@@ -76,6 +79,13 @@ impl<M, S> Driver<M, S> {
             detection,
             reconnect,
             ewma,
+            // Chosen as the balancer starts, inside its runtime: Tokio's clock if it is paused.
+            // When no call is timed, only snapshots read it, and Tokio's will do.
+            clock: if measures_rtt {
+                RttClock::new()
+            } else {
+                RttClock::tokio()
+            },
         };
         (driver, calls)
     }
@@ -143,6 +153,7 @@ where
                             uri.clone(),
                             meta,
                             self.ewma,
+                            self.clock,
                             self.feedback.clone(),
                         ));
                         self.shared.update(|t| t.slots.push(Slot::new(load.clone())));

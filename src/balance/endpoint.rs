@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::Uri;
+#[cfg(test)]
 use tokio::time::Instant;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use tokio::sync::{Notify, mpsc};
 use tonic::body::Body;
 use tower_service::Service;
 
+use super::clock::RttClock;
 use crate::outlier::OutlierDetection;
 use crate::{BoxError, discover};
 
@@ -143,7 +145,7 @@ impl Load {
     pub(crate) fn unattached(id: EndpointId, uri: Uri, weight: u32) -> Self {
         let ewma = EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10));
         let meta = discover::Endpoint::weighted(weight);
-        Load::new(id, uri, meta, ewma, Feedback::unread(None))
+        Load::new(id, uri, meta, ewma, RttClock::new(), Feedback::unread(None))
     }
 }
 
@@ -183,17 +185,22 @@ pub(crate) fn authority(uri: &Uri) -> String {
 pub(crate) type EndpointId = u64;
 
 /// The figures a call updates as it runs, shared between the table, strategies and in-flight
-/// calls. Everything here is lock-free except the RTT estimate's small mutex.
+/// calls, without locks.
+///
+/// Laid out in order (`repr(C)`), from a cache line's start: what a peak-EWMA pick reads of
+/// each of its two candidates (the RTT estimate and the calls in flight) is one line, where
+/// the compiler's order spread it over two or three, each a fetch when endpoints are many.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub(crate) struct Load {
+    /// The round-trip estimate, written by every call and read by picks, without a lock.
+    rtt: PeakEwma,
+    pub(crate) in_flight: AtomicUsize,
     pub(crate) id: EndpointId,
     pub(crate) uri: Uri,
     /// Discovery's weight for it: changed in place when only the weight changes (a DNS SRV
     /// update), without reconnecting.
     weight: AtomicU32,
-    pub(crate) in_flight: AtomicUsize,
-    /// The round-trip estimate, written by every call and read by picks, without a lock.
-    rtt: PeakEwma,
     // Outcomes since the last outlier-detection interval, and the current failure streak.
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -213,6 +220,7 @@ impl Load {
         uri: Uri,
         meta: discover::Endpoint,
         ewma: EwmaConfig,
+        clock: RttClock,
         feedback: Arc<Feedback>,
     ) -> Self {
         Load {
@@ -220,7 +228,7 @@ impl Load {
             uri,
             weight: AtomicU32::new(meta.weight),
             in_flight: AtomicUsize::new(0),
-            rtt: PeakEwma::new(ewma),
+            rtt: PeakEwma::new(ewma, clock),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -241,23 +249,32 @@ impl Load {
     }
 
     /// Feeds one round trip, which ended at `now`, to the estimate.
+    #[cfg(test)]
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        self.rtt.observe(rtt, now);
+        let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+        self.rtt.observe(rtt_ns, self.rtt.clock.ns_at(now));
+    }
+
+    /// The time now on the clock round trips are timed with ([`RttClock`]): ns since its epoch.
+    #[inline]
+    pub(crate) fn rtt_clock(&self) -> u64 {
+        self.rtt.clock.now_ns()
+    }
+
+    /// Feeds one round trip, sent at `sent_ns` and over at `now_ns` (both read from
+    /// [`rtt_clock`](Self::rtt_clock)), to the estimate.
+    pub(crate) fn observe_round_trip(&self, sent_ns: u64, now_ns: u64) {
+        self.rtt.observe(now_ns.saturating_sub(sent_ns), now_ns);
     }
 
     /// Forgets the old connection's round trips (see `PeakEwma::forget`).
     pub(crate) fn forget_rtt(&self) {
-        self.rtt.forget(Instant::now());
+        self.rtt.forget(self.rtt.clock.now_ns());
     }
 
     /// The decayed peak-EWMA round-trip estimate.
     pub(crate) fn rtt_estimate(&self) -> Duration {
-        self.rtt_estimate_at(Instant::now())
-    }
-
-    /// The estimate at `now`, without a lock: what picks read, many times per call.
-    pub(crate) fn rtt_estimate_at(&self, now: Instant) -> Duration {
-        self.rtt.estimate(now)
+        Duration::from_nanos(self.rtt.estimate_ns(self.rtt.clock.now_ns()) as u64)
     }
 
     /// Records a call's outcome; returns the failure streak after it.
@@ -302,18 +319,11 @@ impl Load {
 pub(crate) struct EwmaConfig {
     pub(crate) default_rtt: Duration,
     pub(crate) decay: Duration,
-    /// What every endpoint's estimate counts its times from: one for all, so that a pick
-    /// compares two estimates' ages as plain integers.
-    epoch: Instant,
 }
 
 impl EwmaConfig {
     pub(crate) fn new(default_rtt: Duration, decay: Duration) -> Self {
-        EwmaConfig {
-            default_rtt,
-            decay,
-            epoch: Instant::now(),
-        }
+        EwmaConfig { default_rtt, decay }
     }
 }
 
@@ -331,36 +341,33 @@ impl EwmaConfig {
 /// from the old time or the reverse: an estimate off by one call's decay, which a choice among
 /// endpoints does not notice.
 #[derive(Debug)]
+#[repr(C)]
 struct PeakEwma {
-    epoch: Instant,
-    decay_ns: f64,
+    /// What its times are read from and counted from: one for every endpoint of a balancer.
+    clock: RttClock,
+    /// Decay periods per ns: a multiplication, where dividing by the period would cost a
+    /// division's latency on every call.
+    decays_per_ns: f64,
     default_ns: f64,
     /// The estimate in ns, as `f64` bits.
     estimate_ns: AtomicU64,
-    /// When it was last written, in ns since `epoch`.
+    /// When it was last written, in ns on `clock`.
     updated_ns: AtomicU64,
     /// Whether the estimate is a measurement, not the default (or a new connection's cap).
     measured: AtomicBool,
 }
 
 impl PeakEwma {
-    fn new(config: EwmaConfig) -> Self {
+    fn new(config: EwmaConfig, clock: RttClock) -> Self {
         let default_ns = config.default_rtt.as_nanos() as f64;
-        let ewma = PeakEwma {
-            epoch: config.epoch,
-            decay_ns: config.decay.as_nanos().max(1) as f64,
+        PeakEwma {
+            clock,
+            decays_per_ns: 1.0 / config.decay.as_nanos().max(1) as f64,
             default_ns,
             estimate_ns: AtomicU64::new(default_ns.to_bits()),
-            updated_ns: AtomicU64::new(0),
+            updated_ns: AtomicU64::new(clock.now_ns()),
             measured: AtomicBool::new(false),
-        };
-        ewma.updated_ns
-            .store(ewma.since_epoch(Instant::now()), Ordering::Relaxed);
-        ewma
-    }
-
-    fn since_epoch(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_nanos() as u64
+        }
     }
 
     /// A new connection: what the old one measured no longer describes the endpoint (it may be
@@ -368,18 +375,18 @@ impl PeakEwma {
     /// endpoint. Until then the estimate is no higher than the default: a peak the old
     /// connection recorded as it died (a keepalive or deadline timeout) must not starve it, and
     /// one that was fast keeps its lower estimate rather than look worse than a stranger.
-    fn forget(&self, now: Instant) {
-        let estimate = self.estimate_ns(now).min(self.default_ns);
+    fn forget(&self, now_ns: u64) {
+        let estimate = self.estimate_ns(now_ns).min(self.default_ns);
         self.measured.store(false, Ordering::Relaxed);
         self.estimate_ns
             .store(estimate.to_bits(), Ordering::Relaxed);
-        self.updated_ns
-            .store(self.since_epoch(now), Ordering::Relaxed);
+        self.updated_ns.store(now_ns, Ordering::Relaxed);
     }
 
-    fn observe(&self, rtt: Duration, now: Instant) {
-        let rtt_ns = rtt.as_nanos() as f64;
-        let now_ns = self.since_epoch(now);
+    /// Feeds one round trip of `rtt_ns`, which ended at `now_ns` (on its clock): integers, which
+    /// a call computes from two clock reads without converting either to a `Duration`.
+    fn observe(&self, rtt_ns: u64, now_ns: u64) {
+        let rtt_ns = to_f64(rtt_ns);
         // The first measurement replaces the default (a load first: the swap is a locked
         // instruction, needed once per connection).
         let first =
@@ -391,8 +398,8 @@ impl PeakEwma {
                 rtt_ns
             } else {
                 let updated = self.updated_ns.load(Ordering::Relaxed);
-                let elapsed = now_ns.saturating_sub(updated) as f64;
-                let keep = decayed(elapsed / self.decay_ns);
+                let elapsed = to_f64(now_ns.saturating_sub(updated));
+                let keep = decayed(elapsed * self.decays_per_ns);
                 estimate * keep + rtt_ns * (1.0 - keep)
             };
             match self.estimate_ns.compare_exchange_weak(
@@ -408,21 +415,25 @@ impl PeakEwma {
         self.updated_ns.store(now_ns, Ordering::Relaxed);
     }
 
-    fn estimate(&self, now: Instant) -> Duration {
-        Duration::from_nanos(self.estimate_ns(now) as u64)
-    }
-
-    fn estimate_ns(&self, now: Instant) -> f64 {
+    /// The estimate at `now_ns` (on its clock), decayed since it was written.
+    fn estimate_ns(&self, now_ns: u64) -> f64 {
         let (estimate, updated_ns) = self.read();
-        let elapsed = self.since_epoch(now).saturating_sub(updated_ns) as f64;
-        estimate * decayed(elapsed / self.decay_ns)
+        let elapsed = to_f64(now_ns.saturating_sub(updated_ns));
+        estimate * decayed(elapsed * self.decays_per_ns)
     }
 
-    /// The estimate, and when it was written (ns since the epoch).
+    /// The estimate, and when it was written (ns on its clock).
     fn read(&self) -> (f64, u64) {
         let estimate = f64::from_bits(self.estimate_ns.load(Ordering::Relaxed));
         (estimate, self.updated_ns.load(Ordering::Relaxed))
     }
+}
+
+/// `n` as `f64`, through `i64`: x86-64 converts a signed integer in one instruction, an unsigned
+/// one in four of longer latency, on the path of every pick and every round trip. ns and call
+/// counts stay far below 2^63 (292 years); anything above is taken as 2^63.
+pub(crate) fn to_f64(n: u64) -> f64 {
+    n.min(i64::MAX as u64) as i64 as f64
 }
 
 /// `e^-x` for `x ≥ 0`, the share of an estimate left after `x` decay periods. Between calls `x`
@@ -430,7 +441,9 @@ impl PeakEwma {
 /// under one part in 10^9 and cost a few multiplications instead of an `exp`, on every call.
 fn decayed(x: f64) -> f64 {
     if x < 1e-3 {
-        1.0 - x * (1.0 - x * (0.5 - x / 6.0))
+        // `x * (1 / 6)`: the compiler keeps a division by 6 (it is not exact), whose latency
+        // would be most of this.
+        1.0 - x * (1.0 - x * (0.5 - x * (1.0 / 6.0)))
     } else {
         (-x).exp()
     }
@@ -443,29 +456,18 @@ fn decayed(x: f64) -> f64 {
 pub(crate) fn rtt_cost_below(b: &Load, b_factor: f64, a: &Load, a_factor: f64) -> bool {
     let (a_estimate, a_updated) = a.rtt.read();
     let (b_estimate, b_updated) = b.rtt.read();
-    // Endpoints of one balancer share the epoch; others (tests' endpoints) are compared in
+    // Endpoints of one balancer share the clock; others (tests' endpoints) are compared on
     // `a`'s.
-    let (a_updated, b_updated) = if a.rtt.epoch == b.rtt.epoch {
-        (a_updated, b_updated)
-    } else {
-        let shift = |ns: u64, from: Instant, to: Instant| -> u64 {
-            if from >= to {
-                ns.saturating_add(from.duration_since(to).as_nanos() as u64)
-            } else {
-                ns.saturating_sub(to.duration_since(from).as_nanos() as u64)
-            }
-        };
-        (a_updated, shift(b_updated, b.rtt.epoch, a.rtt.epoch))
-    };
+    let b_updated = b.rtt.clock.shift_to(b_updated, &a.rtt.clock);
     let (a_cost, b_cost) = (a_estimate * a_factor, b_estimate * b_factor);
-    let decay_ns = a.rtt.decay_ns;
+    let decays_per_ns = a.rtt.decays_per_ns;
     if b_updated >= a_updated {
         // `a` was written earlier: it has decayed for longer since.
-        let between = (b_updated - a_updated) as f64;
-        b_cost < a_cost * decayed(between / decay_ns)
+        let between = to_f64(b_updated - a_updated);
+        b_cost < a_cost * decayed(between * decays_per_ns)
     } else {
-        let between = (a_updated - b_updated) as f64;
-        b_cost * decayed(between / decay_ns) < a_cost
+        let between = to_f64(a_updated - b_updated);
+        b_cost * decayed(between * decays_per_ns) < a_cost
     }
 }
 
@@ -597,10 +599,26 @@ mod tests {
     }
 
     fn ewma() -> PeakEwma {
-        PeakEwma::new(EwmaConfig::new(
-            Duration::from_millis(30),
-            Duration::from_secs(10),
-        ))
+        PeakEwma::new(
+            EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10)),
+            RttClock::new(),
+        )
+    }
+
+    /// The estimate's figures at moments of Tokio's clock (paused in these tests, so that its
+    /// clock is Tokio's).
+    impl PeakEwma {
+        fn observe_at(&self, rtt: Duration, at: Instant) {
+            self.observe(rtt.as_nanos() as u64, self.clock.ns_at(at));
+        }
+
+        fn estimate(&self, at: Instant) -> Duration {
+            Duration::from_nanos(self.estimate_ns(self.clock.ns_at(at)) as u64)
+        }
+
+        fn forget_at(&self, at: Instant) {
+            self.forget(self.clock.ns_at(at));
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -609,9 +627,9 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(e.estimate(t0), Duration::from_millis(30));
         // The first measurement replaces the default, even when it is faster.
-        e.observe(Duration::from_millis(2), t0);
+        e.observe_at(Duration::from_millis(2), t0);
         assert_eq!(e.estimate(t0), Duration::from_millis(2));
-        e.observe(Duration::from_millis(100), t0);
+        e.observe_at(Duration::from_millis(100), t0);
         assert_eq!(
             e.estimate(t0),
             Duration::from_millis(100),
@@ -619,7 +637,7 @@ mod tests {
         );
         // A fast response 1 s later pulls the estimate down only part of the way.
         let t1 = t0 + Duration::from_secs(1);
-        e.observe(Duration::from_millis(1), t1);
+        e.observe_at(Duration::from_millis(1), t1);
         let after = e.estimate(t1);
         assert!(
             after > Duration::from_millis(80) && after < Duration::from_millis(100),
@@ -633,21 +651,21 @@ mod tests {
     async fn a_new_connection_forgets_the_old_peak_but_keeps_a_low_estimate() {
         let t0 = Instant::now();
         let e = ewma();
-        e.observe(Duration::from_millis(2), t0);
-        e.observe(Duration::from_secs(1), t0);
-        e.forget(t0);
+        e.observe_at(Duration::from_millis(2), t0);
+        e.observe_at(Duration::from_secs(1), t0);
+        e.forget_at(t0);
         assert_eq!(
             e.estimate(t0),
             Duration::from_millis(30),
             "capped at the default"
         );
         // Unmeasured again: the next round trip replaces the estimate even though it is faster.
-        e.observe(Duration::from_millis(3), t0);
+        e.observe_at(Duration::from_millis(3), t0);
         assert_eq!(e.estimate(t0), Duration::from_millis(3));
 
         let fast = ewma();
-        fast.observe(Duration::from_millis(2), t0);
-        fast.forget(t0);
+        fast.observe_at(Duration::from_millis(2), t0);
+        fast.forget_at(t0);
         assert_eq!(
             fast.estimate(t0),
             Duration::from_millis(2),
@@ -658,8 +676,8 @@ mod tests {
     #[test]
     fn concurrent_round_trips_lose_no_peak() {
         let e = ewma();
-        let t0 = Instant::now();
-        e.observe(Duration::from_micros(1), t0);
+        let t0 = e.clock.now_ns();
+        e.observe(1_000, t0);
         // Four threads feed round trips at the same instant (no decay between them): whatever
         // the interleaving, the estimate ends at the largest, as under a lock. A write computed
         // from a stale estimate (a lost update) would leave a smaller one.
@@ -668,12 +686,12 @@ mod tests {
                 let e = &e;
                 scope.spawn(move || {
                     for i in 0..20_000u64 {
-                        e.observe(Duration::from_nanos(1_000 + (i * 4 + thread) % 50_000), t0);
+                        e.observe(1_000 + (i * 4 + thread) % 50_000, t0);
                     }
                 });
             }
         });
-        assert_eq!(e.estimate(t0), Duration::from_nanos(1_000 + 49_999));
+        assert_eq!(e.estimate_ns(t0), (1_000 + 49_999) as f64);
     }
 
     #[tokio::test(start_paused = true)]
@@ -691,13 +709,25 @@ mod tests {
             t1 + Duration::from_secs(3600),
         ] {
             for (fa, fb) in [(1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (1.0, 5.0), (3.0, 1.0)] {
-                let (ea, eb) = (a.rtt.estimate_ns(now), b.rtt.estimate_ns(now));
+                let (ea, eb) = (
+                    a.rtt.estimate_ns(a.rtt.clock.ns_at(now)),
+                    b.rtt.estimate_ns(b.rtt.clock.ns_at(now)),
+                );
                 let direct = eb * fb < ea * fa;
                 assert_eq!(rtt_cost_below(&b, fb, &a, fa), direct, "{fa} {fb}");
                 let direct = ea * fa < eb * fb;
                 assert_eq!(rtt_cost_below(&a, fa, &b, fb), direct, "{fa} {fb}");
             }
         }
+    }
+
+    #[test]
+    fn counts_convert_to_f64_exactly_and_saturate_past_2_63() {
+        assert_eq!(to_f64(0), 0.0);
+        assert_eq!(to_f64(30_000_000), 30_000_000.0);
+        assert_eq!(to_f64(1 << 53), (1u64 << 53) as f64);
+        assert_eq!(to_f64(u64::MAX), i64::MAX as f64);
+        assert!(to_f64(u64::MAX) > 0.0);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::endpoint::{CallEvent, Load};
@@ -23,14 +22,18 @@ pub(crate) struct CallGuard {
     /// to the first data of the response (as linkerd measures it: a stream's length is the
     /// stream's, not the endpoint's), or to the call's end when no data comes. A call whose
     /// connection failed under it measures nothing: a peak estimator would keep that one
-    /// outlier for many decay periods.
-    rtt_from: Option<Instant>,
+    /// outlier for many decay periods. In ns on the endpoint's RTT clock
+    /// ([`Load::rtt_clock`]).
+    rtt_from: Option<u64>,
     /// The response head arrived: from then on, a body dropped before its first data measures
     /// nothing (the caller lost interest; the endpoint was not slow).
     responded: bool,
 }
 
+// The small steps of every call are `#[inline]`: they are called from the response future and
+// body, generic code compiled in the caller's crate, where they could not be inlined otherwise.
 impl CallGuard {
+    #[inline]
     pub(crate) fn new(load: Arc<Load>, generation: u64, end: Option<CallEnd>) -> Self {
         CallGuard {
             load,
@@ -43,14 +46,16 @@ impl CallGuard {
     }
 
     /// The request goes out on the endpoint now: its round trip starts.
+    #[inline]
     pub(crate) fn sent(mut self) -> Self {
         if self.load.feedback.measures_rtt {
-            self.rtt_from = Some(Instant::now());
+            self.rtt_from = Some(self.load.rtt_clock());
         }
         self
     }
 
     /// The response head arrived; the round trip ends at its first data, or at its end.
+    #[inline]
     pub(crate) fn responded(&mut self) {
         self.responded = true;
     }
@@ -58,9 +63,7 @@ impl CallGuard {
     /// The response's first data arrived (or the call ended): the round trip is over.
     pub(crate) fn end_round_trip(&mut self) {
         if let Some(sent) = self.rtt_from.take() {
-            let now = Instant::now();
-            self.load
-                .observe_rtt(now.saturating_duration_since(sent), now);
+            self.load.observe_round_trip(sent, self.load.rtt_clock());
         }
     }
 
@@ -123,6 +126,7 @@ impl CallGuard {
     }
 
     /// The call is over: its outcome is known, or it never will be.
+    #[inline]
     pub(crate) fn end(guard: &mut Option<CallGuard>, code: Code) {
         if let Some(mut guard) = guard.take() {
             guard.finish(code);
@@ -169,6 +173,7 @@ impl Drop for CallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::clock::RttClock;
     use crate::balance::endpoint::{EwmaConfig, Feedback};
     use crate::outlier::OutlierDetection;
     use std::time::Duration;
@@ -180,6 +185,7 @@ mod tests {
             http::Uri::from_static("http://a:1"),
             crate::discover::Endpoint::default(),
             EwmaConfig::new(Duration::from_millis(1), Duration::from_secs(1)),
+            RttClock::new(),
             feedback.clone(),
         ))
     }

@@ -55,6 +55,7 @@
 //! ```
 
 mod body;
+mod clock;
 mod config;
 mod driver;
 mod endpoint;
