@@ -28,7 +28,7 @@ const MAX_VALUE: u64 = 99_999_999;
 /// The timeout in a request's headers; `None` when absent or malformed (a malformed value is not
 /// a deadline the sender could have meant, so it is not guessed at).
 pub fn from_headers(headers: &HeaderMap) -> Option<Duration> {
-    headers.get(GRPC_TIMEOUT).and_then(|v| parse(v.as_bytes()))
+    crate::header::first(headers, &GRPC_TIMEOUT).and_then(|v| parse(v.as_bytes()))
 }
 
 /// Parses a `grpc-timeout` value.

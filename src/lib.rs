@@ -71,6 +71,7 @@ pub mod connect;
 pub mod deadline;
 pub mod discover;
 mod error;
+mod header;
 pub mod health;
 pub mod metrics;
 pub mod outlier;

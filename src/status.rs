@@ -82,29 +82,12 @@ pub fn classify_response<B>(res: &Response<B>) -> ResponseStatus {
 
 /// The `grpc-status` in a header map: `None` when absent, [`Code::Unknown`] when malformed.
 pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
-    let value = grpc_status(headers)?.as_bytes();
+    let value = crate::header::first(headers, &GRPC_STATUS)?.as_bytes();
     // The common answer, `0`, without the general parse.
     if value == b"0" {
         return Some(Code::Ok);
     }
     Some(Code::from_bytes(value))
-}
-
-/// A map with at most this many names is searched name by name rather than by hash.
-const SCAN_LIMIT: usize = 8;
-
-/// The first `grpc-status` value in `headers`. A response head or its trailers carry a handful
-/// of names, and comparing each with `grpc-status` costs less than hashing it for a lookup
-/// (this runs on every call's success path, in every layer that classifies responses).
-fn grpc_status(headers: &HeaderMap) -> Option<&http::HeaderValue> {
-    if headers.keys_len() > SCAN_LIMIT {
-        return headers.get(GRPC_STATUS);
-    }
-    // `iter` gives every value of a name, its first one first: the first match is what `get`
-    // would find.
-    headers
-        .iter()
-        .find_map(|(name, value)| (*name == GRPC_STATUS).then_some(value))
 }
 
 /// The code a call ended with, from its trailers. A stream that ended without trailers, or whose
@@ -780,6 +763,7 @@ mod tests {
 
     #[test]
     fn grpc_status_is_read_alike_from_small_and_large_maps() {
+        use crate::header::SCAN_LIMIT;
         for names in [
             0,
             SCAN_LIMIT - 1,
