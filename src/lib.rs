@@ -66,6 +66,7 @@ pub mod backoff;
 pub mod balance;
 pub mod batch;
 pub mod channel;
+mod clock;
 pub mod config;
 pub mod connect;
 pub mod deadline;

@@ -19,13 +19,13 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::clock::RttClock;
 use super::endpoint::{
     CallEvent, EndpointId, EndpointService, EwmaConfig, Feedback, Load, MakeEndpoint, authority,
 };
 use super::table::{Connection, Counts, Health, Shared, Slot, Table};
 use crate::BoxError;
 use crate::backoff::Backoff;
+use crate::clock::Clock;
 use crate::deadline::instant_after;
 use crate::discover::{self, Change, Discover};
 use crate::health::{HealthCheck, Verdict};
@@ -51,8 +51,8 @@ pub(crate) struct Driver<M, S> {
     pub(crate) detection: Option<OutlierDetection>,
     pub(crate) reconnect: Backoff,
     pub(crate) ewma: EwmaConfig,
-    /// The clock every endpoint's RTT estimate reads (see `RttClock`).
-    pub(crate) clock: RttClock,
+    /// The clock every endpoint's RTT estimate reads (see `Clock`).
+    pub(crate) clock: Clock,
     pub(crate) feedback: Arc<Feedback>,
 }
 
@@ -82,9 +82,9 @@ impl<M, S> Driver<M, S> {
             // Chosen as the balancer starts, inside its runtime: Tokio's clock if it is paused.
             // When no call is timed, only snapshots read it, and Tokio's will do.
             clock: if measures_rtt {
-                RttClock::new()
+                Clock::new()
             } else {
-                RttClock::tokio()
+                Clock::tokio()
             },
         };
         (driver, calls)

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc};
 use tonic::body::Body;
 use tower_service::Service;
 
-use super::clock::RttClock;
+use crate::clock::Clock;
 use crate::outlier::OutlierDetection;
 use crate::{BoxError, discover};
 
@@ -145,7 +145,7 @@ impl Load {
     pub(crate) fn unattached(id: EndpointId, uri: Uri, weight: u32) -> Self {
         let ewma = EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10));
         let meta = discover::Endpoint::weighted(weight);
-        Load::new(id, uri, meta, ewma, RttClock::new(), Feedback::unread(None))
+        Load::new(id, uri, meta, ewma, Clock::new(), Feedback::unread(None))
     }
 }
 
@@ -220,7 +220,7 @@ impl Load {
         uri: Uri,
         meta: discover::Endpoint,
         ewma: EwmaConfig,
-        clock: RttClock,
+        clock: Clock,
         feedback: Arc<Feedback>,
     ) -> Self {
         Load {
@@ -255,7 +255,7 @@ impl Load {
         self.rtt.observe(rtt_ns, self.rtt.clock.ns_at(now));
     }
 
-    /// The time now on the clock round trips are timed with ([`RttClock`]): ns since its epoch.
+    /// The time now on the clock round trips are timed with ([`Clock`]): ns since its epoch.
     #[inline]
     pub(crate) fn rtt_clock(&self) -> u64 {
         self.rtt.clock.now_ns()
@@ -344,7 +344,7 @@ impl EwmaConfig {
 #[repr(C)]
 struct PeakEwma {
     /// What its times are read from and counted from: one for every endpoint of a balancer.
-    clock: RttClock,
+    clock: Clock,
     /// Decay periods per ns: a multiplication, where dividing by the period would cost a
     /// division's latency on every call.
     decays_per_ns: f64,
@@ -358,7 +358,7 @@ struct PeakEwma {
 }
 
 impl PeakEwma {
-    fn new(config: EwmaConfig, clock: RttClock) -> Self {
+    fn new(config: EwmaConfig, clock: Clock) -> Self {
         let default_ns = config.default_rtt.as_nanos() as f64;
         PeakEwma {
             clock,
@@ -601,7 +601,7 @@ mod tests {
     fn ewma() -> PeakEwma {
         PeakEwma::new(
             EwmaConfig::new(Duration::from_millis(30), Duration::from_secs(10)),
-            RttClock::new(),
+            Clock::new(),
         )
     }
 

@@ -173,8 +173,8 @@ impl Drop for CallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::clock::RttClock;
     use crate::balance::endpoint::{EwmaConfig, Feedback};
+    use crate::clock::Clock;
     use crate::outlier::OutlierDetection;
     use std::time::Duration;
     use tokio::sync::mpsc;
@@ -185,7 +185,7 @@ mod tests {
             http::Uri::from_static("http://a:1"),
             crate::discover::Endpoint::default(),
             EwmaConfig::new(Duration::from_millis(1), Duration::from_secs(1)),
-            RttClock::new(),
+            Clock::new(),
             feedback.clone(),
         ))
     }

@@ -55,7 +55,6 @@
 //! ```
 
 mod body;
-mod clock;
 mod config;
 mod driver;
 mod endpoint;

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::percent::PercentBudget;
 use crate::ConfigError;
 
@@ -129,11 +127,10 @@ impl RetryBudget {
         }
     }
 
-    /// A new logical call starts (its first attempt), at `now()`: called only by a budget that
-    /// dates its calls (a percentage budget that deposits).
-    pub(crate) fn on_call(&self, now: impl FnOnce() -> Instant) {
+    /// A new logical call starts (its first attempt).
+    pub(crate) fn on_call(&self) {
         if let Kind::Percent(budget) = &*self.0 {
-            budget.deposit(now);
+            budget.deposit();
         }
     }
 
@@ -294,7 +291,7 @@ mod tests {
     fn percent_budget_allows_its_ratio_of_calls() {
         let budget = RetryBudget::percent(Duration::from_secs(1), 0, 0.1).unwrap();
         for _ in 0..100 {
-            budget.on_call(Instant::now);
+            budget.on_call();
         }
         let allowed = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(allowed, 10);
@@ -322,7 +319,7 @@ mod tests {
         let percent = RetryBudget::percent(Duration::from_secs(60), 0, 0.1).unwrap();
         std::thread::scope(|s| {
             for _ in 0..THREADS {
-                s.spawn(|| (0..1000).for_each(|_| percent.on_call(Instant::now)));
+                s.spawn(|| (0..1000).for_each(|_| percent.on_call()));
             }
         });
         let granted = AtomicU32::new(0);

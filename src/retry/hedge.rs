@@ -498,7 +498,7 @@ where
     let spare = first.clone();
 
     if let Some(budget) = &p.budget {
-        budget.on_call(Instant::now);
+        budget.on_call();
     }
     let mut inflight: FuturesUnordered<Attempt<B>> = FuturesUnordered::new();
     let fut = first.call(first_copy);

@@ -10,19 +10,22 @@
 //! are one compare-and-swap on the current slot, so concurrent withdrawals never take more than
 //! was deposited. (tower's reads the sum, then subtracts: two callers can both see the last
 //! retry's worth and both take it.)
+//!
+//! Time slots are counted on [`Clock`]: the CPU's counter, not the OS clock (a vDSO call, tens of
+//! ns), since every call deposits.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use crate::clock::Clock;
 
 /// Slots per `ttl`, as tower's `TpsBudget` has.
 const SLOTS: usize = 10;
 
 pub(crate) struct PercentBudget {
-    /// Time slots are counted from here.
-    start: Instant,
+    /// Time slots are counted from its epoch: when the budget was made.
+    clock: Clock,
     /// `ttl / SLOTS`, in nanoseconds (at least 100 ms: `ttl` is at least 1 s).
     slot_nanos: u64,
     /// `2^64 / slot_nanos`, rounded up: a slot's number takes two multiplications, not a
@@ -54,7 +57,7 @@ impl PercentBudget {
         let reserve = i64::from(min_per_sec) * ttl.as_secs() as i64 * i64::from(withdraw);
         let slot_nanos = (ttl.as_nanos() / SLOTS as u128) as u64;
         PercentBudget {
-            start: Instant::now(),
+            clock: Clock::new(),
             slot_nanos,
             slot_inverse: u64::MAX / slot_nanos + 1,
             slots: Default::default(),
@@ -66,10 +69,12 @@ impl PercentBudget {
 
     /// The current time slot's number. It wraps after 2^32 slots (over 13 years at the shortest
     /// slot), which only matters to a slot left untouched exactly that long.
-    fn slot_at(&self, now: Instant) -> u32 {
-        let elapsed = now.saturating_duration_since(self.start);
-        // In u64 (584 years of nanoseconds): a 128-bit division is a library call, per call.
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    fn slot_now(&self) -> u32 {
+        self.slot_at(self.clock.now_ns())
+    }
+
+    /// The number of the time slot `nanos` after the budget was made.
+    fn slot_at(&self, nanos: u64) -> u32 {
         // `nanos / slot_nanos` as a multiplication by the inverse, which is that quotient or one
         // more (the inverse is rounded up by less than one, times `nanos / 2^64` < 1): one more
         // multiplication tells which.
@@ -78,12 +83,12 @@ impl PercentBudget {
         (slot - u64::from(past)) as u32
     }
 
-    /// A call was made at `now`.
-    pub(crate) fn deposit(&self, now: impl FnOnce() -> Instant) {
+    /// A call was made, now.
+    pub(crate) fn deposit(&self) {
         if self.deposit == 0 {
             return;
         }
-        let now = self.slot_at(now());
+        let now = self.slot_now();
         let slot = &self.slots[now as usize % SLOTS];
         let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             Some(pack(now, current(word, now).saturating_add(self.deposit)))
@@ -93,7 +98,7 @@ impl PercentBudget {
     /// A retry may be made if the last `ttl`'s deposits and the reserve cover it; it is taken
     /// from the budget when the answer is yes.
     pub(crate) fn withdraw(&self) -> bool {
-        let now = self.slot_at(Instant::now());
+        let now = self.slot_now();
         let index = now as usize % SLOTS;
         let slot = &self.slots[index];
         let mut word = slot.load(Ordering::Acquire);
@@ -116,7 +121,7 @@ impl PercentBudget {
 
     /// The retries' worth in the budget now (in the budget's units).
     fn balance(&self) -> i64 {
-        let now = self.slot_at(Instant::now());
+        let now = self.slot_now();
         let deposits: i64 = self
             .slots
             .iter()
@@ -166,7 +171,7 @@ mod tests {
     async fn deposits_count_for_one_ttl_then_expire() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 0.5);
         for _ in 0..10 {
-            budget.deposit(Instant::now);
+            budget.deposit();
         }
         tokio::time::advance(Duration::from_millis(9_900)).await;
         assert!(budget.withdraw(), "still inside the ttl");
@@ -177,9 +182,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slot_reused_after_a_full_ttl_starts_from_zero() {
         let budget = PercentBudget::new(Duration::from_secs(1), 0, 1.0);
-        budget.deposit(Instant::now);
+        budget.deposit();
         tokio::time::advance(Duration::from_secs(1)).await; // same slot index, ten slots later
-        budget.deposit(Instant::now);
+        budget.deposit();
         assert!(budget.withdraw());
         assert!(!budget.withdraw(), "the old deposit no longer counts");
     }
@@ -213,10 +218,9 @@ mod tests {
                     continue;
                 };
                 for nanos in [start, start + 1, start + slot / 2, start + slot - 1] {
-                    let at = budget.start + Duration::from_nanos(nanos);
                     // Slot numbers wrap at 2^32 (see `slot_at`).
                     let expected = (nanos / slot) as u32;
-                    assert_eq!(budget.slot_at(at), expected, "{ttl} s, {nanos} ns");
+                    assert_eq!(budget.slot_at(nanos), expected, "{ttl} s, {nanos} ns");
                 }
             }
         }
@@ -226,7 +230,7 @@ mod tests {
     fn a_ratio_above_one_allows_that_many_retries_per_call() {
         let budget = PercentBudget::new(Duration::from_secs(10), 0, 4.0);
         for _ in 0..5 {
-            budget.deposit(Instant::now);
+            budget.deposit();
         }
         let allowed = (0..100).filter(|_| budget.withdraw()).count();
         assert_eq!(allowed, 20);

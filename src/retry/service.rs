@@ -37,8 +37,8 @@ use crate::status::CallEnd;
 ///   places in the list. Metadata of the caller's own, or a `grpc-timeout`, costs the list.
 ///
 /// Besides: one reference count up and down (what the calls share), one atomic update of a
-/// percentage budget, and one read of the clock, only for what needs it: a percentage budget's
-/// time slot, or a `grpc-timeout` (the start it counts from).
+/// percentage budget (dated by the CPU's counter, not the OS clock), and one read of the OS
+/// clock for a call with a `grpc-timeout` (the start it counts from).
 ///
 /// The request's extensions are kept as values when they are all of the types tonic and towline
 /// put there (tonic's `GrpcMethod`, [`WaitForReady`](crate::balance::WaitForReady),
@@ -183,18 +183,17 @@ where
             // request provably never reached the server; a `NoRetry` call included, as in grpc-go.
             Retries::TransparentOnly
         };
-        // At most one clock read (a vDSO call, tens of ns), and only for what needs one: a
-        // percentage budget's time slot, and the start a `grpc-timeout` counts from (its value
-        // is read from the kept head only if an attempt fails).
-        let mut started = None;
+        // A percentage budget dates the call on its own clock (the CPU's counter: see
+        // `crate::clock`).
         if retries == Retries::Policy
             && let Some(budget) = policy.budget()
         {
-            budget.on_call(|| *started.get_or_insert_with(Instant::now));
+            budget.on_call();
         }
-        if head.has_timeout() {
-            started.get_or_insert_with(Instant::now);
-        }
+        // The OS clock (a vDSO call, tens of ns) only for the start a `grpc-timeout` counts from
+        // (its value is read from the kept head only if an attempt fails): a deadline is on
+        // Tokio's clock, as its timers are.
+        let started = head.has_timeout().then(Instant::now);
         // A token bucket hears how a committed call ends: from its body, or from the layer
         // below that reads its trailers, through this (see `CallEnd`). Every attempt carries it.
         let counts_outcomes =

@@ -1,19 +1,20 @@
-//! [`RttClock`]: the clock peak-EWMA times round trips and decays estimates with.
+//! [`Clock`]: a cheap clock for what is read on every call.
 //!
-//! Every call under [`PeakEwma`](super::PeakEwma) reads it twice (at the send, at the first
-//! data), so its price is most of what the strategy adds to a call. The OS's monotonic clock
-//! (`clock_gettime`, what `Instant::now` reads) costs ~21 ns a read in a loop on a KVM guest, and
-//! in `benches/layers.rs` its two reads were ~70 ns of the ~75 ns peak-EWMA added over round
-//! robin; the CPU's time-stamp counter costs ~9 ns and does not stall the pipeline as the OS
-//! clock's fenced read does. So the counter is read where it is invariant, through `quanta`,
-//! which calibrates it against the monotonic clock once per process (under a millisecond, at the
-//! first balancer that times round trips) and falls back to that clock where there is no such
+//! Two things read the time on every call: peak-EWMA, twice (at the send and at the first data:
+//! [`PeakEwma`](crate::balance::PeakEwma)), and a percentage retry budget, once (the time slot
+//! of its deposit: [`RetryBudget::percent`](crate::retry::RetryBudget::percent)). The OS's
+//! monotonic clock (`clock_gettime`, what `Instant::now` reads) costs ~21 ns a read in a loop on
+//! a KVM guest, and in `benches/layers.rs` its two reads were ~70 ns of the ~75 ns peak-EWMA
+//! added over round robin; the CPU's time-stamp counter costs ~9 ns and does not stall the
+//! pipeline as the OS clock's fenced read does. So the counter is read where it is invariant,
+//! through `quanta`, which calibrates it against the monotonic clock once per process (under a
+//! millisecond, at the first clock made) and falls back to that clock where there is no such
 //! counter.
 //!
 //! Except when Tokio's clock is paused (`tokio::time::pause`, a test's `start_paused`) as the
-//! balancer starts: then round trips and decay follow Tokio's clock, so that a test of timing
-//! logic can still move time itself. (A clock paused only after the balancer started is not
-//! followed: its estimates go on in real time.)
+//! clock is made: then it follows Tokio's clock, so that a test of timing logic can still move
+//! time itself. (A clock made before Tokio's was paused does not follow it: it goes on in real
+//! time.)
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -28,9 +29,10 @@ fn counter() -> &'static quanta::Clock {
 }
 
 /// A clock in ns since its epoch. Every endpoint of one balancer shares one, so that a pick
-/// compares two estimates' ages as plain integers.
+/// compares two estimates' ages as plain integers; a percentage retry budget counts its time
+/// slots on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RttClock {
+pub(crate) enum Clock {
     /// The CPU's counter (or the OS's monotonic clock where there is none), in raw units from
     /// the epoch's reading.
     Counter { epoch: u64 },
@@ -39,14 +41,15 @@ pub(crate) enum RttClock {
     Tokio { epoch: Instant },
 }
 
-impl RttClock {
-    /// The clock for estimates made here, starting now: Tokio's when it is paused in this
-    /// runtime, the counter otherwise. A balancer chooses it when it starts (inside its runtime).
+impl Clock {
+    /// A clock starting now: Tokio's when it is paused in this runtime, the counter otherwise.
+    /// A balancer makes its clock when it starts (inside its runtime); a retry budget when it
+    /// is made.
     pub(crate) fn new() -> Self {
         if tokio_clock_is_paused() {
-            RttClock::tokio()
+            Clock::tokio()
         } else {
-            RttClock::Counter {
+            Clock::Counter {
                 epoch: counter().raw(),
             }
         }
@@ -54,7 +57,7 @@ impl RttClock {
 
     /// Tokio's clock, starting now.
     pub(crate) fn tokio() -> Self {
-        RttClock::Tokio {
+        Clock::Tokio {
             epoch: Instant::now(),
         }
     }
@@ -63,11 +66,11 @@ impl RttClock {
     #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
         match self {
-            RttClock::Counter { epoch } => {
+            Clock::Counter { epoch } => {
                 let counter = counter();
                 counter.delta_as_nanos(*epoch, counter.raw())
             }
-            RttClock::Tokio { epoch } => ns_between(*epoch, Instant::now()),
+            Clock::Tokio { epoch } => ns_between(*epoch, Instant::now()),
         }
     }
 
@@ -77,8 +80,8 @@ impl RttClock {
     #[cfg(test)]
     pub(crate) fn ns_at(&self, at: Instant) -> u64 {
         match self {
-            RttClock::Tokio { epoch } => ns_between(*epoch, at),
-            RttClock::Counter { .. } => {
+            Clock::Tokio { epoch } => ns_between(*epoch, at),
+            Clock::Counter { .. } => {
                 let (now_ns, now) = (self.now_ns(), Instant::now());
                 if at <= now {
                     now_ns.saturating_sub(ns_between(at, now))
@@ -93,7 +96,7 @@ impl RttClock {
     /// clock (every endpoint of one balancer, so inlined: every peak-EWMA pick asks); shifted by
     /// the difference of their epochs otherwise (tests' endpoints, each made alone).
     #[inline]
-    pub(crate) fn shift_to(&self, ns: u64, other: &RttClock) -> u64 {
+    pub(crate) fn shift_to(&self, ns: u64, other: &Clock) -> u64 {
         if self == other {
             ns
         } else {
@@ -101,13 +104,13 @@ impl RttClock {
         }
     }
 
-    fn shift_between_epochs(&self, ns: u64, other: &RttClock) -> u64 {
+    fn shift_between_epochs(&self, ns: u64, other: &Clock) -> u64 {
         // How far `self`'s epoch is after `other`'s (`true`) or before it (`false`), in ns.
         let (later, by) = match (self, other) {
-            (RttClock::Tokio { epoch: from }, RttClock::Tokio { epoch: to }) => {
+            (Clock::Tokio { epoch: from }, Clock::Tokio { epoch: to }) => {
                 (from >= to, ns_between(*from.min(to), *from.max(to)))
             }
-            (RttClock::Counter { epoch: from }, RttClock::Counter { epoch: to }) => {
+            (Clock::Counter { epoch: from }, Clock::Counter { epoch: to }) => {
                 let counter = counter();
                 (
                     from >= to,
@@ -137,7 +140,7 @@ fn ns_between(from: Instant, to: Instant) -> u64 {
 
 /// Whether Tokio's clock stands still here while real time passes: paused, as
 /// `tokio::time::pause` leaves it (it moves only when the runtime auto-advances it, which it
-/// does not while this thread is busy here). Costs a microsecond of spinning, once per balancer.
+/// does not while this thread is busy here). Costs a microsecond of spinning, once per clock.
 fn tokio_clock_is_paused() -> bool {
     let before = Instant::now();
     let real = std::time::Instant::now();
@@ -153,23 +156,28 @@ mod tests {
 
     #[test]
     fn outside_a_paused_runtime_the_counter_times_real_time() {
-        let clock = RttClock::new();
-        assert!(matches!(clock, RttClock::Counter { .. }), "{clock:?}");
-        let (start, real) = (clock.now_ns(), std::time::Instant::now());
+        use std::time::Instant as Real;
+        let clock = Clock::new();
+        assert!(matches!(clock, Clock::Counter { .. }), "{clock:?}");
+        // Each counter reading between two of the OS clock's: the counter's interval is within
+        // the outer one and covers the inner one, however long this thread waits between reads.
+        let (before_start, start, after_start) = (Real::now(), clock.now_ns(), Real::now());
         std::thread::sleep(Duration::from_millis(20));
-        let (elapsed, real) = (clock.now_ns() - start, real.elapsed());
-        // Within 5% of what the OS's clock says (calibration error is well under that).
-        let real = real.as_nanos() as f64;
+        let (before_end, end, after_end) = (Real::now(), clock.now_ns(), Real::now());
+        let counted = (end - start) as f64;
+        let inner = (before_end - after_start).as_nanos() as f64;
+        let outer = (after_end - before_start).as_nanos() as f64;
+        // Within 5% (calibration error is well under that).
         assert!(
-            (elapsed as f64 - real).abs() < real * 0.05,
-            "{elapsed} ns counted in {real} ns"
+            counted >= inner * 0.95 && counted <= outer * 1.05,
+            "{counted} ns counted; the OS clock says between {inner} and {outer} ns"
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn in_a_paused_runtime_tokios_clock_times_paused_time() {
-        let clock = RttClock::new();
-        assert!(matches!(clock, RttClock::Tokio { .. }), "{clock:?}");
+        let clock = Clock::new();
+        assert!(matches!(clock, Clock::Tokio { .. }), "{clock:?}");
         let start = clock.now_ns();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(clock.now_ns() - start, 3_000_000_000);
@@ -178,14 +186,14 @@ mod tests {
 
     #[tokio::test]
     async fn in_a_running_runtime_the_counter_is_chosen() {
-        assert!(matches!(RttClock::new(), RttClock::Counter { .. }));
+        assert!(matches!(Clock::new(), Clock::Counter { .. }));
     }
 
     #[test]
     fn moments_shift_between_two_clocks_epochs() {
-        let a = RttClock::new();
+        let a = Clock::new();
         std::thread::sleep(Duration::from_millis(5));
-        let b = RttClock::new();
+        let b = Clock::new();
         let on_b = b.now_ns();
         let on_a = b.shift_to(on_b, &a);
         // The same moment is ≥ 5 ms later on `a`, whose epoch is earlier, and shifts back.
