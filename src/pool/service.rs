@@ -50,7 +50,7 @@ pub struct Pool<S> {
     /// Dropped with the last handle, which stops the worker.
     _alive: Arc<oneshot::Sender<()>>,
     waiter: u64,
-    /// The pool's connections as of this handle's last locked pick.
+    /// The pool's connections as this handle last saw them.
     view: Option<View<S>>,
     ready: Option<Reserved<S>>,
     wait: Option<Pin<Box<Sleep>>>,
@@ -88,8 +88,8 @@ impl<S> Pool<S> {
 
 impl<S> Clone for Pool<S> {
     fn clone(&self) -> Self {
-        // With the view, so that a clone made per call (as tonic clients often are) picks
-        // without the lock from its first call.
+        // With the view, so that a clone made per call (as tonic clients often are) need not
+        // fetch the current one for its first call.
         let mut pool = Pool::new(self.shared.clone(), self._alive.clone());
         pool.view = self.view.clone();
         pool
@@ -144,12 +144,20 @@ where
                     }
                 }
             }
-            if self.wait.is_none()
-                && let Some(view) = &self.view
-                && let Some((service, conn)) = self.shared.pick_from(view)
-            {
-                self.ready = Some(Reserved { service, conn });
-                continue;
+            if self.wait.is_none() {
+                // A handle cloned per call from one that never called (a tonic client's usual
+                // shape) has no view of its own, or one the pool has outgrown: it takes the
+                // current one rather than the state lock.
+                let view = self.view.get_or_insert_with(|| self.shared.current_view());
+                let mut picked = self.shared.pick_from(view);
+                if picked.is_none() && !self.shared.is_current(view) {
+                    *view = self.shared.current_view();
+                    picked = self.shared.pick_from(view);
+                }
+                if let Some((service, conn)) = picked {
+                    self.ready = Some(Reserved { service, conn });
+                    continue;
+                }
             }
             let expired = match &mut self.wait {
                 Some(sleep) => sleep.as_mut().poll(cx).is_ready(),

@@ -1,13 +1,14 @@
 //! The state one pool's handles and its background worker share.
 //!
-//! Handles pick a connection from their [`View`] of the pool without a lock while that view is
-//! current and the connection it offers has room; otherwise (the connections changed, all are
-//! nearly full, none is up) under one short lock. The worker ([`super::worker`]) opens, replaces
+//! Handles pick a connection from their [`View`] of the pool without a lock while the connection
+//! it offers has room (a handle whose view is missing or stale first copies the current one,
+//! an `Arc` under a read lock); otherwise (all are nearly full, none is up) under one short
+//! lock, where waiting and growing are decided. The worker ([`super::worker`]) opens, replaces
 //! and reaps connections. Per-call bookkeeping (in-flight counts, a connection breaking) is
 //! atomics on the connection's [`ConnLoad`], so the hot path never waits on I/O.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -50,8 +51,6 @@ impl<S> Clone for View<S> {
 
 struct State<S> {
     conns: Vec<Arc<Conn<S>>>,
-    /// `conns` as handles see them; rebuilt whenever `conns` changes.
-    view: View<S>,
     connecting: usize,
     /// A call has asked for a connection (lazy pools connect from then on).
     activated: bool,
@@ -70,8 +69,13 @@ struct State<S> {
 pub(crate) struct Shared<S> {
     pub(crate) core: Arc<Core>,
     state: Mutex<State<S>>,
+    /// `state.conns` as handles see them; replaced (under the state lock) whenever they change.
+    /// Its own lock, held only to clone an `Arc`: a handle without a current view (a clone
+    /// made per call from one that never called, or whose view the pool outgrew) takes it here
+    /// instead of queueing on the state lock behind every other call.
+    view: RwLock<View<S>>,
     next_waiter: AtomicU64,
-    /// `state.view.generation`, readable without the lock: a handle's view is current while its
+    /// `view.generation`, readable without a lock: a handle's view is current while its
     /// generation is this.
     generation: AtomicU64,
 }
@@ -107,10 +111,6 @@ impl<S> Shared<S> {
             }),
             state: Mutex::new(State {
                 conns: Vec::new(),
-                view: View {
-                    generation: 0,
-                    conns: Arc::new([]),
-                },
                 connecting: 0,
                 activated: false,
                 consecutive_failures: 0,
@@ -122,16 +122,20 @@ impl<S> Shared<S> {
                 reaps: 0,
                 disconnections: 0,
             }),
+            view: RwLock::new(View {
+                generation: 0,
+                conns: Arc::new([]),
+            }),
             next_waiter: AtomicU64::new(0),
             generation: AtomicU64::new(0),
         }
     }
 
-    /// After every change to `st.conns`: a new view, and a new generation that tells handles
-    /// their views are stale.
+    /// After every change to `st.conns` (under the state lock, which orders the changes): a
+    /// new view, and a new generation that tells handles their views are stale.
     fn conns_changed(&self, st: &mut State<S>) {
-        let generation = st.view.generation + 1;
-        st.view = View {
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        let view = View {
             generation,
             conns: st
                 .conns
@@ -142,7 +146,21 @@ impl<S> Shared<S> {
                 })
                 .collect(),
         };
+        *self.view.write().unwrap_or_else(PoisonError::into_inner) = view;
         self.generation.store(generation, Ordering::Release);
+    }
+
+    /// The pool's connections as of now, for a handle whose own view is missing or stale.
+    pub(crate) fn current_view(&self) -> View<S> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether `view` still shows the pool's connections.
+    pub(crate) fn is_current(&self, view: &View<S>) -> bool {
+        view.generation == self.generation.load(Ordering::Acquire)
     }
 
     #[cfg(test)]
@@ -157,7 +175,7 @@ impl<S> Shared<S> {
     where
         S: Clone,
     {
-        if view.generation != self.generation.load(Ordering::Acquire) {
+        if !self.is_current(view) {
             return None;
         }
         let mut best: Option<(&Seen<S>, usize)> = None;
@@ -247,7 +265,7 @@ impl<S> Shared<S> {
         }
         self.core.parked.unpark(waiter);
         let conn = &st.conns[index];
-        Pick::Ready(conn.service.clone(), conn.load.clone(), st.view.clone())
+        Pick::Ready(conn.service.clone(), conn.load.clone(), self.current_view())
     }
 
     /// The status a call gets when no connection came up in time.
@@ -532,6 +550,43 @@ mod tests {
         // A broken connection is skipped at once, before the worker removes it.
         shared.conns_of_view(&view)[1].mark_broken(Arc::new(std::io::Error::other("gone")));
         assert_eq!(shared.pick_from(&view).unwrap().0, "a");
+    }
+
+    /// A handle with no view of its own (cloned per call from one that never called), or a
+    /// stale one, picks from the pool's current view: it never queues on the state lock, which
+    /// this test holds throughout.
+    #[test]
+    fn the_current_view_is_read_without_the_state_lock() {
+        let shared = Arc::new(shared(10));
+        shared.attempt_done(Ok("a"), Instant::now());
+        let Pick::Ready(_, load, stale) = shared.pick(0, Waker::noop(), false) else {
+            panic!("a connection is up")
+        };
+        load.in_flight.store(5, Ordering::SeqCst);
+        shared.attempt_done(Ok("b"), Instant::now());
+        assert!(!shared.is_current(&stale));
+
+        let state = shared.state();
+        let (picked, got) = std::sync::mpsc::channel();
+        let picker = std::thread::spawn({
+            let shared = shared.clone();
+            move || {
+                let view = shared.current_view();
+                let pick = shared.pick_from(&view).map(|(service, _)| service);
+                picked.send((shared.is_current(&view), pick)).unwrap();
+            }
+        });
+        let (current, pick) = got
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the pick did not wait for the state lock");
+        drop(state);
+        picker.join().unwrap();
+        assert!(current);
+        assert_eq!(
+            pick,
+            Some("b"),
+            "the least-loaded of the current connections"
+        );
     }
 
     #[test]
