@@ -42,8 +42,8 @@
 //!   see. (500 calls of 10 ms against a server allowing 100 streams: configured 200, the pool
 //!   stopped at 3 connections of ~166 calls each, at most 300 streams / 11 ms ≈ 27,000 calls/s
 //!   however idle the CPU, and carried 26–31 % fewer calls per second than configured at 100,
-//!   where it grew to 6.) Connections above `min` that stay idle for
-//!   `idle_timeout` are closed.
+//!   where it grew to 6.) Connections above `min` that stay idle for `idle_timeout` are
+//!   closed.
 //! - **Routing.** Each call goes to the open connection with the fewest calls in flight (a call
 //!   counts until its response body ends), picked without a lock while that connection has
 //!   room. When all are full and another is being opened,
