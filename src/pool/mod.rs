@@ -45,10 +45,13 @@
 //!   where it grew to 6.) Connections above `min` that stay idle for `idle_timeout` are
 //!   closed.
 //! - **Routing.** Each call goes to the open connection with the fewest calls in flight (a call
-//!   counts until its response body ends), picked without a lock while that connection has
-//!   room. When all are full and another is being opened,
-//!   `poll_ready` waits for it or for a call to end, whichever comes first; at `max_connections` calls go to the least-loaded connection
-//!   and h2 queues them.
+//!   counts from the `poll_ready` that reserves it until its response body ends), picked
+//!   without a lock while that connection has room. While the pool may grow, no connection gets
+//!   more than `max_streams_per_connection` calls: a new connection's h2 does not yet know the
+//!   server's limit and would send them all, and the server refuse the surplus. When all are
+//!   full and another is being opened, `poll_ready` waits for it or for a call to end,
+//!   whichever comes first; at `max_connections` calls go to the least-loaded connection and
+//!   h2 queues them.
 //! - **Failure.** A call that fails with a connection-level error (`UNAVAILABLE`: refused,
 //!   reset, GOAWAY, keepalive timeout; not a refused stream) takes its connection out of
 //!   rotation at once; calls on it fail with `UNAVAILABLE` as the transport reports them, and a

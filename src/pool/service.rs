@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::conn::{
-    ConnLoad, InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
+    InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
 };
 use super::shared::{Pick, Shared, View};
 use super::stats::PoolStats;
@@ -29,7 +29,9 @@ use crate::BoxError;
 /// maintains them live until the last clone is dropped.
 ///
 /// # Readiness
-/// `poll_ready` returns `Ready(Ok)` once a connection is reserved for the next call, and
+/// `poll_ready` returns `Ready(Ok)` once a connection is reserved for the next call (the
+/// reservation counts as a call in flight on it, so handles picking at once never overfill a
+/// connection; a handle dropped while ready frees it), and
 /// `Pending` (with the waker registered) while no connection is up, or while every connection
 /// is at `max_streams_per_connection` and another is being opened. A handle that has waited
 /// `wait_timeout` for a connection turns ready and its next call fails at once with
@@ -59,7 +61,8 @@ pub struct Pool<S> {
 
 struct Reserved<S> {
     service: S,
-    conn: Arc<ConnLoad>,
+    /// Counts the call on its connection from now: dropped unused, it frees the stream.
+    guard: InFlight,
 }
 
 impl<S> Pool<S> {
@@ -129,7 +132,7 @@ where
         }
         loop {
             if let Some(reserved) = &mut self.ready {
-                if reserved.conn.is_broken() {
+                if reserved.guard.conn().is_broken() {
                     self.ready = None;
                     continue;
                 }
@@ -138,7 +141,10 @@ where
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(err)) => {
                         // The connection's own service failed: that connection is done.
-                        reserved.conn.mark_broken(SharedError::from(err.into()));
+                        reserved
+                            .guard
+                            .conn()
+                            .mark_broken(SharedError::from(err.into()));
                         self.ready = None;
                         continue;
                     }
@@ -154,8 +160,8 @@ where
                     *view = self.shared.current_view();
                     picked = self.shared.pick_from(view);
                 }
-                if let Some((service, conn)) = picked {
-                    self.ready = Some(Reserved { service, conn });
+                if let Some((service, guard)) = picked {
+                    self.ready = Some(Reserved { service, guard });
                     continue;
                 }
             }
@@ -164,10 +170,10 @@ where
                 None => false,
             };
             match self.shared.pick(self.waiter, cx.waker(), expired) {
-                Pick::Ready(service, conn, view) => {
+                Pick::Ready(service, guard, view) => {
                     self.wait = None;
                     self.view = Some(view);
-                    self.ready = Some(Reserved { service, conn });
+                    self.ready = Some(Reserved { service, guard });
                 }
                 Pick::Wait => {
                     let timeout = self.shared.core.config.wait_timeout;
@@ -197,12 +203,11 @@ where
         if let Some(status) = self.fail.take() {
             return ResponseFuture::failed(status);
         }
-        let Some(Reserved { mut service, conn }) = self.ready.take() else {
+        let Some(Reserved { mut service, guard }) = self.ready.take() else {
             return ResponseFuture::failed(Status::failed_precondition(
                 "towline Pool::call without a successful poll_ready",
             ));
         };
-        let guard = InFlight::new(conn);
         ResponseFuture {
             kind: Kind::Call {
                 future: service.call(req),
