@@ -672,3 +672,45 @@ async fn a_caller_waiting_for_a_stream_proceeds_when_one_ends() {
         "the pool did try to grow"
     );
 }
+
+/// Issue 16 §5, in miniature: a server allowing 10 streams per connection, 50 calls of 20 ms
+/// kept in flight, through clones made per call of a handle that never calls itself (a tonic
+/// client's usual shape). A pool that starts with one connection grows to the 6 the load needs
+/// (5 full ones, then one more while every one is at 90 %), not to its maximum of 8, spreads
+/// the calls over all 6, and no call fails (a stream over the server's limit would be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grows_to_what_the_load_needs_and_spreads_it() {
+    const STREAMS: u32 = 10;
+    const IN_FLIGHT: usize = 50;
+    const CALLS: u64 = 1_500;
+    let backend = Backend::builder()
+        .max_concurrent_streams(STREAMS)
+        .start()
+        .await
+        .unwrap();
+    backend.set_latency(Duration::from_millis(20));
+    let config = PoolConfig::builder()
+        .min_connections(1)
+        .max_connections(8)
+        .max_streams_per_connection(STREAMS as usize);
+    let pool = make_pool(&backend, config).await.unwrap();
+    let report = towline::testkit::Load::new(IN_FLIGHT)
+        .calls(CALLS)
+        .duration(Duration::from_secs(20))
+        .run({
+            let pool = pool.clone();
+            move |_| {
+                let pool = pool.clone();
+                async move { call(&pool).await }
+            }
+        })
+        .await;
+    assert_eq!(report.failed(), 0, "{:?}", report.failures());
+    assert_eq!(report.calls(), CALLS, "all made within the time bound");
+    let stats = pool.stats();
+    assert_eq!((stats.open, stats.connects), (6, 6), "{stats:?}");
+    let tally = report.tally();
+    assert_eq!(tally.len(), 6, "{tally:?}");
+    // An even share is 250; the first connection carries more while the pool grows.
+    assert!(tally.values().all(|&n| n >= 150), "{tally:?}");
+}

@@ -7,8 +7,11 @@
 //! `stream_bound` is the case pools exist for: the same 100 streams per connection, but every
 //! call takes 10 ms, so one `Channel` cannot exceed 100 / 10 ms = 10,000 calls/s however many
 //! calls wait. A pool that starts with one connection (min 1, max 8) must grow to what the load
-//! needs by itself.
+//! needs by itself. As a control, as many plain `Channel`s as the pool grew to, calls dealt
+//! round robin; and, to read a shortfall, CPU per call, the time the process waited for a CPU,
+//! the service time of one call alone, and how the pool spread its calls.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower::{ServiceBuilder, ServiceExt};
@@ -17,7 +20,8 @@ use towline::pool::{PoolConfig, PoolLayer};
 use towline::testkit::pb::{EchoRequest, echo_client::EchoClient};
 use towline::testkit::{Backend, Load};
 
-use crate::support::{BoxScenario, Figures, Settings, micros, print_table};
+use crate::cpu;
+use crate::support::{BoxScenario, Figures, Settings, micros, note, print_table};
 
 const STREAMS: u32 = 100;
 const IN_FLIGHT: usize = 500;
@@ -31,6 +35,8 @@ const STREAM_BOUND_LATENCY: Duration = Duration::from_millis(10);
 /// The stream-bound run's pool: starts with one connection and grows on its own.
 const STREAM_BOUND_MIN: usize = 1;
 const STREAM_BOUND_MAX: usize = 8;
+/// Calls made one at a time to find the service time the client sees.
+const FLOOR_CALLS: u64 = 50;
 
 fn request() -> EchoRequest {
     EchoRequest {
@@ -118,7 +124,7 @@ pub fn run(settings: Settings) -> BoxScenario {
             .duration(settings.duration);
         let pool = match &variants[2].1 {
             Client::Pool(pool) => pool.clone(),
-            Client::Channel(_) => unreachable!("variant 2 is the pool of 4"),
+            Client::Channel(_) | Client::Channels(_) => unreachable!("variant 2 is the pool of 4"),
         };
         let uri = backend.uri();
         let fresh = small
@@ -194,6 +200,13 @@ pub fn run(settings: Settings) -> BoxScenario {
 
 /// One `Channel` against a growing pool (min 1, max 8) over a backend allowing 100 streams per
 /// connection with 10 ms per call, 500 calls in flight, interleaved round by round.
+///
+/// Beside them, as a control, as many plain `Channel`s as the pool grew to, with calls dealt
+/// round robin: what the same connections carry with no pool at all. A pool that falls short
+/// of the ideal (`in_flight` / one call's latency alone) while matching that control is not
+/// the cause; so each variant also reports the process's CPU per call and how long its threads
+/// waited for a CPU (the client, the backend and the load share one process and, on a shared
+/// machine, the cores), and the pool reports how its calls were spread over its connections.
 async fn stream_bound(settings: Settings) -> Result<serde_json::Value, towline::BoxError> {
     let backend = Backend::builder()
         .max_concurrent_streams(STREAMS)
@@ -212,38 +225,81 @@ async fn stream_bound(settings: Settings) -> Result<serde_json::Value, towline::
         .oneshot(backend.uri())
         .await?;
     let opened_with = pool.stats().open;
-    let variants = [
-        ("channel", Client::Channel(EchoClient::new(channel))),
-        (
-            "pool, grows 1..8",
-            Client::Pool(EchoClient::new(pool.clone())),
-        ),
-    ];
+    let channel = Client::Channel(EchoClient::new(channel));
+    // One call at a time: the service time as the client sees it (the backend's 10 ms sleep
+    // ends on the runtime's next 1 ms timer tick), the floor under every call's latency.
+    let floor = Load::new(1)
+        .calls(FLOOR_CALLS)
+        .run({
+            let channel = channel.clone();
+            move |i| call(channel.clone(), i)
+        })
+        .await
+        .p50();
+    let ideal_rps = IN_FLIGHT as f64 / floor.as_secs_f64();
+
     // One call first (so each connection has the server's SETTINGS), then a short run at full
     // load: the pool grows during it, as it would in production.
-    for (_, client) in &variants {
-        drive(&Load::new(1).calls(10), client.clone()).await?;
-        drive(
-            &Load::new(IN_FLIGHT)
-                .calls(4 * IN_FLIGHT as u64)
-                .duration(settings.duration),
-            client.clone(),
-        )
-        .await?;
+    let pooled = Client::Pool(EchoClient::new(pool.clone()));
+    for client in [&channel, &pooled] {
+        warm(client, settings).await?;
     }
+    let grown = pool.stats().open;
+    let mut plain = Vec::with_capacity(grown);
+    for _ in 0..grown {
+        plain.push(EchoClient::new(
+            Connect::new().oneshot(backend.uri()).await?,
+        ));
+    }
+    let plain = Client::Channels(plain.into());
+    warm(&plain, settings).await?;
+    let variants = [
+        ("channel".to_string(), channel),
+        ("pool, grows 1..8".to_string(), pooled),
+        (format!("{grown} channels, round robin"), plain),
+    ];
+
     let load = Load::new(IN_FLIGHT)
         .calls(settings.calls)
         .duration(settings.duration);
-    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); variants.len()];
+    let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); variants.len()];
+    let mut spread = Spread::default();
     for _ in 0..settings.rounds {
         for (i, (_, client)) in variants.iter().enumerate() {
-            rounds[i].push(drive(&load, client.clone()).await?);
+            let sampler = matches!(client, Client::Pool(_)).then(|| Sampler::start(pool.clone()));
+            rounds[i].push(measure(&load, client.clone()).await?);
+            if let Some(sampler) = sampler {
+                spread.add(sampler.stop().await?);
+            }
         }
     }
     let stats = pool.stats();
-    let channel = Figures::median(&rounds[0]);
-    let pooled = Figures::median(&rounds[1]);
-    let ratio = pooled.rps / channel.rps.max(1e-9);
+    let [channel, pooled, plain] = [0, 1, 2].map(|i| Measured::median(&rounds[i]));
+    let ratio = pooled.figures.rps / channel.figures.rps.max(1e-9);
+    let pool_over_plain = pooled.figures.rps / plain.figures.rps.max(1e-9);
+    let connections = [
+        "1".to_string(),
+        format!("{opened_with} -> {}", stats.open),
+        grown.to_string(),
+    ];
+    let rows = variants
+        .iter()
+        .zip([&channel, &pooled, &plain])
+        .zip(connections)
+        .map(|(((name, _), m), connections)| {
+            vec![
+                name.clone(),
+                IN_FLIGHT.to_string(),
+                connections,
+                format!("{:.0}", m.figures.rps),
+                micros(m.figures.p50),
+                micros(m.figures.p99),
+                format!("{:.2}", m.figures.rps / channel.figures.rps.max(1e-9)),
+                format!("{:.1} µs", m.cpu_per_call.as_secs_f64() * 1e6),
+                format!("{:.2}", m.cpu_wait),
+            ]
+        })
+        .collect::<Vec<_>>();
     print_table(
         &[
             "stream-bound (10 ms/call)",
@@ -253,61 +309,221 @@ async fn stream_bound(settings: Settings) -> Result<serde_json::Value, towline::
             "p50",
             "p99",
             "req/s vs channel",
+            "CPU/call",
+            "CPU wait s/s",
         ],
-        &[
-            vec![
-                variants[0].0.into(),
-                IN_FLIGHT.to_string(),
-                "1".into(),
-                format!("{:.0}", channel.rps),
-                micros(channel.p50),
-                micros(channel.p99),
-                "1.00".into(),
-            ],
-            vec![
-                variants[1].0.into(),
-                IN_FLIGHT.to_string(),
-                format!("{opened_with} -> {}", stats.open),
-                format!("{:.0}", pooled.rps),
-                micros(pooled.p50),
-                micros(pooled.p99),
-                format!("{ratio:.2}"),
-            ],
-        ],
+        &rows,
     );
+    note(format!(
+        "one call alone takes {} (10 ms sleep, 1 ms timer ticks): at most {ideal_rps:.0} req/s for {IN_FLIGHT} in flight; \
+         the pool's busiest connection carried {:.1} calls on average, its idlest {:.1}, \
+         over {STREAMS} in {:.1} % of {} samples",
+        micros(floor),
+        spread.busiest(),
+        spread.idlest(),
+        spread.over_limit() * 100.0,
+        spread.samples,
+    ));
     Ok(serde_json::json!({
         "in_flight": IN_FLIGHT,
         "server_max_concurrent_streams": STREAMS,
         "latency_ms": STREAM_BOUND_LATENCY.as_millis() as u64,
-        "channel_rps": channel.rps.round(),
-        "best_pool_rps": pooled.rps.round(),
+        "channel_rps": channel.figures.rps.round(),
+        "best_pool_rps": pooled.figures.rps.round(),
         "best_pool_connections": stats.open,
-        "ratio": (ratio * 100.0).round() / 100.0,
+        "ratio": round2(ratio),
+        "service_floor_us": floor.as_micros() as u64,
+        "ideal_pool_rps": ideal_rps.round(),
+        "plain_channels": {
+            "connections": grown,
+            "rps": plain.figures.rps.round(),
+            "pool_over_plain": round2(pool_over_plain),
+        },
+        "cpu_per_call_us": {
+            "channel": round2(channel.cpu_per_call.as_secs_f64() * 1e6),
+            "pool": round2(pooled.cpu_per_call.as_secs_f64() * 1e6),
+            "plain_channels": round2(plain.cpu_per_call.as_secs_f64() * 1e6),
+        },
+        "cpu_wait_s_per_s": {
+            "channel": round2(channel.cpu_wait),
+            "pool": round2(pooled.cpu_wait),
+            "plain_channels": round2(plain.cpu_wait),
+        },
+        "pool_spread": {
+            "samples": spread.samples,
+            "busiest_mean": round2(spread.busiest()),
+            "idlest_mean": round2(spread.idlest()),
+            "over_limit_fraction": spread.over_limit(),
+        },
         "pool": { "min_connections": STREAM_BOUND_MIN, "max_connections": STREAM_BOUND_MAX,
                   "opened_with": opened_with, "connects": stats.connects },
-        "channel_figures": channel.json(),
-        "pool_figures": pooled.json(),
+        "channel_figures": channel.figures.json(),
+        "pool_figures": pooled.figures.json(),
+        "plain_channels_figures": plain.figures.json(),
     }))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// One call first (so each connection has the server's SETTINGS before the burst), then a
+/// short run at full load.
+async fn warm(client: &Client, settings: Settings) -> Result<(), towline::BoxError> {
+    drive(&Load::new(1).calls(10), client.clone()).await?;
+    drive(
+        &Load::new(IN_FLIGHT)
+            .calls(4 * IN_FLIGHT as u64)
+            .duration(settings.duration),
+        client.clone(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One measured run, with what it cost the process in CPU.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    figures: Figures,
+    cpu_per_call: Duration,
+    /// Seconds the process's threads spent ready to run but without a CPU, per second of the
+    /// run: near 0 on a quiet machine; near 1 when other processes take the cores half the time.
+    cpu_wait: f64,
+}
+
+impl Measured {
+    fn median(rounds: &[Measured]) -> Measured {
+        let figures: Vec<Figures> = rounds.iter().map(|m| m.figures).collect();
+        let mut cpu: Vec<Duration> = rounds.iter().map(|m| m.cpu_per_call).collect();
+        let mut wait: Vec<f64> = rounds.iter().map(|m| m.cpu_wait).collect();
+        cpu.sort();
+        wait.sort_by(f64::total_cmp);
+        Measured {
+            figures: Figures::median(&figures),
+            cpu_per_call: cpu[cpu.len() / 2],
+            cpu_wait: wait[wait.len() / 2],
+        }
+    }
+}
+
+async fn measure(load: &Load, client: Client) -> Result<Measured, towline::BoxError> {
+    let (cpu, waited, started) = (cpu::process(), cpu_wait(), std::time::Instant::now());
+    let figures = drive(load, client).await?;
+    let (cpu, waited) = (cpu::process() - cpu, cpu_wait() - waited);
+    Ok(Measured {
+        figures,
+        cpu_per_call: cpu / figures.calls.max(1) as u32,
+        cpu_wait: waited.as_secs_f64() / started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The time this process's threads have spent runnable but waiting for a CPU (Linux's
+/// `/proc/self/task/*/schedstat`, second field); zero where that is not available.
+fn cpu_wait() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let nanos = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
+/// How a pool's calls were spread over its connections, from samples of its stats.
+#[derive(Debug, Default, Clone, Copy)]
+struct Spread {
+    samples: u64,
+    busiest: u64,
+    idlest: u64,
+    over_limit: u64,
+}
+
+impl Spread {
+    fn add(&mut self, other: Spread) {
+        self.samples += other.samples;
+        self.busiest += other.busiest;
+        self.idlest += other.idlest;
+        self.over_limit += other.over_limit;
+    }
+
+    fn mean(&self, total: u64) -> f64 {
+        total as f64 / self.samples.max(1) as f64
+    }
+
+    /// Calls in flight on the busiest connection, on average.
+    fn busiest(&self) -> f64 {
+        self.mean(self.busiest)
+    }
+
+    /// Calls in flight on the idlest connection, on average.
+    fn idlest(&self) -> f64 {
+        self.mean(self.idlest)
+    }
+
+    /// The fraction of samples with a connection over the server's stream limit (calls that
+    /// h2 queues instead of sending).
+    fn over_limit(&self) -> f64 {
+        self.mean(self.over_limit)
+    }
+}
+
+/// Samples a pool's per-connection load every millisecond until stopped.
+struct Sampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Spread>,
+}
+
+impl Sampler {
+    fn start(pool: towline::pool::Pool<tonic::transport::Channel>) -> Sampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut spread = Spread::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return spread,
+                    _ = tick.tick() => {}
+                }
+                let in_flight = pool.stats().in_flight;
+                spread.samples += 1;
+                spread.busiest += in_flight.iter().max().copied().unwrap_or(0) as u64;
+                spread.idlest += in_flight.iter().min().copied().unwrap_or(0) as u64;
+                spread.over_limit += u64::from(in_flight.iter().any(|&n| n > STREAMS as usize));
+            }
+        });
+        Sampler { stop, task }
+    }
+
+    async fn stop(self) -> Result<Spread, towline::BoxError> {
+        let _ = self.stop.send(());
+        Ok(self.task.await?)
+    }
 }
 
 #[derive(Clone)]
 enum Client {
     Channel(EchoClient<tonic::transport::Channel>),
     Pool(EchoClient<towline::pool::Pool<tonic::transport::Channel>>),
+    /// Plain channels, call `i` on channel `i % n`.
+    Channels(Arc<[EchoClient<tonic::transport::Channel>]>),
+}
+
+/// Call number `i` on `client`.
+async fn call(client: Client, i: u64) -> Result<(), tonic::Status> {
+    match client {
+        Client::Channel(mut c) => c.unary(request()).await.map(drop),
+        Client::Pool(mut c) => c.unary(request()).await.map(drop),
+        Client::Channels(cs) => {
+            let mut c = cs[i as usize % cs.len()].clone();
+            c.unary(request()).await.map(drop)
+        }
+    }
 }
 
 async fn drive(load: &Load, client: Client) -> Result<Figures, towline::BoxError> {
-    let report = load
-        .run(move |_| {
-            let client = client.clone();
-            async move {
-                match client {
-                    Client::Channel(mut c) => c.unary(request()).await.map(drop),
-                    Client::Pool(mut c) => c.unary(request()).await.map(drop),
-                }
-            }
-        })
-        .await;
+    let report = load.run(move |i| call(client.clone(), i)).await;
     let figures = Figures::from(&report);
     if figures.failed > 0 {
         return Err(format!("{} calls failed: {:?}", figures.failed, report.failures()).into());

@@ -170,14 +170,30 @@ impl ConnLoad {
     }
 }
 
-/// Counts a call in flight on a connection from `call` until its response (body included) is
-/// done or dropped.
+/// Counts a call in flight on a connection from the `poll_ready` that reserves the connection
+/// for it until its response (body included) is done, or until the reservation or the response
+/// is dropped.
+///
+/// Counting from the reservation, not from `call`, is what keeps a connection within its
+/// stream limit: handles that pick at once each see the others' reservations.
 pub(crate) struct InFlight(Arc<ConnLoad>);
 
 impl InFlight {
+    /// One more call on `conn`, however loaded (at `max_connections`, h2 queues it).
     pub(crate) fn new(conn: Arc<ConnLoad>) -> Self {
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(conn)
+    }
+
+    /// One more call on `conn` if `admit` allows its count as it is: the look and the count are
+    /// one atomic step, so handles picking at once cannot overfill it between the two.
+    pub(crate) fn try_new(conn: &Arc<ConnLoad>, admit: impl Fn(usize) -> bool) -> Option<Self> {
+        conn.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                admit(n).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight(conn.clone()))
     }
 
     pub(crate) fn conn(&self) -> &ConnLoad {

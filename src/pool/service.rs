@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::conn::{
-    ConnLoad, InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
+    InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
 };
 use super::shared::{Pick, Shared, View};
 use super::stats::PoolStats;
@@ -29,7 +29,9 @@ use crate::BoxError;
 /// maintains them live until the last clone is dropped.
 ///
 /// # Readiness
-/// `poll_ready` returns `Ready(Ok)` once a connection is reserved for the next call, and
+/// `poll_ready` returns `Ready(Ok)` once a connection is reserved for the next call (the
+/// reservation counts as a call in flight on it, so handles picking at once never overfill a
+/// connection; a handle dropped while ready frees it), and
 /// `Pending` (with the waker registered) while no connection is up, or while every connection
 /// is at `max_streams_per_connection` and another is being opened. A handle that has waited
 /// `wait_timeout` for a connection turns ready and its next call fails at once with
@@ -50,7 +52,7 @@ pub struct Pool<S> {
     /// Dropped with the last handle, which stops the worker.
     _alive: Arc<oneshot::Sender<()>>,
     waiter: u64,
-    /// The pool's connections as of this handle's last locked pick.
+    /// The pool's connections as this handle last saw them.
     view: Option<View<S>>,
     ready: Option<Reserved<S>>,
     wait: Option<Pin<Box<Sleep>>>,
@@ -59,7 +61,8 @@ pub struct Pool<S> {
 
 struct Reserved<S> {
     service: S,
-    conn: Arc<ConnLoad>,
+    /// Counts the call on its connection from now: dropped unused, it frees the stream.
+    guard: InFlight,
 }
 
 impl<S> Pool<S> {
@@ -88,8 +91,8 @@ impl<S> Pool<S> {
 
 impl<S> Clone for Pool<S> {
     fn clone(&self) -> Self {
-        // With the view, so that a clone made per call (as tonic clients often are) picks
-        // without the lock from its first call.
+        // With the view, so that a clone made per call (as tonic clients often are) need not
+        // fetch the current one for its first call.
         let mut pool = Pool::new(self.shared.clone(), self._alive.clone());
         pool.view = self.view.clone();
         pool
@@ -129,7 +132,7 @@ where
         }
         loop {
             if let Some(reserved) = &mut self.ready {
-                if reserved.conn.is_broken() {
+                if reserved.guard.conn().is_broken() {
                     self.ready = None;
                     continue;
                 }
@@ -138,28 +141,39 @@ where
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(err)) => {
                         // The connection's own service failed: that connection is done.
-                        reserved.conn.mark_broken(SharedError::from(err.into()));
+                        reserved
+                            .guard
+                            .conn()
+                            .mark_broken(SharedError::from(err.into()));
                         self.ready = None;
                         continue;
                     }
                 }
             }
-            if self.wait.is_none()
-                && let Some(view) = &self.view
-                && let Some((service, conn)) = self.shared.pick_from(view)
-            {
-                self.ready = Some(Reserved { service, conn });
-                continue;
+            if self.wait.is_none() {
+                // A handle cloned per call from one that never called (a tonic client's usual
+                // shape) has no view of its own, or one the pool has outgrown: it takes the
+                // current one rather than the state lock.
+                let view = self.view.get_or_insert_with(|| self.shared.current_view());
+                let mut picked = self.shared.pick_from(view);
+                if picked.is_none() && !self.shared.is_current(view) {
+                    *view = self.shared.current_view();
+                    picked = self.shared.pick_from(view);
+                }
+                if let Some((service, guard)) = picked {
+                    self.ready = Some(Reserved { service, guard });
+                    continue;
+                }
             }
             let expired = match &mut self.wait {
                 Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
                 None => false,
             };
             match self.shared.pick(self.waiter, cx.waker(), expired) {
-                Pick::Ready(service, conn, view) => {
+                Pick::Ready(service, guard, view) => {
                     self.wait = None;
                     self.view = Some(view);
-                    self.ready = Some(Reserved { service, conn });
+                    self.ready = Some(Reserved { service, guard });
                 }
                 Pick::Wait => {
                     let timeout = self.shared.core.config.wait_timeout;
@@ -189,12 +203,11 @@ where
         if let Some(status) = self.fail.take() {
             return ResponseFuture::failed(status);
         }
-        let Some(Reserved { mut service, conn }) = self.ready.take() else {
+        let Some(Reserved { mut service, guard }) = self.ready.take() else {
             return ResponseFuture::failed(Status::failed_precondition(
                 "towline Pool::call without a successful poll_ready",
             ));
         };
-        let guard = InFlight::new(conn);
         ResponseFuture {
             kind: Kind::Call {
                 future: service.call(req),

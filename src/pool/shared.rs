@@ -1,13 +1,14 @@
 //! The state one pool's handles and its background worker share.
 //!
-//! Handles pick a connection from their [`View`] of the pool without a lock while that view is
-//! current and the connection it offers has room; otherwise (the connections changed, all are
-//! nearly full, none is up) under one short lock. The worker ([`super::worker`]) opens, replaces
+//! Handles pick a connection from their [`View`] of the pool without a lock while the connection
+//! it offers has room (a handle whose view is missing or stale first copies the current one,
+//! an `Arc` under a read lock); otherwise (all are nearly full, none is up) under one short
+//! lock, where waiting and growing are decided. The worker ([`super::worker`]) opens, replaces
 //! and reaps connections. Per-call bookkeeping (in-flight counts, a connection breaking) is
 //! atomics on the connection's [`ConnLoad`], so the hot path never waits on I/O.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::config::PoolConfig;
-use super::conn::{ConnLoad, Core, Parked, SharedError, lock, status_with_source};
+use super::conn::{ConnLoad, Core, InFlight, Parked, SharedError, lock, status_with_source};
 use super::stats::{Metrics, PoolStats};
 use crate::deadline::instant_after;
 
@@ -50,8 +51,6 @@ impl<S> Clone for View<S> {
 
 struct State<S> {
     conns: Vec<Arc<Conn<S>>>,
-    /// `conns` as handles see them; rebuilt whenever `conns` changes.
-    view: View<S>,
     connecting: usize,
     /// A call has asked for a connection (lazy pools connect from then on).
     activated: bool,
@@ -70,16 +69,22 @@ struct State<S> {
 pub(crate) struct Shared<S> {
     pub(crate) core: Arc<Core>,
     state: Mutex<State<S>>,
+    /// `state.conns` as handles see them; replaced (under the state lock) whenever they change.
+    /// Its own lock, held only to clone an `Arc`: a handle without a current view (a clone
+    /// made per call from one that never called, or whose view the pool outgrew) takes it here
+    /// instead of queueing on the state lock behind every other call.
+    view: RwLock<View<S>>,
     next_waiter: AtomicU64,
-    /// `state.view.generation`, readable without the lock: a handle's view is current while its
+    /// `view.generation`, readable without a lock: a handle's view is current while its
     /// generation is this.
     generation: AtomicU64,
 }
 
 /// What a handle's `poll_ready` gets from the pool.
 pub(crate) enum Pick<S> {
-    /// Use this connection; here is the current view for the next pick.
-    Ready(S, Arc<ConnLoad>, View<S>),
+    /// Use this connection, reserved (counted in flight) for the call; here is the current view
+    /// for the next pick.
+    Ready(S, InFlight, View<S>),
     /// Nothing usable now; the waker is registered.
     Wait,
     /// The handle waited its `wait_timeout` and there is still no connection: fail the call.
@@ -107,10 +112,6 @@ impl<S> Shared<S> {
             }),
             state: Mutex::new(State {
                 conns: Vec::new(),
-                view: View {
-                    generation: 0,
-                    conns: Arc::new([]),
-                },
                 connecting: 0,
                 activated: false,
                 consecutive_failures: 0,
@@ -122,16 +123,20 @@ impl<S> Shared<S> {
                 reaps: 0,
                 disconnections: 0,
             }),
+            view: RwLock::new(View {
+                generation: 0,
+                conns: Arc::new([]),
+            }),
             next_waiter: AtomicU64::new(0),
             generation: AtomicU64::new(0),
         }
     }
 
-    /// After every change to `st.conns`: a new view, and a new generation that tells handles
-    /// their views are stale.
+    /// After every change to `st.conns` (under the state lock, which orders the changes): a
+    /// new view, and a new generation that tells handles their views are stale.
     fn conns_changed(&self, st: &mut State<S>) {
-        let generation = st.view.generation + 1;
-        st.view = View {
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        let view = View {
             generation,
             conns: st
                 .conns
@@ -142,7 +147,21 @@ impl<S> Shared<S> {
                 })
                 .collect(),
         };
+        *self.view.write().unwrap_or_else(PoisonError::into_inner) = view;
         self.generation.store(generation, Ordering::Release);
+    }
+
+    /// The pool's connections as of now, for a handle whose own view is missing or stale.
+    pub(crate) fn current_view(&self) -> View<S> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether `view` still shows the pool's connections.
+    pub(crate) fn is_current(&self, view: &View<S>) -> bool {
+        view.generation == self.generation.load(Ordering::Acquire)
     }
 
     #[cfg(test)]
@@ -150,16 +169,18 @@ impl<S> Shared<S> {
         view.conns.iter().map(|seen| seen.load.clone()).collect()
     }
 
-    /// The lock-free pick: the least-loaded usable connection of a current `view`, if it has
-    /// room. `None` when the locked [`pick`](Self::pick) must decide (a stale view, no usable
-    /// connection, all nearly full: waiting and growing are decided under the lock).
-    pub(crate) fn pick_from(&self, view: &View<S>) -> Option<(S, Arc<ConnLoad>)>
+    /// The lock-free pick: the least-loaded usable connection of a current `view`, reserved for
+    /// one call if it has room. `None` when the locked [`pick`](Self::pick) must decide (a stale
+    /// view, no usable connection, all nearly full: waiting and growing are decided under the
+    /// lock).
+    pub(crate) fn pick_from(&self, view: &View<S>) -> Option<(S, InFlight)>
     where
         S: Clone,
     {
-        if view.generation != self.generation.load(Ordering::Acquire) {
+        if !self.is_current(view) {
             return None;
         }
+        let max_streams = self.core.config.max_streams;
         let mut best: Option<(&Seen<S>, usize)> = None;
         for seen in view.conns.iter() {
             if seen.load.is_broken() {
@@ -171,11 +192,13 @@ impl<S> Shared<S> {
             }
         }
         let (seen, in_flight) = best?;
-        if near_full(in_flight, self.core.config.max_streams) {
+        if near_full(in_flight, max_streams) {
             return None;
         }
         let conn = seen.conn.upgrade()?;
-        Some((conn.service.clone(), seen.load.clone()))
+        // Another handle may have filled it since the look above: then the lock decides.
+        let reserved = InFlight::try_new(&seen.load, |n| !near_full(n, max_streams))?;
+        Some((conn.service.clone(), reserved))
     }
 
     fn state(&self) -> MutexGuard<'_, State<S>> {
@@ -203,51 +226,67 @@ impl<S> Shared<S> {
             return Pick::Closed(status.clone());
         }
         let max_streams = self.core.config.max_streams;
-        let mut best: Option<(usize, usize)> = None;
-        let mut alive = 0;
-        for (i, conn) in st.conns.iter().enumerate() {
-            if conn.load.is_broken() {
-                continue;
-            }
-            alive += 1;
-            let load = conn.load.in_flight();
-            if best.is_none_or(|(_, least)| load < least) {
-                best = Some((i, load));
-            }
-        }
-        let Some((index, load)) = best else {
-            st.activated = true;
-            if expired {
-                self.core.parked.unpark(waiter);
-                return Pick::Fail(self.no_connection(&st, Instant::now()));
-            }
-            if self.core.parked.park(waiter, waker) {
-                // A lazy pool, or one whose connections all broke: the worker should connect.
-                self.core.wake_worker.notify_one();
-            }
-            return Pick::Wait;
-        };
-        if near_full(load, max_streams) {
-            let now = Instant::now();
-            let backing_off = st.next_attempt.is_some_and(|at| at > now);
-            let can_grow = alive + st.connecting < self.core.config.max && !backing_off;
-            if can_grow {
-                self.core.wake_worker.notify_one();
-            }
-            // Full, and another connection is on its way: wait for it rather than pile more
-            // streams onto this one (which h2 would queue, or the server refuse).
-            if load >= max_streams && (can_grow || st.connecting > 0) && !expired {
-                self.core.parked.park(waiter, waker);
-                // A call ending now either sees this waiter, or its freed stream is seen here
-                // (SeqCst, as in `InFlight::drop`).
-                if st.conns[index].load.in_flight.load(Ordering::SeqCst) >= max_streams {
-                    return Pick::Wait;
+        // Again only when another handle's lock-free pick took the last stream of the chosen
+        // connection between the look and the reservation.
+        loop {
+            let mut best: Option<(usize, usize)> = None;
+            let mut alive = 0;
+            for (i, conn) in st.conns.iter().enumerate() {
+                if conn.load.is_broken() {
+                    continue;
+                }
+                alive += 1;
+                let load = conn.load.in_flight();
+                if best.is_none_or(|(_, least)| load < least) {
+                    best = Some((i, load));
                 }
             }
+            let Some((index, load)) = best else {
+                st.activated = true;
+                if expired {
+                    self.core.parked.unpark(waiter);
+                    return Pick::Fail(self.no_connection(&st, Instant::now()));
+                }
+                if self.core.parked.park(waiter, waker) {
+                    // A lazy pool, or one whose connections all broke: the worker should connect.
+                    self.core.wake_worker.notify_one();
+                }
+                return Pick::Wait;
+            };
+            // Another connection is on its way (or may be opened): the call waits for a stream
+            // rather than pile onto a full connection (which h2 would queue, or the server
+            // refuse). Otherwise (at `max_connections`, or waited out) it takes the least
+            // loaded, however full.
+            let mut may_wait = false;
+            if near_full(load, max_streams) {
+                let now = Instant::now();
+                let backing_off = st.next_attempt.is_some_and(|at| at > now);
+                let can_grow = alive + st.connecting < self.core.config.max && !backing_off;
+                if can_grow {
+                    self.core.wake_worker.notify_one();
+                }
+                may_wait = (can_grow || st.connecting > 0) && !expired;
+                if load >= max_streams && may_wait {
+                    self.core.parked.park(waiter, waker);
+                    // A call ending now either sees this waiter, or its freed stream is seen
+                    // here (SeqCst, as in `InFlight::drop`).
+                    if st.conns[index].load.in_flight.load(Ordering::SeqCst) >= max_streams {
+                        return Pick::Wait;
+                    }
+                }
+            }
+            let conn = &st.conns[index];
+            let reserved = if may_wait {
+                match InFlight::try_new(&conn.load, |n| n < max_streams) {
+                    Some(reserved) => reserved,
+                    None => continue,
+                }
+            } else {
+                InFlight::new(conn.load.clone())
+            };
+            self.core.parked.unpark(waiter);
+            return Pick::Ready(conn.service.clone(), reserved, self.current_view());
         }
-        self.core.parked.unpark(waiter);
-        let conn = &st.conns[index];
-        Pick::Ready(conn.service.clone(), conn.load.clone(), st.view.clone())
     }
 
     /// The status a call gets when no connection came up in time.
@@ -507,31 +546,103 @@ mod tests {
     fn a_current_view_picks_without_the_lock_until_the_connections_change() {
         let shared = shared(10);
         shared.attempt_done(Ok("a"), Instant::now());
-        let Pick::Ready(service, load, view) = shared.pick(0, Waker::noop(), false) else {
+        let Pick::Ready(service, first, view) = shared.pick(0, Waker::noop(), false) else {
             panic!("a connection is up")
         };
         assert_eq!(service, "a");
-        let (service, _) = shared.pick_from(&view).expect("the view is current");
+        let a = shared.conns_of_view(&view)[0].clone();
+        assert_eq!(a.in_flight(), 1, "a pick reserves its stream");
+        let (service, second) = shared.pick_from(&view).expect("the view is current");
         assert_eq!(service, "a");
+        assert_eq!(a.in_flight(), 2);
+        drop((first, second));
+        assert_eq!(
+            a.in_flight(),
+            0,
+            "a reservation dropped unused frees its stream"
+        );
 
         // Nearly full: waiting and growing are decided under the lock.
-        load.in_flight.store(9, Ordering::SeqCst);
+        a.in_flight.store(9, Ordering::SeqCst);
         assert!(shared.pick_from(&view).is_none());
-        load.in_flight.store(0, Ordering::SeqCst);
+        a.in_flight.store(0, Ordering::SeqCst);
 
         // A second connection makes the view stale; the locked pick hands out the new one, and
         // from it the least-loaded connection.
         shared.attempt_done(Ok("b"), Instant::now());
         assert!(shared.pick_from(&view).is_none(), "stale");
-        let Pick::Ready(_, _, view) = shared.pick(0, Waker::noop(), false) else {
+        let Pick::Ready(service, _on_a, view) = shared.pick(0, Waker::noop(), false) else {
             panic!("two connections are up")
         };
-        load.in_flight.store(3, Ordering::SeqCst);
-        assert_eq!(shared.pick_from(&view).unwrap().0, "b");
+        assert_eq!(service, "a");
+        let (service, _on_b) = shared.pick_from(&view).unwrap();
+        assert_eq!(service, "b");
 
         // A broken connection is skipped at once, before the worker removes it.
-        shared.conns_of_view(&view)[1].mark_broken(Arc::new(std::io::Error::other("gone")));
-        assert_eq!(shared.pick_from(&view).unwrap().0, "a");
+        shared.conns_of_view(&view)[0].mark_broken(Arc::new(std::io::Error::other("gone")));
+        assert_eq!(shared.pick_from(&view).unwrap().0, "b");
+    }
+
+    /// Handles that pick at once (two runtime threads, or one handle that is ready but has not
+    /// called yet) each see the others' reservations: while the pool may grow, a connection
+    /// never gets more than `max_streams_per_connection` calls, which a new connection (whose
+    /// h2 has not yet read the server's limit) would send, and the server refuse.
+    #[test]
+    fn reservations_keep_a_connection_within_its_stream_limit() {
+        let shared = shared(2);
+        shared.attempt_done(Ok("a"), Instant::now());
+        let reserve = |waiter| match shared.pick(waiter, Waker::noop(), false) {
+            Pick::Ready(_, reserved, _) => Some(reserved),
+            Pick::Wait => None,
+            _ => panic!("the pool is open"),
+        };
+        let first = reserve(0).expect("a free stream");
+        let _second = reserve(1).expect("a free stream");
+        assert!(
+            reserve(2).is_none(),
+            "both streams are reserved: wait for a third"
+        );
+        let view = shared.current_view();
+        assert!(shared.pick_from(&view).is_none());
+        assert_eq!(shared.conns_of_view(&view)[0].in_flight(), 2);
+        drop(first);
+        assert!(reserve(2).is_some(), "the freed stream goes to the waiter");
+    }
+
+    /// A handle with no view of its own (cloned per call from one that never called), or a
+    /// stale one, picks from the pool's current view: it never queues on the state lock, which
+    /// this test holds throughout.
+    #[test]
+    fn the_current_view_is_read_without_the_state_lock() {
+        let shared = Arc::new(shared(10));
+        shared.attempt_done(Ok("a"), Instant::now());
+        let Pick::Ready(_, _on_a, stale) = shared.pick(0, Waker::noop(), false) else {
+            panic!("a connection is up")
+        };
+        shared.attempt_done(Ok("b"), Instant::now());
+        assert!(!shared.is_current(&stale));
+
+        let state = shared.state();
+        let (picked, got) = std::sync::mpsc::channel();
+        let picker = std::thread::spawn({
+            let shared = shared.clone();
+            move || {
+                let view = shared.current_view();
+                let pick = shared.pick_from(&view).map(|(service, _)| service);
+                picked.send((shared.is_current(&view), pick)).unwrap();
+            }
+        });
+        let (current, pick) = got
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the pick did not wait for the state lock");
+        drop(state);
+        picker.join().unwrap();
+        assert!(current);
+        assert_eq!(
+            pick,
+            Some("b"),
+            "the least-loaded of the current connections"
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub struct PoolStats {
     pub connecting: usize,
     /// Open connections with no call in flight.
     pub idle: usize,
-    /// Calls in flight on each open connection (a call counts until its response body ends).
+    /// Calls in flight on each open connection (a call counts from the `poll_ready` that
+    /// reserves its connection until its response body ends).
     pub in_flight: Vec<usize>,
     /// Connections opened since the pool started.
     pub connects: u64,
