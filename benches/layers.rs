@@ -81,7 +81,7 @@ use towline::retry::{RetryLayer, RetryPolicy};
 use trivial::{Connector, Immediate, Sample, endpoint_uri, median};
 
 #[global_allocator]
-static ALLOCATOR: alloc::Counting = alloc::Counting;
+static ALLOCATOR: alloc::Counting<std::alloc::System> = alloc::Counting(std::alloc::System);
 
 /// Goals from issue 16, printed and written next to the figures.
 const GOAL_ADDED_NS: f64 = 150.0;

@@ -43,10 +43,11 @@ use std::time::Instant;
 use summary::{RunFacts, Section, SectionResult};
 use support::{Settings, Skipped};
 
-/// Counts allocations and live heap bytes (`scale`: bytes held per endpoint). A relaxed atomic
-/// add per allocation, on every variant alike.
+/// Counts allocations and live heap bytes (`scale`: bytes held per endpoint) over mimalloc
+/// (`alloc.rs` says why not glibc's malloc). A relaxed atomic add per allocation, on every
+/// variant alike.
 #[global_allocator]
-static ALLOCATOR: alloc::Counting = alloc::Counting;
+static ALLOCATOR: alloc::Counting<mimalloc::MiMalloc> = alloc::Counting(mimalloc::MiMalloc);
 
 /// The argument that runs every scenario and then writes the summary.
 const SUMMARY: &str = "summary";
