@@ -762,42 +762,6 @@ mod tests {
     }
 
     #[test]
-    fn grpc_status_is_read_alike_from_small_and_large_maps() {
-        use crate::header::SCAN_LIMIT;
-        for names in [
-            0,
-            SCAN_LIMIT - 1,
-            SCAN_LIMIT,
-            SCAN_LIMIT + 1,
-            3 * SCAN_LIMIT,
-        ] {
-            let mut headers = HeaderMap::new();
-            for i in 0..names {
-                headers.insert(
-                    HeaderName::try_from(format!("x-filler-{i}")).unwrap(),
-                    HeaderValue::from_static("0"),
-                );
-            }
-            assert_eq!(
-                code_from_headers(&headers),
-                None,
-                "{names} names, no status"
-            );
-            headers.append(GRPC_STATUS, HeaderValue::from_static("14"));
-            headers.append(GRPC_STATUS, HeaderValue::from_static("0"));
-            assert_eq!(
-                code_from_headers(&headers),
-                Some(Code::Unavailable),
-                "{names} names: the first value, as `HeaderMap::get` gives it"
-            );
-            headers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
-            assert_eq!(code_from_headers(&headers), Some(Code::Ok));
-            headers.insert(GRPC_STATUS, HeaderValue::from_static("00"));
-            assert_eq!(code_from_headers(&headers), Some(Code::from_bytes(b"00")));
-        }
-    }
-
-    #[test]
     fn code_names_are_the_canonical_ones() {
         assert_eq!(code_name(Code::Ok), "OK");
         assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
