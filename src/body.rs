@@ -63,13 +63,10 @@ pin_project! {
 }
 
 impl<B, O> Observed<B, O> {
-    /// `inner`, observed by `observer` until its end.
+    /// `inner`, observed by `observer` (if any) until its end.
     #[inline]
-    pub(crate) fn new(inner: B, observer: O) -> Self {
-        Observed {
-            inner,
-            observer: Some(observer),
-        }
+    pub(crate) fn new(inner: B, observer: Option<O>) -> Self {
+        Observed { inner, observer }
     }
 
     /// Whether the call has ended (or was never observed).
@@ -155,6 +152,7 @@ macro_rules! observed_body {
         pub struct $name:ident<B>(Observed<B, $observer:ty>);
         impl Body where { $($bounds:tt)* } {
             type Data = $data:ty;
+            $(#[$error_attr:meta])*
             type Error = $error:ty;
         }
     ) => {
@@ -167,9 +165,9 @@ macro_rules! observed_body {
         }
 
         impl<B> $name<B> {
-            /// `inner`, observed until its end.
+            /// `inner`, observed by `observer` (if any) until its end.
             #[inline]
-            pub(crate) fn new(inner: B, observer: $observer) -> Self {
+            pub(crate) fn new(inner: B, observer: Option<$observer>) -> Self {
                 $name {
                     body: $crate::body::Observed::new(inner, observer),
                 }
@@ -200,6 +198,7 @@ macro_rules! observed_body {
             $($bounds)*
         {
             type Data = $data;
+            $(#[$error_attr])*
             type Error = $error;
 
             #[inline]
@@ -239,8 +238,10 @@ mod tests {
     use http_body_util::{BodyExt, Empty, StreamBody};
     use std::sync::{Arc, Mutex};
 
+    type Events = Arc<Mutex<Vec<String>>>;
+
     /// Writes down each hook as it fires, and its own drop.
-    struct Log(Arc<Mutex<Vec<String>>>);
+    struct Log(Events);
 
     impl Log {
         fn push(&self, event: impl Into<String>) {
@@ -282,30 +283,27 @@ mod tests {
         }
     }
 
-    type Frames = Vec<Result<Frame<Bytes>, &'static str>>;
+    type MockFrame = Result<Frame<Bytes>, &'static str>;
+    type Frames = Vec<MockFrame>;
+    type Mock = Observed<StreamBody<futures::stream::Iter<std::vec::IntoIter<MockFrame>>>, Log>;
 
-    fn data(bytes: &'static [u8]) -> Result<Frame<Bytes>, &'static str> {
+    fn data(bytes: &'static [u8]) -> MockFrame {
         Ok(Frame::data(Bytes::from_static(bytes)))
     }
 
-    fn trailers(status: &'static str) -> Result<Frame<Bytes>, &'static str> {
+    fn trailers(status: &'static str) -> MockFrame {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", status.parse().unwrap());
         Ok(Frame::trailers(trailers))
     }
 
-    fn observed(
-        frames: Frames,
-    ) -> (
-        Pin<Box<Observed<impl Body<Data = Bytes, Error = &'static str>, Log>>>,
-        Arc<Mutex<Vec<String>>>,
-    ) {
+    fn observed(frames: Frames) -> (Pin<Box<Mock>>, Events) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let inner = StreamBody::new(futures::stream::iter(frames));
-        (Box::pin(Observed::new(inner, Log(log.clone()))), log)
+        (Box::pin(Observed::new(inner, Some(Log(log.clone())))), log)
     }
 
-    fn events(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    fn events(log: &Events) -> Vec<String> {
         log.lock().unwrap().clone()
     }
 
@@ -360,7 +358,7 @@ mod tests {
     fn size_and_end_pass_through() {
         let inner = http_body_util::Full::new(Bytes::from_static(b"abc"));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let body = Observed::new(inner, Log(log.clone()));
+        let body = Observed::new(inner, Some(Log(log.clone())));
         assert_eq!(body.size_hint().exact(), Some(3));
         assert!(!body.is_end_stream());
         assert_eq!(body.into_inner().size_hint().exact(), Some(3));
