@@ -65,6 +65,7 @@
 pub mod backoff;
 pub mod balance;
 pub mod batch;
+mod body;
 pub mod channel;
 mod clock;
 pub mod config;

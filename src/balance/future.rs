@@ -338,7 +338,8 @@ impl<S: EndpointService> Future for ResponseFuture<S> {
                                 | ResponseStatus::NotGrpc(code) => guard.finish(code),
                                 ResponseStatus::InTrailers => {}
                             }
-                            Ok(response.map(|inner| TrackedBody::new(inner, guard)))
+                            guard.responded();
+                            Ok(response.map(|inner| TrackedBody::new(inner, Some(guard))))
                         }
                         Err(err) => {
                             let err: BoxError = err.into();

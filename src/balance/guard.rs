@@ -125,14 +125,6 @@ impl CallGuard {
         }
     }
 
-    /// The call is over: its outcome is known, or it never will be.
-    #[inline]
-    pub(crate) fn end(guard: &mut Option<CallGuard>, code: Code) {
-        if let Some(mut guard) = guard.take() {
-            guard.finish(code);
-        }
-    }
-
     /// The server ended this call for our keepalive pings and is closing the connection
     /// (grpc-core): later connections ping half as often (gRFC A8). A pool notes it itself;
     /// a bare connection the balancer owns is noted here, once per connection.

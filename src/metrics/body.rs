@@ -1,7 +1,6 @@
 //! The response body that ends a recording, the request body that counts bytes sent, and the
 //! recording itself.
 
-use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,12 +8,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
 
 use super::layer::MethodMetrics;
 use crate::BoxError;
+use crate::body::{Observer, observed_body};
 use crate::status::{code_from_error, code_from_trailers};
 
 /// One call (or attempt) being measured. Recorded exactly once: by [`finish`](Self::finish), or
@@ -67,112 +68,70 @@ impl Recording {
     }
 }
 
+impl Recording {
+    /// The body ended, with `trailers` or without: recorded as the status the head carried (a
+    /// Trailers-Only or non-gRPC response), else the trailers'.
+    fn ended(mut self, trailers: Option<&HeaderMap>) {
+        let code = self
+            .head_code
+            .unwrap_or_else(|| code_from_trailers(trailers));
+        self.finish(code);
+    }
+}
+
 impl Drop for Recording {
     fn drop(&mut self) {
         self.finish(self.head_code.unwrap_or(Code::Cancelled));
     }
 }
 
-pin_project! {
+observed_body! {
     /// The response body of [`Metrics`](super::Metrics): passes every frame through and records
     /// the call when the body ends (its trailers, its end, an error) or is dropped.
-    pub struct MetricsBody<B> {
-        #[pin]
-        inner: B,
-        recording: Option<Recording>,
+    pub struct MetricsBody<B>(Observed<B, Recording>);
+    impl Body where {
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    } {
+        type Data = Bytes;
+        type Error = BoxError;
     }
 }
 
 impl<B> MetricsBody<B> {
-    pub(crate) fn new(inner: B, recording: Recording) -> Self {
-        MetricsBody {
-            inner,
-            recording: Some(recording),
-        }
-    }
-
     /// The wrapped body. Taking it out ends the recording as `CANCELLED` (or as the status the
     /// response's head carried).
     pub fn into_inner(self) -> B {
-        self.inner
+        self.body.into_inner()
     }
 }
 
-impl<B> fmt::Debug for MetricsBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MetricsBody")
-            .field("finished", &self.recording.is_none())
-            .finish_non_exhaustive()
-    }
-}
-
-/// An empty body that records nothing. tonic's generated `with_interceptor` requires the
-/// response body to be `Default`: an interceptor that rejects a request answers with a default
-/// body, and that call was never sent through this layer to be counted.
-impl<B: Default> Default for MetricsBody<B> {
-    fn default() -> Self {
-        MetricsBody {
-            inner: B::default(),
-            recording: None,
-        }
-    }
-}
-
-impl<B> Body for MetricsBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
+/// The call being measured: received bytes as they go by, and its status at its end.
+impl<E: Into<BoxError>> Observer<Bytes, E> for Recording {
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        match frame {
-            Some(Ok(frame)) => {
-                if let Some(recording) = this.recording.as_mut() {
-                    if let Some(data) = frame.data_ref() {
-                        recording.received(data);
-                    } else if let Some(trailers) = frame.trailers_ref() {
-                        let code = recording
-                            .head_code
-                            .unwrap_or_else(|| code_from_trailers(Some(trailers)));
-                        recording.finish(code);
-                        *this.recording = None;
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(err)) => {
-                let err: BoxError = err.into();
-                if let Some(mut recording) = this.recording.take() {
-                    recording.finish(code_from_error(&*err));
-                }
-                Poll::Ready(Some(Err(err)))
-            }
-            None => {
-                if let Some(mut recording) = this.recording.take() {
-                    // A gRPC stream that ends without trailers ended abnormally (UNKNOWN).
-                    let code = recording
-                        .head_code
-                        .unwrap_or_else(|| code_from_trailers(None));
-                    recording.finish(code);
-                }
-                Poll::Ready(None)
-            }
-        }
+    #[inline]
+    fn on_data(&mut self, data: &Bytes) {
+        self.received(data);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn on_trailers(self, trailers: &HeaderMap) {
+        self.ended(Some(trailers));
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// A gRPC stream that ends without trailers ended abnormally (UNKNOWN).
+    fn on_eos(self) {
+        self.ended(None);
+    }
+
+    fn on_error(mut self, err: E) -> BoxError {
+        let err: BoxError = err.into();
+        self.finish(code_from_error(&*err));
+        err
+    }
+
+    fn unobserved_error(err: E) -> BoxError {
+        err.into()
     }
 }
 

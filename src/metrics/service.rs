@@ -130,7 +130,7 @@ where
         Poll::Ready(match result {
             Ok(response) => {
                 recording.head_code = classify_response(&response).code();
-                Ok(response.map(|body| MetricsBody::new(body, recording)))
+                Ok(response.map(|body| MetricsBody::new(body, Some(recording))))
             }
             Err(err) => {
                 let err = err.into();

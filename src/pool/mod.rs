@@ -80,6 +80,7 @@
 //! - A stream that breaks after its response headers fails in its body; the pool learns that
 //!   the connection is gone from the next call on it.
 
+mod body;
 mod config;
 mod conn;
 mod layer;
@@ -88,11 +89,12 @@ mod shared;
 mod stats;
 mod worker;
 
+pub use body::PoolBody;
 pub use config::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
     DEFAULT_MIN_CONNECTIONS, DEFAULT_WAIT_TIMEOUT, PoolConfig, PoolConfigBuilder,
 };
 pub use conn::PoolConnectionError;
 pub use layer::{MakeFuture, MakePool, PoolLayer};
-pub use service::{Pool, PoolBody, ResponseFuture};
+pub use service::{Pool, ResponseFuture};
 pub use stats::PoolStats;

@@ -6,15 +6,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Buf;
 use http::Uri;
-use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
 use tonic::{Code, Status};
 use tower_service::Service;
 
+use super::body::PoolBody;
 use super::conn::{
     InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
 };
@@ -274,7 +273,7 @@ where
                                 guard.conn().too_many_pings();
                             }
                         }
-                        Ok(response.map(|body| PoolBody { inner: body, guard }))
+                        Ok(response.map(|body| PoolBody::new(body, guard)))
                     }
                     Err(err) => Err(Box::new(call_failed(err.into(), guard))),
                 })
@@ -291,24 +290,9 @@ fn call_failed(err: BoxError, guard: Option<InFlight>) -> Status {
     }
 }
 
-/// The error of a response body that failed mid-stream; a broken connection leaves the
-/// rotation here too.
-fn body_failed(err: BoxError, guard: Option<InFlight>) -> BoxError {
-    // tonic's body reports a connection that broke under it as an `UNKNOWN` status over the
-    // transport error: judge by the transport error.
-    let broke = match err.downcast_ref::<Status>() {
-        Some(status) => std::error::Error::source(status).is_some_and(breaks_connection),
-        None => breaks_connection(&*err),
-    };
-    match guard.filter(|_| broke) {
-        Some(guard) => Box::new(connection_broke(err, &guard, " while reading the response")),
-        None => err,
-    }
-}
-
 /// Takes the call's connection out of rotation, and says so: `UNAVAILABLE` "connection to … broke
 /// {when}: {cause}", with the error as its source.
-fn connection_broke(err: BoxError, guard: &InFlight, when: &str) -> Status {
+pub(super) fn connection_broke(err: BoxError, guard: &InFlight, when: &str) -> Status {
     let err = SharedError::from(err);
     let conn = guard.conn();
     conn.mark_broken(err.clone());
@@ -321,87 +305,4 @@ fn connection_broke(err: BoxError, guard: &InFlight, when: &str) -> Status {
         ),
         Some(&err),
     )
-}
-
-pin_project! {
-    /// A response body that counts its call as in flight on its connection until it ends or is
-    /// dropped, so a long stream keeps its connection loaded.
-    pub struct PoolBody<B> {
-        #[pin]
-        inner: B,
-        guard: Option<InFlight>,
-    }
-}
-
-impl<B> fmt::Debug for PoolBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolBody")
-            .field("in_flight", &self.guard.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<B> PoolBody<B> {
-    /// The wrapped body.
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
-}
-
-/// An empty body that holds no connection's in-flight count. tonic's generated
-/// `with_interceptor` requires the response body to be `Default`: an interceptor that rejects a
-/// request answers with a default body, which no pooled connection carries.
-impl<B: Default> Default for PoolBody<B> {
-    fn default() -> Self {
-        PoolBody {
-            inner: B::default(),
-            guard: None,
-        }
-    }
-}
-
-impl<B> Body for PoolBody<B>
-where
-    B: Body,
-    B::Data: Buf,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    /// The inner body's error; a broken connection's as a [`Status`] `UNAVAILABLE` saying so
-    /// (tonic would report it as `UNKNOWN` "h2 protocol error").
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        Poll::Ready(match frame {
-            // Trailers are always the last frame, and tonic stops polling after them.
-            Some(Ok(frame)) => {
-                // The guard goes with the trailers, the last frame.
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(guard) = this.guard.take()
-                    && says_too_many_pings(trailers)
-                {
-                    guard.conn().too_many_pings();
-                }
-                Some(Ok(frame))
-            }
-            Some(Err(err)) => Some(Err(body_failed(err.into(), this.guard.take()))),
-            None => {
-                this.guard.take();
-                None
-            }
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

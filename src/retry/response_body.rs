@@ -14,29 +14,16 @@
 //! call counts as a success when it commits, as it did before the trailers were read.
 
 use std::any::Any;
-use std::fmt;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
+use http::HeaderMap;
 use tonic::body::Body as TonicBody;
 use tonic::{Code, Status};
 
 use super::budget::RetryBudget;
 use super::policy::CodeSet;
 use crate::BoxError;
+use crate::body::{Observed, Observer};
 use crate::status::{CallEnd, code_from_error, code_from_trailers};
-
-pin_project! {
-    /// The inner response body, unchanged frame for frame, that reports its end to an [`Outcome`].
-    pub(crate) struct ResponseBody<B> {
-        #[pin]
-        inner: B,
-        outcome: Option<Outcome>,
-    }
-}
 
 /// Where a committed call's final status is reported.
 pub(crate) struct Outcome {
@@ -72,7 +59,7 @@ impl Outcome {
         if let Some(tonic_slot) = (&mut slot as &mut dyn Any).downcast_mut::<Option<TonicBody>>() {
             *tonic_slot = tonic_slot
                 .take()
-                .map(|body| TonicBody::new(ResponseBody::reporting(body, self)));
+                .map(|body| TonicBody::new(Observed::new(body, Some(self))));
         } else if let Some(end) = end {
             end.on_end(move |code| self.report(code));
         } else {
@@ -85,72 +72,26 @@ impl Outcome {
     }
 }
 
-impl<B> ResponseBody<B> {
-    /// The inner body, reporting its trailers' status to `outcome`.
-    fn reporting(inner: B, outcome: Outcome) -> Self {
-        ResponseBody {
-            inner,
-            outcome: Some(outcome),
-        }
-    }
-}
+/// The committed call's final status, from its trailers as they go by.
+impl<D, E: 'static> Observer<D, E> for Outcome {
+    type Error = E;
 
-impl<B> fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody")
-            .field("reporting", &self.outcome.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// An empty body that reports no outcome, as the other towline response bodies have: a retry
-/// stack's body type stays `Default` whatever is wrapped in it (tonic's generated
-/// `with_interceptor` requires that).
-impl<B: Default> Default for ResponseBody<B> {
-    fn default() -> Self {
-        ResponseBody {
-            inner: B::default(),
-            outcome: None,
-        }
-    }
-}
-
-impl<B> Body for ResponseBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: 'static,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if this.outcome.is_some() {
-            let code = match &frame {
-                Some(Ok(frame)) => frame.trailers_ref().map(|t| code_from_trailers(Some(t))),
-                Some(Err(err)) => Some(code_of_body_error(err)),
-                // A gRPC stream that ends without trailers ended abnormally.
-                None => Some(code_from_trailers(None)),
-            };
-            if let Some(code) = code
-                && let Some(outcome) = this.outcome.take()
-            {
-                outcome.report(code);
-            }
-        }
-        Poll::Ready(frame)
+    fn on_trailers(self, trailers: &HeaderMap) {
+        self.report(code_from_trailers(Some(trailers)));
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    /// A gRPC stream that ends without trailers ended abnormally.
+    fn on_eos(self) {
+        self.report(code_from_trailers(None));
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn on_error(self, err: E) -> E {
+        self.report(code_of_body_error(&err));
+        err
+    }
+
+    fn unobserved_error(err: E) -> E {
+        err
     }
 }
 
@@ -172,7 +113,8 @@ fn code_of_body_error(err: &(dyn Any + 'static)) -> Code {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderMap;
+    use bytes::Bytes;
+    use http_body::Frame;
     use http_body_util::{BodyExt, StreamBody};
 
     fn ending_with(code: Option<Code>) -> tonic::body::Body {
