@@ -39,6 +39,7 @@ use towline::testkit::{Backend, Load};
 
 use crate::balance::{ready, tonic_balance_list};
 use crate::support::{BoxScenario, Figures, Settings, Stack, micros, print_table};
+use crate::trivial::median;
 use crate::{alloc, cpu};
 
 const CONCURRENCY: [usize; 2] = [1, 64];
@@ -203,12 +204,12 @@ struct Measured {
 impl Measured {
     fn median(runs: &[Run]) -> Measured {
         let figures: Vec<Figures> = runs.iter().map(|r| r.figures).collect();
-        let mut cpu: Vec<Duration> = runs.iter().map(|r| r.cpu_per_call).collect();
-        cpu.sort();
         Measured {
             figures: Figures::median(&figures),
-            cpu_per_call: cpu[cpu.len() / 2],
-            allocs_per_call: median(runs.iter().map(|r| r.allocs_per_call).collect()),
+            cpu_per_call: Duration::from_secs_f64(median(
+                runs.iter().map(|r| r.cpu_per_call.as_secs_f64()),
+            )),
+            allocs_per_call: median(runs.iter().map(|r| r.allocs_per_call)),
         }
     }
 
@@ -300,11 +301,6 @@ impl Comparison {
         ]);
         rows
     }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 pub async fn drive<S>(load: &Load, client: EchoClient<S>) -> Figures

@@ -22,6 +22,7 @@ use towline::testkit::{Backend, Load};
 
 use crate::cpu;
 use crate::support::{BoxScenario, Figures, Settings, micros, note, print_table};
+use crate::trivial::median;
 
 const STREAMS: u32 = 100;
 const IN_FLIGHT: usize = 500;
@@ -62,22 +63,15 @@ pub fn run(settings: Settings) -> BoxScenario {
                 .size(size)
                 .max_streams_per_connection(STREAMS as usize)
                 .build()?;
-            let pool = ServiceBuilder::new()
-                .layer(PoolLayer::new(config))
-                .service(Connect::new())
-                .oneshot(backend.uri())
-                .await?;
+            let pool = pool_to(&backend, config).await?;
             variants.push((
                 format!("pool, {size} conn"),
                 Client::Pool(EchoClient::new(pool)),
             ));
         }
 
-        // Warm every path: one call first (so each connection has the server's SETTINGS before
-        // the burst), then a short run at full load.
         for (_, client) in &variants {
-            drive(&Load::new(1).calls(50), client.clone()).await?;
-            drive(&Load::new(IN_FLIGHT).calls(2_000), client.clone()).await?;
+            warm(client, settings).await?;
         }
         let load = Load::new(IN_FLIGHT)
             .calls(settings.calls)
@@ -219,11 +213,7 @@ async fn stream_bound(settings: Settings) -> Result<serde_json::Value, towline::
         .max_connections(STREAM_BOUND_MAX)
         .max_streams_per_connection(STREAMS as usize)
         .build()?;
-    let pool = ServiceBuilder::new()
-        .layer(PoolLayer::new(config))
-        .service(Connect::new())
-        .oneshot(backend.uri())
-        .await?;
+    let pool = pool_to(&backend, config).await?;
     let opened_with = pool.stats().open;
     let channel = Client::Channel(EchoClient::new(channel));
     // One call at a time: the service time as the client sees it (the backend's 10 ms sleep
@@ -367,8 +357,20 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// One call first (so each connection has the server's SETTINGS before the burst), then a
-/// short run at full load.
+/// A pool of `config` over tonic `Channel`s to `backend`.
+async fn pool_to(
+    backend: &Backend,
+    config: PoolConfig,
+) -> Result<towline::pool::Pool<tonic::transport::Channel>, towline::BoxError> {
+    ServiceBuilder::new()
+        .layer(PoolLayer::new(config))
+        .service(Connect::new())
+        .oneshot(backend.uri())
+        .await
+}
+
+/// Warms every path: one call first (so each connection has the server's SETTINGS before the
+/// burst), then a short run at full load.
 async fn warm(client: &Client, settings: Settings) -> Result<(), towline::BoxError> {
     drive(&Load::new(1).calls(10), client.clone()).await?;
     drive(
@@ -394,14 +396,12 @@ struct Measured {
 impl Measured {
     fn median(rounds: &[Measured]) -> Measured {
         let figures: Vec<Figures> = rounds.iter().map(|m| m.figures).collect();
-        let mut cpu: Vec<Duration> = rounds.iter().map(|m| m.cpu_per_call).collect();
-        let mut wait: Vec<f64> = rounds.iter().map(|m| m.cpu_wait).collect();
-        cpu.sort();
-        wait.sort_by(f64::total_cmp);
         Measured {
             figures: Figures::median(&figures),
-            cpu_per_call: cpu[cpu.len() / 2],
-            cpu_wait: wait[wait.len() / 2],
+            cpu_per_call: Duration::from_secs_f64(median(
+                rounds.iter().map(|m| m.cpu_per_call.as_secs_f64()),
+            )),
+            cpu_wait: median(rounds.iter().map(|m| m.cpu_wait)),
         }
     }
 }
