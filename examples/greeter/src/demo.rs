@@ -3,9 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tonic::client::GrpcService;
 use tonic::codegen::{Body, Bytes, StdError};
 
@@ -40,7 +41,12 @@ where
         let request = HelloRequest {
             name: "towline".into(),
         };
-        let message = client.say_hello(request).await?.into_inner().message;
+        // The 5 s bound each call too: a server that never answers does not hold it up.
+        let message = tokio::time::timeout_at(deadline, client.say_hello(request))
+            .await
+            .map_err(|_| format!("no answer within 5 s; {} servers answered", answered.len()))??
+            .into_inner()
+            .message;
         if answered.insert(message.clone()) {
             println!("{message}");
         }

@@ -1,5 +1,6 @@
-//! The same client as `src/main.rs`, its stack built layer by layer:
-//! `cargo run -p greeter --bin layered`.
+//! The same servers and calls as `src/main.rs`, through a stack built layer by layer (its own
+//! settings: no per-method timeout, towline's default outlier detection, two connections per
+//! server): `cargo run -p greeter --bin layered`.
 //!
 //! It starts three greeter servers on loopback (in production these are your servers), then
 //! calls them through metrics → retry → health-gated balance → connection pools → connect,
