@@ -7,7 +7,8 @@
 //! cargo bench --bench layers -- --only retry,balance-ewma   # those variants (and bare) only
 //! ```
 //!
-//! `--only` writes its figures like any run: it is for working on one layer (with `--quick`, or
+//! `--only` writes its figures like any run, with `figures.only` naming the variants (null in a
+//! run of all of them): it is for working on one layer (with `--quick`, or
 //! under `valgrind --tool=callgrind`, whose instruction counts do not care what else the machine
 //! is doing), not for the JSON a full run leaves.
 //!
@@ -247,7 +248,7 @@ fn run(settings: Settings, quick: bool, only: Option<&[String]>) -> Result<(), B
             "layer": variant.name,
             "ns_per_call": round1(ns),
             "added_ns": round1(added),
-            "allocs_per_call": round2(allocs),
+            "allocs_per_call": output::round2(allocs),
         }));
     }
 
@@ -268,11 +269,14 @@ fn run(settings: Settings, quick: bool, only: Option<&[String]>) -> Result<(), B
     );
 
     let figures = serde_json::json!({
+        // The variants asked for with `--only` (null: all of them), so that a partial run's
+        // JSON does not pass for a full one.
+        "only": only,
         "rounds": settings.rounds,
         "calls_per_batch": settings.calls,
         "bare": {
             "ns_per_call": round1(bare_ns),
-            "allocs_per_call": round2(bare_allocs),
+            "allocs_per_call": output::round2(bare_allocs),
         },
         "layers": layers,
         "goals": {
@@ -369,8 +373,4 @@ fn full_stack(
 
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }

@@ -33,3 +33,8 @@ pub fn write_json(
     std::fs::write(&path, serde_json::to_string_pretty(&document)?)?;
     Ok(path)
 }
+
+/// `x` to two decimals, as figures are written.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
