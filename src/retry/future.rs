@@ -21,9 +21,7 @@ use super::response_body::Outcome;
 use super::service::Scope;
 use super::source::Source;
 use crate::BoxError;
-use crate::status::{
-    ResponseStatus, classify_response, code_from_error, code_from_headers, is_unprocessed,
-};
+use crate::status::{ResponseStatus, classify_response, code_from_error, is_unprocessed};
 
 /// gRFC A6: the number of earlier attempts of the retry policy, on every attempt after the
 /// first. Transparent retries are not counted (grpc-go's `numRetries`, grpc-core's
@@ -286,6 +284,8 @@ impl<S> RetryState<S> {
                 }
                 // Headers arrived: committed (gRFC A6), whatever the trailers will say. The body
                 // tells the budget what they say.
+                // (Most successful calls: no budget to tell but a token bucket's.)
+                ResponseStatus::InTrailers if !self.counts_outcomes => Decision::Done(Ok(res)),
                 ResponseStatus::InTrailers => {
                     match Outcome::for_budget(self.budget(), self.policy().inner().retryable) {
                         Some(outcome) => {
@@ -298,8 +298,9 @@ impl<S> RetryState<S> {
                 // Not gRPC (a proxy's 503): committed too, since it reaches tonic as it is. It is
                 // the failure its code says for the budget.
                 ResponseStatus::NotGrpc(code) => {
-                    if let Some(outcome) =
-                        Outcome::for_budget(self.budget(), self.policy().inner().retryable)
+                    if self.counts_outcomes
+                        && let Some(outcome) =
+                            Outcome::for_budget(self.budget(), self.policy().inner().retryable)
                     {
                         outcome.report(code);
                     }
@@ -491,14 +492,6 @@ where
             match state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
-                    // Most calls end here: Trailers-Only `OK`, handed back as it came.
-                    if let Ok(res) = &result
-                        && code_from_headers(res.headers()) == Some(Code::Ok)
-                    {
-                        retry.on_ok();
-                        retry.finish();
-                        return Poll::Ready(result.map_err(Into::into));
-                    }
                     match retry.on_attempt(result) {
                         Decision::Done(output) => {
                             retry.finish();
