@@ -62,13 +62,15 @@ impl Parked {
         wakers.len() == 1
     }
 
-    pub(crate) fn unpark(&self, id: u64) {
+    /// Takes waiter `id` off the list; whether it was on it (not woken since it parked).
+    pub(crate) fn unpark(&self, id: u64) -> bool {
         if self.count.load(Ordering::SeqCst) == 0 {
-            return;
+            return false;
         }
         let mut wakers = lock(&self.wakers);
-        wakers.remove(&id);
+        let parked = wakers.remove(&id).is_some();
         self.count.store(wakers.len(), Ordering::SeqCst);
+        parked
     }
 
     pub(crate) fn is_empty(&self) -> bool {

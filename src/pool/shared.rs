@@ -209,8 +209,15 @@ impl<S> Shared<S> {
         self.next_waiter.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Waiter `id` leaves without picking (its handle is dropped, or the pool closed). If it was
+    /// no longer parked, it was woken for a stream that came free ([`Parked::wake_one`] takes
+    /// the one it wakes off the list), and that stream would wait for another call to end: the
+    /// wake goes on to the next waiter. (One more than needed, after a `wake_all`, costs that
+    /// waiter a pick.)
     pub(crate) fn forget_waiter(&self, id: u64) {
-        self.core.parked.unpark(id);
+        if !self.core.parked.unpark(id) {
+            self.core.parked.wake_one();
+        }
     }
 
     /// Picks the least-loaded usable connection for one call.
@@ -607,6 +614,47 @@ mod tests {
         assert_eq!(shared.conns_of_view(&view)[0].in_flight(), 2);
         drop(first);
         assert!(reserve(2).is_some(), "the freed stream goes to the waiter");
+    }
+
+    /// A waiter woken for a freed stream that leaves without picking (its handle dropped before
+    /// it was polled again: a cancelled call) passes the wake on: the next waiter takes the
+    /// stream rather than waiting for another call to end, or its `wait_timeout`.
+    #[test]
+    fn a_woken_waiter_that_leaves_passes_the_freed_stream_on() {
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = || Arc::new(Flag(AtomicBool::new(false)));
+        let woken = |flag: &Arc<Flag>| flag.0.load(Ordering::SeqCst);
+
+        let shared = shared(1);
+        shared.attempt_done(Ok("a"), Instant::now());
+        let Pick::Ready(_, in_flight, _) = shared.pick(0, Waker::noop(), false) else {
+            panic!("a free stream")
+        };
+        let (first, second) = (flag(), flag());
+        for (waiter, flag) in [(1, &first), (2, &second)] {
+            let waker = Waker::from(flag.clone());
+            assert!(matches!(shared.pick(waiter, &waker, false), Pick::Wait));
+        }
+        drop(in_flight);
+        assert!(
+            woken(&first),
+            "the oldest waiter is woken for the freed stream"
+        );
+        assert!(!woken(&second));
+        shared.forget_waiter(1);
+        assert!(
+            woken(&second),
+            "the stream's wake went on to the next waiter"
+        );
+        assert!(
+            matches!(shared.pick(2, Waker::noop(), false), Pick::Ready(..)),
+            "and the stream is free for it"
+        );
     }
 
     /// A handle with no view of its own (cloned per call from one that never called), or a
