@@ -354,11 +354,14 @@ pub fn is_too_many_pings(err: &(dyn Error + 'static)) -> bool {
 /// Whether a call's trailers (or Trailers-Only headers) say it was cancelled for the same
 /// reason: grpc-core, when it sends GOAWAY `too_many_pings`, ends the calls open on the
 /// connection with `UNAVAILABLE` "Too many pings", so the GOAWAY itself fails no stream.
+///
+/// Every call's head and trailers pass here in the pool and the balancer, and almost none carry
+/// `grpc-status: 14`: both names are found by [`header::first`](crate::header::first), a scan
+/// of a small map rather than a hash.
 pub fn is_too_many_pings_status(headers: &HeaderMap) -> bool {
-    headers
-        .get(GRPC_STATUS)
-        .is_some_and(|s| s.as_bytes() == b"14")
-        && headers.get("grpc-message").is_some_and(|m| {
+    const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    crate::header::first(headers, &GRPC_STATUS).is_some_and(|s| s.as_bytes() == b"14")
+        && crate::header::first(headers, &GRPC_MESSAGE).is_some_and(|m| {
             let m = m.as_bytes();
             m.eq_ignore_ascii_case(b"Too many pings")
                 || m.eq_ignore_ascii_case(b"Too%20many%20pings")
@@ -752,6 +755,50 @@ mod tests {
         let status = status_from_error(Box::new(err));
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.source().is_some());
+    }
+
+    #[test]
+    fn too_many_pings_is_read_alike_from_small_and_large_heads() {
+        let map = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in pairs {
+                headers.append(*k, HeaderValue::from_static(v));
+            }
+            headers
+        };
+        let pings = [("grpc-status", "14"), ("grpc-message", "Too many pings")];
+        let mut cases = vec![
+            (map(&[]), false),
+            (map(&[("grpc-status", "0")]), false),
+            (
+                map(&[("grpc-status", "14"), ("grpc-message", "other")]),
+                false,
+            ),
+            (
+                map(&[("grpc-message", "Too many pings"), ("x-other", "14")]),
+                false,
+            ),
+            (map(&pings), true),
+            (
+                map(&[
+                    ("grpc-status", "14"),
+                    ("grpc-message", "Too%20many%20pings"),
+                ]),
+                true,
+            ),
+        ];
+        // Past the small-map scan: looked up by hash.
+        let mut big = map(&pings);
+        for i in 0..10 {
+            big.append(
+                HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        cases.push((big, true));
+        for (headers, expected) in &cases {
+            assert_eq!(is_too_many_pings_status(headers), *expected, "{headers:?}");
+        }
     }
 
     #[test]

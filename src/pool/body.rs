@@ -4,7 +4,7 @@ use bytes::Buf;
 use http::HeaderMap;
 use tonic::Status;
 
-use super::conn::{InFlight, breaks_connection, says_too_many_pings};
+use super::conn::{InFlight, breaks_connection};
 use super::service::connection_broke;
 use crate::BoxError;
 use crate::body::{Observer, observed_body};
@@ -39,7 +39,7 @@ impl<D, E: Into<BoxError>> Observer<D, E> for InFlight {
 
     #[inline]
     fn on_trailers(self, trailers: &HeaderMap) {
-        if says_too_many_pings(trailers) {
+        if crate::status::is_too_many_pings_status(trailers) {
             self.conn().too_many_pings();
         }
     }

@@ -288,18 +288,6 @@ impl Error for PoolConnectionError {
     }
 }
 
-/// [`status::is_too_many_pings_status`](crate::status::is_too_many_pings_status) behind a
-/// cheaper first look: every call's head and trailers pass here, and almost none carry
-/// `grpc-status: 14`. In a small map a scan for that value beats the map's hash lookup.
-pub(crate) fn says_too_many_pings(headers: &http::HeaderMap) -> bool {
-    const SMALL: usize = 8;
-    let may = headers.len() > SMALL
-        || headers
-            .iter()
-            .any(|(name, value)| value.as_bytes() == b"14" && *name == crate::status::GRPC_STATUS);
-    may && crate::status::is_too_many_pings_status(headers)
-}
-
 /// Why a connection whose server objected to our keepalive pings was replaced.
 #[derive(Debug)]
 pub(crate) struct TooManyPings;
@@ -327,48 +315,6 @@ mod tests {
         fn source(&self) -> Option<&(dyn Error + 'static)> {
             Some(&*self.0)
         }
-    }
-
-    #[test]
-    fn the_first_look_for_too_many_pings_agrees_with_the_full_check() {
-        use http::{HeaderMap, HeaderValue};
-        let map = |pairs: &[(&'static str, &'static str)]| {
-            let mut headers = HeaderMap::new();
-            for (k, v) in pairs {
-                headers.append(*k, HeaderValue::from_static(v));
-            }
-            headers
-        };
-        let pings = [("grpc-status", "14"), ("grpc-message", "Too many pings")];
-        let mut cases = vec![
-            map(&[]),
-            map(&[("grpc-status", "0")]),
-            map(&[("grpc-status", "14"), ("grpc-message", "other")]),
-            map(&[("grpc-message", "Too many pings"), ("x-other", "14")]),
-            map(&pings),
-            map(&[
-                ("grpc-status", "14"),
-                ("grpc-message", "Too%20many%20pings"),
-            ]),
-        ];
-        // Past the small-map scan: the full check alone.
-        let mut big = map(&pings);
-        for i in 0..10 {
-            big.append(
-                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
-                HeaderValue::from_static("v"),
-            );
-        }
-        cases.push(big);
-        for headers in &cases {
-            assert_eq!(
-                says_too_many_pings(headers),
-                crate::status::is_too_many_pings_status(headers),
-                "{headers:?}"
-            );
-        }
-        assert!(says_too_many_pings(&cases[4]));
-        assert!(says_too_many_pings(&cases[6]));
     }
 
     #[test]

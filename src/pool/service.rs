@@ -14,9 +14,7 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::body::PoolBody;
-use super::conn::{
-    InFlight, SharedError, breaks_connection, says_too_many_pings, status_with_source,
-};
+use super::conn::{InFlight, SharedError, breaks_connection, status_with_source};
 use super::shared::{Pick, Shared, View};
 use super::stats::PoolStats;
 use crate::BoxError;
@@ -269,7 +267,7 @@ where
                     Ok(response) => {
                         if let Some(guard) = &guard {
                             guard.conn().mark_proven();
-                            if says_too_many_pings(response.headers()) {
+                            if crate::status::is_too_many_pings_status(response.headers()) {
                                 guard.conn().too_many_pings();
                             }
                         }
