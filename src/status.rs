@@ -82,12 +82,7 @@ pub fn classify_response<B>(res: &Response<B>) -> ResponseStatus {
 
 /// The `grpc-status` in a header map: `None` when absent, [`Code::Unknown`] when malformed.
 pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
-    let value = crate::header::first(headers, &GRPC_STATUS)?.as_bytes();
-    // The common answer, `0`, without the general parse.
-    if value == b"0" {
-        return Some(Code::Ok);
-    }
-    Some(Code::from_bytes(value))
+    crate::header::first(headers, &GRPC_STATUS).map(|value| Code::from_bytes(value.as_bytes()))
 }
 
 /// The code a call ended with, from its trailers. A stream that ended without trailers, or whose

@@ -19,6 +19,8 @@ use crate::discover::Discover;
 /// [layered](Layer::layer); layering it again (a `ServiceBuilder` whose `service` is called for
 /// a second client) gives another handle to that same balancer, as [`Clone`] on it does: the
 /// same endpoints, connections and statistics, connected through the first `MakeService`.
+/// The layer holds that handle too, so a layer kept (in a `ServiceBuilder` stored for later)
+/// keeps its balancer, its driver and its connections alive after every client is dropped.
 /// Where the one-shot use should be checked by the compiler,
 /// [`into_balance`](Self::into_balance) consumes the layer, and [`Balance::new`] takes the
 /// discovery directly.

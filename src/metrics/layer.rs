@@ -107,8 +107,9 @@ pub(crate) struct Shared {
     methods: RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>,
     /// The first methods the layer labelled, in the order they came, each set once under the
     /// `methods` write lock. A client calls one or a few methods over and over, and tonic's
-    /// clients are cloned for every call (so is this layer's service, fresh each time): a cache
-    /// of recent methods must be the layer's, not one service's, to be warm.
+    /// clients are cloned for every call (so is this layer's service, fresh each time): the cache
+    /// must be the layer's, not one service's, to be warm. Set once, never replaced: a later
+    /// method is looked up in `methods`.
     first: [OnceLock<Arc<MethodMetrics>>; FAST_METHODS],
     other: Arc<MethodMetrics>,
 }

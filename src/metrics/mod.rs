@@ -26,9 +26,8 @@
 //! (default [`DEFAULT_MAX_METHODS`]) a layer has seen.
 //!
 //! **Hot path.** Metric handles are resolved once per method and status and cached in the layer;
-//! each service also remembers the last few methods it called, so a call finds its handles by a
-//! string compare (the layer's read-locked map only for a method the service has not called
-//! lately). Then two clock reads and atomic updates: no string formatting, no allocation at call
+//! the layer's first few methods (the ones a client calls over and over) are found by a string
+//! compare, any later one through the layer's read-locked map. Then two clock reads and atomic updates: no string formatting, no allocation at call
 //! level. Attempt level wraps the request body to count the bytes sent, which costs one box and
 //! one shared counter per attempt. `benches/metrics.rs` and `benches/layers.rs` measure it.
 //!

@@ -65,11 +65,8 @@ impl RetryLayer {
 }
 
 impl Shared {
-    /// The policy for a request's URI: its path is read only when there are routes to match.
+    /// The policy for a request's URI.
     pub(crate) fn policy_for_uri(&self, uri: &http::Uri) -> &RetryPolicy {
-        if self.routes.is_empty() {
-            return &self.default;
-        }
         self.policy_for(uri.path())
     }
 

@@ -6,9 +6,11 @@
 //! one compare-and-swap on the current slot, and a slot whose number is ten or more slots old
 //! counts as zero, so nothing ever has to be rolled or cleared.
 //!
-//! Withdrawals are exact under contention: the check (is the balance enough?) and the withdrawal
-//! are one compare-and-swap on the current slot, so concurrent withdrawals never take more than
-//! was deposited. (tower's reads the sum, then subtracts: two callers can both see the last
+//! Withdrawals are exact under contention within a time slot: the check (is the balance
+//! enough?) and the withdrawal are one compare-and-swap on the current slot, so concurrent
+//! withdrawals never take more than was deposited. (Two callers on either side of a slot's
+//! boundary change different slots, and can both take the last retry's worth: once per slot,
+//! at most.) (tower's reads the sum, then subtracts: two callers can both see the last
 //! retry's worth and both take it.)
 //!
 //! Time slots are counted on [`Clock`]: the CPU's counter, not the OS clock (a vDSO call, tens of
