@@ -18,8 +18,8 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
@@ -64,10 +64,10 @@ impl fmt::Display for Capped {
 impl std::error::Error for Capped {}
 
 /// What every clone shares. Only `idle` is behind a lock, and it is taken once when an attempt
-/// starts reading and once when it stops.
+/// starts reading (or finds the state held) and once when it stops.
 struct Shared {
-    /// The state, while no attempt holds it.
-    idle: Mutex<Option<State>>,
+    /// The state while no attempt holds it, and the attempt waiting for it.
+    idle: Mutex<Idle>,
     /// The newest clone's generation.
     latest: AtomicU64,
     /// [`KEPT`], [`CAPPED`] or [`FAILED`]: changed only by the attempt holding the state.
@@ -75,13 +75,20 @@ struct Shared {
     /// The attempt holding the state, while it waits for the caller's body: a newer clone wakes
     /// it so that it gives the state back.
     holder: AtomicWaker,
-    /// A newer attempt waiting for the state.
-    waiting: AtomicWaker,
     max_bytes: usize,
     /// The caller's body's size hint: every attempt sends the whole body, so it holds for each.
     size_hint: SizeHint,
     /// The caller's body was empty from the start.
     was_empty: bool,
+}
+
+/// The state while no attempt holds it, and who is waiting for it: under one lock, so that a
+/// waiter registers and looks in one step (no hand-back can come in between), and an older
+/// attempt cannot put its waker in place of a newer one's.
+struct Idle {
+    state: Option<State>,
+    /// The newest attempt that found the state held: its generation and waker.
+    waiter: Option<(u64, Waker)>,
 }
 
 const KEPT: u8 = 0;
@@ -129,30 +136,43 @@ impl ReplayBody {
 impl Shared {
     /// `held`, taken from the idle slot if this attempt does not hold the state yet; `None` (and
     /// a wake-up later) while an earlier attempt still holds it.
-    fn acquire<'a>(&self, held: &'a mut Option<State>, cx: &Context<'_>) -> Option<&'a mut State> {
+    fn acquire<'a>(
+        &self,
+        held: &'a mut Option<State>,
+        generation: u64,
+        cx: &Context<'_>,
+    ) -> Option<&'a mut State> {
         if held.is_none() {
-            let mut taken = self.take_idle();
-            if taken.is_none() {
-                // Register before looking again, so that a hand-back in between is not missed.
-                self.waiting.register(cx.waker());
-                self.holder.wake();
-                taken = self.take_idle();
+            let mut idle = self.idle();
+            match idle.state.take() {
+                Some(state) => *held = Some(state),
+                None => {
+                    if idle.waiter.as_ref().is_none_or(|(g, _)| *g <= generation) {
+                        idle.waiter = Some((generation, cx.waker().clone()));
+                    }
+                    drop(idle);
+                    // The holder, parked on the caller's body, must see it was superseded.
+                    self.holder.wake();
+                    return None;
+                }
             }
-            *held = Some(taken?);
         }
         held.as_mut()
     }
 
-    fn take_idle(&self) -> Option<State> {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+    fn idle(&self) -> MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn give_back(&self, state: State) {
-        *self.idle.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
-        self.waiting.wake();
+        let waiter = {
+            let mut idle = self.idle();
+            idle.state = Some(state);
+            idle.waiter.take()
+        };
+        if let Some((_, waker)) = waiter {
+            waker.wake();
+        }
     }
 }
 
@@ -195,11 +215,13 @@ impl Replay {
             trailers,
         };
         Replay(Arc::new(Shared {
-            idle: Mutex::new(Some(state)),
+            idle: Mutex::new(Idle {
+                state: Some(state),
+                waiter: None,
+            }),
             latest: AtomicU64::new(0),
             kept: AtomicU8::new(kept),
             holder: AtomicWaker::new(),
-            waiting: AtomicWaker::new(),
             max_bytes,
             size_hint,
             was_empty,
@@ -264,7 +286,7 @@ impl http_body::Body for ReplayBody {
             )))));
         }
         let shared = &*this.shared;
-        let Some(state) = shared.acquire(&mut this.state, cx) else {
+        let Some(state) = shared.acquire(&mut this.state, this.generation, cx) else {
             return Poll::Pending;
         };
         // Replay what an earlier attempt read.
@@ -541,6 +563,40 @@ mod tests {
         drop(first); // still alive until here: the buffer was handed back, not dropped with it
         assert_eq!(collect(second).await.0, "cd");
         assert_eq!(collect(template.clone()).await.0, "abcd");
+    }
+
+    /// Of the attempts waiting for the buffer, the newest is woken when it is handed back, even
+    /// if an older one (about to find itself superseded) registers after it: an older waker
+    /// never takes the newest one's place.
+    #[test]
+    fn the_newest_waiting_attempt_is_woken_whatever_order_they_registered_in() {
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = || Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let (_tx, body) = channel_body();
+        let template = ReplayBody::new(body, 1024);
+        let shared = &*template.shared;
+        let mut holder = None;
+        let noop = Context::from_waker(Waker::noop());
+        assert!(shared.acquire(&mut holder, 1, &noop).is_some());
+
+        let (older, newer) = (flag(), flag());
+        for (generation, flag) in [(3, &newer), (2, &older)] {
+            let waker = Waker::from(flag.clone());
+            let mut none = None;
+            let cx = Context::from_waker(&waker);
+            assert!(shared.acquire(&mut none, generation, &cx).is_none());
+        }
+        shared.give_back(holder.take().unwrap());
+        assert!(
+            newer.0.load(Ordering::SeqCst),
+            "the newest attempt is woken"
+        );
+        assert!(!older.0.load(Ordering::SeqCst));
     }
 
     #[tokio::test]
