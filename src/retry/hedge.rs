@@ -25,6 +25,7 @@ use tower_service::Service;
 use super::budget::RetryBudget;
 use super::future::GRPC_PREVIOUS_RPC_ATTEMPTS;
 use super::policy::{CodeSet, DEFAULT_MAX_REPLAY_BYTES, MAX_ATTEMPTS_CAP};
+use super::source::Whole;
 use crate::status::{ResponseStatus, classify_response, code_from_error};
 use crate::{BoxError, ConfigError, deadline};
 
@@ -434,12 +435,9 @@ async fn buffer(mut body: Body, max: usize) -> Result<Buffered, BoxError> {
         if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() > max {
-                let head = futures::stream::once(async move {
-                    Ok::<_, tonic::Status>(http_body::Frame::data(buf.freeze()))
-                });
-                let rest = http_body_util::BodyStream::new(body);
-                return Ok(Buffered::Overflow(Body::new(
-                    http_body_util::StreamBody::new(head.chain(rest)),
+                return Ok(Buffered::Overflow(super::source::once(
+                    std::iter::once(buf.freeze()),
+                    body,
                 )));
             }
         }
@@ -463,6 +461,8 @@ where
 {
     let p = &*policy.0;
     let (parts, body) = req.into_parts();
+    // Every copy keeps the caller's size hint (see `Whole`: an exact one changes the wire).
+    let hint = http_body::Body::size_hint(&body);
     let bytes = match buffer(body, p.max_replay_bytes).await? {
         Buffered::Full(bytes) => bytes,
         Buffered::Overflow(body) => {
@@ -475,8 +475,7 @@ where
     // Saturating: a far deadline (or a far `delay` below) means "never", not an overflow panic.
     let deadline = deadline::from_headers(&parts.headers)
         .map(|timeout| deadline::instant_after(Instant::now(), timeout));
-    let body =
-        || Body::new(http_body_util::Full::new(bytes.clone()).map_err(|never| match never {}));
+    let body = || Body::new(Whole::new(bytes.clone(), hint));
     // The caller's own request goes out whatever is left of its deadline: the server, not this
     // layer, answers a call that is already late.
     let first_copy = Request::from_parts(parts.clone(), body());
@@ -600,6 +599,46 @@ mod tests {
             3
         );
         assert_eq!(layer.policy_for("/x.Y/Z").unwrap().max_attempts(), 2);
+    }
+
+    /// Every copy of a hedged call keeps the size hint the caller's body had: from an exact one
+    /// hyper would add a `content-length` header that tonic's own request lacks.
+    #[tokio::test]
+    async fn hedged_copies_keep_the_callers_size_hint() {
+        #[derive(Clone)]
+        struct Hints(Arc<std::sync::Mutex<Vec<http_body::SizeHint>>>);
+        impl Service<Request<Body>> for Hints {
+            type Response = Response<Body>;
+            type Error = BoxError;
+            type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, req: Request<Body>) -> Self::Future {
+                let hint = http_body::Body::size_hint(req.body());
+                self.0.lock().unwrap().push(hint);
+                std::future::ready(Ok(Response::new(Body::empty())))
+            }
+        }
+        // A body with tonic's encoder's hint: none (not exact).
+        let body = Body::new(http_body_util::StreamBody::new(futures::stream::iter([
+            Ok::<_, tonic::Status>(http_body::Frame::data(Bytes::from_static(b"payload"))),
+        ])));
+        let caller = http_body::Body::size_hint(&body);
+        assert_eq!(caller.exact(), None);
+        let hints = Hints(Arc::default());
+        let policy = HedgePolicy::new(2, Duration::ZERO, []).unwrap();
+        hedged(hints.clone(), policy, Request::new(body))
+            .await
+            .unwrap();
+        let seen = hints.0.lock().unwrap().clone();
+        assert!(!seen.is_empty());
+        for hint in seen {
+            assert_eq!(
+                (hint.lower(), hint.upper()),
+                (caller.lower(), caller.upper())
+            );
+        }
     }
 
     /// Not hedged: the inner service is called as it is (no clone) and its future returned

@@ -133,13 +133,13 @@ impl Source {
 /// encoder (none), and from an exact hint hyper adds a `content-length` header to the request,
 /// which changes what goes on the wire and costs both ends a header to encode and decode on
 /// every call (nine allocations per call between a client and a server in one process).
-struct Whole {
+pub(super) struct Whole {
     data: Option<Bytes>,
     hint: SizeHint,
 }
 
 impl Whole {
-    fn new(data: Bytes, hint: SizeHint) -> Whole {
+    pub(super) fn new(data: Bytes, hint: SizeHint) -> Whole {
         Whole {
             data: (!data.is_empty()).then_some(data),
             hint,
@@ -171,7 +171,7 @@ impl http_body::Body for Whole {
 }
 
 /// The frames read so far, then the rest of the body: what the caller sent, sent once.
-fn once(read: impl Iterator<Item = Bytes> + Send + 'static, rest: Body) -> Body {
+pub(super) fn once(read: impl Iterator<Item = Bytes> + Send + 'static, rest: Body) -> Body {
     let read = read.map(|data| Ok::<_, Status>(Frame::data(data)));
     let rest = BodyStream::new(rest);
     Body::new(StreamBody::new(futures::stream::iter(read).chain(rest)))
