@@ -1289,13 +1289,19 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
     .await
     .expect("every endpoint ready");
 
-    // Calls in a loop on another task, each timed, while one endpoint leaves (a rebuild).
+    // Calls in a loop on another task, each timed, from before one endpoint leaves (a rebuild)
+    // until it has left.
+    let (calling, called) = tokio::sync::oneshot::channel();
+    let rebuilt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let caller = tokio::spawn({
-        let b = b.clone();
+        let (b, rebuilt) = (b.clone(), rebuilt.clone());
         async move {
-            let mut slowest = Duration::ZERO;
+            let mut calling = Some(calling);
+            let (mut slowest, mut calls) = (Duration::ZERO, 0u64);
             let started = std::time::Instant::now();
-            while started.elapsed() < Duration::from_secs(2) {
+            while !rebuilt.load(std::sync::atomic::Ordering::SeqCst)
+                && started.elapsed() < Duration::from_secs(30)
+            {
                 let call = std::time::Instant::now();
                 let response = b
                     .clone()
@@ -1304,15 +1310,21 @@ async fn calls_go_on_while_a_hash_ring_is_rebuilt() {
                     .unwrap();
                 assert_eq!(response.headers()["grpc-status"], "0");
                 slowest = slowest.max(call.elapsed());
+                calls += 1;
+                if let Some(calling) = calling.take() {
+                    let _ = calling.send(());
+                }
                 tokio::task::yield_now().await;
             }
-            slowest
+            (slowest, calls)
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    called.await.expect("the caller made its first call");
     updates.send(Change::Remove(uri(0))).await.unwrap();
-    let slowest = caller.await.unwrap();
     wait_for(&b, "the endpoint to leave", |s| s.len() == ENDPOINTS - 1).await;
+    rebuilt.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (slowest, calls) = caller.await.unwrap();
+    assert!(calls > 1, "calls went on during the rebuild: {calls}");
     // The rebuild takes ~300 ms in a debug build: a call that waited for it would show it. The
     // bound leaves room for a busy machine descheduling the caller.
     assert!(
